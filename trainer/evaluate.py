@@ -185,9 +185,9 @@ def bootstrap_ci(labels, probs, groups, threshold, *, n_resamples=1000, confiden
   Raises:
     ValueError: if the inputs are malformed or too few resamples hold both classes.
   """
-  intervals, _ = _bootstrap(labels, probs, groups, (threshold,), n_resamples=n_resamples, confidence=confidence,
-                            seed=seed)
-  return intervals[0]
+  (at_threshold,), ranking = _bootstrap(labels, probs, groups, (threshold,), n_resamples=n_resamples,
+                                        confidence=confidence, seed=seed)
+  return {**at_threshold, **ranking}
 
 
 def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resamples=1000, seed=0,
