@@ -185,8 +185,8 @@ def bootstrap_ci(labels, probs, groups, threshold, *, n_resamples=1000, confiden
   Raises:
     ValueError: if the inputs are malformed or too few resamples hold both classes.
   """
-  (at_threshold,), ranking = _bootstrap(labels, probs, groups, (threshold,), n_resamples=n_resamples,
-                                        confidence=confidence, seed=seed)
+  (at_threshold,), ranking, _ = _bootstrap(labels, probs, groups, (threshold,), n_resamples=n_resamples,
+                                           confidence=confidence, seed=seed)
   return {**at_threshold, **ranking}
 
 
@@ -220,8 +220,7 @@ def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resam
   val_threshold = _check_threshold(val_threshold)
   confidence = 0.95
   (at_half, at_val), ranking_ci, n_used = _bootstrap(labels, probs, test_groups, (0.5, val_threshold),
-                                                     n_resamples=n_resamples, confidence=confidence, seed=seed,
-                                                     return_used=True)
+                                                     n_resamples=n_resamples, confidence=confidence, seed=seed)
   report = {
       'n_images': int(labels.size),
       'n_patients': int(np.unique(_vector('test_groups', test_groups)).size),
@@ -237,7 +236,7 @@ def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resam
           'confidence': confidence,
           'n_resamples': int(n_resamples),
           'n_resamples_used': n_used,
-          'seed': seed,
+          'seed': None if seed is None else int(seed),
       },
   }
   extra = dict(extra or {})
@@ -347,7 +346,7 @@ def report_markdown(report: dict, *, figures=()) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def _bootstrap(labels, probs, groups, thresholds, *, n_resamples, confidence, seed, return_used=False):
+def _bootstrap(labels, probs, groups, thresholds, *, n_resamples, confidence, seed):
   """Patient-level bootstrap of the threshold metrics at each of `thresholds` and of the ranking metrics.
 
   Drawing n patients with replacement is the same as giving patient j a weight k_j ~ Multinomial(n, 1/n each): the
@@ -355,8 +354,7 @@ def _bootstrap(labels, probs, groups, thresholds, *, n_resamples, confidence, se
   of resamples replaces a Python loop over resamples.
 
   Returns:
-    ([{metric: [lo, hi]} per threshold], {'roc_auc': [lo, hi], 'pr_auc': [lo, hi]}), plus the number of resamples
-    used when `return_used`.
+    ([{metric: [lo, hi]} per threshold], {'roc_auc': [lo, hi], 'pr_auc': [lo, hi]}, number of resamples used).
   """
   labels, probs = _check_inputs(labels, probs)
   groups = _vector('groups', groups)
@@ -398,7 +396,7 @@ def _bootstrap(labels, probs, groups, thresholds, *, n_resamples, confidence, se
 
   per_threshold = [{name: interval((i, name)) for name in THRESHOLD_METRICS} for i in range(len(thresholds))]
   ranking = {name: interval(name) for name in RANKING_METRICS}
-  return (per_threshold, ranking, n_used) if return_used else (per_threshold, ranking)
+  return per_threshold, ranking, n_used
 
 
 def _counts(weights, labels, predicted):
