@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Runs a multi-worker training on this machine: N trainer processes, each with its own TF_CONFIG.
+
+    python launch/local_cluster.py --workers=2 -- --model_dir=/tmp/cxr_2workers --epochs=1
+
+Everything after `--` goes to `python -m trainer.main --strategy=multi_worker` unchanged. Worker 0 is the chief.
+Each worker's output is printed with a `[worker i]` prefix. If a worker fails, the others are stopped (they would
+otherwise wait forever in a collective) and the launcher exits with the failed worker's code; Ctrl-C or SIGTERM stops
+them all too.
+
+This exercises the MultiWorkerMirroredStrategy code path (TF_CONFIG, collectives, chief-only writes) without a
+cluster. GPUs are hidden from the workers unless --gpus_per_worker says how to share them: N processes that each
+see every GPU would each try to take all of their memory.
+"""
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+# Seconds a worker gets to exit after SIGTERM before it is killed.
+GRACE_SECONDS = 10
+
+if sys.platform == 'linux':
+  _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded up front: the child must not load libraries after fork
+  _PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+  """Runs in each child before exec: the kernel sends it SIGTERM if the launcher dies, even by SIGKILL."""
+  if sys.platform == 'linux':
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_ports(n: int) -> list[int]:
+  """Asks the OS for `n` distinct free TCP ports on localhost.
+
+  The sockets are held open together so the ports differ, then released for the workers to bind. Another program
+  could take one in between; use --port_base to choose the ports yourself.
+
+  Args:
+    n: how many ports.
+
+  Returns:
+    `n` distinct port numbers.
+  """
+  with contextlib.ExitStack() as stack:
+    sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+    for s in sockets:
+      s.bind(('localhost', 0))
+    return [s.getsockname()[1] for s in sockets]
+
+
+def make_tf_configs(ports: list[int], host: str = 'localhost') -> list[dict]:
+  """Builds one TF_CONFIG per worker of a cluster on `host`.
+
+  Args:
+    ports: one distinct port per worker; worker i listens on host:ports[i]. Worker 0 is the chief.
+    host: the machine every worker runs on.
+
+  Returns:
+    A list of dicts {'cluster': {'worker': [...]}, 'task': {'type': 'worker', 'index': i}}, to be JSON-encoded.
+
+  Raises:
+    ValueError: if `ports` is empty, has duplicates, or holds a number outside 1..65535.
+  """
+  if not ports:
+    raise ValueError('A cluster needs at least one worker port.')
+  if len(set(ports)) != len(ports):
+    raise ValueError(f'Worker ports must be distinct, got {list(ports)}.')
+  bad = [p for p in ports if not 0 < p < 65536]
+  if bad:
+    raise ValueError(f'Ports must be in 1..65535, got {bad}.')
+  cluster = {'worker': [f'{host}:{port}' for port in ports]}
+  return [{'cluster': cluster, 'task': {'type': 'worker', 'index': i}} for i in range(len(ports))]
+
+
+def worker_command(trainer_flags: list[str], python: str = sys.executable) -> list[str]:
+  """The command line of one multi-worker trainer process.
+
+  Raises:
+    ValueError: if `trainer_flags` sets --strategy, which the launcher fixes to multi_worker.
+  """
+  if any(flag.split('=')[0] in ('--strategy', '-strategy') for flag in trainer_flags):
+    raise ValueError('Do not pass --strategy after `--`: local_cluster.py always runs --strategy=multi_worker.')
+  return [python, '-m', 'trainer.main', '--strategy=multi_worker', *trainer_flags]
+
+
+def worker_envs(tf_configs: list[dict], gpus_per_worker: int = 0, base_env: dict | None = None) -> list[dict]:
+  """The environment of each worker: `base_env` (default: this process's) plus its TF_CONFIG and GPU share.
+
+  Args:
+    tf_configs: from `make_tf_configs`.
+    gpus_per_worker: 0 hides all GPUs; k > 0 gives worker i the GPUs i*k .. i*k+k-1.
+    base_env: the environment to extend.
+
+  Returns:
+    One environment dict per worker.
+
+  Raises:
+    ValueError: if `gpus_per_worker` is negative.
+  """
+  if gpus_per_worker < 0:
+    raise ValueError(f'--gpus_per_worker must be zero or more, got {gpus_per_worker}.')
+  envs = []
+  for i, tf_config in enumerate(tf_configs):
+    env = dict(os.environ if base_env is None else base_env)
+    env['TF_CONFIG'] = json.dumps(tf_config)
+    env['CUDA_VISIBLE_DEVICES'] = ','.join(str(g) for g in range(i * gpus_per_worker, (i + 1) * gpus_per_worker))
+    env['PYTHONUNBUFFERED'] = '1'  # so lines arrive as they are printed, not when a pipe buffer fills
+    envs.append(env)
+  return envs
+
+
+def supervise(commands: list[list[str]], envs: list[dict], *, out=None) -> int:
+  """Starts one process per command, prefixes and forwards their output, and waits for all of them.
+
+  If one fails, or this process is interrupted (KeyboardInterrupt, SystemExit), every process still running is
+  stopped: SIGTERM to its process group, then SIGKILL after GRACE_SECONDS.
+
+  Args:
+    commands: one command line per worker.
+    envs: one environment per worker.
+    out: where the prefixed output goes (default: sys.stdout).
+
+  Returns:
+    0 if every process succeeded, else the exit status of the first that failed (128 + signal number if a signal
+    killed it).
+  """
+  out = out or sys.stdout
+  lock = threading.Lock()
+
+  def emit(line):
+    with lock:
+      out.write(line)
+      out.flush()
+
+  procs = []
+  threads = []
+  try:
+    # All processes start before any reader thread: forking while threads run can deadlock the child.
+    for i, (command, env) in enumerate(zip(commands, envs)):
+      procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors='replace', start_new_session=True, preexec_fn=_die_with_parent))
+      emit(f'[local_cluster] worker {i}: pid {procs[-1].pid}\n')
+    for i, proc in enumerate(procs):
+      threads.append(threading.Thread(target=_forward, args=(proc.stdout, f'[worker {i}] ', emit), daemon=True))
+      threads[-1].start()
+    while True:
+      codes = [proc.poll() for proc in procs]
+      failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+      if failed:
+        i, code = failed[0]
+        threads[i].join(timeout=5)  # its last lines, usually the error, come before the verdict
+        emit(f'[local_cluster] worker {i} failed with exit code {code}; stopping the others.\n')
+        return code if code > 0 else 128 - code
+      if all(code == 0 for code in codes):
+        emit(f'[local_cluster] all {len(procs)} workers finished.\n')
+        return 0
+      time.sleep(0.2)
+  finally:
+    _stop(procs)
+    for thread in threads:
+      thread.join(timeout=5)
+
+
+def _forward(stream, prefix: str, emit) -> None:
+  for line in stream:
+    emit(prefix + line if line.endswith('\n') else prefix + line + '\n')
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+  """Stops every running process and its children: SIGTERM, then SIGKILL after GRACE_SECONDS."""
+  running = [proc for proc in procs if proc.poll() is None]
+  for sig in (signal.SIGTERM, signal.SIGKILL):
+    for proc in running:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)  # start_new_session made each worker the leader of its own group
+    deadline = time.monotonic() + GRACE_SECONDS
+    for proc in running:
+      with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    running = [proc for proc in running if proc.poll() is None]
+    if not running:
+      return
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  ours, trainer_flags = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   usage='%(prog)s --workers=N [options] -- [trainer flags]')
+  parser.add_argument('--workers', type=int, required=True, help='number of worker processes (>= 1)')
+  parser.add_argument('--port_base', type=int, default=None,
+                      help='worker i listens on localhost:port_base+i (default: free ports chosen by the OS)')
+  parser.add_argument('--gpus_per_worker', type=int, default=0,
+                      help='GPUs given to each worker, in order; 0 (default) hides all GPUs')
+  args = parser.parse_args(ours)
+  if args.workers < 1:
+    parser.error(f'--workers must be 1 or more, got {args.workers}.')
+  try:
+    ports = (free_ports(args.workers) if args.port_base is None
+             else list(range(args.port_base, args.port_base + args.workers)))
+    command = worker_command(trainer_flags)
+    envs = worker_envs(make_tf_configs(ports), args.gpus_per_worker)
+  except ValueError as e:
+    parser.error(str(e))
+
+  # SIGTERM (e.g. from a scheduler or `timeout`) unwinds like Ctrl-C, through supervise's clean-up.
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+  try:
+    return supervise([command] * args.workers, envs)
+  except KeyboardInterrupt:
+    print('[local_cluster] interrupted; all workers stopped.', file=sys.stderr)
+    return 130
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,324 @@
+"""Tests for launch/: the local cluster launcher, the Slurm script, the Kubernetes manifests and their entrypoint.
+
+No cluster is needed: local_cluster.py runs stand-in trainers (a `trainer` package in a temporary folder that shadows
+the real one, whose `trainer.distribute` it still uses), the Slurm script runs against a stand-in `srun`, and Slurm's
+and Kubernetes' environments are simulated with environment variables.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import tensorflow as tf
+
+from trainer import distribute
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / 'launch'
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+local_cluster = _load(LAUNCH / 'local_cluster.py')
+tf_config_from_index = _load(LAUNCH / 'kubernetes' / 'tf_config_from_index.py')
+
+# The stand-in trainer: `--fake=MODE` picks what worker `--fake_worker` (default: every worker) does.
+FAKE_MAIN = '''
+import json, os, sys, time
+flags = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--') and '=' in a)
+task = json.loads(os.environ['TF_CONFIG'])['task']['index']
+mode = flags['fake'] if flags.get('fake_worker', str(task)) == str(task) else 'sleep'
+print('argv', sys.argv[1:], 'task', task, 'gpus', repr(os.environ['CUDA_VISIBLE_DEVICES']), flush=True)
+if mode == 'fail':
+  sys.exit(3)
+if mode == 'sleep':
+  print('sleeping', flush=True)
+  time.sleep(600)
+if mode == 'mwms':
+  import tensorflow as tf
+  from trainer import distribute
+  strategy = distribute.get_strategy('multi_worker')
+
+  @tf.function
+  def step():
+    ctx = tf.distribute.get_replica_context()
+    return ctx.all_reduce('SUM', tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32))
+
+  total = strategy.experimental_local_results(strategy.run(step))[0]
+  print('replicas', strategy.num_replicas_in_sync, 'sum', float(total), 'chief', distribute.is_chief(strategy),
+        'dir', distribute.worker_dir(flags['model_dir'], strategy), flush=True)
+'''
+
+
+@pytest.fixture
+def fake_trainer(tmp_path):
+  """A folder to run the launcher from, whose `trainer.main` is FAKE_MAIN (`python -m` looks in the cwd first)."""
+  package = tmp_path / 'trainer'
+  package.mkdir()
+  # Keep the real package's other modules (trainer.distribute) importable beside the stand-in main.
+  (package / '__init__.py').write_text(f'__path__.append({str(REPO / "trainer")!r})\n')
+  (package / 'main.py').write_text(FAKE_MAIN)
+  return tmp_path
+
+
+def _launch(cwd, *args):
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CONFIG'}
+  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  return subprocess.Popen([sys.executable, str(LAUNCH / 'local_cluster.py'), *args], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _worker_pids(output):
+  return [int(line.rsplit(' ', 1)[1]) for line in output.splitlines() if line.startswith('[local_cluster] worker')
+          and ': pid ' in line]
+
+
+def _wait_gone(pid, timeout=30):
+  """True once `pid` has exited (a zombie counts: it runs nothing), polling up to `timeout` seconds."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    try:
+      state = pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+    except FileNotFoundError:
+      return True
+    if state == 'Z':
+      return True
+    time.sleep(0.1)
+  return False
+
+
+# --- local_cluster.py: TF_CONFIG construction -------------------------------------------------------------------
+
+
+def test_make_tf_configs_for_free_ports():
+  ports = local_cluster.free_ports(3)
+  assert len(set(ports)) == 3
+  for port in ports:  # each is really free: it can be bound again
+    with socket.socket() as s:
+      s.bind(('localhost', port))
+  configs = local_cluster.make_tf_configs(ports)
+  assert len(configs) == 3
+  expected_cluster = {'worker': [f'localhost:{p}' for p in ports]}
+  for i, config in enumerate(configs):
+    assert json.loads(json.dumps(config)) == {'cluster': expected_cluster, 'task': {'type': 'worker', 'index': i}}
+
+
+@pytest.mark.parametrize('ports, message', [([], 'at least one'), ([5000, 5000], 'distinct'), ([0, 70000], '1..65535')])
+def test_make_tf_configs_rejects_bad_ports(ports, message):
+  with pytest.raises(ValueError, match=message):
+    local_cluster.make_tf_configs(ports)
+
+
+def test_worker_command_and_envs():
+  command = local_cluster.worker_command(['--epochs=1', '--model_dir=/tmp/x'], python='py')
+  assert command == ['py', '-m', 'trainer.main', '--strategy=multi_worker', '--epochs=1', '--model_dir=/tmp/x']
+  with pytest.raises(ValueError, match='--strategy'):
+    local_cluster.worker_command(['--strategy=mirrored'])
+
+  configs = local_cluster.make_tf_configs([1111, 2222])
+  envs = local_cluster.worker_envs(configs, gpus_per_worker=2, base_env={'PATH': '/bin'})
+  assert [json.loads(env['TF_CONFIG'])['task']['index'] for env in envs] == [0, 1]
+  assert [env['CUDA_VISIBLE_DEVICES'] for env in envs] == ['0,1', '2,3']
+  assert envs[0]['PATH'] == '/bin'
+  assert [env['CUDA_VISIBLE_DEVICES'] for env in local_cluster.worker_envs(configs)] == ['', '']
+  with pytest.raises(ValueError, match='-1'):
+    local_cluster.worker_envs(configs, gpus_per_worker=-1)
+
+
+# --- local_cluster.py: the processes ----------------------------------------------------------------------------
+
+
+def test_local_cluster_runs_every_worker_with_its_tf_config(fake_trainer):
+  proc = _launch(fake_trainer, '--workers=2', '--', '--fake=ok', '--model_dir=/tmp/m')
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, output
+  for i in range(2):
+    assert (f"[worker {i}] argv ['--strategy=multi_worker', '--fake=ok', '--model_dir=/tmp/m'] task {i} gpus ''"
+            in output)
+  assert '[local_cluster] all 2 workers finished.' in output
+
+
+def test_a_failed_worker_stops_the_others_and_sets_the_exit_code(fake_trainer):
+  proc = _launch(fake_trainer, '--workers=2', '--', '--fake=fail', '--fake_worker=1')
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 3, output
+  assert '[local_cluster] worker 1 failed with exit code 3' in output
+  pids = _worker_pids(output)
+  assert len(pids) == 2
+  assert all(_wait_gone(pid) for pid in pids)
+
+
+@pytest.mark.parametrize('sig, code', [(signal.SIGINT, 130), (signal.SIGKILL, -signal.SIGKILL)])
+def test_no_worker_outlives_the_launcher(fake_trainer, sig, code):
+  proc = _launch(fake_trainer, '--workers=2', '--', '--fake=sleep')
+  lines = []
+  while sum(line.endswith('sleeping\n') for line in lines) < 2:  # both workers are up
+    lines.append(proc.stdout.readline())
+    assert lines[-1], ''.join(lines)
+  proc.send_signal(sig)  # SIGINT is Ctrl-C; SIGKILL leaves no chance to clean up, the kernel's death signal acts
+  proc.communicate(timeout=120)
+  assert proc.returncode == code
+  pids = _worker_pids(''.join(lines))
+  assert len(pids) == 2
+  assert all(_wait_gone(pid) for pid in pids)
+
+
+def test_local_cluster_refuses_a_strategy_flag(fake_trainer):
+  proc = _launch(fake_trainer, '--workers=2', '--', '--strategy=mirrored')
+  output, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 2
+  assert 'always runs --strategy=multi_worker' in output
+
+
+def test_two_workers_all_reduce_through_get_strategy(fake_trainer, tmp_path):
+  """A real two-worker MultiWorkerMirroredStrategy on CPU, from TF_CONFIGs made by local_cluster.py."""
+  model_dir = tmp_path / 'run'
+  proc = _launch(fake_trainer, '--workers=2', '--', '--fake=mwms', f'--model_dir={model_dir}')
+  output, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, output[-3000:]
+  # Replica ids 0 and 1, one per worker: the all-reduce of id + 1 is 3 on both.
+  assert f'[worker 0] replicas 2 sum 3.0 chief True dir {model_dir}' in output
+  assert f'[worker 1] replicas 2 sum 3.0 chief False dir {model_dir / ".workers" / "worker_1"}' in output
+
+
+# --- Slurm ------------------------------------------------------------------------------------------------------
+
+SBATCH = LAUNCH / 'slurm_multinode.sbatch'
+
+
+def test_slurm_script_is_valid_bash_and_asks_for_one_task_per_node():
+  subprocess.run(['bash', '-n', str(SBATCH)], check=True)
+  text = SBATCH.read_text()
+  sbatch = [line.split('#')[1].split()[1] for line in text.splitlines() if line.startswith('#SBATCH')]
+  assert '--ntasks-per-node=1' in sbatch
+  assert any(option.startswith('--nodes=') for option in sbatch)
+  assert any(option.startswith('--gpus-per-node=') for option in sbatch)
+  assert f'port {distribute.SLURM_PORT}' in text
+
+
+def test_slurm_script_runs_one_multi_worker_trainer_per_node(tmp_path):
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  record = tmp_path / 'srun.json'
+  (bin_dir / 'srun').write_text(textwrap.dedent(f'''\
+      #!{sys.executable}
+      import json, os, sys
+      json.dump({{'argv': sys.argv[1:], 'TF_CONFIG': os.environ.get('TF_CONFIG'),
+                 'SRUN_CPUS_PER_TASK': os.environ.get('SRUN_CPUS_PER_TASK')}}, open({str(record)!r}, 'w'))
+  '''))
+  (bin_dir / 'srun').chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if k not in ('MODEL_DIR', 'DATA_DIR')}
+  env.update(PATH=f'{bin_dir}:{os.environ["PATH"]}', HOME=str(tmp_path), SLURM_JOB_ID='77',
+              SLURM_JOB_NAME='cxr', SLURM_CPUS_PER_TASK='16', TF_CONFIG='{"cluster": {}}')
+  subprocess.run(['bash', str(SBATCH), '--epochs=1'], env=env, check=True, cwd=REPO)
+  srun = json.loads(record.read_text())
+  assert srun['argv'][:6] == ['--ntasks-per-node=1', '--kill-on-bad-exit=1', 'python', '-m', 'trainer.main',
+                              '--strategy=multi_worker']
+  assert f'--model_dir={tmp_path}/cxr_runs/cxr-77' in srun['argv']
+  assert srun['argv'][-1] == '--epochs=1'  # the user's flags come last, so they win
+  assert srun['TF_CONFIG'] is None  # an inherited TF_CONFIG would override the Slurm cluster
+  assert srun['SRUN_CPUS_PER_TASK'] == '16'
+
+
+def _simulate_slurm_step(monkeypatch, procid):
+  """What srun sets in task `procid` of a step of 2 nodes x 1 task, with 4 GPUs per node."""
+  monkeypatch.delenv('TF_CONFIG', raising=False)
+  for name, value in {'SLURM_JOB_ID': '77', 'SLURM_PROCID': str(procid), 'SLURM_STEP_NUM_TASKS': '2',
+                      'SLURM_STEP_NUM_NODES': '2', 'SLURM_STEP_NODELIST': 'node[01-02]',
+                      'SLURM_STEP_TASKS_PER_NODE': '1(x2)', 'CUDA_VISIBLE_DEVICES': '0,1,2,3'}.items():
+    monkeypatch.setenv(name, value)
+
+
+def test_slurm_cluster_resolver_on_two_nodes_of_four_gpus(monkeypatch):
+  _simulate_slurm_step(monkeypatch, procid=1)
+  resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=distribute.SLURM_PORT)
+  assert resolver.cluster_spec().as_dict() == {'worker': ['node01:8888', 'node02:8888']}
+  assert resolver.get_task_info() == ('worker', 1)
+  assert resolver.num_accelerators() == {'GPU': 4}
+  assert os.environ['CUDA_VISIBLE_DEVICES'] == '0,1,2,3'  # one task per node keeps all of the node's GPUs
+
+
+def test_distribute_builds_the_slurm_resolver_for_gpu_nodes(monkeypatch):
+  _simulate_slurm_step(monkeypatch, procid=0)
+  gpus = [tf.config.PhysicalDevice(name=f'/physical_device:GPU:{i}', device_type='GPU') for i in range(4)]
+  real = tf.config.list_physical_devices
+  monkeypatch.setattr(tf.config, 'list_physical_devices', lambda kind=None: gpus if kind == 'GPU' else real(kind))
+  resolver = distribute.cluster_resolver_from_env()
+  assert isinstance(resolver, tf.distribute.cluster_resolver.SlurmClusterResolver)
+  assert resolver.cluster_spec().as_dict() == {'worker': ['node01:8888', 'node02:8888']}
+  assert (resolver.task_type, resolver.task_id) == ('worker', 0)
+  assert resolver.num_accelerators() == {'GPU': 4}
+
+
+# --- Kubernetes -------------------------------------------------------------------------------------------------
+
+K8S = LAUNCH / 'kubernetes'
+
+
+def test_tfjob_manifest_runs_multi_worker_trainers():
+  yaml = pytest.importorskip('yaml')
+  (job,) = yaml.safe_load_all((K8S / 'tfjob.yaml').read_text())
+  assert (job['apiVersion'], job['kind']) == ('kubeflow.org/v1', 'TFJob')
+  specs = job['spec']['tfReplicaSpecs']
+  assert list(specs) == ['Worker']  # no Chief replica: worker 0 is the chief
+  assert specs['Worker']['replicas'] == 2
+  (container,) = specs['Worker']['template']['spec']['containers']
+  assert container['name'] == 'tensorflow'
+  assert container['command'][:4] == ['python', '-m', 'trainer.main', '--strategy=multi_worker']
+  assert 'REPLACE_ME' in container['image']
+
+
+def test_indexed_job_manifest_is_consistent_with_its_service_and_entrypoint():
+  yaml = pytest.importorskip('yaml')
+  service, job = yaml.safe_load_all((K8S / 'indexed-job.yaml').read_text())
+  assert (service['kind'], job['kind']) == ('Service', 'Job')
+  assert service['spec']['clusterIP'] == 'None'
+  spec, pod = job['spec'], job['spec']['template']['spec']
+  (container,) = pod['containers']
+  env = {e['name']: e['value'] for e in container['env']}
+  assert spec['completionMode'] == 'Indexed'
+  assert spec['completions'] == spec['parallelism'] == int(env['NUM_WORKERS']) == 2
+  assert service['spec']['selector'] == {'job-name': job['metadata']['name']} and env['JOB_NAME'] == 'cxr-train'
+  assert pod['subdomain'] == service['metadata']['name'] == env['SERVICE_NAME']
+  assert int(env['PORT']) == service['spec']['ports'][0]['port'] == container['ports'][0]['containerPort']
+  command = container['command']
+  assert command[:3] == ['python', 'launch/kubernetes/tf_config_from_index.py', '--']
+  assert (REPO / command[1]).is_file()
+  assert command[3:7] == ['python', '-m', 'trainer.main', '--strategy=multi_worker']
+
+
+def test_tf_config_from_index():
+  assert tf_config_from_index.make_tf_config(1, 3, 'cxr-train', 'cxr-workers', 2222) == {
+      'cluster': {'worker': ['cxr-train-0.cxr-workers:2222', 'cxr-train-1.cxr-workers:2222',
+                             'cxr-train-2.cxr-workers:2222']},
+      'task': {'type': 'worker', 'index': 1}}
+  with pytest.raises(ValueError, match='JOB_COMPLETION_INDEX=3 is not in 0..2'):
+    tf_config_from_index.make_tf_config(3, 3, 'cxr-train', 'cxr-workers', 2222)
+
+
+def test_tf_config_from_index_entrypoint_execs_the_command_with_tf_config():
+  entrypoint = str(K8S / 'tf_config_from_index.py')
+  show = [sys.executable, '-c', 'import os; print(os.environ["TF_CONFIG"])']
+  env = dict(os.environ, JOB_COMPLETION_INDEX='1', JOB_NAME='cxr-train', SERVICE_NAME='cxr-workers',
+             NUM_WORKERS='2', PORT='2222')
+  result = subprocess.run([sys.executable, entrypoint, '--', *show], env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert json.loads(result.stdout) == tf_config_from_index.make_tf_config(1, 2, 'cxr-train', 'cxr-workers', 2222)
+
+  del env['NUM_WORKERS']
+  result = subprocess.run([sys.executable, entrypoint, '--', *show], env=env, capture_output=True, text=True)
+  assert result.returncode == 1
+  assert 'NUM_WORKERS not set' in result.stderr
