@@ -193,3 +193,11 @@ def test_tf_config_wins_over_slurm(env):
   resolver = distribute.cluster_resolver_from_env()
   assert resolver.cluster_spec().as_dict() == {'worker': ['a:1', 'b:2', 'c:3']}
   assert resolver.task_id == 2
+
+
+def test_config_validates_the_same_names_this_module_accepts():
+  # trainer.config keeps its own copy so that flags are checked before TensorFlow is imported.
+  from trainer import config
+  assert config.STRATEGIES == distribute.STRATEGIES
+  assert config.PRECISIONS == distribute.PRECISIONS
+  assert config.LR_SCALING == distribute.LR_SCALING

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
-LR_SCALING_RULES = ('none', 'linear', 'sqrt')
+LR_SCALING = ('none', 'linear', 'sqrt')
 
 # SlurmClusterResolver's default: worker i listens on <node i>:8888. The port must be free on every node.
 SLURM_PORT = 8888
@@ -260,7 +260,7 @@ def scaled_learning_rate(base_lr: float, global_batch: int, *, rule: str = 'none
     The learning rate to use.
 
   Raises:
-    ValueError: if `rule` is not one of LR_SCALING_RULES, or a batch size or the learning rate is not positive.
+    ValueError: if `rule` is not one of LR_SCALING, or a batch size or the learning rate is not positive.
   """
   if not base_lr > 0:
     raise ValueError(f'The learning rate must be positive, got {base_lr}.')
@@ -274,4 +274,4 @@ def scaled_learning_rate(base_lr: float, global_batch: int, *, rule: str = 'none
     return base_lr * ratio
   if rule == 'sqrt':
     return base_lr * math.sqrt(ratio)
-  raise ValueError(f'Unknown learning-rate scaling rule {rule!r}; expected one of {", ".join(LR_SCALING_RULES)}.')
+  raise ValueError(f'Unknown learning-rate scaling rule {rule!r}; expected one of {", ".join(LR_SCALING)}.')
