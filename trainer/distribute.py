@@ -155,7 +155,8 @@ def cluster_resolver_from_env() -> tf.distribute.cluster_resolver.ClusterResolve
   variables: worker i is the i-th node of the step on port SLURM_PORT and drives every GPU Slurm gave its node.
 
   Returns:
-    A TFConfigClusterResolver or a SlurmClusterResolver.
+    A TFConfigClusterResolver; under Slurm a SlurmClusterResolver (a SimpleClusterResolver with its cluster on CPU
+    nodes).
 
   Raises:
     ValueError: if TF_CONFIG is malformed, or missing outside Slurm, or the Slurm step variables are missing.
@@ -176,7 +177,8 @@ def _slurm_cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
     raise ValueError(f'The Slurm step runs {tasks} tasks on {nodes} nodes; run one task per node '
                      '(#SBATCH --ntasks-per-node=1): each worker mirrors over all GPUs of its node.')
   # The GPU count comes from TensorFlow, not from the resolver's nvidia-smi probe (absent on CPU nodes).
-  # auto_set_gpu=False keeps the GPUs Slurm assigned; TF has already enumerated them, so renumbering would not help.
+  # auto_set_gpu=False keeps the GPUs Slurm assigned: TF has enumerated them by now, so changing
+  # CUDA_VISIBLE_DEVICES would have no effect.
   gpus = len(tf.config.list_physical_devices('GPU'))
   slurm = tf.distribute.cluster_resolver.SlurmClusterResolver(
       port_base=SLURM_PORT, gpus_per_node=max(gpus, 1), gpus_per_task=max(gpus, 1), auto_set_gpu=False)
