@@ -28,7 +28,7 @@ inference mode whatever `training` says, so freezing it is what keeps the ImageN
 """
 
 import functools
-import os
+import itertools
 
 import keras
 import tensorflow as tf
@@ -70,9 +70,6 @@ class BackbonePreprocess(keras.layers.Layer):
         images = keras.ops.repeat(images, 3, axis=-1)
         return _PREPROCESS[self.backbone](images)
 
-    def compute_output_shape(self, input_shape):
-        return (*input_shape[:-1], 3)
-
     def get_config(self):
         return {**super().get_config(), 'backbone': self.backbone}
 
@@ -97,7 +94,8 @@ def build_model(name, *, image_size, weights=None, dropout=0.3, horizontal_flip=
       cnn_filters: width of the CNN's first block; each further block doubles it.
       cnn_depth: number of CNN blocks; each halves the image side.
       augment: include the augmentation block.
-      seed: seed of the augmentation layers; None for a fresh random seed.
+      seed: seed of the augmentation layers and the head's dropout; None for fresh random
+        seeds. Other random layers follow `keras.utils.set_random_seed`.
 
     Returns:
       An uncompiled keras.Model named `name`, with input 'image' (uint8, (image_size,
@@ -128,11 +126,13 @@ def build_model(name, *, image_size, weights=None, dropout=0.3, horizontal_flip=
         if weights not in (None, 'imagenet') and not tf.io.gfile.exists(weights):
             raise FileNotFoundError(f'weights={weights!r}: no such file; give None, \'imagenet\' '
                                     f'or the path of a {name} notop .h5 or .weights.h5 file.')
-        # preprocess_input subtracts ImageNet means of ~100 from values up to 255: in bfloat16
-        # (8 bits of mantissa) that alone would cost about one grey level, so it runs in float32.
+        # float32: bfloat16 keeps 8 significant bits, so pixels near 255 minus ImageNet means
+        # near 100 would come out rounded to whole grey levels or worse.
         x = BackbonePreprocess(name, dtype='float32', name='preprocess')(x)
         backbone = _APPLICATIONS[name](include_top=False, weights=weights,
-                               input_shape=(image_size, image_size, 3), name='backbone')
+                                       input_shape=(image_size, image_size, 3), name='backbone')
+        # The transfer-learning guide's idiom; Keras 3.15 overrides it from the outer call, so the
+        # frozen BatchNormalization layers are what actually hold (module docstring).
         x = backbone(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name='pool')(x)
     x = keras.layers.Dropout(dropout, seed=seed, name='dropout')(x)
@@ -145,7 +145,7 @@ def build_model(name, *, image_size, weights=None, dropout=0.3, horizontal_flip=
 def _augmentation(horizontal_flip, seed):
     """The random transforms, on [0, 255] pixels; identity unless called with training=True."""
     # One seed per layer: layers given the same seed would draw correlated transforms.
-    seeds = iter(range(seed, seed + 6)) if seed is not None else iter([None] * 6)
+    seeds = itertools.count(seed) if seed is not None else itertools.repeat(None)
     # Black fill, like the film border: 'reflect' (the default) would mirror anatomy into the
     # corners. float32: under mixed_bfloat16 the interpolation would otherwise round pixels.
     geometric = dict(fill_mode='constant', dtype='float32')
