@@ -86,6 +86,22 @@ def test_precision_auto_is_float32_on_this_cpu_machine():
   assert distribute.resolve_precision('mixed_float16') == 'mixed_float16'
 
 
+@pytest.mark.parametrize('capabilities, expected', [
+    ([(8, 0), (8, 0)], 'mixed_float16'),
+    ([(7, 0)], 'mixed_float16'),
+    ([(8, 0), (6, 1)], 'float32'),  # one older GPU would slow every step down
+    ([None], 'float32'),  # not NVIDIA: no compute capability reported
+])
+def test_precision_auto_on_simulated_gpus(monkeypatch, capabilities, expected):
+  gpus = [tf.config.PhysicalDevice(name=f'/physical_device:GPU:{i}', device_type='GPU')
+          for i in range(len(capabilities))]
+  details = {gpu.name: {} if c is None else {'compute_capability': c} for gpu, c in zip(gpus, capabilities)}
+  real = tf.config.list_physical_devices
+  monkeypatch.setattr(tf.config, 'list_physical_devices', lambda kind=None: gpus if kind == 'GPU' else real(kind))
+  monkeypatch.setattr(tf.config.experimental, 'get_device_details', lambda gpu: details[gpu.name])
+  assert distribute.resolve_precision('auto') == expected
+
+
 def test_set_precision_sets_the_global_policy():
   try:
     assert distribute.set_precision('mixed_bfloat16') == 'mixed_bfloat16'
