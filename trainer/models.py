@@ -12,6 +12,9 @@ Every model reads the dataset's own images and answers one question:
 Augmentation and preprocessing run in float32 under any mixed-precision policy, and so does the
 output layer, as the Keras mixed-precision guide advises; the convolutions run in the policy's
 compute dtype. Everything is a Keras layer, so the model builds inside any tf.distribute scope.
+One caveat measured under MirroredStrategy: the augmentation layers' seed state is mirrored, so
+the i-th image of every replica gets the same random transform in a step. The images differ, so
+this only narrows the variety within a global batch.
 
 Fine-tuning unit. `unfreeze=N` makes the backbone's last N convolutional layers (Conv2D, counted
 from the output) trainable. ResNet50 has 53: N=3 is its last bottleneck block, N=10 the whole
