@@ -1,0 +1,104 @@
+"""End to end on the synthetic config: the trainer learns, and leaves every output a user reads."""
+
+import glob
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorboard.backend.event_processing import event_accumulator
+
+from trainer import data
+from trainer import train
+from trainer.config import Config
+
+
+@pytest.fixture(scope='module')
+def trained(synthetic_data_dir, tmp_path_factory):
+  """One short CNN run, shared by the tests below (training is the expensive part)."""
+  model_dir = str(tmp_path_factory.mktemp('run'))
+  config = Config(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
+                  model_dir=model_dir, epochs=3, fine_tune_epochs=1, batch_size=32, cnn_filters=8, cnn_depth=3,
+                  learning_rate=3e-3, fine_tune_learning_rate=1e-3, seed=1, weights='none').validate()
+  report = train.run(config, tf.distribute.OneDeviceStrategy('/cpu:0'))
+  return config, report
+
+
+def _events(run_dir):
+  acc = event_accumulator.EventAccumulator(run_dir, size_guidance={'tensors': 0, 'images': 0})
+  acc.Reload()
+  return acc
+
+
+def _scalar(acc, tag):
+  return [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+
+
+def test_run_learns_and_reports(trained):
+  config, report = trained
+  val = _events(os.path.join(config.model_dir, 'validation'))
+  aucs = _scalar(val, 'auc')
+  assert len(aucs) == 4
+  assert max(aucs) > 0.9, aucs
+  with open(os.path.join(config.model_dir, 'report.json')) as f:
+    on_disk = json.load(f)
+  for threshold in ('at_0.5', 'at_val_threshold'):
+    for key in ('accuracy', 'sensitivity', 'specificity', 'precision', 'f1', 'confusion_matrix'):
+      assert key in on_disk[threshold]
+  assert on_disk['ranking']['roc_auc'] > 0.85
+  assert on_disk['n_images'] == sum(np.ravel(on_disk['at_0.5']['confusion_matrix']))
+  run = json.load(open(os.path.join(config.model_dir, 'run.json')))
+  assert 0 < run['threshold'] < 1
+  assert on_disk['at_val_threshold']['threshold'] == pytest.approx(run['threshold'])
+
+
+def test_tensorboard_has_scalars_images_and_hparams(trained):
+  config, _ = trained
+  train_events = _events(os.path.join(config.model_dir, 'train'))
+  val_events = _events(os.path.join(config.model_dir, 'validation'))
+  for tag in train.SCALARS:
+    assert len(_scalar(train_events, tag)) == 4, tag
+    assert len(_scalar(val_events, tag)) == 4, tag
+  losses = _scalar(train_events, 'loss')
+  assert losses[-1] < losses[0]
+  assert _scalar(train_events, 'learning_rate')[-1] == pytest.approx(1e-3)
+  assert 'augmented_training_images' in train_events.Tags()['tensors']
+  assert {'confusion_matrix', 'roc_curve'} <= set(val_events.Tags()['tensors'])
+  root = _events(config.model_dir)
+  assert '_hparams_/session_start_info' in root.Tags()['tensors']
+
+
+def test_best_checkpoint_and_exports_load(trained, synthetic_data_dir):
+  config, report = trained
+  assert os.path.exists(os.path.join(config.model_dir, 'best.weights.h5'))
+  assert tf.train.latest_checkpoint(os.path.join(config.model_dir, 'checkpoints'))
+  model = keras.saving.load_model(os.path.join(config.model_dir, 'model.keras'), safe_mode=True)
+  served = tf.saved_model.load(os.path.join(config.model_dir, 'saved_model')).signatures['serve']
+
+  builder = tfds.builder('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir)
+  ds = builder.as_dataset('test', decoders={'image': tfds.decode.SkipDecoding()}).take(8)
+  encoded = [ex['image'] for ex in ds]
+  images = tf.stack([data.decode_image(b, report['image_size']) for b in encoded])
+  keras_probs = model(images, training=False).numpy()[:, 0]
+  served_out = served(image_bytes=tf.stack(encoded))
+  np.testing.assert_allclose(served_out['probability'].numpy(), keras_probs, atol=1e-5)
+  assert keras_probs.std() > 0
+  threshold = json.load(open(os.path.join(config.model_dir, 'run.json')))['threshold']
+  np.testing.assert_array_equal(served_out['pneumonia'].numpy(), keras_probs >= threshold)
+
+
+def test_resume_continues_after_the_last_epoch(trained, tmp_path):
+  """A finished run started again with more epochs trains only the new ones."""
+  config, _ = trained
+  import dataclasses
+  import shutil
+  model_dir = str(tmp_path / 'resumed')
+  shutil.copytree(config.model_dir, model_dir)
+  more = dataclasses.replace(config, model_dir=model_dir, fine_tune_epochs=2)
+  train.run(more, tf.distribute.OneDeviceStrategy('/cpu:0'))
+  aucs = _scalar(_events(os.path.join(model_dir, 'validation')), 'auc')
+  assert len(aucs) == 5
+  assert len(glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-*.index'))) == 2

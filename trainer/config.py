@@ -1,0 +1,100 @@
+"""The run's configuration: one frozen object, built once from flags in `main`.
+
+Everything below `main` takes a `Config` (or plain arguments), never absl FLAGS, so each step can be called from a
+test or a notebook. `Config.validate` is where bad values become one-line errors.
+"""
+
+import dataclasses
+import os
+
+MODELS = ('cnn', 'resnet50', 'vgg16')
+OPTIMIZERS = ('adam', 'nadam', 'sgd')
+CLASS_WEIGHTS = ('balanced', 'none')
+LR_SCALING = ('none', 'linear', 'sqrt')
+# Kept here rather than in trainer.distribute, so flags can be checked before TensorFlow is imported.
+STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
+PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
+
+
+class ConfigError(ValueError):
+  """A bad setting. `main` prints its message on one line and exits non-zero."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every setting of a training run. Field docs are the flags' help texts, in trainer/main.py."""
+
+  model: str = 'cnn'
+  unfreeze: int = 5
+  weights: str = 'imagenet'  # 'imagenet', 'none' or a path to a local weights file.
+  dataset: str = 'chest_xray_pneumonia/synthetic'
+  data_dir: str | None = None
+  manual_dir: str | None = None
+  model_dir: str = 'runs/default'
+  cache_dir: str | None = None  # None: cache decoded images in memory.
+  image_size: int | None = None  # None: the dataset's stored resolution.
+  batch_size: int = 32  # Global, across all replicas and workers.
+  epochs: int = 5
+  fine_tune_epochs: int = 5
+  optimizer: str = 'adam'
+  learning_rate: float = 1e-3
+  fine_tune_learning_rate: float = 1e-5
+  lr_scaling: str = 'none'
+  dropout: float = 0.3
+  class_weight: str = 'balanced'
+  horizontal_flip: bool = False
+  cnn_filters: int = 32
+  cnn_depth: int = 4
+  seed: int | None = None
+  shuffle_buffer: int = 2048
+  precision: str = 'auto'
+  strategy: str = 'auto'
+  logical_devices: int = 0
+
+  @property
+  def weights_arg(self) -> str | None:
+    """`weights` as keras.applications takes it; the cnn is always trained from scratch."""
+    return None if self.weights == 'none' or self.model == 'cnn' else self.weights
+
+  def validate(self) -> 'Config':
+    """Checks every value that can be checked before TensorFlow starts.
+
+    Returns:
+      self, so that `Config(...).validate()` reads as one step.
+
+    Raises:
+      ConfigError: naming the bad value and what is allowed.
+    """
+    _one_of('model', self.model, MODELS)
+    _one_of('optimizer', self.optimizer, OPTIMIZERS)
+    _one_of('class_weight', self.class_weight, CLASS_WEIGHTS)
+    _one_of('lr_scaling', self.lr_scaling, LR_SCALING)
+    _one_of('strategy', self.strategy, STRATEGIES)
+    _one_of('precision', self.precision, PRECISIONS)
+    for name in ('batch_size', 'cnn_filters', 'cnn_depth', 'shuffle_buffer'):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f'--{name} must be positive, got {getattr(self, name)}.')
+    for name in ('epochs', 'fine_tune_epochs', 'unfreeze', 'logical_devices'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'--{name} must be zero or more, got {getattr(self, name)}.')
+    if self.epochs + self.fine_tune_epochs == 0:
+      raise ConfigError('--epochs and --fine_tune_epochs are both 0: there is nothing to train.')
+    if self.image_size is not None and not 32 <= self.image_size <= 2048:
+      raise ConfigError(f'--image_size must be between 32 and 2048 pixels, got {self.image_size}.')
+    for name in ('learning_rate', 'fine_tune_learning_rate'):
+      if not getattr(self, name) > 0:
+        raise ConfigError(f'--{name} must be positive, got {getattr(self, name)}.')
+    if not 0 <= self.dropout < 1:
+      raise ConfigError(f'--dropout must be in [0, 1), got {self.dropout}.')
+    if self.model == 'cnn' and self.weights not in ('none', 'imagenet'):
+      raise ConfigError('--weights=PATH loads a pretrained backbone; the cnn model has none. Use --weights=none.')
+    if self.weights not in ('imagenet', 'none') and not os.path.isfile(self.weights):
+      raise ConfigError(f'--weights={self.weights}: no such file. Give imagenet, none, or a local weights file.')
+    if self.manual_dir is not None and not os.path.isdir(self.manual_dir):
+      raise ConfigError(f'--manual_dir={self.manual_dir}: no such folder.')
+    return self
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ConfigError(f'--{name}={value!r} is not one of {", ".join(allowed)}.')

@@ -1,0 +1,135 @@
+"""The input pipeline: TFDS split -> decode -> resize -> cache -> shuffle -> batch -> prefetch.
+
+Images stay uint8 until they reach the model: augmentation and normalisation live in the model, so on a GPU they
+run on the GPU, and a cached uint8 image costs a quarter of a float32 one in host memory.
+"""
+
+import os
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import cxr_tfds  # noqa: F401  (registers chest_xray_pneumonia)
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None) -> tfds.core.DatasetBuilder:
+  """Returns the dataset's builder, building the TFRecords first if they are not there yet.
+
+  Args:
+    dataset: a TFDS name with its config, e.g. 'chest_xray_pneumonia/224'.
+    data_dir: where TFDS keeps built datasets (None: TFDS's default, ~/tensorflow_datasets).
+    manual_dir: where the downloaded Kaggle or Mendeley data is, for configs that need it.
+
+  Raises:
+    ValueError: an unknown dataset or config.
+    FileNotFoundError (or TFDS's AssertionError): manual data missing; the message says what to download.
+  """
+  try:
+    builder = tfds.builder(dataset, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f'--dataset={dataset}: {str(e).splitlines()[0]}') from None
+  if not builder.is_prepared():
+    logging.info('Building %s into %s (once).', dataset, builder.data_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def stored_image_size(builder: tfds.core.DatasetBuilder) -> int | None:
+  """The side of the stored square images, or None when the config keeps the source sizes."""
+  height, width, _ = builder.info.features['image'].shape
+  return height if height is not None and height == width else None
+
+
+def class_counts(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+  """Images per class in a split, read from the labels alone (the images are not decoded)."""
+  labels = builder.as_dataset(split, decoders={'image': tfds.decode.SkipDecoding()}).map(
+      lambda ex: ex['label'], num_parallel_calls=AUTOTUNE)
+  num_classes = builder.info.features['label'].num_classes
+  return labels.reduce(tf.zeros([num_classes], tf.int64),
+                       lambda counts, y: counts + tf.one_hot(y, num_classes, dtype=tf.int64)).numpy()
+
+
+def resize_uint8(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Squashes a uint8 image to image_size x image_size, as the dataset's resized configs do.
+
+  The same function serves training, the exported model and prediction, so a model sees the same pixels everywhere.
+  """
+  image = tf.image.resize(image, [image_size, image_size], antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def decode_image(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Encoded JPEG or PNG bytes -> a grayscale uint8 image of the model's size."""
+  image = tf.io.decode_image(image_bytes, channels=1, expand_animations=False)
+  return resize_uint8(image, image_size)
+
+
+def _read(builder, split, *, image_size, shuffle_files, seed, input_context):
+  """Reads one split, decoded and resized to `image_size`, as dicts of image, label and patient_id."""
+  shards = builder.info.splits[split].num_shards
+  pipelines = input_context.num_input_pipelines if input_context else 1
+  # TFDS shards by file when it can; a split with fewer files than readers is sharded by example instead.
+  by_file = input_context if pipelines > 1 and shards >= pipelines else None
+  read_config = tfds.ReadConfig(shuffle_seed=seed, input_context=by_file, try_autocache=False)
+  ds = builder.as_dataset(split, shuffle_files=shuffle_files, read_config=read_config)
+  if pipelines > 1 and by_file is None:
+    ds = ds.shard(pipelines, input_context.input_pipeline_id)
+
+  resize = image_size != stored_image_size(builder)
+
+  def select(ex):
+    image = resize_uint8(ex['image'], image_size) if resize else ex['image']
+    return {'image': tf.ensure_shape(image, [image_size, image_size, 1]), 'label': ex['label'],
+            'patient_id': ex['patient_id']}
+
+  return ds.map(select, num_parallel_calls=AUTOTUNE)
+
+
+def _cache(ds, cache_dir, name):
+  if cache_dir is None:
+    return ds.cache()
+  os.makedirs(cache_dir, exist_ok=True)
+  return ds.cache(os.path.join(cache_dir, name))
+
+
+def train_dataset(builder: tfds.core.DatasetBuilder, *, image_size: int, global_batch: int,
+                  seed: int | None = None, cache_dir: str | None = None, shuffle_buffer: int = 2048,
+                  input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+  """The training split, repeated forever, as (uint8 images, int labels) batches for one replica.
+
+  The caller runs a fixed number of steps per epoch, so that every worker of a multi-worker job runs the same
+  number of steps whatever its share of the files.
+
+  Args:
+    builder: from `prepare`.
+    image_size: the side the model takes.
+    global_batch: the batch across all replicas; each replica gets its share.
+    seed: fixes the file order and the shuffle, for reproducible runs.
+    cache_dir: None to cache decoded images in memory, or a folder for a cache file (data larger than RAM).
+    shuffle_buffer: examples in the shuffle buffer.
+    input_context: from `strategy.distribute_datasets_from_function`, or None for a single pipeline.
+  """
+  batch = input_context.get_per_replica_batch_size(global_batch) if input_context else global_batch
+  pipeline = input_context.input_pipeline_id if input_context else 0
+  ds = _read(builder, 'train', image_size=image_size, shuffle_files=True, seed=seed, input_context=input_context)
+  ds = ds.map(lambda ex: (ex['image'], ex['label']), num_parallel_calls=AUTOTUNE)
+  ds = _cache(ds, cache_dir, f'{builder.info.full_name.replace("/", "_")}_train_{image_size}px_{pipeline}')
+  ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+  return ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def eval_dataset(builder: tfds.core.DatasetBuilder, split: str, *, image_size: int, batch_size: int,
+                 cache: bool = True) -> tf.data.Dataset:
+  """A whole split in file order, once, as batches of dicts (image, label, patient_id).
+
+  Evaluation reads every image on every worker, so that each worker computes the same validation metric and takes
+  the same best-checkpoint decision without a collective.
+  """
+  ds = _read(builder, split, image_size=image_size, shuffle_files=False, seed=None, input_context=None)
+  if cache:
+    ds = ds.cache()
+  return ds.batch(batch_size).prefetch(AUTOTUNE)

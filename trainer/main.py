@@ -1,0 +1,119 @@
+r"""Trains a pneumonia classifier on chest X-rays.
+
+  python -m trainer.main --model=resnet50 --unfreeze=5 --dataset=chest_xray_pneumonia/224 \
+      --manual_dir=~/Downloads/chest-xray-pneumonia --model_dir=runs/resnet50
+
+Flags are read here, once, into a `Config`; nothing below this module reads FLAGS.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from trainer import config as config_lib
+
+_UNFREEZE_HELP = ('How many of the backbone\'s last convolutional layers are fine-tuned in the second phase. '
+                  'BatchNorm layers stay frozen, in inference mode. ResNet50 has 53 (3 per bottleneck block: '
+                  '3 = the last block, 9 = the last three blocks); VGG16 has 13 (3 = block5). Ignored by cnn, '
+                  'which trains every layer in both phases.')
+
+flags.DEFINE_enum('model', 'cnn', config_lib.MODELS, 'cnn (from scratch), or resnet50 / vgg16 (transfer learning).')
+flags.DEFINE_integer('unfreeze', 5, _UNFREEZE_HELP)
+flags.DEFINE_string('weights', 'imagenet', 'Backbone weights: imagenet (Keras downloads and caches them in '
+                    '~/.keras/models or $KERAS_HOME), none (random), or a path to a local weights file.')
+flags.DEFINE_string('dataset', 'chest_xray_pneumonia/synthetic', 'A TFDS name with its config: '
+                    'chest_xray_pneumonia/{synthetic,224,512,original}.')
+flags.DEFINE_string('data_dir', None, 'Where TFDS keeps built datasets (default ~/tensorflow_datasets).')
+flags.DEFINE_string('manual_dir', None, 'The folder holding the Kaggle or Mendeley download (zip or extracted).')
+flags.DEFINE_string('model_dir', 'runs/default', 'Where checkpoints, TensorBoard logs, the report and the exported '
+                    'model go. A run started again with the same model_dir resumes.')
+flags.DEFINE_string('cache_dir', None, 'Cache decoded images in files here instead of in memory.')
+flags.DEFINE_integer('image_size', None, 'Side of the square model input (default: the stored resolution).')
+flags.DEFINE_integer('batch_size', 32, 'Global batch size, across all replicas and workers.')
+flags.DEFINE_integer('epochs', 5, 'Epochs of the first phase: the head alone, backbone frozen.')
+flags.DEFINE_integer('fine_tune_epochs', 5, 'Epochs of the second phase: the last --unfreeze layers fine-tuned.')
+flags.DEFINE_enum('optimizer', 'adam', config_lib.OPTIMIZERS, 'The optimizer of both phases.')
+flags.DEFINE_float('learning_rate', 1e-3, 'Learning rate of the first phase.')
+flags.DEFINE_float('fine_tune_learning_rate', 1e-5, 'Learning rate of the fine-tuning phase.')
+flags.DEFINE_enum('lr_scaling', 'none', config_lib.LR_SCALING, 'How the learning rates scale with the global '
+                  'batch size against a reference batch of 32: none (as given), linear (Goyal et al. 2017), sqrt.')
+flags.DEFINE_float('dropout', 0.3, 'Dropout rate before the classifier.')
+flags.DEFINE_enum('class_weight', 'balanced', config_lib.CLASS_WEIGHTS, 'balanced weighs each class by '
+                  'n_images / (2 * n_class_images), counted on the training split.')
+flags.DEFINE_bool('horizontal_flip', False, 'Also flip images left-right in augmentation. Off by default: a chest '
+                  'X-ray has a fixed left and right (the heart is on the left).')
+flags.DEFINE_integer('cnn_filters', 32, 'Filters of the CNN\'s first block; each block doubles them.')
+flags.DEFINE_integer('cnn_depth', 4, 'Blocks in the CNN.')
+flags.DEFINE_integer('seed', None, 'Fixes initialisation, the data order and augmentation.')
+flags.DEFINE_integer('shuffle_buffer', 2048, 'Examples in the shuffle buffer.')
+flags.DEFINE_enum('precision', 'auto', config_lib.PRECISIONS, 'auto: mixed_float16 on NVIDIA GPUs of compute '
+                  'capability 7.0 or more, mixed_bfloat16 on TPUs, float32 elsewhere. The output layer and the '
+                  'backbone\'s preprocess_input always compute in float32.')
+flags.DEFINE_enum('strategy', 'auto', config_lib.STRATEGIES, 'auto: mirrored across all GPUs when there are '
+                  'several, else one device. multi_worker reads TF_CONFIG, or the Slurm environment under Slurm.')
+flags.DEFINE_integer('logical_devices', 0, 'Split the host CPU into this many logical devices, so that '
+                     '--strategy=mirrored runs on a machine without GPUs (tests, laptops).')
+
+
+def config_from_flags() -> config_lib.Config:
+  names = [f.name for f in config_lib.dataclasses.fields(config_lib.Config)]
+  values = {name: getattr(flags.FLAGS, name) for name in names if name in flags.FLAGS}
+  for name in ('data_dir', 'manual_dir', 'model_dir', 'cache_dir'):
+    if values.get(name):
+      values[name] = os.path.expanduser(values[name])
+  if values.get('weights') not in (None, 'imagenet', 'none'):
+    values['weights'] = os.path.expanduser(values['weights'])
+  return config_lib.Config(**values).validate()
+
+
+def _check_writable(model_dir: str) -> None:
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    probe = os.path.join(model_dir, '.write_probe')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise config_lib.ConfigError(f'--model_dir={model_dir} is not writable: {e.strerror}.') from None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  config = config_from_flags()
+  _check_writable(config.model_dir)
+
+  # Imported here, after the flags are checked, so a bad flag fails in a second and not after TF starts.
+  from trainer import distribute
+  from trainer import models
+  from trainer import train
+  # Before anything else touches TensorFlow's runtime, which fixes the device list when it starts.
+  distribute.configure_logical_devices(config.logical_devices)
+  if config.unfreeze > models.max_unfreeze(config.model) > 0:
+    raise config_lib.ConfigError(f'--unfreeze={config.unfreeze} is more than the {models.max_unfreeze(config.model)} '
+                                 f'convolutional layers of {config.model}.')
+  distribute.set_precision(config.precision)
+  strategy = distribute.get_strategy(config.strategy)
+  report = train.run(config, strategy)
+  if report:
+    logging.info('Done. Report: %s', os.path.join(config.model_dir, 'report.json'))
+
+
+def run():
+  """Runs main; expected errors end in one line and exit code 1, not a traceback."""
+  try:
+    app.run(main)
+  except (ValueError, OSError, FloatingPointError, AssertionError) as e:
+    # TFDS reports missing manual data with an AssertionError; all of these are the user's to fix, so they get one
+    # line. --verbosity=1 adds the traceback, for bug reports.
+    logging.debug('Traceback of the error below:', exc_info=True)
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  run()

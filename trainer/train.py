@@ -1,0 +1,310 @@
+"""The training loop: one loop for every strategy, in two phases (the head, then the last N backbone layers).
+
+Keras 3.15's `model.fit` fails under MultiWorkerMirroredStrategy with two workers, so the loop is our own, in the
+shape TF Model Garden / Orbit use: a `tf.function` step under `strategy.run`, Keras layers, losses, optimizers and
+metrics, `tf.train.CheckpointManager` for resume and `tf.summary` for TensorBoard. The same code runs on one device,
+on several GPUs and on several machines.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
+
+from trainer import data
+from trainer import distribute
+from trainer import evaluate
+from trainer import export
+from trainer import figures
+from trainer import models
+from trainer.config import Config
+
+PHASES = ('head', 'fine_tune')
+# Scalars logged each epoch, with the same tag under train/ and validation/ so TensorBoard overlays them.
+SCALARS = ('loss', 'accuracy', 'precision', 'recall', 'auc', 'pr_auc')
+
+
+def make_optimizer(name: str, learning_rate: float, loss_scale: bool) -> keras.optimizers.Optimizer:
+  """Adam, Nadam or SGD with Nesterov momentum; wrapped for dynamic loss scaling under mixed_float16."""
+  optimizer = {
+      'adam': lambda: keras.optimizers.Adam(learning_rate),
+      'nadam': lambda: keras.optimizers.Nadam(learning_rate),
+      'sgd': lambda: keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
+  }[name]()
+  return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scale else optimizer
+
+
+def train_metrics() -> dict[str, keras.metrics.Metric]:
+  return {
+      'loss': keras.metrics.Mean(),
+      'accuracy': keras.metrics.BinaryAccuracy(),
+      'precision': keras.metrics.Precision(),
+      'recall': keras.metrics.Recall(),
+      'auc': keras.metrics.AUC(curve='ROC'),
+      'pr_auc': keras.metrics.AUC(curve='PR'),
+  }
+
+
+def make_train_step(model, optimizer, metrics, strategy, *, class_weights, global_batch):
+  """A `tf.function` that runs one step on every replica.
+
+  The loss is summed over the replica's examples and divided by the GLOBAL batch, so that the all-reduced
+  gradient is the same as one device would compute on the whole batch (tf.nn.compute_average_loss).
+  """
+  class_weights = tf.constant(class_weights, tf.float32)
+
+  def step(images, labels):
+    targets = tf.cast(labels, tf.float32)[:, None]
+    with tf.GradientTape() as tape:
+      probs = model(images, training=True)
+      per_example = keras.losses.binary_crossentropy(targets, probs)
+      weighted = per_example * tf.gather(class_weights, labels)
+      loss = tf.nn.compute_average_loss(weighted, global_batch_size=global_batch)
+      scaled = optimizer.scale_loss(loss)
+    grads = tape.gradient(scaled, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    metrics['loss'].update_state(weighted)
+    for name in SCALARS[1:]:
+      metrics[name].update_state(targets, probs)
+
+  @tf.function
+  def train_step(iterator):
+    strategy.run(step, args=next(iterator))
+
+  return train_step
+
+
+def predict_split(model, dataset) -> dict[str, np.ndarray]:
+  """Probabilities, labels and patient ids for a whole split, on this worker alone."""
+  predict = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
+  probs, labels, groups = [], [], []
+  for batch in dataset:
+    probs.append(predict(batch['image']).numpy()[:, 0])
+    labels.append(batch['label'].numpy())
+    groups.append(batch['patient_id'].numpy())
+  return {'probs': np.concatenate(probs), 'labels': np.concatenate(labels), 'groups': np.concatenate(groups)}
+
+
+def split_scalars(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+  """The SCALARS for a split's predictions, at threshold 0.5, with the unweighted log loss."""
+  at_half = evaluate.metrics_at(labels, probs, 0.5)
+  ranking = evaluate.ranking_metrics(labels, probs)
+  clipped = np.clip(probs, 1e-7, 1 - 1e-7)
+  loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+  return {'loss': float(loss), 'accuracy': at_half['accuracy'], 'precision': at_half['precision'],
+          'recall': at_half['sensitivity'], 'auc': ranking['roc_auc'], 'pr_auc': ranking['pr_auc']}
+
+
+def _png_summary(name: str, png: bytes, step: int) -> None:
+  tf.summary.image(name, tf.image.decode_png(png)[None], step=step)
+
+
+def _write_json(path: str, payload: dict) -> None:
+  partial = path + '.partial'
+  with open(partial, 'w') as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(partial, path)
+
+
+class _Progress:
+  """One line per epoch that says where the run is and how long is left, plus Keras's progress bar on the chief."""
+
+  def __init__(self, total_epochs: int, steps_per_epoch: int, verbose: bool):
+    self.total_epochs, self.steps_per_epoch, self.verbose = total_epochs, steps_per_epoch, verbose
+    self.epoch_seconds = []
+
+  def bar(self):
+    return keras.utils.Progbar(self.steps_per_epoch, verbose=1 if self.verbose else 0,
+                               stateful_metrics=SCALARS)
+
+  def epoch_done(self, epoch: int, phase: str, seconds: float, train: dict, val: dict) -> None:
+    self.epoch_seconds.append(seconds)
+    left = (self.total_epochs - epoch - 1) * float(np.mean(self.epoch_seconds))
+    logging.info('epoch %d/%d (%s) %.0fs, about %.0fs left | train loss %.4f auc %.4f | '
+                 'validation loss %.4f auc %.4f accuracy %.4f', epoch + 1, self.total_epochs, phase, seconds,
+                 left, train['loss'], train['auc'], val['loss'], val['auc'], val['accuracy'])
+
+
+def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
+  """Trains, picks the best epoch by validation ROC-AUC, evaluates it on test, and exports it.
+
+  Resumes from the last completed epoch when `config.model_dir` holds a checkpoint of the same run.
+
+  Args:
+    config: a validated Config.
+    strategy: from `trainer.distribute.get_strategy`.
+
+  Returns:
+    The test report (also written to model_dir/report.json on the chief).
+  """
+  chief = distribute.is_chief(strategy)
+  write_dir = distribute.worker_dir(config.model_dir, strategy)
+  os.makedirs(write_dir, exist_ok=True)
+
+  builder = data.prepare(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+  image_size = config.image_size or data.stored_image_size(builder) or 224
+  counts = data.class_counts(builder, 'train')
+  class_weights = (counts.sum() / (len(counts) * counts) if config.class_weight == 'balanced'
+                   else np.ones(len(counts)))
+  steps_per_epoch = int(counts.sum()) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'--batch_size={config.batch_size} is larger than the {counts.sum()} training images.')
+  logging.info('%s: %d training images per class %s, class weights %s, %d steps of %d per epoch, %d replicas.',
+               config.dataset, counts.sum(), counts.tolist(), np.round(class_weights, 3).tolist(),
+               steps_per_epoch, config.batch_size, strategy.num_replicas_in_sync)
+
+  loss_scale = keras.mixed_precision.dtype_policy().name == 'mixed_float16'
+  learning_rates = {phase: distribute.scaled_learning_rate(lr, config.batch_size, rule=config.lr_scaling)
+                    for phase, lr in zip(PHASES, (config.learning_rate, config.fine_tune_learning_rate))}
+  with strategy.scope():
+    model = models.build_model(
+        config.model, image_size=image_size, weights=config.weights_arg, dropout=config.dropout,
+        horizontal_flip=config.horizontal_flip, cnn_filters=config.cnn_filters, cnn_depth=config.cnn_depth,
+        seed=config.seed)
+    optimizers = {phase: make_optimizer(config.optimizer, learning_rates[phase], loss_scale) for phase in PHASES}
+    # Both optimizers are built up front, each on its phase's variables, so a checkpoint taken in either phase
+    # restores into objects that already exist.
+    for phase in PHASES:
+      models.set_trainable(model, phase, _unfreeze(config, phase))
+      optimizers[phase].build(model.trainable_variables)
+    metrics = train_metrics()
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
+    best_auc = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='best_validation_auc')
+    best_threshold = tf.Variable(0.5, dtype=tf.float64, trainable=False, name='best_threshold')
+
+  checkpoint = tf.train.Checkpoint(model=model, epoch=epoch_var, best_auc=best_auc, best_threshold=best_threshold,
+                                   **{f'{phase}_optimizer': optimizers[phase] for phase in PHASES})
+  manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, 'checkpoints'), max_to_keep=2)
+  if manager.latest_checkpoint:
+    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    logging.info('Resuming from %s after epoch %d.', manager.latest_checkpoint, int(epoch_var))
+
+  train_ds = strategy.distribute_datasets_from_function(lambda ctx: data.train_dataset(
+      builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
+      cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx))
+  iterator = iter(train_ds)
+  val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
+
+  writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
+                    else tf.summary.create_noop_writer()) for name in ('train', 'validation')}
+  if chief and int(epoch_var) == 0:
+    _log_augmented_images(model, builder, image_size, writers['train'])
+    with tf.summary.create_file_writer(config.model_dir).as_default():
+      # At the run's root, so the HParams plugin sees train/ and validation/ as this session's metric groups.
+      hp.hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                  for k, v in dataclasses.asdict(config).items()},
+                 trial_id=os.path.basename(os.path.abspath(config.model_dir)))
+
+  total_epochs = config.epochs + config.fine_tune_epochs
+  progress = _Progress(total_epochs, steps_per_epoch, verbose=chief)
+  best_weights = os.path.join(config.model_dir, 'best.weights.h5')
+  phase, train_step = None, None
+  for epoch in range(int(epoch_var), total_epochs):
+    if phase != PHASES[epoch >= config.epochs]:
+      phase = PHASES[epoch >= config.epochs]
+      trainable = models.set_trainable(model, phase, _unfreeze(config, phase))
+      logging.info('Phase %s: %d trainable variables, backbone layers trained: %s', phase,
+                   len(model.trainable_variables), trainable or 'none')
+      train_step = make_train_step(model, optimizers[phase], metrics, strategy, class_weights=class_weights,
+                                   global_batch=config.batch_size)
+    start = time.time()
+    for metric in metrics.values():
+      metric.reset_state()
+    bar = progress.bar()
+    for step in range(steps_per_epoch):
+      train_step(iterator)
+      bar.update(step + 1, [(name, float(metrics[name].result())) for name in ('loss', 'auc')])
+    train = {name: float(metric.result()) for name, metric in metrics.items()}
+    if not math.isfinite(train['loss']):
+      raise FloatingPointError(f'The training loss became {train["loss"]} in epoch {epoch + 1}; stopping. The last '
+                               f'good checkpoint is kept in {manager.directory}. Try a lower learning rate.')
+
+    val_pred = predict_split(model, val_ds)
+    val = split_scalars(val_pred['labels'], val_pred['probs'])
+    global_step = (epoch + 1) * steps_per_epoch
+    with writers['train'].as_default():
+      for name, value in train.items():
+        tf.summary.scalar(name, value, step=epoch + 1)
+      tf.summary.scalar('learning_rate', float(optimizers[phase].learning_rate), step=epoch + 1)
+      tf.summary.scalar('global_step', global_step, step=epoch + 1)
+    with writers['validation'].as_default():
+      for name, value in val.items():
+        tf.summary.scalar(name, value, step=epoch + 1)
+      cm = evaluate.metrics_at(val_pred['labels'], val_pred['probs'], 0.5)['confusion_matrix']
+      _png_summary('confusion_matrix', figures.confusion_matrix_png(cm), epoch + 1)
+      _png_summary('roc_curve', figures.roc_curve_png(val_pred['labels'], val_pred['probs']), epoch + 1)
+
+    if val['auc'] > float(best_auc):
+      best_auc.assign(val['auc'])
+      best_threshold.assign(evaluate.choose_threshold(val_pred['labels'], val_pred['probs']))
+      if chief:
+        partial = best_weights.replace('.weights.h5', '.partial.weights.h5')
+        model.save_weights(partial)
+        os.replace(partial, best_weights)
+    epoch_var.assign(epoch + 1)
+    manager.save()
+    progress.epoch_done(epoch, phase, time.time() - start, train, val)
+
+  for writer in writers.values():
+    writer.flush()
+  if not chief:
+    shutil.rmtree(write_dir, ignore_errors=True)
+    return {}
+  return finish(config, model, builder, image_size, threshold=float(best_threshold), best_weights=best_weights)
+
+
+def _log_augmented_images(model, builder, image_size, writer) -> None:
+  """A grid of augmented training images, as the model's augmentation layers see them."""
+  with writer.as_default():
+    images = next(iter(data.eval_dataset(builder, 'train', image_size=image_size, batch_size=16, cache=False)))
+    augmentation = _find_layer(model, 'augmentation')
+    augmented = images['image'] if augmentation is None else augmentation(images['image'], training=True)
+    augmented = tf.cast(tf.clip_by_value(tf.round(tf.cast(augmented, tf.float32)), 0, 255), tf.uint8)
+    _png_summary('augmented_training_images', figures.image_grid_png(augmented.numpy()), 0)
+
+
+def _unfreeze(config: Config, phase: str) -> int:
+  """--unfreeze applies to a backbone's fine-tuning phase; the cnn trains every layer in both phases."""
+  return config.unfreeze if phase == 'fine_tune' and config.model != 'cnn' else 0
+
+
+def _find_layer(model, name):
+  return next((layer for layer in model.layers if layer.name == name), None)
+
+
+def finish(config: Config, model: keras.Model, builder, image_size: int, *, threshold: float,
+           best_weights: str) -> dict:
+  """Loads the best epoch, reports it on the test split and exports it (the chief's job)."""
+  if os.path.exists(best_weights):
+    model.load_weights(best_weights)
+  test = predict_split(model, data.eval_dataset(builder, 'test', image_size=image_size,
+                                                batch_size=config.batch_size, cache=False))
+  report = evaluate.build_report(
+      test_labels=test['labels'], test_probs=test['probs'], test_groups=test['groups'], val_threshold=threshold,
+      extra={'model': config.model, 'dataset': config.dataset, 'image_size': image_size})
+  pngs = {
+      'confusion_matrix': figures.confusion_matrix_png(report['at_val_threshold']['confusion_matrix']),
+      'roc_curve': figures.roc_curve_png(test['labels'], test['probs'], threshold=threshold),
+      'pr_curve': figures.pr_curve_png(test['labels'], test['probs'], threshold=threshold),
+      'reliability': figures.reliability_png(report['calibration']),
+  }
+  evaluate.write_report(report, config.model_dir, figures=pngs)
+  with tf.summary.create_file_writer(os.path.join(config.model_dir, 'test')).as_default():
+    for name, png in pngs.items():
+      _png_summary(name, png, 0)
+  _write_json(os.path.join(config.model_dir, 'run.json'),
+              {'config': dataclasses.asdict(config), 'image_size': image_size, 'threshold': threshold})
+  export.save_keras(model, os.path.join(config.model_dir, 'model.keras'))
+  export.export_saved_model(model, os.path.join(config.model_dir, 'saved_model'), image_size=image_size,
+                            threshold=threshold)
+  logging.info('Test at the validation threshold %.3f: %s', threshold,
+               {k: report['at_val_threshold'][k] for k in ('accuracy', 'sensitivity', 'specificity')})
+  return report
