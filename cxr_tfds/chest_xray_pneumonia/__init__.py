@@ -1,0 +1,1 @@
+"""The chest_xray_pneumonia dataset (see README.md)."""
