@@ -201,7 +201,10 @@ def test_to_jpeg_squashes_to_grayscale_square_and_keeps_original_bytes():
     assert (image.format, image.mode, image.size) == ('JPEG', 'L', (64, 64))
     assert abs(np.asarray(image).astype(int).mean() - 255) < 3  # White stays white: no crop, no border.
   gray = imaging.to_jpeg(rgb, 64)
-  assert imaging.to_jpeg(gray, 64) is gray  # Already stored form: not re-encoded.
+  assert imaging.to_jpeg(gray, 64) is gray  # Already the stored form: not re-encoded.
+  rgb_64 = _jpeg((64, 64), 'RGB')
+  with Image.open(io.BytesIO(imaging.to_jpeg(rgb_64, 64))) as image:
+    assert (image.mode, image.size) == ('L', (64, 64))  # The right size, but RGB: re-encoded.
 
 
 def test_encode_all_keeps_order_and_reports_failures():

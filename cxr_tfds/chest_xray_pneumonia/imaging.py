@@ -43,12 +43,13 @@ def to_jpeg(data: bytes, size: int | None) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
       if image.format != 'JPEG':
         raise BadImageError(f'{image.format} image, not a JPEG')
+      stored_form = image.mode == 'L' and image.size == (size, size)  # Before `draft` changes them.
       if size is not None:
         # Lets libjpeg decode straight to grayscale at 1/2, 1/4 or 1/8 scale (never below `size`):
         # several times faster than a full decode of a 2,000-pixel radiograph.
         image.draft('L', (size, size))
       image.load()
-      if size is None or (image.mode == 'L' and image.size == (size, size)):
+      if size is None or stored_form:
         return data
       image = image.convert('L').resize((size, size), Image.Resampling.LANCZOS)
   except BadImageError:
