@@ -75,14 +75,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     splits = sources.assign_splits(source.images)
     return {split: self._generate_examples(source, split, images) for split, images in splits.items()}
 
-  def _generate_examples(self, source, split: str, images: list[sources.SourceImage]):
+  def _generate_examples(
+      self, source: sources.ManualSource | synthetic.Source, split: str, images: list[sources.SourceImage]):
     """Yields (file name, example); skips unusable files, naming them in the log and the metadata."""
+    labelled = []
     for image in images:
-      if image.finding is None:
+      if image.finding:
+        labelled.append(image)
+      else:
         self._skip(image, 'a pneumonia image whose name has neither _bacteria_ nor _virus_')
     findings = collections.Counter()
     with source.open() as read:
-      labelled = [image for image in images if image.finding]
       for image, jpeg in imaging.encode_all(labelled, read, self.builder_config.image_size):
         if isinstance(jpeg, imaging.BadImageError):
           self._skip(image, str(jpeg))
