@@ -1,0 +1,143 @@
+"""Tests for trainer.benchmark: every measurement runs on tiny data and yields a JSON line that says what it measured.
+
+The pipeline measurements read the synthetic config; the peers and the decode measurements read a small Kaggle-layout
+folder of generated JPEGs. No timing is asserted: only that each line is there, well-formed and counts real images.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from trainer import benchmark
+
+# (folder, class) -> images; names follow the Kaggle patterns. Sizes vary, as the original files' do.
+_FILES = {('train', 'NORMAL'): 6, ('train', 'PNEUMONIA'): 6, ('test', 'NORMAL'): 2, ('test', 'PNEUMONIA'): 2}
+_TRAIN_FILES = 12
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp('benchmark')
+  rng = np.random.default_rng(0)
+  for (folder, label), count in _FILES.items():
+    os.makedirs(root / 'chest_xray' / folder / label)
+    for i in range(count):
+      pixels = rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)
+      name = f'person{i}_bacteria_{i}.jpeg' if label == 'PNEUMONIA' else f'IM-{i:04d}-0001.jpeg'
+      Image.fromarray(pixels).save(root / 'chest_xray' / folder / label / name)
+  return benchmark.Setup(dataset='chest_xray_pneumonia/synthetic', data_dir=str(root / 'tfds'),
+                         manual_dir=str(root / 'chest_xray'), image_size=32, batch_size=4, steps=2, train_steps=2,
+                         repeats=2, seed=0)
+
+
+@pytest.fixture(scope='module')
+def lines(setup):
+  return list(benchmark.run(list(benchmark.MEASUREMENTS), setup, isolate=False))
+
+
+def test_every_measurement_yields_one_json_line_with_a_positive_rate(lines):
+  assert [line['name'] for line in lines] == list(benchmark.MEASUREMENTS)
+  for line in lines:
+    assert 'error' not in line, line
+    assert json.loads(json.dumps(line)) == line
+    if 'skipped' in line:
+      assert line['images_per_s'] is None
+      continue
+    assert line['images_per_s'] > 0, line
+    assert line['images'] > 0 and line['seconds'] > 0, line
+    assert line['peak_rss_mb'] > 100, line  # TensorFlow alone takes more.
+    assert line['rss'] == 'the run so far'
+
+
+def test_lines_count_the_images_they_say(lines, setup):
+  by_name = {line['name']: line for line in lines}
+  assert by_name['build']['images'] == sum(by_name['build']['splits'].values()) == 720  # The synthetic config.
+  batch_images = setup.steps * setup.batch_size
+  for name in ('ours_cold', 'ours_warm', 'ours_cold_augmented', 'ours_warm_augmented', 'in_memory', 'raw_decode',
+               'peer_dataset_from_directory', 'decode_224', 'decode_512', 'decode_2048'):
+    assert by_name[name]['images'] == batch_images, name
+    assert len(by_name[name]['images_per_s_runs']) == setup.repeats, name
+  assert by_name['raw_decode']['files'] == _TRAIN_FILES
+  assert by_name['in_memory']['array_mb'] > 0
+  assert 'augmentation' in by_name['ours_warm_augmented'] and 'augmentation' not in by_name['ours_warm']
+  if 'skipped' not in by_name['peer_image_data_generator']:
+    assert by_name['peer_image_data_generator']['files'] == _TRAIN_FILES
+
+
+def test_decode_lines_grow_with_the_stored_resolution(lines, setup):
+  decode = {line['stored_side']: line for line in lines if line['name'].startswith('decode_')}
+  assert sorted(decode) == [224, 512, 2048]
+  assert decode[224]['jpeg_kb'] < decode[512]['jpeg_kb'] < decode[2048]['jpeg_kb']
+  assert decode[224]['resized_to'] is None and decode[2048]['resized_to'] == setup.image_size
+  assert decode[2048]['cpu_ms_per_image'] > decode[224]['cpu_ms_per_image']
+
+
+def test_training_lines_compare_the_two_input_sources(lines):
+  for name in ('train_cnn', 'train_resnet50'):
+    line = next(line for line in lines if line['name'] == name)
+    assert line['step_ms_pipeline'] > 0 and line['step_ms_in_memory'] > 0
+    assert line['ratio'] == pytest.approx(line['step_ms_in_memory'] / line['step_ms_pipeline'], abs=2e-3)
+
+
+def test_targets_line_of_a_full_run_has_every_ratio_and_check(lines):
+  summary = benchmark.targets(lines)
+  assert summary['name'] == 'targets'
+  assert len(summary['checks']) == len(benchmark.TARGETS)
+  for check in summary['checks']:
+    assert check['ratio'] > 0 and isinstance(check['met'], bool), check
+  peers_installed = 'skipped' not in next(line for line in lines if line['name'] == 'peer_image_data_generator')
+  for pair, ratio in summary['ratios'].items():
+    assert ratio is not None or (not peers_installed and 'image_data_generator' in pair), pair
+  json.dumps(summary)
+
+
+def test_targets_compares_rates_from_the_lines():
+  lines = [{'name': 'ours_warm', 'images_per_s': 90.0}, {'name': 'in_memory', 'images_per_s': 100.0},
+           {'name': 'ours_cold', 'images_per_s': 50.0}, {'name': 'raw_decode', 'images_per_s': 100.0},
+           {'name': 'train_cnn', 'images_per_s': 9.0, 'ratio': 0.97},
+           {'name': 'peer_dataset_from_directory', 'images_per_s': None, 'skipped': 'not installed'}]
+  checks = {check['check']: check for check in benchmark.targets(lines)['checks']}
+  assert checks['warm pipeline / in-memory pipeline'] == {
+      'check': 'warm pipeline / in-memory pipeline', 'ratio': 0.9, 'target': '>= 0.8', 'met': True}
+  assert checks['cold pipeline / raw decode bound']['met'] is False
+  assert checks['cnn step throughput, pipeline-fed / in-memory-fed']['met'] is True
+  assert checks['resnet50 step throughput, pipeline-fed / in-memory-fed']['met'] is None  # Not measured.
+  assert checks['augmentation (host CPU, batched) / Keras layers in tf.data']['ratio'] is None  # Peer skipped.
+  assert benchmark.targets(lines)['all_met'] is False
+
+
+def test_a_missing_peer_is_skipped_with_the_install_command(setup, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'tf_keras', None)  # Makes `import tf_keras` fail, as if not installed.
+  line = benchmark.measure('peer_image_data_generator', setup)
+  assert line['images_per_s'] is None
+  assert 'tf_keras' in line['skipped'] and 'pip install -e .[bench]' in line['skipped']
+
+
+@pytest.mark.parametrize('change, error, match', [
+    (dict(), ValueError, 'ours_hot'),
+    (dict(steps=0), ValueError, '--steps=0'),
+    (dict(dataset='chest_xray_pneumonia/1024'), ValueError, 'chest_xray_pneumonia/1024'),
+    (dict(manual_dir='/nonexistent'), FileNotFoundError, '/nonexistent'),
+])
+def test_validate_rejects_bad_arguments_in_one_line(setup, change, error, match):
+  names = ['ours_hot'] if not change else ['raw_decode']
+  with pytest.raises(error, match=match):
+    benchmark.validate(benchmark.Setup(**{**setup.__dict__, **change}), names)
+
+
+def test_command_line_prints_only_json_lines_from_isolated_processes(setup):
+  # A peer that prints ("Found 12 images ...") and a decode measurement, each in its own spawned process.
+  command = [sys.executable, '-m', 'trainer.benchmark', '--only=peer_image_data_generator,decode_224',
+             f'--dataset={setup.dataset}', f'--data_dir={setup.data_dir}', f'--manual_dir={setup.manual_dir}',
+             '--image_size=32', '--batch_size=4', '--steps=1', '--repeats=1']
+  result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = [json.loads(line) for line in result.stdout.splitlines()]
+  assert [line['name'] for line in printed] == ['peer_image_data_generator', 'decode_224', 'targets']
+  assert all(line['rss'].startswith("this measurement's own process") for line in printed[:2])
+  assert printed[-1]['load_average_1min']['start'] >= 0

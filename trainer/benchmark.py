@@ -1,0 +1,550 @@
+r"""Throughput of the input pipeline against its peers, and whether training waits for its input.
+
+  python -m trainer.benchmark --manual_dir=../shared/data/chest_xray
+  python -m trainer.benchmark --only=ours_warm,in_memory --steps=500
+
+Prints one JSON line per measurement (name, images_per_s, images, seconds, cpu_ms_per_image, peak_rss_mb and context),
+then a `targets` line: the ratios of ours over each peer, all from this run, and the checks of BENCHMARKS.md. Absolute
+rates move from machine to machine; the ratios are what to compare.
+
+What is measured, on the same images:
+  build                        the TFDS build of --dataset from --manual_dir.
+  ours_cold, ours_warm         trainer.data.train_dataset: the first pass from the TFRecords, then from its cache.
+  ours_*_augmented             the same, then the model's 'augmentation' layer on each whole batch. In training that
+                               layer runs inside the model, on the accelerator; here it runs on the host CPU.
+  in_memory                    the warm bound: from_tensor_slices over the decoded uint8 images, shuffle, batch.
+  raw_decode                   the cold bound: tf.data reads the JPEG files, decode_jpeg, resize when needed.
+  peer_image_data_generator    the seed project's tf_keras ImageDataGenerator(...).flow_from_directory.
+  peer_dataset_from_directory  keras.utils.image_dataset_from_directory, Keras augmentation layers in tf.data.map.
+  decode_224/512/2048          one core's JPEG decode cost at each stored resolution (2048 stands for the originals).
+  train_cnn, train_resnet50    trainer.train.make_train_step fed by the pipeline against one batch held in memory.
+
+Each measurement runs in a fresh spawned process (a fork would inherit TF's thread pools), so its peak RSS is its own
+and no pipeline's threads or caches linger into the next; the cost is a few seconds of imports per measurement.
+"""
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cxr_tfds.chest_xray_pneumonia import imaging
+from trainer import data
+from trainer import models
+from trainer import train
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+# The trainer's default (--shuffle_buffer); the in-memory bound shuffles with the same buffer.
+SHUFFLE_BUFFER = 2048
+
+# NVIDIA's TensorFlow ResNet50 (mixed precision, XLA) on one A100, images/s: the rate one GPU consumes.
+A100_IMAGES_PER_S = 2400
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SHARED_IMAGES = os.path.normpath(os.path.join(_REPO, '..', 'shared', 'data', 'chest_xray'))
+
+# Source files sampled for the decode-cost measurements.
+_DECODE_SAMPLE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What every measurement reads.
+
+  Attributes:
+    dataset: TFDS name with its config.
+    data_dir: where the dataset is built (or already is).
+    manual_dir: the Kaggle download, extracted: the peers read <manual_dir>/train/<class>/*.jpeg.
+    image_size: side of the images the model takes.
+    batch_size: images per batch, for every pipeline.
+    steps: batches timed per pipeline measurement; None: each measurement's default (MEASUREMENTS).
+    train_steps: training steps timed per input source (pipeline and in-memory), alternating.
+    repeats: timed runs per pipeline measurement; the fastest is reported.
+    seed: shuffles, augmentation and model initialisation.
+  """
+
+  dataset: str = 'chest_xray_pneumonia/224'
+  data_dir: str | None = None
+  manual_dir: str | None = None
+  image_size: int = 224
+  batch_size: int = 32
+  steps: int | None = None
+  train_steps: int = 6
+  repeats: int = 3
+  seed: int = 0
+
+
+def _best_of(repeats: int, run, prepare=lambda: None) -> dict:
+  """Times run(prepare()) `repeats` times (prepare untimed) and reports the fastest run; run returns its image count.
+
+  The fastest run is the one other processes disturbed least, as timeit's documentation reasons; images_per_s_runs
+  shows the spread. CPU time counts every thread of this process (tf.data's workers too) and no other process, so
+  cpu_ms_per_image is the host cost per image, and cores_busy (CPU time over wall time) says how much of the machine
+  the pipeline kept busy.
+  """
+  runs = []
+  for _ in range(repeats):
+    state = prepare()
+    wall, cpu = time.perf_counter(), time.process_time()
+    images = run(state)
+    runs.append((images, time.perf_counter() - wall, time.process_time() - cpu))
+  images, wall, cpu = max(runs, key=lambda r: r[0] / r[1])
+  return {'images': images, 'seconds': round(wall, 6), 'images_per_s': round(images / wall, 1),
+          'cpu_ms_per_image': round(1000 * cpu / images, 4), 'cores_busy': round(cpu / wall, 2),
+          'images_per_s_runs': [round(i / w, 1) for i, w, _ in runs]}
+
+
+def _batches(setup: Setup, next_images, batches: int, *, warmup: int) -> dict:
+  """Times `batches` calls of next_images() (best of setup.repeats), after `warmup` untimed calls."""
+  for _ in range(warmup):
+    next_images()
+  return _best_of(setup.repeats, lambda _: sum(int(next_images().shape[0]) for _ in range(batches)))
+
+
+def _builder(setup: Setup) -> tfds.core.DatasetBuilder:
+  return data.prepare(setup.dataset, data_dir=setup.data_dir, manual_dir=setup.manual_dir)
+
+
+def _train_folder(setup: Setup) -> str:
+  """The Kaggle train folder the peers read; it must hold NORMAL/ and PNEUMONIA/."""
+  folder = os.path.join(setup.manual_dir or '', 'train')
+  if setup.manual_dir is None or not all(os.path.isdir(os.path.join(folder, c)) for c in ('NORMAL', 'PNEUMONIA')):
+    raise FileNotFoundError(
+        f'--manual_dir={setup.manual_dir}: the peers and the decode measurements read the extracted Kaggle folder, '
+        f'<manual_dir>/train/{{NORMAL,PNEUMONIA}}/*.jpeg, which is not there. Unzip the download and pass the folder '
+        f'that holds train/.')
+  return folder
+
+
+def _train_files(setup: Setup) -> list[str]:
+  files = sorted(tf.io.gfile.glob(os.path.join(_train_folder(setup), '*', '*.jpeg')))
+  if not files:
+    raise FileNotFoundError(f'No *.jpeg files in {_train_folder(setup)}/<class>/.')
+  return files
+
+
+def _augment(setup: Setup):
+  """The model's own 'augmentation' layer, as a tf.function on whole uint8 batches, traced before it is timed."""
+  layer = models.build_model('cnn', image_size=setup.image_size, seed=setup.seed).get_layer('augmentation')
+  augment = tf.function(lambda images: layer(images, training=True))
+  augment(tf.zeros([setup.batch_size, setup.image_size, setup.image_size, 1], tf.uint8))
+  return augment
+
+
+def _epoch(builder: tfds.core.DatasetBuilder, setup: Setup) -> int:
+  """Full batches in one pass over the training split."""
+  return builder.info.splits['train'].num_examples // setup.batch_size
+
+
+def build(setup: Setup, batches: int) -> dict:
+  """Builds the dataset from the manual dir; into a temporary data_dir if it is already built in setup's."""
+  del batches  # A build is all of the images.
+  built = []
+
+  def run(data_dir):
+    built.append(data.prepare(setup.dataset, data_dir=data_dir, manual_dir=setup.manual_dir))
+    return sum(split.num_examples for split in built[0].info.splits.values())
+
+  with contextlib.ExitStack() as stack:
+    data_dir = setup.data_dir
+    if tfds.builder(setup.dataset, data_dir=data_dir).is_prepared():
+      data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix='cxr_benchmark_build_'))
+    result = _best_of(1, run, prepare=lambda: data_dir)  # Once: a second build would find the first one done.
+  return {**result, 'splits': {name: split.num_examples for name, split in built[0].info.splits.items()}}
+
+
+def _ours(setup: Setup, batches: int, *, warm: bool, augment: bool) -> dict:
+  builder = _builder(setup)
+  epoch = _epoch(builder, setup)
+  augment_batch = _augment(setup) if augment else (lambda images: images)
+
+  def pipeline():
+    return data.train_dataset(builder, image_size=setup.image_size, global_batch=setup.batch_size, seed=setup.seed,
+                              shuffle_buffer=SHUFFLE_BUFFER)
+
+  if warm:
+    iterator = iter(pipeline())
+    # The cache is complete once the shuffle has drawn the whole first pass; the batches after it come from the cache.
+    result = _batches(setup, lambda: augment_batch(next(iterator)[0]), batches, warmup=epoch + 2)
+  else:
+    batches = min(batches, epoch)  # Beyond one pass it is no longer cold.
+
+    def first_pass(ds):  # A new dataset each time: a new, empty cache.
+      iterator = iter(ds)
+      return sum(int(augment_batch(next(iterator)[0]).shape[0]) for _ in range(batches))
+
+    result = _best_of(setup.repeats, first_pass, prepare=pipeline)
+  result['pass'] = 'warm: from the cache' if warm else 'cold: first pass, from the TFRecords'
+  if augment:
+    result['augmentation'] = "the model's layer on whole batches, on the host CPU (in training: the accelerator)"
+  return result
+
+
+def ours_cold(setup: Setup, batches: int) -> dict:
+  return _ours(setup, batches, warm=False, augment=False)
+
+
+def ours_warm(setup: Setup, batches: int) -> dict:
+  return _ours(setup, batches, warm=True, augment=False)
+
+
+def ours_cold_augmented(setup: Setup, batches: int) -> dict:
+  return _ours(setup, batches, warm=False, augment=True)
+
+
+def ours_warm_augmented(setup: Setup, batches: int) -> dict:
+  return _ours(setup, batches, warm=True, augment=True)
+
+
+def in_memory(setup: Setup, batches: int) -> dict:
+  """The warm bound: the training split's decoded uint8 images in one array, shuffled and batched."""
+  builder = _builder(setup)
+  split = data.eval_dataset(builder, 'train', image_size=setup.image_size, batch_size=256, cache=False)
+  examples = list(tfds.as_numpy(split))
+  images = np.concatenate([ex['image'] for ex in examples])
+  labels = np.concatenate([ex['label'] for ex in examples])
+  ds = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(SHUFFLE_BUFFER, seed=setup.seed).repeat()
+  iterator = iter(ds.batch(setup.batch_size, drop_remainder=True).prefetch(AUTOTUNE))
+  result = _batches(setup, lambda: next(iterator)[0], batches, warmup=_epoch(builder, setup) + 2)
+  return {**result, 'array_mb': round(images.nbytes / 2**20, 1)}
+
+
+def raw_decode(setup: Setup, batches: int) -> dict:
+  """The cold bound: read the JPEG files, decode to one channel, resize only images not at the model's size."""
+  files = _train_files(setup)
+  size = setup.image_size
+
+  def decode(path):
+    image = tf.io.decode_jpeg(tf.io.read_file(path), channels=1)
+    # The trainer resizes only what is not stored at the model's size (trainer.data._read), and so does the bound.
+    image = tf.cond(tf.reduce_all(tf.shape(image)[:2] == size), lambda: image,
+                    lambda: data.resize_uint8(image, size))
+    return tf.ensure_shape(image, [size, size, 1])
+
+  ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=setup.seed).repeat()
+  ds = ds.map(decode, num_parallel_calls=AUTOTUNE).batch(setup.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+  iterator = iter(ds)
+  return {**_batches(setup, lambda: next(iterator), batches, warmup=2), 'files': len(files)}
+
+
+def peer_image_data_generator(setup: Setup, batches: int) -> dict:
+  """The seed project's pipeline: Keras 2's ImageDataGenerator, whose random transforms are scipy's."""
+  try:
+    import scipy  # noqa: F401  (the generator's random transforms)  pylint: disable=import-outside-toplevel
+    import tf_keras  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    return {'skipped': f'{e.name} is not installed: pip install -e .[bench]'}
+  # The same ranges as the model's augmentation layers (trainer.models): 10 degrees, 10% zoom, 5% shifts.
+  generator = tf_keras.preprocessing.image.ImageDataGenerator(
+      rescale=1 / 255, rotation_range=10, zoom_range=0.1, width_shift_range=0.05, height_shift_range=0.05)
+  flow = generator.flow_from_directory(_train_folder(setup), target_size=(setup.image_size, setup.image_size),
+                                       color_mode='grayscale', class_mode='binary', batch_size=setup.batch_size,
+                                       seed=setup.seed)
+  return {**_batches(setup, lambda: next(flow)[0], batches, warmup=2), 'files': flow.samples}
+
+
+def peer_dataset_from_directory(setup: Setup, batches: int) -> dict:
+  """keras.io's recipe: image_dataset_from_directory, then Keras augmentation layers in tf.data.map."""
+  layer = models.build_model('cnn', image_size=setup.image_size, seed=setup.seed).get_layer('augmentation')
+  ds = keras.utils.image_dataset_from_directory(
+      _train_folder(setup), image_size=(setup.image_size, setup.image_size), batch_size=setup.batch_size,
+      color_mode='grayscale', seed=setup.seed, verbose=False)
+  ds = ds.repeat().map(lambda images, labels: (layer(images, training=True), labels), num_parallel_calls=AUTOTUNE)
+  iterator = iter(ds.prefetch(AUTOTUNE))
+  return {**_batches(setup, lambda: next(iterator)[0], batches, warmup=2),
+          'augmentation': "the model's layers, in tf.data.map, on whole batches"}
+
+
+def _decode(setup: Setup, batches: int, *, size: int, resize: bool) -> dict:
+  """One core's cost to decode a JPEG stored at `size` (encoded as the builder stores it: imaging.to_jpeg).
+
+  With `resize`, the image is then resized to the model's size, as the trainer does for the original config.
+  """
+  files = _train_files(setup)
+  sample = files[::max(1, len(files) // _DECODE_SAMPLE)][:_DECODE_SAMPLE]
+  jpegs = [imaging.to_jpeg(tf.io.gfile.GFile(f, 'rb').read(), size) for f in sample]
+
+  def decode(jpeg):
+    image = tf.io.decode_jpeg(jpeg, channels=1)
+    return data.resize_uint8(image, setup.image_size) if resize else image
+
+  # No parallel map and no prefetch: everything runs on the calling thread, so the rate is one core's.
+  iterator = iter(tf.data.Dataset.from_tensor_slices(jpegs).repeat().map(decode).batch(setup.batch_size))
+  result = _batches(setup, lambda: next(iterator), batches, warmup=1)
+  return {**result, 'stored_side': size, 'resized_to': setup.image_size if resize else None,
+          'jpeg_kb': round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1), 'sample_files': len(jpegs),
+          f'cores_for_{A100_IMAGES_PER_S}_images_per_s': round(A100_IMAGES_PER_S * result['cpu_ms_per_image'] / 1000,
+                                                                 2)}
+
+
+def _train(setup: Setup, *, model_name: str) -> dict:
+  """Times the trainer's own step on one device, fed by the pipeline and by one batch held in memory, alternately."""
+  builder = _builder(setup)
+  strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+  keras.utils.set_random_seed(setup.seed)
+  with strategy.scope():
+    # Built as the trainer builds it: a backbone comes back in phase 'head', frozen.
+    model = models.build_model(model_name, image_size=setup.image_size, seed=setup.seed)
+    optimizer = train.make_optimizer('adam', 1e-3, loss_scale=False)
+    metrics = train.train_metrics()
+  step = train.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
+                               global_batch=setup.batch_size)
+
+  def pipeline(input_context):
+    return data.train_dataset(builder, image_size=setup.image_size, global_batch=setup.batch_size, seed=setup.seed,
+                              shuffle_buffer=SHUFFLE_BUFFER, input_context=input_context)
+
+  # The in-memory source: one batch of the same images, repeated.
+  held = next(iter(data.eval_dataset(builder, 'train', image_size=setup.image_size, batch_size=setup.batch_size,
+                                     cache=False)))
+  held = (held['image'], held['label'])
+  iterators = {
+      'pipeline': iter(strategy.distribute_datasets_from_function(pipeline)),
+      'in_memory': iter(strategy.distribute_datasets_from_function(
+          lambda _: tf.data.Dataset.from_tensors(held).repeat())),
+  }
+  for iterator in iterators.values():  # Traces the step, and fills the pipeline's shuffle buffer.
+    step(iterator)
+  seconds = {source: [] for source in iterators}
+  # Alternating single steps, so that a change in the machine's load hits both sources alike; the median step
+  # ignores the odd step another process slowed down.
+  for _ in range(setup.train_steps):
+    for source, iterator in iterators.items():
+      start = time.perf_counter()
+      step(iterator)
+      metrics['loss'].result().numpy()  # Waits for the step.
+      seconds[source].append(time.perf_counter() - start)
+  step_s = {source: float(np.median(s)) for source, s in seconds.items()}
+  return {'images': setup.train_steps * setup.batch_size, 'seconds': round(sum(seconds['pipeline']), 6),
+          'images_per_s': round(setup.batch_size / step_s['pipeline'], 1),
+          'in_memory_images_per_s': round(setup.batch_size / step_s['in_memory'], 1),
+          'step_ms_pipeline': round(1000 * step_s['pipeline'], 1),
+          'step_ms_in_memory': round(1000 * step_s['in_memory'], 1),
+          'ratio': round(step_s['in_memory'] / step_s['pipeline'], 3),
+          'trainable': 'head only (backbone frozen)' if model_name != 'cnn' else 'all layers',
+          'device': 'host CPU, float32', 'pipeline_pass': 'cold: the first steps of the first pass'}
+
+
+def train_cnn(setup: Setup, batches: int) -> dict:
+  del batches  # Steps come from setup.train_steps.
+  return _train(setup, model_name='cnn')
+
+
+def train_resnet50(setup: Setup, batches: int) -> dict:
+  del batches
+  return _train(setup, model_name='resnet50')
+
+
+def decode_224(setup: Setup, batches: int) -> dict:
+  return _decode(setup, batches, size=224, resize=False)
+
+
+def decode_512(setup: Setup, batches: int) -> dict:
+  """A model trained on the 512 config takes 512-pixel images: decode only."""
+  return _decode(setup, batches, size=512, resize=False)
+
+
+def decode_2048(setup: Setup, batches: int) -> dict:
+  """Stands for the original config: 2048-pixel JPEGs (upscaled), decoded and resized to the model's size."""
+  return _decode(setup, batches, size=2048, resize=True)
+
+
+# name -> (function, batches per timed run by default: about a second on two cores). In run order: the build first,
+# so that the rest read what it built.
+MEASUREMENTS = {
+    'build': (build, None),
+    'ours_cold': (ours_cold, 10**6),  # Capped at one pass.
+    'ours_warm': (ours_warm, 1500),
+    'ours_cold_augmented': (ours_cold_augmented, 40),
+    'ours_warm_augmented': (ours_warm_augmented, 20),
+    'in_memory': (in_memory, 1500),
+    'raw_decode': (raw_decode, 150),
+    'peer_image_data_generator': (peer_image_data_generator, 8),
+    'peer_dataset_from_directory': (peer_dataset_from_directory, 20),
+    'decode_224': (decode_224, 60),
+    'decode_512': (decode_512, 20),
+    'decode_2048': (decode_2048, 4),
+    'train_cnn': (train_cnn, None),
+    'train_resnet50': (train_resnet50, None),
+}
+
+# Measurements that read <manual_dir>/train directly.
+_READ_FILES = ('raw_decode', 'peer_image_data_generator', 'peer_dataset_from_directory', 'decode_224', 'decode_512',
+               'decode_2048')
+
+# (numerator, denominator): ours over each peer.
+RATIOS = (
+    ('ours_warm', 'in_memory'),
+    ('ours_cold', 'raw_decode'),
+    ('ours_warm', 'peer_image_data_generator'),
+    ('ours_warm', 'peer_dataset_from_directory'),
+    ('ours_cold', 'peer_dataset_from_directory'),
+    ('ours_warm_augmented', 'peer_image_data_generator'),
+    ('ours_warm_augmented', 'peer_dataset_from_directory'),
+)
+
+# (what, numerator, denominator or None for the line's own 'ratio', target minimum).
+TARGETS = (
+    ('warm pipeline / in-memory pipeline', 'ours_warm', 'in_memory', 0.8),
+    ('cold pipeline / raw decode bound', 'ours_cold', 'raw_decode', 0.8),
+    ('cnn step throughput, pipeline-fed / in-memory-fed', 'train_cnn', None, 0.95),
+    ('resnet50 step throughput, pipeline-fed / in-memory-fed', 'train_resnet50', None, 0.95),
+    ('augmentation (host CPU, batched) / Keras layers in tf.data', 'ours_warm_augmented',
+     'peer_dataset_from_directory', 10.0),
+)
+
+
+def validate(setup: Setup, names: list[str]) -> None:
+  """Checks the arguments before anything is measured.
+
+  Raises:
+    ValueError: an unknown measurement or dataset, or a size or count below 1.
+    FileNotFoundError: a selected measurement reads the Kaggle folder and --manual_dir does not hold it.
+  """
+  unknown = [name for name in names if name not in MEASUREMENTS]
+  if unknown or not names:
+    raise ValueError(f'--only={",".join(names)}: unknown measurement(s) {unknown}; choose from {list(MEASUREMENTS)}.')
+  for name, value in (('image_size', setup.image_size), ('batch_size', setup.batch_size), ('steps', setup.steps),
+                      ('train_steps', setup.train_steps), ('repeats', setup.repeats)):
+    if value is not None and value < 1:
+      raise ValueError(f'--{name}={value} must be at least 1.')
+  try:
+    tfds.builder(setup.dataset, data_dir=setup.data_dir)
+  # An unknown name raises DatasetNotFoundError; an unknown config of a known name, ValueError.
+  except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
+    raise ValueError(f'--dataset={setup.dataset}: {str(e).splitlines()[0]}') from None
+  if any(name in _READ_FILES for name in names):
+    _train_folder(setup)
+
+
+def measure(name: str, setup: Setup) -> dict:
+  """Runs one measurement in this process and returns its JSON line as a dict.
+
+  Args:
+    name: one of MEASUREMENTS.
+    setup: the run's arguments.
+
+  Returns:
+    {'name', 'images_per_s' (None when skipped), ..., 'peak_rss_mb'}; a skipped peer has 'skipped' with the reason.
+  """
+  function, default_batches = MEASUREMENTS[name]
+  # Peers print progress ("Found N images"); stdout carries JSON lines only.
+  with contextlib.redirect_stdout(sys.stderr):
+    fields = function(setup, setup.steps or default_batches)
+  # ru_maxrss is in KiB on Linux, and is the peak of the whole process so far.
+  return {'name': name, 'images_per_s': None, **fields,
+          'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def _child_stdout_to_stderr():
+  # C++ and library prints of a child would land between the parent's JSON lines.
+  os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+
+def run(names: list[str], setup: Setup, *, isolate: bool = True):
+  """Runs the measurements in order, each in a fresh spawned process if `isolate`.
+
+  Args:
+    names: measurement names, from MEASUREMENTS.
+    setup: the run's arguments.
+    isolate: one process per measurement (peak RSS per measurement); False runs them all in this process, so that
+      peak_rss_mb is the peak of the run so far.
+
+  Yields:
+    One dict per measurement, as `measure` returns it, with 'rss' saying whose peak it is. A measurement that fails
+    yields {'name', 'images_per_s': None, 'error'} and the run goes on.
+  """
+  for name in names:
+    try:
+      if isolate:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),
+                                                    initializer=_child_stdout_to_stderr) as pool:
+          line = pool.submit(measure, name, setup).result()
+      else:
+        line = measure(name, setup)
+    except Exception as e:  # pylint: disable=broad-except
+      yield {'name': name, 'images_per_s': None, 'error': f'{type(e).__name__}: {e}'}
+      continue
+    yield {**line, 'rss': 'this measurement\'s own process, imports included' if isolate else 'the run so far'}
+
+
+def targets(lines: list[dict]) -> dict:
+  """The final JSON line: the ratios of ours over each peer, and the target checks, from `lines` of one run."""
+  by_name = {line['name']: line for line in lines}
+  rate = {name: line.get('images_per_s') for name, line in by_name.items()}
+
+  def ratio(numerator, denominator):
+    if denominator is None:
+      return by_name.get(numerator, {}).get('ratio')
+    if rate.get(numerator) and rate.get(denominator):
+      return round(rate[numerator] / rate[denominator], 3)
+    return None
+
+  checks = []
+  for what, numerator, denominator, minimum in TARGETS:
+    value = ratio(numerator, denominator)
+    checks.append({'check': what, 'ratio': value, 'target': f'>= {minimum}',
+                   'met': None if value is None else value >= minimum})
+  return {'name': 'targets', 'ratios': {f'{a} / {b}': ratio(a, b) for a, b in RATIOS}, 'checks': checks,
+          'all_met': all(check['met'] for check in checks)}
+
+
+def _define_flags():
+  flags.DEFINE_string('dataset', 'chest_xray_pneumonia/224', 'The TFDS dataset and config the pipeline reads.')
+  flags.DEFINE_string('data_dir', None, 'Where the dataset is built or already is (default: a temporary folder, '
+                      'removed at the end). When it is already built there, `build` builds into a temporary folder.')
+  flags.DEFINE_string('manual_dir', _SHARED_IMAGES if os.path.isdir(_SHARED_IMAGES) else None,
+                      'The extracted Kaggle download (holding train/NORMAL and train/PNEUMONIA): the build reads it, '
+                      'and so do the peers and the decode measurements.')
+  flags.DEFINE_integer('image_size', 224, 'Side of the images the model takes.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per batch, in every pipeline and training step.')
+  flags.DEFINE_integer('steps', None, 'Batches timed per pipeline measurement (default: each measurement\'s own, '
+                       'a second or a few on two cores; a cold pass is capped at one epoch).')
+  flags.DEFINE_integer('train_steps', 6, 'Training steps timed per input source, after one untimed step each.')
+  flags.DEFINE_integer('repeats', 3, 'Timed runs per pipeline measurement; the fastest is reported, the others show '
+                       'how much other processes disturbed it.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the shuffles, the augmentation and the models\' initialisation.')
+  flags.DEFINE_list('only', None, f'Measurements to run, comma-separated (default: all): {",".join(MEASUREMENTS)}.')
+  flags.DEFINE_bool('isolate', True, 'Run each measurement in its own process, so that peak RSS is its own.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  names = FLAGS.only or list(MEASUREMENTS)
+  start, load = time.perf_counter(), os.getloadavg()
+  with tempfile.TemporaryDirectory(prefix='cxr_benchmark_') as scratch:
+    setup = Setup(dataset=FLAGS.dataset, data_dir=os.path.expanduser(FLAGS.data_dir or scratch),
+                  manual_dir=FLAGS.manual_dir and os.path.expanduser(FLAGS.manual_dir), image_size=FLAGS.image_size,
+                  batch_size=FLAGS.batch_size, steps=FLAGS.steps, train_steps=FLAGS.train_steps,
+                  repeats=FLAGS.repeats, seed=FLAGS.seed)
+    validate(setup, names)
+    lines = []
+    for line in run(names, setup, isolate=FLAGS.isolate):
+      print(json.dumps(line), flush=True)
+      lines.append(line)
+  summary = targets(lines)
+  summary.update(seconds=round(time.perf_counter() - start, 1), cpu_cores=os.cpu_count(),
+                 load_average_1min={'start': round(load[0], 2), 'end': round(os.getloadavg()[0], 2)})
+  print(json.dumps(summary), flush=True)
+  return 1 if any('error' in line for line in lines) else 0
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
