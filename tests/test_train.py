@@ -21,8 +21,9 @@ def trained(synthetic_data_dir, tmp_path_factory):
   """One short CNN run, shared by the tests below (training is the expensive part)."""
   model_dir = str(tmp_path_factory.mktemp('run'))
   config = Config(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
-                  model_dir=model_dir, epochs=3, fine_tune_epochs=1, batch_size=32, cnn_filters=8, cnn_depth=3,
-                  learning_rate=3e-3, fine_tune_learning_rate=1e-3, seed=1, weights='none').validate()
+                  model_dir=model_dir, image_size=64, epochs=5, fine_tune_epochs=1, batch_size=32, cnn_filters=16,
+                  cnn_depth=4, learning_rate=1e-3, fine_tune_learning_rate=3e-4, seed=1, weights='none').validate()
+  keras.utils.set_random_seed(config.seed)
   report = train.run(config, tf.distribute.OneDeviceStrategy('/cpu:0'))
   return config, report
 
@@ -41,7 +42,7 @@ def test_run_learns_and_reports(trained):
   config, report = trained
   val = _events(os.path.join(config.model_dir, 'validation'))
   aucs = _scalar(val, 'auc')
-  assert len(aucs) == 4
+  assert len(aucs) == 6
   assert max(aucs) > 0.9, aucs
   with open(os.path.join(config.model_dir, 'report.json')) as f:
     on_disk = json.load(f)
@@ -60,11 +61,12 @@ def test_tensorboard_has_scalars_images_and_hparams(trained):
   train_events = _events(os.path.join(config.model_dir, 'train'))
   val_events = _events(os.path.join(config.model_dir, 'validation'))
   for tag in train.SCALARS:
-    assert len(_scalar(train_events, tag)) == 4, tag
-    assert len(_scalar(val_events, tag)) == 4, tag
+    assert len(_scalar(train_events, tag)) == 6, tag
+    assert len(_scalar(val_events, tag)) == 6, tag
   losses = _scalar(train_events, 'loss')
   assert losses[-1] < losses[0]
-  assert _scalar(train_events, 'learning_rate')[-1] == pytest.approx(1e-3)
+  assert _scalar(train_events, 'learning_rate')[0] == pytest.approx(1e-3)
+  assert _scalar(train_events, 'learning_rate')[-1] == pytest.approx(3e-4)
   assert 'augmented_training_images' in train_events.Tags()['tensors']
   assert {'confusion_matrix', 'roc_curve'} <= set(val_events.Tags()['tensors'])
   root = _events(config.model_dir)
@@ -100,5 +102,5 @@ def test_resume_continues_after_the_last_epoch(trained, tmp_path):
   more = dataclasses.replace(config, model_dir=model_dir, fine_tune_epochs=2)
   train.run(more, tf.distribute.OneDeviceStrategy('/cpu:0'))
   aucs = _scalar(_events(os.path.join(model_dir, 'validation')), 'auc')
-  assert len(aucs) == 5
+  assert len(aucs) == 7
   assert len(glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-*.index'))) == 2

@@ -50,6 +50,8 @@ class Config:
   precision: str = 'auto'
   strategy: str = 'auto'
   logical_devices: int = 0
+  profile_steps: tuple[int, int] | None = None  # (first, last) global step of a TensorBoard profile.
+  deterministic: bool = False
 
   @property
   def weights_arg(self) -> str | None:
@@ -77,6 +79,10 @@ class Config:
     for name in ('epochs', 'fine_tune_epochs', 'unfreeze', 'logical_devices'):
       if getattr(self, name) < 0:
         raise ConfigError(f'--{name} must be zero or more, got {getattr(self, name)}.')
+    if self.profile_steps is not None and not 0 < self.profile_steps[0] <= self.profile_steps[1]:
+      raise ConfigError(f'--profile_steps={self.profile_steps} must be two steps FIRST,LAST with 0 < FIRST <= LAST.')
+    if self.deterministic and self.seed is None:
+      raise ConfigError('--deterministic needs --seed: a deterministic run repeats only with a fixed seed.')
     if self.epochs + self.fine_tune_epochs == 0:
       raise ConfigError('--epochs and --fine_tune_epochs are both 0: there is nothing to train.')
     if self.image_size is not None and not 32 <= self.image_size <= 2048:

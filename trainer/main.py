@@ -54,6 +54,10 @@ flags.DEFINE_enum('precision', 'auto', config_lib.PRECISIONS, 'auto: mixed_float
                   'backbone\'s preprocess_input always compute in float32.')
 flags.DEFINE_enum('strategy', 'auto', config_lib.STRATEGIES, 'auto: mirrored across all GPUs when there are '
                   'several, else one device. multi_worker reads TF_CONFIG, or the Slurm environment under Slurm.')
+flags.DEFINE_list('profile_steps', None, 'FIRST,LAST: record a TensorBoard profile of these global training steps '
+                  '(open the Profile tab; its input-pipeline analysis says whether the steps wait for data).')
+flags.DEFINE_bool('deterministic', False, 'With --seed: make TensorFlow ops deterministic, so two runs give the '
+                  'same metrics. Slower; see README.')
 flags.DEFINE_integer('logical_devices', 0, 'Split the host CPU into this many logical devices, so that '
                      '--strategy=mirrored runs on a machine without GPUs (tests, laptops).')
 
@@ -64,6 +68,13 @@ def config_from_flags() -> config_lib.Config:
   for name in ('data_dir', 'manual_dir', 'model_dir', 'cache_dir'):
     if values.get(name):
       values[name] = os.path.expanduser(values[name])
+  if values.get('profile_steps') is not None:
+    try:
+      first, last = (int(step) for step in values['profile_steps'])
+    except ValueError:
+      raise config_lib.ConfigError(
+          f'--profile_steps={",".join(values["profile_steps"])} must be two integers FIRST,LAST.') from None
+    values['profile_steps'] = (first, last)
   if values.get('weights') not in (None, 'imagenet', 'none'):
     values['weights'] = os.path.expanduser(values['weights'])
   return config_lib.Config(**values).validate()
@@ -87,11 +98,18 @@ def main(argv):
   _check_writable(config.model_dir)
 
   # Imported here, after the flags are checked, so a bad flag fails in a second and not after TF starts.
+  import keras
+  import tensorflow as tf
+
   from trainer import distribute
   from trainer import models
   from trainer import train
   # Before anything else touches TensorFlow's runtime, which fixes the device list when it starts.
   distribute.configure_logical_devices(config.logical_devices)
+  if config.seed is not None:
+    keras.utils.set_random_seed(config.seed)
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
   if config.unfreeze > models.max_unfreeze(config.model) > 0:
     raise config_lib.ConfigError(f'--unfreeze={config.unfreeze} is more than the {models.max_unfreeze(config.model)} '
                                  f'convolutional layers of {config.model}.')

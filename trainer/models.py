@@ -181,7 +181,10 @@ def _cnn_backbone(image_size, filters, depth):
                 # No bias: the BatchNormalization right after has its own offset.
                 keras.layers.Conv2D(width, 3, padding='same', use_bias=False,
                                     name=f'block{block}_conv{i}'),
-                keras.layers.BatchNormalization(name=f'block{block}_bn{i}'),
+                # Momentum 0.9, not Keras's 0.99: a few hundred steps on a few thousand images are too
+                # few for 0.99's moving averages to settle, and validation then sees stale statistics
+                # (measured on the synthetic config: validation AUC ~0.5 at 0.99, ~0.9 at 0.9 after 6 epochs).
+                keras.layers.BatchNormalization(momentum=0.9, name=f'block{block}_bn{i}'),
                 keras.layers.ReLU(name=f'block{block}_relu{i}'),
             ]
         layers += [

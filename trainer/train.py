@@ -207,6 +207,10 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   progress = _Progress(total_epochs, steps_per_epoch, verbose=chief)
   best_weights = os.path.join(config.model_dir, 'best.weights.h5')
   phase, train_step = None, None
+  # The global steps to profile, cut to the run's length so that a started profile is always stopped.
+  profile = (-1, -1)
+  if chief and config.profile_steps:
+    profile = (config.profile_steps[0], min(config.profile_steps[1], total_epochs * steps_per_epoch))
   for epoch in range(int(epoch_var), total_epochs):
     if phase != PHASES[epoch >= config.epochs]:
       phase = PHASES[epoch >= config.epochs]
@@ -220,7 +224,12 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       metric.reset_state()
     bar = progress.bar()
     for step in range(steps_per_epoch):
+      global_step = epoch * steps_per_epoch + step + 1
+      if global_step == profile[0]:
+        tf.profiler.experimental.start(os.path.join(config.model_dir, 'train'))
       train_step(iterator)
+      if global_step == profile[1]:
+        tf.profiler.experimental.stop()
       bar.update(step + 1, [(name, float(metrics[name].result())) for name in ('loss', 'auc')])
     train = {name: float(metric.result()) for name, metric in metrics.items()}
     if not math.isfinite(train['loss']):
