@@ -11,56 +11,56 @@ SIZE = 32  # the smallest input keras.applications accepts: keeps every test fas
 
 
 def _images(batch=4, size=SIZE, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (batch, size, size, 1), dtype=np.uint8)
+  return np.random.default_rng(seed).integers(0, 256, (batch, size, size, 1), dtype=np.uint8)
 
 
 def _head_and_backbone(model):
-    return model.get_layer('probability'), model.get_layer('backbone')
+  return model.get_layer('probability'), model.get_layer('backbone')
 
 
 @pytest.fixture
 def bfloat16_policy():
-    keras.mixed_precision.set_global_policy('mixed_bfloat16')
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy('float32')
+  keras.mixed_precision.set_global_policy('mixed_bfloat16')
+  try:
+    yield
+  finally:
+    keras.mixed_precision.set_global_policy('float32')
 
 
 @pytest.mark.parametrize('name', models.MODELS)
 def test_builds_and_trains_a_step(name):
-    model = models.build_model(name, image_size=SIZE, seed=0, cnn_filters=8, cnn_depth=2)
-    assert model.name == name
-    assert model.input.dtype == 'uint8' and tuple(model.input.shape) == (None, SIZE, SIZE, 1)
-    images, labels = _images(), np.array([[0.], [1.], [1.], [0.]], np.float32)
+  model = models.build_model(name, image_size=SIZE, seed=0, cnn_filters=8, cnn_depth=2)
+  assert model.name == name
+  assert model.input.dtype == 'uint8' and tuple(model.input.shape) == (None, SIZE, SIZE, 1)
+  images, labels = _images(), np.array([[0.], [1.], [1.], [0.]], np.float32)
 
-    probabilities = model(images, training=False)
-    assert probabilities.shape == (4, 1) and probabilities.dtype == 'float32'
-    assert np.all((probabilities >= 0) & (probabilities <= 1))
+  probabilities = model(images, training=False)
+  assert probabilities.shape == (4, 1) and probabilities.dtype == 'float32'
+  assert np.all((probabilities >= 0) & (probabilities <= 1))
 
-    loss_fn = keras.losses.BinaryCrossentropy()
-    optimizer = keras.optimizers.Adam(1e-2)
-    before = [w.numpy() for w in model.trainable_weights]
-    for _ in range(2):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(labels, model(images, training=True))
-        gradients = tape.gradient(loss, model.trainable_weights)
-        assert all(g is not None and np.all(np.isfinite(g)) for g in gradients)
-        optimizer.apply_gradients(zip(gradients, model.trainable_weights))
-    after = [w.numpy() for w in model.trainable_weights]
-    assert all(not np.array_equal(b, a) for b, a in zip(before, after))
-    assert not np.allclose(model(images, training=False), probabilities)
+  loss_fn = keras.losses.BinaryCrossentropy()
+  optimizer = keras.optimizers.Adam(1e-2)
+  before = [w.numpy() for w in model.trainable_weights]
+  for _ in range(2):
+    with tf.GradientTape() as tape:
+      loss = loss_fn(labels, model(images, training=True))
+    gradients = tape.gradient(loss, model.trainable_weights)
+    assert all(g is not None and np.all(np.isfinite(g)) for g in gradients)
+    optimizer.apply_gradients(zip(gradients, model.trainable_weights))
+  after = [w.numpy() for w in model.trainable_weights]
+  assert all(not np.array_equal(b, a) for b, a in zip(before, after))
+  assert not np.allclose(model(images, training=False), probabilities)
 
 
 def test_cnn_architecture():
-    model = models.build_model('cnn', image_size=SIZE, cnn_filters=8, cnn_depth=3)
-    backbone = model.get_layer('backbone')
-    convs = [l for l in backbone.layers if isinstance(l, keras.layers.Conv2D)]
-    assert [c.filters for c in convs] == [8, 8, 16, 16, 32, 32]
-    assert tuple(backbone.output.shape) == (None, SIZE // 8, SIZE // 8, 32)
-    assert model.get_layer('rescale').scale == pytest.approx(1 / 255)
-    with pytest.raises(ValueError, match='image_size=8 is too small for cnn_depth=4'):
-        models.build_model('cnn', image_size=8)
+  model = models.build_model('cnn', image_size=SIZE, cnn_filters=8, cnn_depth=3)
+  backbone = model.get_layer('backbone')
+  convs = [l for l in backbone.layers if isinstance(l, keras.layers.Conv2D)]
+  assert [c.filters for c in convs] == [8, 8, 16, 16, 32, 32]
+  assert tuple(backbone.output.shape) == (None, SIZE // 8, SIZE // 8, 32)
+  assert model.get_layer('rescale').scale == pytest.approx(1 / 255)
+  with pytest.raises(ValueError, match='image_size=8 is too small for cnn_depth=4'):
+    models.build_model('cnn', image_size=8)
 
 
 @pytest.mark.parametrize('kwargs, message', [
@@ -71,159 +71,156 @@ def test_cnn_architecture():
     (dict(name='cnn', cnn_depth=0), 'cnn_depth=0'),
 ])
 def test_bad_arguments_raise(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        models.build_model(image_size=SIZE, **kwargs)
+  with pytest.raises(ValueError, match=message):
+    models.build_model(image_size=SIZE, **kwargs)
 
 
 def test_max_unfreeze_counts_the_real_convolutions():
-    assert models.max_unfreeze('resnet50') == 53
-    assert models.max_unfreeze('vgg16') == 13
-    assert models.max_unfreeze('cnn') == 0
-    with pytest.raises(ValueError, match="Unknown model 'vgg'"):
-        models.max_unfreeze('vgg')
+  assert models.max_unfreeze('resnet50') == 53
+  assert models.max_unfreeze('vgg16') == 13
+  assert models.max_unfreeze('cnn') == 0
+  with pytest.raises(ValueError, match="Unknown model 'vgg'"):
+    models.max_unfreeze('vgg')
 
 
 @pytest.mark.parametrize('name, unfreeze, expected', [
     ('vgg16', 3, ['block5_conv1', 'block5_conv2', 'block5_conv3']),
-    ('resnet50', 10, ['conv5_block1_1_conv', 'conv5_block1_2_conv', 'conv5_block1_0_conv',
-                      'conv5_block1_3_conv', 'conv5_block2_1_conv', 'conv5_block2_2_conv',
-                      'conv5_block2_3_conv', 'conv5_block3_1_conv', 'conv5_block3_2_conv',
-                      'conv5_block3_3_conv']),
+    ('resnet50', 10, [
+        'conv5_block1_1_conv', 'conv5_block1_2_conv', 'conv5_block1_0_conv', 'conv5_block1_3_conv',
+        'conv5_block2_1_conv', 'conv5_block2_2_conv', 'conv5_block2_3_conv', 'conv5_block3_1_conv',
+        'conv5_block3_2_conv', 'conv5_block3_3_conv'
+    ]),
 ])
 def test_set_trainable_phases(name, unfreeze, expected):
-    model = models.build_model(name, image_size=SIZE)
-    head, backbone = _head_and_backbone(model)
-    # A transfer model comes back in phase 'head'.
-    assert not backbone.trainable_weights and len(head.trainable_weights) == 2
+  model = models.build_model(name, image_size=SIZE)
+  head, backbone = _head_and_backbone(model)
+  # A transfer model comes back in phase 'head'.
+  assert not backbone.trainable_weights and len(head.trainable_weights) == 2
 
-    assert models.set_trainable(model, 'fine_tune', unfreeze) == expected
-    convs = [l.name for l in backbone.layers if isinstance(l, keras.layers.Conv2D)]
-    assert convs[-unfreeze:] == expected
-    assert [l.name for l in backbone.layers if l.trainable_weights] == expected
-    assert len(backbone.trainable_weights) == 2 * unfreeze  # kernel and bias of each conv
-    assert len(model.trainable_weights) == 2 * unfreeze + 2
-    assert all(not l.trainable for l in backbone.layers
-               if isinstance(l, keras.layers.BatchNormalization))
+  assert models.set_trainable(model, 'fine_tune', unfreeze) == expected
+  convs = [l.name for l in backbone.layers if isinstance(l, keras.layers.Conv2D)]
+  assert convs[-unfreeze:] == expected
+  assert [l.name for l in backbone.layers if l.trainable_weights] == expected
+  assert len(backbone.trainable_weights) == 2 * unfreeze  # kernel and bias of each conv
+  assert len(model.trainable_weights) == 2 * unfreeze + 2
+  assert all(not l.trainable for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization))
 
-    assert models.set_trainable(model, 'head') == []
-    assert not backbone.trainable_weights and len(head.trainable_weights) == 2
+  assert models.set_trainable(model, 'head') == []
+  assert not backbone.trainable_weights and len(head.trainable_weights) == 2
 
-    maximum = models.max_unfreeze(name)
-    assert len(models.set_trainable(model, 'fine_tune', maximum)) == maximum
-    with pytest.raises(ValueError, match=f'out of range for {name}: give 0 to {maximum}'):
-        models.set_trainable(model, 'fine_tune', maximum + 1)
-    with pytest.raises(ValueError, match='out of range'):
-        models.set_trainable(model, 'fine_tune', -1)
+  maximum = models.max_unfreeze(name)
+  assert len(models.set_trainable(model, 'fine_tune', maximum)) == maximum
+  with pytest.raises(ValueError, match=f'out of range for {name}: give 0 to {maximum}'):
+    models.set_trainable(model, 'fine_tune', maximum + 1)
+  with pytest.raises(ValueError, match='out of range'):
+    models.set_trainable(model, 'fine_tune', -1)
 
 
 def test_set_trainable_cnn_and_bad_arguments():
-    model = models.build_model('cnn', image_size=SIZE, cnn_filters=4, cnn_depth=2)
-    everything = len(model.weights) - len(model.non_trainable_weights)
-    for phase in models.PHASES:
-        names = models.set_trainable(model, phase)
-        assert names == ['block1_conv1', 'block1_bn1', 'block1_conv2', 'block1_bn2',
-                         'block2_conv1', 'block2_bn1', 'block2_conv2', 'block2_bn2']
-        assert len(model.trainable_weights) == everything
-    with pytest.raises(ValueError, match='out of range for cnn: give 0 to 0'):
-        models.set_trainable(model, 'fine_tune', 1)
-    with pytest.raises(ValueError, match="Unknown phase 'all'"):
-        models.set_trainable(model, 'all')
-    with pytest.raises(ValueError, match="only to phase 'fine_tune'"):
-        models.set_trainable(model, 'head', 2)
-    with pytest.raises(ValueError, match='not from build_model'):
-        models.set_trainable(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]), 'head')
+  model = models.build_model('cnn', image_size=SIZE, cnn_filters=4, cnn_depth=2)
+  everything = len(model.weights) - len(model.non_trainable_weights)
+  for phase in models.PHASES:
+    names = models.set_trainable(model, phase)
+    assert names == [
+        'block1_conv1', 'block1_bn1', 'block1_conv2', 'block1_bn2', 'block2_conv1', 'block2_bn1', 'block2_conv2',
+        'block2_bn2'
+    ]
+    assert len(model.trainable_weights) == everything
+  with pytest.raises(ValueError, match='out of range for cnn: give 0 to 0'):
+    models.set_trainable(model, 'fine_tune', 1)
+  with pytest.raises(ValueError, match="Unknown phase 'all'"):
+    models.set_trainable(model, 'all')
+  with pytest.raises(ValueError, match="only to phase 'fine_tune'"):
+    models.set_trainable(model, 'head', 2)
+  with pytest.raises(ValueError, match='not from build_model'):
+    models.set_trainable(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]), 'head')
 
 
 def test_augmentation_only_in_training():
-    model = models.build_model('vgg16', image_size=SIZE, dropout=0.0, seed=3)
-    augmentation = model.get_layer('augmentation')
-    assert [l.name for l in augmentation.layers] == [
-        'rotation', 'zoom', 'translation', 'contrast', 'brightness']
-    images = _images(8)
+  model = models.build_model('vgg16', image_size=SIZE, dropout=0.0, seed=3)
+  augmentation = model.get_layer('augmentation')
+  assert [l.name for l in augmentation.layers] == ['rotation', 'zoom', 'translation', 'contrast', 'brightness']
+  images = _images(8)
 
-    np.testing.assert_array_equal(augmentation(images, training=False), images)
-    np.testing.assert_array_equal(model(images, training=False), model(images, training=False))
-    augmented = augmentation(images, training=True)
-    assert augmented.dtype == 'float32' and augmented.shape == images.shape
-    assert not np.allclose(augmented, images)
-    assert not np.allclose(model(images, training=True), model(images, training=False))
+  np.testing.assert_array_equal(augmentation(images, training=False), images)
+  np.testing.assert_array_equal(model(images, training=False), model(images, training=False))
+  augmented = augmentation(images, training=True)
+  assert augmented.dtype == 'float32' and augmented.shape == images.shape
+  assert not np.allclose(augmented, images)
+  assert not np.allclose(model(images, training=True), model(images, training=False))
 
-    # Same seed, same draws: a run is reproducible.
-    twin = models.build_model('vgg16', image_size=SIZE, seed=3).get_layer('augmentation')
-    np.testing.assert_allclose(twin(images, training=True), augmented)
+  # Same seed, same draws: a run is reproducible.
+  twin = models.build_model('vgg16', image_size=SIZE, seed=3).get_layer('augmentation')
+  np.testing.assert_allclose(twin(images, training=True), augmented)
 
-    flipping = models.build_model('cnn', image_size=SIZE, horizontal_flip=True)
-    assert 'flip' in [l.name for l in flipping.get_layer('augmentation').layers]
-    plain = models.build_model('cnn', image_size=SIZE, augment=False)
-    assert 'augmentation' not in [l.name for l in plain.layers]
+  flipping = models.build_model('cnn', image_size=SIZE, horizontal_flip=True)
+  assert 'flip' in [l.name for l in flipping.get_layer('augmentation').layers]
+  plain = models.build_model('cnn', image_size=SIZE, augment=False)
+  assert 'augmentation' not in [l.name for l in plain.layers]
 
 
 def test_mixed_bfloat16(bfloat16_policy):
-    for name, first_conv in (('resnet50', 'conv1_conv'), ('cnn', 'block1_conv1')):
-        model = models.build_model(name, image_size=SIZE, cnn_filters=4, cnn_depth=2)
-        assert model(_images(2), training=False).dtype == 'float32'
-        assert model.get_layer('probability').compute_dtype == 'float32'
-        preprocess = model.get_layer('rescale' if name == 'cnn' else 'preprocess')
-        assert preprocess.compute_dtype == 'float32'
-        assert all(l.compute_dtype == 'float32'
-                   for l in model.get_layer('augmentation').layers)
-        conv = model.get_layer('backbone').get_layer(first_conv)
-        assert conv.compute_dtype == 'bfloat16' and conv.variable_dtype == 'float32'
+  for name, first_conv in (('resnet50', 'conv1_conv'), ('cnn', 'block1_conv1')):
+    model = models.build_model(name, image_size=SIZE, cnn_filters=4, cnn_depth=2)
+    assert model(_images(2), training=False).dtype == 'float32'
+    assert model.get_layer('probability').compute_dtype == 'float32'
+    preprocess = model.get_layer('rescale' if name == 'cnn' else 'preprocess')
+    assert preprocess.compute_dtype == 'float32'
+    assert all(l.compute_dtype == 'float32' for l in model.get_layer('augmentation').layers)
+    conv = model.get_layer('backbone').get_layer(first_conv)
+    assert conv.compute_dtype == 'bfloat16' and conv.variable_dtype == 'float32'
 
 
 def test_preprocess_matches_keras_applications():
-    images = _images(2)
-    model = models.build_model('resnet50', image_size=SIZE, augment=False)
-    rgb = np.repeat(images, 3, axis=-1).astype(np.float32)
-    expected = keras.applications.resnet50.preprocess_input(rgb)
-    np.testing.assert_allclose(model.get_layer('preprocess')(images), expected, rtol=1e-6)
+  images = _images(2)
+  model = models.build_model('resnet50', image_size=SIZE, augment=False)
+  rgb = np.repeat(images, 3, axis=-1).astype(np.float32)
+  expected = keras.applications.resnet50.preprocess_input(rgb)
+  np.testing.assert_allclose(model.get_layer('preprocess')(images), expected, rtol=1e-6)
 
 
 def test_backbone_batchnorm_stays_in_inference_mode():
-    model = models.build_model('resnet50', image_size=SIZE)
-    models.set_trainable(model, 'fine_tune', 10)
-    batchnorms = [l for l in model.get_layer('backbone').layers
-                  if isinstance(l, keras.layers.BatchNormalization)]
-    before = [bn.moving_mean.numpy() for bn in batchnorms]
-    model(_images(4) * 0 + 200, training=True)  # far from the initial moving mean of 0
-    assert all(np.array_equal(b, bn.moving_mean.numpy()) for b, bn in zip(before, batchnorms))
+  model = models.build_model('resnet50', image_size=SIZE)
+  models.set_trainable(model, 'fine_tune', 10)
+  batchnorms = [l for l in model.get_layer('backbone').layers if isinstance(l, keras.layers.BatchNormalization)]
+  before = [bn.moving_mean.numpy() for bn in batchnorms]
+  model(_images(4) * 0 + 200, training=True)  # far from the initial moving mean of 0
+  assert all(np.array_equal(b, bn.moving_mean.numpy()) for b, bn in zip(before, batchnorms))
 
 
 def test_weights_from_a_keras_3_file(tmp_path):
-    source = models.build_model('vgg16', image_size=SIZE, augment=False)
-    path = str(tmp_path / 'backbone.weights.h5')
-    source.get_layer('backbone').save_weights(path)
-    loaded = models.build_model('vgg16', image_size=48, weights=path, augment=False)
-    pairs = zip(source.get_layer('backbone').weights, loaded.get_layer('backbone').weights)
-    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in pairs)
+  source = models.build_model('vgg16', image_size=SIZE, augment=False)
+  path = str(tmp_path / 'backbone.weights.h5')
+  source.get_layer('backbone').save_weights(path)
+  loaded = models.build_model('vgg16', image_size=48, weights=path, augment=False)
+  pairs = zip(source.get_layer('backbone').weights, loaded.get_layer('backbone').weights)
+  assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in pairs)
 
 
 def test_weights_from_a_published_notop_h5(tmp_path):
-    # The ImageNet files Keras publishes were written by Keras 2's save_weights, as tf_keras does.
-    tf_keras = pytest.importorskip('tf_keras')
-    published = tf_keras.applications.VGG16(include_top=False, weights=None,
-                                            input_shape=(SIZE, SIZE, 3))
-    path = str(tmp_path / 'vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5')
-    published.save_weights(path)
-    loaded = models.build_model('vgg16', image_size=SIZE, weights=path, augment=False)
-    expected = published.get_weights()
-    actual = [w.numpy() for w in loaded.get_layer('backbone').weights]
-    assert len(actual) == len(expected) == 26
-    assert all(np.array_equal(a, e) for a, e in zip(actual, expected))
+  # The ImageNet files Keras publishes were written by Keras 2's save_weights, as tf_keras does.
+  tf_keras = pytest.importorskip('tf_keras')
+  published = tf_keras.applications.VGG16(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+  path = str(tmp_path / 'vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5')
+  published.save_weights(path)
+  loaded = models.build_model('vgg16', image_size=SIZE, weights=path, augment=False)
+  expected = published.get_weights()
+  actual = [w.numpy() for w in loaded.get_layer('backbone').weights]
+  assert len(actual) == len(expected) == 26
+  assert all(np.array_equal(a, e) for a, e in zip(actual, expected))
 
 
 def test_missing_weights_file():
-    with pytest.raises(FileNotFoundError, match='no_such.h5'):
-        models.build_model('resnet50', image_size=SIZE, weights='/tmp/no_such.h5')
+  with pytest.raises(FileNotFoundError, match='no_such.h5'):
+    models.build_model('resnet50', image_size=SIZE, weights='/tmp/no_such.h5')
 
 
 def test_keras_file_round_trip(tmp_path):
-    model = models.build_model('vgg16', image_size=SIZE, seed=1)
-    models.set_trainable(model, 'fine_tune', 3)
-    path = str(tmp_path / 'model.keras')
-    model.save(path)
-    loaded = keras.models.load_model(path)
-    images = _images(2)
-    np.testing.assert_allclose(loaded(images, training=False), model(images, training=False),
-                               rtol=1e-5)
-    assert [w.name for w in loaded.trainable_weights] == [w.name for w in model.trainable_weights]
+  model = models.build_model('vgg16', image_size=SIZE, seed=1)
+  models.set_trainable(model, 'fine_tune', 3)
+  path = str(tmp_path / 'model.keras')
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  images = _images(2)
+  np.testing.assert_allclose(loaded(images, training=False), model(images, training=False), rtol=1e-5)
+  assert [w.name for w in loaded.trainable_weights] == [w.name for w in model.trainable_weights]

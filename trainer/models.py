@@ -56,214 +56,221 @@ _CNN_SPATIAL_DROPOUT = 0.1
 
 @keras.saving.register_keras_serializable(package='cxr_trainer')
 class BackbonePreprocess(keras.layers.Layer):
-    """Turns one-channel [0, 255] images into the input an ImageNet backbone was trained on.
+  """Turns one-channel [0, 255] images into the input an ImageNet backbone was trained on.
 
-    Replicates the gray channel to RGB, then applies the backbone's own
-    `keras.applications.<module>.preprocess_input`.
-    """
+  Replicates the gray channel to RGB, then applies the backbone's own
+  `keras.applications.<module>.preprocess_input`.
+  """
 
-    def __init__(self, backbone, **kwargs):
-        super().__init__(**kwargs)
-        if backbone not in _PREPROCESS:
-            raise ValueError(f'backbone={backbone!r} is not one of {sorted(_PREPROCESS)}.')
-        self.backbone = backbone
+  def __init__(self, backbone, **kwargs):
+    super().__init__(**kwargs)
+    if backbone not in _PREPROCESS:
+      raise ValueError(f'backbone={backbone!r} is not one of {sorted(_PREPROCESS)}.')
+    self.backbone = backbone
 
-    def call(self, images):
-        images = keras.ops.cast(images, self.compute_dtype)
-        images = keras.ops.repeat(images, 3, axis=-1)
-        return _PREPROCESS[self.backbone](images)
+  def call(self, images):
+    images = keras.ops.cast(images, self.compute_dtype)
+    images = keras.ops.repeat(images, 3, axis=-1)
+    return _PREPROCESS[self.backbone](images)
 
-    def get_config(self):
-        return {**super().get_config(), 'backbone': self.backbone}
+  def get_config(self):
+    return {**super().get_config(), 'backbone': self.backbone}
 
 
-def build_model(name, *, image_size, weights=None, dropout=0.3, horizontal_flip=False,
-                cnn_filters=32, cnn_depth=4, augment=True, seed=None):
-    """Builds one of the pneumonia classifiers.
+def build_model(name,
+                *,
+                image_size,
+                weights=None,
+                dropout=0.3,
+                horizontal_flip=False,
+                cnn_filters=32,
+                cnn_depth=4,
+                augment=True,
+                seed=None):
+  """Builds one of the pneumonia classifiers.
 
-    A transfer-learning model comes back in phase 'head' (backbone frozen, see `set_trainable`);
-    the CNN comes back fully trainable.
+  A transfer-learning model comes back in phase 'head' (backbone frozen, see `set_trainable`);
+  the CNN comes back fully trainable.
 
-    Args:
-      name: one of MODELS.
-      image_size: side of the square input images, in pixels.
-      weights: backbone weights: None (random), 'imagenet' (Keras downloads and caches them in
-        ~/.keras/models or $KERAS_HOME/models) or the path of a local weights file, either the
-        notop .h5 file Keras publishes or a `.weights.h5` saved from a model's 'backbone' layer.
-        Must be None for 'cnn'.
-      dropout: dropout rate before the output layer, in [0, 1).
-      horizontal_flip: also flip images left/right when augmenting. Off by default because a
-        chest X-ray has a fixed left and right (the heart is on the left).
-      cnn_filters: width of the CNN's first block; each further block doubles it.
-      cnn_depth: number of CNN blocks; each halves the image side.
-      augment: include the augmentation block.
-      seed: seed of the augmentation layers and the head's dropout; None for fresh random
-        seeds. Other random layers follow `keras.utils.set_random_seed`.
+  Args:
+    name: one of MODELS.
+    image_size: side of the square input images, in pixels.
+    weights: backbone weights: None (random), 'imagenet' (Keras downloads and caches them in
+      ~/.keras/models or $KERAS_HOME/models) or the path of a local weights file, either the
+      notop .h5 file Keras publishes or a `.weights.h5` saved from a model's 'backbone' layer.
+      Must be None for 'cnn'.
+    dropout: dropout rate before the output layer, in [0, 1).
+    horizontal_flip: also flip images left/right when augmenting. Off by default because a
+      chest X-ray has a fixed left and right (the heart is on the left).
+    cnn_filters: width of the CNN's first block; each further block doubles it.
+    cnn_depth: number of CNN blocks; each halves the image side.
+    augment: include the augmentation block.
+    seed: seed of the augmentation layers and the head's dropout; None for fresh random
+      seeds. Other random layers follow `keras.utils.set_random_seed`.
 
-    Returns:
-      An uncompiled keras.Model named `name`, with input 'image' (uint8, (image_size,
-      image_size, 1)) and output 'probability' (float32, (batch, 1), the probability of
-      pneumonia).
+  Returns:
+    An uncompiled keras.Model named `name`, with input 'image' (uint8, (image_size,
+    image_size, 1)) and output 'probability' (float32, (batch, 1), the probability of
+    pneumonia).
 
-    Raises:
-      ValueError: for an unknown name, a bad argument value, or weights given for 'cnn'.
-      FileNotFoundError: if `weights` is a path that does not exist.
-    """
-    if name not in MODELS:
-        raise ValueError(f'Unknown model {name!r}; choose one of {MODELS}.')
-    if not 0 <= dropout < 1:
-        raise ValueError(f'dropout={dropout} must be in [0, 1).')
+  Raises:
+    ValueError: for an unknown name, a bad argument value, or weights given for 'cnn'.
+    FileNotFoundError: if `weights` is a path that does not exist.
+  """
+  if name not in MODELS:
+    raise ValueError(f'Unknown model {name!r}; choose one of {MODELS}.')
+  if not 0 <= dropout < 1:
+    raise ValueError(f'dropout={dropout} must be in [0, 1).')
 
-    images = keras.Input((image_size, image_size, 1), dtype='uint8', name='image')
-    x = images
-    if augment:
-        x = _augmentation(horizontal_flip, seed)(x)
-    if name == 'cnn':
-        if weights is not None:
-            raise ValueError(f'weights={weights!r}: the cnn is trained from scratch, so weights '
-                             'must be None (pretrained weights exist only for resnet50 and vgg16).')
-        # float32 whatever the policy: the conv layers cast to their compute dtype themselves.
-        x = keras.layers.Rescaling(1 / 255, dtype='float32', name='rescale')(x)
-        x = _cnn_backbone(image_size, cnn_filters, cnn_depth)(x)
-    else:
-        if weights not in (None, 'imagenet') and not tf.io.gfile.exists(weights):
-            raise FileNotFoundError(f'weights={weights!r}: no such file; give None, \'imagenet\' '
-                                    f'or the path of a {name} notop .h5 or .weights.h5 file.')
-        # float32: bfloat16 keeps 8 significant bits, so pixels near 255 minus ImageNet means
-        # near 100 would come out rounded to whole grey levels or worse.
-        x = BackbonePreprocess(name, dtype='float32', name='preprocess')(x)
-        backbone = _APPLICATIONS[name](include_top=False, weights=weights,
-                                       input_shape=(image_size, image_size, 3), name='backbone')
-        # The transfer-learning guide's idiom; Keras 3.15 overrides it from the outer call, so the
-        # frozen BatchNormalization layers are what actually hold (module docstring).
-        x = backbone(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D(name='pool')(x)
-    x = keras.layers.Dropout(dropout, seed=seed, name='dropout')(x)
-    outputs = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name='probability')(x)
-    model = keras.Model(images, outputs, name=name)
-    set_trainable(model, 'head')
-    return model
+  images = keras.Input((image_size, image_size, 1), dtype='uint8', name='image')
+  x = images
+  if augment:
+    x = _augmentation(horizontal_flip, seed)(x)
+  if name == 'cnn':
+    if weights is not None:
+      raise ValueError(f'weights={weights!r}: the cnn is trained from scratch, so weights '
+                       'must be None (pretrained weights exist only for resnet50 and vgg16).')
+    # float32 whatever the policy: the conv layers cast to their compute dtype themselves.
+    x = keras.layers.Rescaling(1 / 255, dtype='float32', name='rescale')(x)
+    x = _cnn_backbone(image_size, cnn_filters, cnn_depth)(x)
+  else:
+    if weights not in (None, 'imagenet') and not tf.io.gfile.exists(weights):
+      raise FileNotFoundError(f'weights={weights!r}: no such file; give None, \'imagenet\' '
+                              f'or the path of a {name} notop .h5 or .weights.h5 file.')
+    # float32: bfloat16 keeps 8 significant bits, so pixels near 255 minus ImageNet means
+    # near 100 would come out rounded to whole grey levels or worse.
+    x = BackbonePreprocess(name, dtype='float32', name='preprocess')(x)
+    backbone = _APPLICATIONS[name](include_top=False,
+                                   weights=weights,
+                                   input_shape=(image_size, image_size, 3),
+                                   name='backbone')
+    # The transfer-learning guide's idiom; Keras 3.15 overrides it from the outer call, so the
+    # frozen BatchNormalization layers are what actually hold (module docstring).
+    x = backbone(x, training=False)
+  x = keras.layers.GlobalAveragePooling2D(name='pool')(x)
+  x = keras.layers.Dropout(dropout, seed=seed, name='dropout')(x)
+  outputs = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name='probability')(x)
+  model = keras.Model(images, outputs, name=name)
+  set_trainable(model, 'head')
+  return model
 
 
 def _augmentation(horizontal_flip, seed):
-    """The random transforms, on [0, 255] pixels; identity unless called with training=True."""
-    # One seed per layer: layers given the same seed would draw correlated transforms.
-    seeds = itertools.count(seed) if seed is not None else itertools.repeat(None)
-    # Black fill, like the film border: 'reflect' (the default) would mirror anatomy into the
-    # corners. float32: under mixed_bfloat16 the interpolation would otherwise round pixels.
-    geometric = dict(fill_mode='constant', dtype='float32')
-    layers = [
-        keras.layers.RandomRotation(10 / 360, seed=next(seeds), name='rotation', **geometric),
-        keras.layers.RandomZoom(0.1, seed=next(seeds), name='zoom', **geometric),
-        keras.layers.RandomTranslation(0.05, 0.05, seed=next(seeds), name='translation',
-                                       **geometric),
-        keras.layers.RandomContrast(0.1, seed=next(seeds), dtype='float32', name='contrast'),
-        keras.layers.RandomBrightness(0.1, seed=next(seeds), dtype='float32', name='brightness'),
-    ]
-    if horizontal_flip:
-        layers.append(keras.layers.RandomFlip('horizontal', seed=next(seeds), dtype='float32',
-                                              name='flip'))
-    return keras.Sequential(layers, name='augmentation')
+  """The random transforms, on [0, 255] pixels; identity unless called with training=True."""
+  # One seed per layer: layers given the same seed would draw correlated transforms.
+  seeds = itertools.count(seed) if seed is not None else itertools.repeat(None)
+  # Black fill, like the film border: 'reflect' (the default) would mirror anatomy into the
+  # corners. float32: under mixed_bfloat16 the interpolation would otherwise round pixels.
+  geometric = dict(fill_mode='constant', dtype='float32')
+  layers = [
+      keras.layers.RandomRotation(10 / 360, seed=next(seeds), name='rotation', **geometric),
+      keras.layers.RandomZoom(0.1, seed=next(seeds), name='zoom', **geometric),
+      keras.layers.RandomTranslation(0.05, 0.05, seed=next(seeds), name='translation', **geometric),
+      keras.layers.RandomContrast(0.1, seed=next(seeds), dtype='float32', name='contrast'),
+      keras.layers.RandomBrightness(0.1, seed=next(seeds), dtype='float32', name='brightness'),
+  ]
+  if horizontal_flip:
+    layers.append(keras.layers.RandomFlip('horizontal', seed=next(seeds), dtype='float32', name='flip'))
+  return keras.Sequential(layers, name='augmentation')
 
 
 def _cnn_backbone(image_size, filters, depth):
-    """`depth` blocks of (Conv2D 3x3 -> BatchNorm -> ReLU) x 2 -> MaxPool -> SpatialDropout."""
-    if filters < 1 or depth < 1:
-        raise ValueError(f'cnn_filters={filters} and cnn_depth={depth} must both be >= 1.')
-    if image_size < 2**depth:
-        raise ValueError(f'image_size={image_size} is too small for cnn_depth={depth}: each block '
-                         f'halves the side, so image_size must be >= {2**depth}.')
-    layers = [keras.Input((image_size, image_size, 1))]
-    for block in range(1, depth + 1):
-        width = filters * 2**(block - 1)
-        for i in (1, 2):
-            layers += [
-                # No bias: the BatchNormalization right after has its own offset.
-                keras.layers.Conv2D(width, 3, padding='same', use_bias=False,
-                                    name=f'block{block}_conv{i}'),
-                # Momentum 0.9, not Keras's 0.99: a few hundred steps on a few thousand images are too
-                # few for 0.99's moving averages to settle, and validation then sees stale statistics
-                # (measured on the synthetic config: validation AUC ~0.5 at 0.99, ~0.9 at 0.9 after 6 epochs).
-                keras.layers.BatchNormalization(momentum=0.9, name=f'block{block}_bn{i}'),
-                keras.layers.ReLU(name=f'block{block}_relu{i}'),
-            ]
-        layers += [
-            keras.layers.MaxPooling2D(name=f'block{block}_pool'),
-            keras.layers.SpatialDropout2D(_CNN_SPATIAL_DROPOUT, name=f'block{block}_dropout'),
-        ]
-    return keras.Sequential(layers, name='backbone')
+  """`depth` blocks of (Conv2D 3x3 -> BatchNorm -> ReLU) x 2 -> MaxPool -> SpatialDropout."""
+  if filters < 1 or depth < 1:
+    raise ValueError(f'cnn_filters={filters} and cnn_depth={depth} must both be >= 1.')
+  if image_size < 2**depth:
+    raise ValueError(f'image_size={image_size} is too small for cnn_depth={depth}: each block '
+                     f'halves the side, so image_size must be >= {2**depth}.')
+  layers = [keras.Input((image_size, image_size, 1))]
+  for block in range(1, depth + 1):
+    width = filters * 2**(block - 1)
+    for i in (1, 2):
+      layers += [
+          # No bias: the BatchNormalization right after has its own offset.
+          keras.layers.Conv2D(width, 3, padding='same', use_bias=False, name=f'block{block}_conv{i}'),
+          # Momentum 0.9, not Keras's 0.99: a few hundred steps on a few thousand images are too
+          # few for 0.99's moving averages to settle, and validation then sees stale statistics
+          # (measured on the synthetic config: validation AUC ~0.5 at 0.99, ~0.9 at 0.9 after 6 epochs).
+          keras.layers.BatchNormalization(momentum=0.9, name=f'block{block}_bn{i}'),
+          keras.layers.ReLU(name=f'block{block}_relu{i}'),
+      ]
+    layers += [
+        keras.layers.MaxPooling2D(name=f'block{block}_pool'),
+        keras.layers.SpatialDropout2D(_CNN_SPATIAL_DROPOUT, name=f'block{block}_dropout'),
+    ]
+  return keras.Sequential(layers, name='backbone')
 
 
 @functools.cache
 def max_unfreeze(name):
-    """How many units `set_trainable(..., unfreeze=N)` can unfreeze in model `name`.
+  """How many units `set_trainable(..., unfreeze=N)` can unfreeze in model `name`.
 
-    The unit is a convolutional layer of the backbone (see UNFREEZE_HELP): 53 for resnet50,
-    13 for vgg16, counted on the real Keras architecture; 0 for cnn, which has no pretrained
-    backbone. Cached: the first call per name builds the backbone once, with random weights.
+  The unit is a convolutional layer of the backbone (see UNFREEZE_HELP): 53 for resnet50,
+  13 for vgg16, counted on the real Keras architecture; 0 for cnn, which has no pretrained
+  backbone. Cached: the first call per name builds the backbone once, with random weights.
 
-    Args:
-      name: one of MODELS.
+  Args:
+    name: one of MODELS.
 
-    Returns:
-      The number of Conv2D layers in the backbone.
+  Returns:
+    The number of Conv2D layers in the backbone.
 
-    Raises:
-      ValueError: for an unknown name.
-    """
-    if name not in MODELS:
-        raise ValueError(f'Unknown model {name!r}; choose one of {MODELS}.')
-    if name == 'cnn':
-        return 0
-    # 32 x 32 is the smallest input both applications accept; the layer list does not depend on it.
-    backbone = _APPLICATIONS[name](include_top=False, weights=None, input_shape=(32, 32, 3))
-    return len(_convolutions(backbone))
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if name not in MODELS:
+    raise ValueError(f'Unknown model {name!r}; choose one of {MODELS}.')
+  if name == 'cnn':
+    return 0
+  # 32 x 32 is the smallest input both applications accept; the layer list does not depend on it.
+  backbone = _APPLICATIONS[name](include_top=False, weights=None, input_shape=(32, 32, 3))
+  return len(_convolutions(backbone))
 
 
 def _convolutions(backbone):
-    return [layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)]
+  return [layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)]
 
 
 def set_trainable(model, phase, unfreeze=0):
-    """Freezes and unfreezes a model from `build_model` for one training phase.
+  """Freezes and unfreezes a model from `build_model` for one training phase.
 
-    'head': the backbone is frozen and the head (the output layer) trains.
-    'fine_tune': the backbone's last `unfreeze` Conv2D layers, counted from the output, train too
-    (see UNFREEZE_HELP); every other backbone layer stays frozen, BatchNormalization always,
-    so that it keeps running in inference mode on the ImageNet statistics.
-    For 'cnn' both phases leave the whole model trainable, and `unfreeze` must be 0.
+  'head': the backbone is frozen and the head (the output layer) trains.
+  'fine_tune': the backbone's last `unfreeze` Conv2D layers, counted from the output, train too
+  (see UNFREEZE_HELP); every other backbone layer stays frozen, BatchNormalization always,
+  so that it keeps running in inference mode on the ImageNet statistics.
+  For 'cnn' both phases leave the whole model trainable, and `unfreeze` must be 0.
 
-    Build the optimizer and trace the train step after this call: trainable_variables change.
+  Build the optimizer and trace the train step after this call: trainable_variables change.
 
-    Args:
-      model: a model returned by `build_model` (its name says which architecture it is).
-      phase: one of PHASES.
-      unfreeze: for 'fine_tune', how many of the backbone's last convolutional layers train,
-        from 0 to max_unfreeze(model.name). Must be 0 for phase 'head'.
+  Args:
+    model: a model returned by `build_model` (its name says which architecture it is).
+    phase: one of PHASES.
+    unfreeze: for 'fine_tune', how many of the backbone's last convolutional layers train,
+      from 0 to max_unfreeze(model.name). Must be 0 for phase 'head'.
 
-    Returns:
-      The names of the backbone layers that now have trainable weights, in layer order.
+  Returns:
+    The names of the backbone layers that now have trainable weights, in layer order.
 
-    Raises:
-      ValueError: for an unknown phase, a model not from `build_model`, or an `unfreeze` out
-        of range.
-    """
-    if phase not in PHASES:
-        raise ValueError(f'Unknown phase {phase!r}; choose one of {PHASES}.')
-    if model.name not in MODELS:
-        raise ValueError(f'Model {model.name!r} is not from build_model (names: {MODELS}).')
-    if phase == 'head' and unfreeze:
-        raise ValueError(f'unfreeze={unfreeze} applies only to phase \'fine_tune\'; give 0 for '
-                         'phase \'head\'.')
-    backbone = model.get_layer('backbone')
-    convolutions = _convolutions(backbone) if model.name != 'cnn' else []
-    if not 0 <= unfreeze <= len(convolutions):
-        raise ValueError(f'unfreeze={unfreeze} is out of range for {model.name}: give 0 to '
-                         f'{len(convolutions)} (its backbone\'s Conv2D layers).')
+  Raises:
+    ValueError: for an unknown phase, a model not from `build_model`, or an `unfreeze` out
+      of range.
+  """
+  if phase not in PHASES:
+    raise ValueError(f'Unknown phase {phase!r}; choose one of {PHASES}.')
+  if model.name not in MODELS:
+    raise ValueError(f'Model {model.name!r} is not from build_model (names: {MODELS}).')
+  if phase == 'head' and unfreeze:
+    raise ValueError(f'unfreeze={unfreeze} applies only to phase \'fine_tune\'; give 0 for '
+                     'phase \'head\'.')
+  backbone = model.get_layer('backbone')
+  convolutions = _convolutions(backbone) if model.name != 'cnn' else []
+  if not 0 <= unfreeze <= len(convolutions):
+    raise ValueError(f'unfreeze={unfreeze} is out of range for {model.name}: give 0 to '
+                     f'{len(convolutions)} (its backbone\'s Conv2D layers).')
 
-    model.trainable = True
-    if model.name != 'cnn':
-        unfrozen = {layer.name for layer in convolutions[len(convolutions) - unfreeze:]}
-        for layer in backbone.layers:
-            layer.trainable = layer.name in unfrozen
-    return [layer.name for layer in backbone.layers if layer.trainable_weights]
+  model.trainable = True
+  if model.name != 'cnn':
+    unfrozen = {layer.name for layer in convolutions[len(convolutions) - unfreeze:]}
+    for layer in backbone.layers:
+      layer.trainable = layer.name in unfrozen
+  return [layer.name for layer in backbone.layers if layer.trainable_weights]
