@@ -11,6 +11,7 @@ MODELS = ('cnn', 'resnet50', 'vgg16')
 OPTIMIZERS = ('adam', 'nadam', 'sgd')
 CLASS_WEIGHTS = ('balanced', 'none')
 LR_SCALING = ('none', 'linear', 'sqrt')
+EQUALIZE = ('none', 'histogram', 'clahe')
 # Kept here rather than in trainer.distribute, so flags can be checked before TensorFlow is imported.
 STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
@@ -43,6 +44,7 @@ class Config:
   dropout: float = 0.3
   class_weight: str = 'balanced'
   horizontal_flip: bool = False
+  equalize: str = 'none'
   cnn_filters: int = 32
   cnn_depth: int = 4
   seed: int | None = None
@@ -71,6 +73,7 @@ class Config:
     _one_of('optimizer', self.optimizer, OPTIMIZERS)
     _one_of('class_weight', self.class_weight, CLASS_WEIGHTS)
     _one_of('lr_scaling', self.lr_scaling, LR_SCALING)
+    _one_of('equalize', self.equalize, EQUALIZE)
     _one_of('strategy', self.strategy, STRATEGIES)
     _one_of('precision', self.precision, PRECISIONS)
     for name in ('batch_size', 'cnn_filters', 'cnn_depth', 'shuffle_buffer'):

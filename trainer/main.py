@@ -45,6 +45,8 @@ flags.DEFINE_enum('class_weight', 'balanced', config_lib.CLASS_WEIGHTS, 'balance
                   'n_images / (2 * n_class_images), counted on the training split.')
 flags.DEFINE_bool('horizontal_flip', False, 'Also flip images left-right in augmentation. Off by default: a chest '
                   'X-ray has a fixed left and right (the heart is on the left).')
+flags.DEFINE_enum('equalize', 'none', config_lib.EQUALIZE, 'Contrast equalization inside the model (so training, '
+                  'evaluation, prediction and the export all apply it): none, histogram, or clahe.')
 flags.DEFINE_integer('cnn_filters', 32, 'Filters of the CNN\'s first block; each block doubles them.')
 flags.DEFINE_integer('cnn_depth', 4, 'Blocks in the CNN.')
 flags.DEFINE_integer('seed', None, 'Fixes initialisation, the data order and augmentation.')

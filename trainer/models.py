@@ -83,6 +83,7 @@ def build_model(name,
                 weights=None,
                 dropout=0.3,
                 horizontal_flip=False,
+                equalize='none',
                 cnn_filters=32,
                 cnn_depth=4,
                 augment=True,
@@ -119,6 +120,8 @@ def build_model(name,
   """
   if name not in MODELS:
     raise ValueError(f'Unknown model {name!r}; choose one of {MODELS}.')
+  if equalize != 'none':
+    raise NotImplementedError(f'equalize={equalize!r} is not implemented yet.')
   if not 0 <= dropout < 1:
     raise ValueError(f'dropout={dropout} must be in [0, 1).')
 

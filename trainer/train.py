@@ -167,7 +167,7 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   with strategy.scope():
     model = models.build_model(
         config.model, image_size=image_size, weights=config.weights_arg, dropout=config.dropout,
-        horizontal_flip=config.horizontal_flip, cnn_filters=config.cnn_filters, cnn_depth=config.cnn_depth,
+        horizontal_flip=config.horizontal_flip, equalize=config.equalize, cnn_filters=config.cnn_filters, cnn_depth=config.cnn_depth,
         seed=config.seed)
     optimizers = {phase: make_optimizer(config.optimizer, learning_rates[phase], loss_scale) for phase in PHASES}
     # Both optimizers are built up front, each on its phase's variables, so a checkpoint taken in either phase
