@@ -104,3 +104,56 @@ def test_resume_continues_after_the_last_epoch(trained, tmp_path):
   aucs = _scalar(_events(os.path.join(model_dir, 'validation')), 'auc')
   assert len(aucs) == 7
   assert len(glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-*.index'))) == 2
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_tensorboard_server_serves_the_run(trained):
+  """Starts the real TensorBoard on the run's log dir and reads it back over HTTP, as a browser would."""
+  import subprocess
+  import sys
+  import time
+  import urllib.parse
+  import urllib.request
+
+  config, _ = trained
+  port = _free_port()
+  server = subprocess.Popen(
+      [sys.executable, '-m', 'tensorboard.main', f'--logdir={config.model_dir}', f'--port={port}',
+       '--host=127.0.0.1', '--load_fast=false', '--reload_interval=1'],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  base = f'http://127.0.0.1:{port}/data'
+
+  def get(path):
+    with urllib.request.urlopen(base + path, timeout=10) as response:
+      return response.read()
+
+  try:
+    deadline = time.time() + 90
+    while True:
+      try:
+        if {'train', 'validation'} <= set(json.loads(get('/runs'))):
+          break
+      except OSError:
+        pass
+      assert time.time() < deadline, 'TensorBoard did not list the runs in time'
+      time.sleep(1)
+    auc = json.loads(get('/plugin/scalars/scalars?' + urllib.parse.urlencode({'run': 'validation', 'tag': 'auc'})))
+    assert [step for _, step, _ in auc] == [1, 2, 3, 4, 5, 6]
+    assert max(value for _, _, value in auc) > 0.9
+    images = json.loads(get('/plugin/images/images?' + urllib.parse.urlencode(
+        {'run': 'validation', 'tag': 'confusion_matrix', 'sample': 0})))
+    assert len(images) == 6
+    png = get('/plugin/images/individualImage?' + images[-1]['query'])
+    assert png.startswith(b'\x89PNG')
+    grid = json.loads(get('/plugin/images/images?' + urllib.parse.urlencode(
+        {'run': 'train', 'tag': 'augmented_training_images', 'sample': 0})))
+    assert get('/plugin/images/individualImage?' + grid[0]['query']).startswith(b'\x89PNG')
+  finally:
+    server.terminate()
+    server.wait(timeout=30)
