@@ -176,9 +176,11 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       models.set_trainable(model, phase, _unfreeze(config, phase))
       optimizers[phase].build(model.trainable_variables)
     metrics = train_metrics()
-    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
-    best_auc = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='best_validation_auc')
-    best_threshold = tf.Variable(0.5, dtype=tf.float64, trainable=False, name='best_threshold')
+  # The loop's bookkeeping, outside the strategy scope: Python reads it on the host, and a MirroredVariable has no
+  # __int__ or __float__ (int(epoch) fails under MirroredStrategy).
+  epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
+  best_auc = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='best_validation_auc')
+  best_threshold = tf.Variable(0.5, dtype=tf.float64, trainable=False, name='best_threshold')
 
   checkpoint = tf.train.Checkpoint(model=model, epoch=epoch_var, best_auc=best_auc, best_threshold=best_threshold,
                                    **{f'{phase}_optimizer': optimizers[phase] for phase in PHASES})
@@ -242,7 +244,8 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
     with writers['train'].as_default():
       for name, value in train.items():
         tf.summary.scalar(name, value, step=epoch + 1)
-      tf.summary.scalar('learning_rate', float(optimizers[phase].learning_rate), step=epoch + 1)
+      # .numpy(): a Keras variable created in a strategy scope wraps a MirroredVariable, which float() rejects.
+      tf.summary.scalar('learning_rate', float(optimizers[phase].learning_rate.numpy()), step=epoch + 1)
       tf.summary.scalar('global_step', global_step, step=epoch + 1)
     with writers['validation'].as_default():
       for name, value in val.items():
