@@ -4,6 +4,7 @@ Every model reads the dataset's own images and answers one question:
 
     image (uint8, image_size x image_size x 1)
       -> augmentation   Keras random layers, active only with training=True
+      -> equalize       optional: histogram equalization or CLAHE, per image (`Equalize`)
       -> preprocess     cnn: rescale to [0, 1]; backbones: gray -> 3 channels, then the
                         backbone's own `keras.applications.<module>.preprocess_input`
       -> backbone       a nested Model named 'backbone' (Grad-CAM finds its last conv there)
@@ -34,10 +35,12 @@ import functools
 import itertools
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 MODELS = ('cnn', 'resnet50', 'vgg16')
 PHASES = ('head', 'fine_tune')
+EQUALIZE = ('none', 'histogram', 'clahe')
 
 UNFREEZE_HELP = ('Number of the backbone\'s last convolutional layers trained in the fine-tune '
                  'phase, counted from the output (resnet50 has 53: 3 = last block, 10 = conv5 '
@@ -77,6 +80,97 @@ class BackbonePreprocess(keras.layers.Layer):
     return {**super().get_config(), 'backbone': self.backbone}
 
 
+@keras.saving.register_keras_serializable(package='cxr_trainer')
+class Equalize(keras.layers.Layer):
+  """Histogram equalization or CLAHE of each image, on [0, 255] grey levels.
+
+  CLAHE (contrast-limited adaptive histogram equalization; Zuiderveld, Graphics Gems IV, 1994) splits the image into
+  a `tiles` x `tiles` grid and maps every tile through its own cumulative histogram, 255 * cdf(v) / tile pixels.
+  Each tile's histogram is first clipped at `clip_limit` times its mean bin count and the excess spread evenly over
+  all 256 bins, so the noise of a flat region is not stretched into texture (OpenCV's clipLimit means the same).
+  A pixel's value blends the mappings of the four nearest tile centres bilinearly, so tile borders do not show.
+  Plain histogram equalization is the same with one tile and no clip, and is computed that way.
+
+  Inputs are rounded to the nearest of the 256 grey levels (the augmentation layers output fractional values);
+  the output is float32 in [0, 255], the range the rescale and preprocess layers after it expect.
+
+  Args:
+    method: 'histogram' or 'clahe'.
+    tiles: CLAHE's grid is tiles x tiles (8 x 8 is OpenCV's and scikit-image's default).
+    clip_limit: CLAHE's clip, in multiples of a tile's mean bin count (OpenCV's default is 40, which barely clips;
+      2 to 4 is usual for radiographs).
+    **kwargs: keras.layers.Layer arguments (name, dtype).
+
+  Raises:
+    ValueError: for an unknown method, or tiles / clip_limit not positive.
+  """
+
+  def __init__(self, method, tiles=8, clip_limit=2.0, **kwargs):
+    super().__init__(**kwargs)
+    if method not in EQUALIZE[1:]:
+      raise ValueError(f'method={method!r} is not one of {EQUALIZE[1:]}.')
+    if isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1:
+      raise ValueError(f'tiles={tiles!r} must be a positive integer.')
+    if not clip_limit > 0:
+      raise ValueError(f'clip_limit={clip_limit!r} must be positive (2 to 4 is usual for CLAHE).')
+    self.method, self.tiles, self.clip_limit = method, tiles, float(clip_limit)
+
+  def call(self, images):
+    images = tf.cast(images, tf.float32)
+    if self.method == 'histogram':
+      tiles, clip_limit = 1, None
+    else:
+      tiles, clip_limit = self.tiles, self.clip_limit
+    height, width = images.shape[1], images.shape[2]
+    if tiles > min(height, width):
+      raise ValueError(f'tiles={tiles} is more than the {height}x{width} image has pixels per side.')
+    batch = tf.shape(images)[0]
+    levels = tf.cast(tf.clip_by_value(tf.round(images[..., 0]), 0, 255), tf.int32)
+    # Tiles of near-equal size (sides differ by at most one pixel) cover the image without padding.
+    row_tile, col_tile = (np.arange(height) * tiles) // height, (np.arange(width) * tiles) // width
+    tile = row_tile[:, None] * tiles + col_tile[None, :]
+    tile_pixels = np.bincount(tile.ravel(), minlength=tiles * tiles).astype(np.float32)[:, None]
+    # One histogram per (image, tile), all in one segment sum: bin (image * tiles^2 + tile) * 256 + level.
+    # Integer counts, so the sum is exact and the same on every device.
+    bins = (tf.range(batch)[:, None, None] * tiles * tiles + tile) * 256 + levels
+    histograms = tf.math.unsorted_segment_sum(tf.ones_like(bins), bins, batch * tiles * tiles * 256)
+    histograms = tf.cast(tf.reshape(histograms, [batch, tiles * tiles, 256]), tf.float32)
+    if clip_limit is not None:
+      limit = clip_limit * tile_pixels / 256
+      excess = tf.reduce_sum(tf.nn.relu(histograms - limit), axis=-1, keepdims=True)
+      histograms = tf.minimum(histograms, limit) + excess / 256
+    mappings = tf.reshape(255 * tf.cumsum(histograms, axis=-1) / tile_pixels, [-1])
+
+    def lookup(row_tiles, col_tiles):
+      tile = row_tiles[:, None] * tiles + col_tiles[None, :]
+      return tf.gather(mappings, (tf.range(batch)[:, None, None] * tiles * tiles + tile) * 256 + levels)
+
+    (top, bottom, down), (left, right, across) = _neighbour_tiles(height, tiles), _neighbour_tiles(width, tiles)
+    down, across = down[:, None], across[None, :]
+    equalized = ((1 - down) * ((1 - across) * lookup(top, left) + across * lookup(top, right)) +
+                 down * ((1 - across) * lookup(bottom, left) + across * lookup(bottom, right)))
+    return equalized[..., None]
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def get_config(self):
+    return {**super().get_config(), 'method': self.method, 'tiles': self.tiles, 'clip_limit': self.clip_limit}
+
+
+def _neighbour_tiles(size, tiles):
+  """For each pixel along a side: the tiles whose centres are before and after it, and the weight of the second.
+
+  Pixels outside the first and last tile centres take their nearest tile alone (weight 0 on a copy of it).
+  """
+  # Pixel centres in tile units, measured from the first tile's centre.
+  position = (np.arange(size) + 0.5) * tiles / size - 0.5
+  before = np.clip(np.floor(position), 0, tiles - 1).astype(np.int32)
+  after = np.minimum(before + 1, tiles - 1)
+  weight = np.clip(position - before, 0, 1).astype(np.float32)
+  return before, after, weight
+
+
 def build_model(name,
                 *,
                 image_size,
@@ -103,6 +197,8 @@ def build_model(name,
     dropout: dropout rate before the output layer, in [0, 1).
     horizontal_flip: also flip images left/right when augmenting. Off by default because a
       chest X-ray has a fixed left and right (the heart is on the left).
+    equalize: one of EQUALIZE: 'histogram' or 'clahe' adds an `Equalize` layer after the augmentation, so
+      training, evaluation, prediction and the exported model all see equalized images.
     cnn_filters: width of the CNN's first block; each further block doubles it.
     cnn_depth: number of CNN blocks; each halves the image side.
     augment: include the augmentation block.
@@ -120,8 +216,8 @@ def build_model(name,
   """
   if name not in MODELS:
     raise ValueError(f'Unknown model {name!r}; choose one of {MODELS}.')
-  if equalize != 'none':
-    raise NotImplementedError(f'equalize={equalize!r} is not implemented yet.')
+  if equalize not in EQUALIZE:
+    raise ValueError(f'equalize={equalize!r} is not one of {EQUALIZE}.')
   if not 0 <= dropout < 1:
     raise ValueError(f'dropout={dropout} must be in [0, 1).')
 
@@ -129,6 +225,10 @@ def build_model(name,
   x = images
   if augment:
     x = _augmentation(horizontal_flip, seed)(x)
+  if equalize != 'none':
+    # After the augmentation, so that in training too the backbone only ever sees equalized images. Equalization
+    # undoes most of the brightness and contrast jitter; the geometric transforms still vary the images.
+    x = Equalize(equalize, dtype='float32', name='equalize')(x)
   if name == 'cnn':
     if weights is not None:
       raise ValueError(f'weights={weights!r}: the cnn is trained from scratch, so weights '
