@@ -6,6 +6,7 @@ metrics, `tf.train.CheckpointManager` for resume and `tf.summary` for TensorBoar
 on several GPUs and on several machines.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -185,9 +186,13 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   checkpoint = tf.train.Checkpoint(model=model, epoch=epoch_var, best_auc=best_auc, best_threshold=best_threshold,
                                    **{f'{phase}_optimizer': optimizers[phase] for phase in PHASES})
   manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, 'checkpoints'), max_to_keep=2)
-  if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info('Resuming from %s after epoch %d.', manager.latest_checkpoint, int(epoch_var))
+  # Every worker resumes from the chief's checkpoint, as in the TF multi-worker tutorial: a non-chief's own folder is
+  # deleted at the end of a run, and workers resuming at different epochs would run different numbers of steps and
+  # wait on each other's collectives forever.
+  latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, 'checkpoints'))
+  if latest:
+    checkpoint.restore(latest).assert_existing_objects_matched()
+    logging.info('Resuming from %s after epoch %d.', latest, int(epoch_var))
 
   train_ds = strategy.distribute_datasets_from_function(lambda ctx: data.train_dataset(
       builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
@@ -269,6 +274,10 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
     writer.flush()
   if not chief:
     shutil.rmtree(write_dir, ignore_errors=True)
+    # The shared .workers folder too, once the last non-chief is done with it, so model_dir holds the chief's
+    # outputs alone.
+    with contextlib.suppress(OSError):
+      os.rmdir(os.path.dirname(write_dir))
     return {}
   return finish(config, model, builder, image_size, threshold=float(best_threshold), best_weights=best_weights)
 
