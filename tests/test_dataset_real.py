@@ -1,34 +1,26 @@
 """One check on real images: the 224 config built from a Kaggle-layout folder (skipped if absent).
 
-The folder defaults to the development copy described in /work/shared/data/README.md; set
-CXR_REAL_DATA_DIR to use another (e.g. the full Kaggle download).
+The folder is the development copy beside the repository (../shared/data/chest_xray, see tests/conftest.py);
+CXR_REAL_DATA_DIR points at another, e.g. the full Kaggle download.
 """
 
 import collections
-import os
-import pathlib
 
-import pytest
 import tensorflow_datasets as tfds
 
-REAL = pathlib.Path(os.environ.get('CXR_REAL_DATA_DIR', '/work/shared/data/chest_xray'))
 
-pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f'no real data at {REAL}')
-
-
-def _files(*folders):
-  return sum(1 for folder in folders for path in (REAL / folder).glob('*/*') if not path.name.startswith('.'))
+def _files(real, *folders):
+  return sum(1 for folder in folders for path in (real / folder).glob('*/*') if not path.name.startswith('.'))
 
 
-def test_real_224_counts_split_and_patients(tmp_path):
-  builder = tfds.builder('chest_xray_pneumonia/224', data_dir=str(tmp_path))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(REAL)))
+def test_real_224_counts_split_and_patients(real_data, real_224_data_dir):
+  builder = tfds.builder('chest_xray_pneumonia/224', data_dir=real_224_data_dir)
   splits = builder.info.splits
   metadata = builder.info.metadata
   assert not metadata['skipped_files']
-  assert splits['train'].num_examples + splits['validation'].num_examples == _files('train', 'val')
-  assert splits['test'].num_examples == _files('test')
-  assert 0.08 < splits['validation'].num_examples / _files('train', 'val') < 0.12
+  assert splits['train'].num_examples + splits['validation'].num_examples == _files(real_data, 'train', 'val')
+  assert splits['test'].num_examples == _files(real_data, 'test')
+  assert 0.08 < splits['validation'].num_examples / _files(real_data, 'train', 'val') < 0.12
   assert all(splits[split].num_shards >= 8 for split in ('train', 'validation', 'test'))
 
   patients = {}
