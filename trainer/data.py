@@ -98,7 +98,7 @@ def _cache(ds, cache_dir, name):
 
 def train_dataset(builder: tfds.core.DatasetBuilder, *, image_size: int, global_batch: int,
                   seed: int | None = None, cache_dir: str | None = None, shuffle_buffer: int = 2048,
-                  input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+                  input_context: tf.distribute.InputContext | None = None, skip_steps: int = 0) -> tf.data.Dataset:
   """The training split, repeated forever, as (uint8 images, int labels) batches for one replica.
 
   The caller runs a fixed number of steps per epoch, so that every worker of a multi-worker job runs the same
@@ -112,6 +112,8 @@ def train_dataset(builder: tfds.core.DatasetBuilder, *, image_size: int, global_
     cache_dir: None to cache decoded images in memory, or a folder for a cache file (data larger than RAM).
     shuffle_buffer: examples in the shuffle buffer.
     input_context: from `strategy.distribute_datasets_from_function`, or None for a single pipeline.
+    skip_steps: global training steps already taken (a resumed run). With a seed, the run then reads exactly the
+      batches an uninterrupted run would read next, so a preempted run ends with the same model.
   """
   batch = input_context.get_per_replica_batch_size(global_batch) if input_context else global_batch
   pipeline = input_context.input_pipeline_id if input_context else 0
@@ -119,6 +121,10 @@ def train_dataset(builder: tfds.core.DatasetBuilder, *, image_size: int, global_
   ds = ds.map(lambda ex: (ex['image'], ex['label']), num_parallel_calls=AUTOTUNE)
   ds = _cache(ds, cache_dir, f'{builder.info.full_name.replace("/", "_")}_train_{image_size}px_{pipeline}')
   ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+  # Skipped before batching, so that no batch is assembled only to be dropped: a resumed run pays one pass of the
+  # shuffle over the cached images per epoch done, a fraction of a second each.
+  pipelines = input_context.num_input_pipelines if input_context else 1
+  ds = ds.skip(skip_steps * (global_batch // pipelines))
   return ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE)
 
 

@@ -196,7 +196,8 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
 
   train_ds = strategy.distribute_datasets_from_function(lambda ctx: data.train_dataset(
       builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
-      cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx))
+      cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx,
+      skip_steps=int(epoch_var) * steps_per_epoch))
   iterator = iter(train_ds)
   val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
 
