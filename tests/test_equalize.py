@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from trainer import config
 from trainer import export
 from trainer import models
 
@@ -156,5 +157,4 @@ def test_keras_file_savedmodel_and_strategy_agree(tmp_path):
 
 
 def test_config_offers_the_same_methods():
-  from trainer import config
   assert config.EQUALIZE == models.EQUALIZE

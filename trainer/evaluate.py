@@ -7,15 +7,30 @@ threshold chosen on the ROC curve gives on the same data exactly the sensitivity
 
 The test report resamples patients, not images: the Kermany et al. (2018) data has several images of some patients,
 and those images are not independent, so an image-level bootstrap would give intervals that are too narrow.
+
+At the bottom, `evaluate_model` runs a model over a split and writes its report, figures and TensorBoard images (the
+end of training and the CLI both use it), and the CLI evaluates a finished run again, e.g. on another split:
+
+    python -m trainer.evaluate --model_dir=runs/resnet50 --split=test
 """
 
+import dataclasses
 import json
 import os
 import re
+import sys
 import uuid
 
+from absl import app
+from absl import flags
+from absl import logging
+import keras
 import numpy as np
 from sklearn import metrics as sk_metrics
+import tensorflow as tf
+
+from trainer import data
+from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in model.keras)
 
 THRESHOLD_RULE = (
     'The decision threshold is chosen on the validation split only: the ROC-curve threshold that maximises '
@@ -34,6 +49,8 @@ _TIE_TOLERANCE = 1e-12
 _CHUNK_ELEMENTS = 1 << 21
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 _FIGURE_NAME = re.compile(r'[A-Za-z0-9_-][A-Za-z0-9_.-]*')
+
+FLAGS = flags.FLAGS
 
 
 def choose_threshold(labels, probs) -> float:
@@ -506,3 +523,157 @@ def _write_atomic(path, data: bytes):
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+# The model on a split, and the CLI.
+
+
+def predict_split(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
+  """Runs `model` over a whole split, on this worker alone.
+
+  Args:
+    model: a model from `trainer.models.build_model` (uint8 images in, probabilities out).
+    dataset: batches of dicts with 'image', 'label' and 'patient_id', as `trainer.data.eval_dataset` yields them.
+
+  Returns:
+    {'probs', 'labels', 'groups' (patient ids)}: one entry per image, in the dataset's order.
+  """
+  predict = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
+  probs, labels, groups = [], [], []
+  for batch in dataset:
+    probs.append(predict(batch['image']).numpy()[:, 0])
+    labels.append(batch['label'].numpy())
+    groups.append(batch['patient_id'].numpy())
+  return {'probs': np.concatenate(probs), 'labels': np.concatenate(labels), 'groups': np.concatenate(groups)}
+
+
+def evaluate_model(model: keras.Model, dataset: tf.data.Dataset, *, threshold: float, out_dir: str,
+                   tensorboard_dir: str | None = None, extra: dict | None = None, n_resamples: int = 1000) -> dict:
+  """Reports a model on one split: report.json, report.md and the figures in `out_dir`, and the figures in TensorBoard.
+
+  Args:
+    model: a model from `trainer.models.build_model`.
+    dataset: the split, as `trainer.data.eval_dataset` yields it.
+    threshold: the decision threshold chosen on validation (run.json's 'threshold').
+    out_dir: where the report files and PNGs go; created if missing.
+    tensorboard_dir: if given, the same PNGs are written there as TensorBoard images, at step 0.
+    extra: more entries for the report, as in `build_report`.
+    n_resamples: bootstrap resamples of the 95% intervals.
+
+  Returns:
+    The report, as `build_report` returns it.
+
+  Raises:
+    ValueError: as `build_report`, e.g. if the split holds only one class.
+  """
+  # Here, not at the top: trainer.figures imports this module.
+  from trainer import figures
+
+  split = predict_split(model, dataset)
+  report = build_report(test_labels=split['labels'], test_probs=split['probs'], test_groups=split['groups'],
+                        val_threshold=threshold, n_resamples=n_resamples, extra=extra)
+  pngs = {
+      'confusion_matrix': figures.confusion_matrix_png(report['at_val_threshold']['confusion_matrix']),
+      'roc_curve': figures.roc_curve_png(split['labels'], split['probs'], threshold=threshold),
+      'pr_curve': figures.pr_curve_png(split['labels'], split['probs'], threshold=threshold),
+      'reliability': figures.reliability_png(report['calibration']),
+  }
+  write_report(report, out_dir, figures=pngs)
+  if tensorboard_dir is not None:
+    with tf.summary.create_file_writer(tensorboard_dir).as_default():
+      for name, png in pngs.items():
+        tf.summary.image(name, tf.image.decode_png(png)[None], step=0)
+  return report
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+  """A finished training run, as `load_run` reads it from its model_dir."""
+
+  model_dir: str
+  model: keras.Model
+  image_size: int
+  threshold: float
+  config: dict
+
+
+def load_run(model_dir: str) -> TrainedRun:
+  """Loads the model and the validation threshold a training run left in its model_dir.
+
+  The model is read with Keras's safe mode: no Lambda layer or pickled code runs on loading.
+
+  Args:
+    model_dir: the --model_dir of a finished run (it holds model.keras and run.json).
+
+  Returns:
+    The run's folder, model, input side, threshold and training config (a dict of trainer.config.Config's fields).
+
+  Raises:
+    FileNotFoundError: if model.keras or run.json is missing.
+    ValueError: if run.json is not a run.json the trainer wrote.
+  """
+  paths = {name: os.path.join(model_dir, name) for name in ('model.keras', 'run.json')}
+  for path in paths.values():
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: no such file; give the --model_dir of a finished training run '
+                              '(it holds model.keras and run.json).')
+  try:
+    with open(paths['run.json']) as f:
+      run = json.load(f)
+    image_size, threshold, config = int(run['image_size']), float(run['threshold']), dict(run['config'])
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'{paths["run.json"]} is not a run.json written by the trainer ({type(e).__name__}: {e}).'
+                     ) from None
+  model = keras.saving.load_model(paths['model.keras'], safe_mode=True)
+  return TrainedRun(model_dir=model_dir, model=model, image_size=image_size, threshold=threshold, config=config)
+
+
+def _define_flags():
+  # Defined only when this module runs as the program: trainer.main imports it (through trainer.train), and absl
+  # refuses a second --model_dir.
+  flags.DEFINE_string('model_dir', None, 'The --model_dir of a finished training run.', required=True)
+  flags.DEFINE_string('split', 'test', 'The split to report on: train, validation or test.')
+  flags.DEFINE_string('dataset', None, 'A TFDS name with its config to evaluate on, e.g. '
+                      'chest_xray_pneumonia/original (default: the run\'s dataset); images are resized to the '
+                      'run\'s input size.')
+  flags.DEFINE_string('data_dir', None, 'Where TFDS keeps built datasets (default: the run\'s).')
+  flags.DEFINE_string('manual_dir', None, 'The downloaded data, if the dataset is not built yet (default: the '
+                      'run\'s).')
+  flags.DEFINE_string('out_dir', None, 'Where the report, the PNGs and their TensorBoard event file go (default: '
+                      'MODEL_DIR/eval_SPLIT).')
+  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
+  flags.DEFINE_integer('n_resamples', 1000, 'Bootstrap resamples (of patients) for the 95% intervals.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  run = load_run(os.path.expanduser(FLAGS.model_dir))
+  dataset = FLAGS.dataset or run.config['dataset']
+  data_dir = os.path.expanduser(FLAGS.data_dir) if FLAGS.data_dir else run.config.get('data_dir')
+  manual_dir = os.path.expanduser(FLAGS.manual_dir) if FLAGS.manual_dir else run.config.get('manual_dir')
+  builder = data.prepare(dataset, data_dir=data_dir, manual_dir=manual_dir)
+  if FLAGS.split not in builder.info.splits:
+    raise ValueError(f'--split={FLAGS.split} is not a split of {dataset}: choose one of '
+                     f'{", ".join(sorted(builder.info.splits))}.')
+  out_dir = FLAGS.out_dir or os.path.join(os.path.expanduser(FLAGS.model_dir), f'eval_{FLAGS.split}')
+  report = evaluate_model(
+      run.model, data.eval_dataset(builder, FLAGS.split, image_size=run.image_size, batch_size=FLAGS.batch_size,
+                                   cache=False),
+      threshold=run.threshold, out_dir=out_dir, tensorboard_dir=out_dir, n_resamples=FLAGS.n_resamples,
+      extra={'model': run.config['model'], 'dataset': dataset, 'image_size': run.image_size, 'split': FLAGS.split})
+  at = report['at_val_threshold']
+  logging.info('%s at the validation threshold %.3f: ROC AUC %.3f, sensitivity %.3f, specificity %.3f. Report: %s',
+               FLAGS.split, run.threshold, report['ranking']['roc_auc'], at['sensitivity'], at['specificity'],
+               os.path.join(out_dir, 'report.md'))
+
+
+if __name__ == '__main__':
+  _define_flags()
+  try:
+    app.run(main)
+  except (ValueError, OSError, AssertionError) as e:
+    # As trainer.main: the user's errors (TFDS reports missing manual data with an AssertionError) end in one line.
+    logging.debug('Traceback of the error below:', exc_info=True)
+    print(f'error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}', file=sys.stderr)
+    sys.exit(1)

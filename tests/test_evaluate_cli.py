@@ -1,0 +1,109 @@
+"""Tests for `python -m trainer.evaluate`, `evaluate_model` and `load_run` on a saved run."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from trainer import data
+from trainer import evaluate
+from trainer import export
+from trainer import models
+from trainer.config import Config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SIZE = 32
+FIGURES = ('confusion_matrix', 'roc_curve', 'pr_curve', 'reliability')
+
+
+@pytest.fixture(scope='module')
+def model_dir(synthetic_data_dir, tmp_path_factory):
+  """A run's model_dir as training leaves it (model.keras and run.json), with an untrained CNN: reports need no skill."""
+  model_dir = tmp_path_factory.mktemp('run')
+  config = Config(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
+                  model_dir=str(model_dir), image_size=SIZE, cnn_filters=4, cnn_depth=2, weights='none')
+  keras.utils.set_random_seed(0)
+  model = models.build_model('cnn', image_size=SIZE, cnn_filters=4, cnn_depth=2)
+  export.save_keras(model, str(model_dir / 'model.keras'))
+  (model_dir / 'run.json').write_text(json.dumps({'config': dataclasses.asdict(config), 'image_size': SIZE,
+                                                   'threshold': 0.5}))
+  return model_dir
+
+
+def _evaluate(*flags):
+  return subprocess.run([sys.executable, '-m', 'trainer.evaluate', *flags], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_cli_writes_the_report_the_figures_and_tensorboard_images(model_dir, synthetic_data_dir):
+  done = _evaluate(f'--model_dir={model_dir}', '--n_resamples=200')
+  assert done.returncode == 0, done.stderr
+  out = model_dir / 'eval_test'
+  report = json.loads((out / 'report.json').read_text())
+  assert report['n_images'] == 120 and report['split'] == 'test' and report['image_size'] == SIZE
+  assert report['at_val_threshold']['threshold'] == 0.5
+  assert report['bootstrap']['n_resamples'] == 200 and report['bootstrap']['unit'] == 'patient'
+  markdown = (out / 'report.md').read_text()
+  for name in FIGURES:
+    assert f'![{name}]({name}.png)' in markdown
+    assert Image.open(out / f'{name}.png').size[0] > 100
+
+  events = event_accumulator.EventAccumulator(str(out), size_guidance={'tensors': 0})
+  events.Reload()
+  assert set(events.Tags()['tensors']) == set(FIGURES)
+
+  # The same numbers as the library function on the same split: the CLI adds nothing of its own.
+  run = evaluate.load_run(str(model_dir))
+  builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
+  again = evaluate.evaluate_model(run.model, data.eval_dataset(builder, 'test', image_size=SIZE, batch_size=32),
+                                  threshold=run.threshold, out_dir=str(model_dir / 'again'), n_resamples=200)
+  assert again['ranking'] == report['ranking']
+  assert again['at_val_threshold']['confusion_matrix'] == report['at_val_threshold']['confusion_matrix']
+
+
+def test_evaluate_model_on_validation(model_dir, synthetic_data_dir, tmp_path):
+  run = evaluate.load_run(str(model_dir))
+  builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
+  dataset = data.eval_dataset(builder, 'validation', image_size=SIZE, batch_size=16)
+  report = evaluate.evaluate_model(run.model, dataset, threshold=0.3, out_dir=str(tmp_path), n_resamples=100,
+                                   extra={'split': 'validation'})
+  predictions = evaluate.predict_split(run.model, dataset)
+  assert report['n_images'] == predictions['labels'].size == builder.info.splits['validation'].num_examples
+  assert report['positives'] == int(predictions['labels'].sum())
+  assert report['ranking']['roc_auc'] == evaluate.ranking_metrics(predictions['labels'],
+                                                                  predictions['probs'])['roc_auc']
+  assert report['at_val_threshold']['threshold'] == 0.3
+  assert sorted(os.listdir(tmp_path)) == sorted([*(f'{n}.png' for n in FIGURES), 'report.json', 'report.md'])
+  images = np.stack([batch for batch in dataset.map(lambda b: b['image']).unbatch().take(4)])
+  np.testing.assert_allclose(predictions['probs'][:4], run.model(images, training=False).numpy()[:, 0], atol=1e-6)
+
+
+def test_cli_errors_are_one_line(model_dir, tmp_path):
+  done = _evaluate(f'--model_dir={model_dir}', '--split=val')
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1] == ('error: --split=val is not a split of chest_xray_pneumonia/'
+                                                  'synthetic: choose one of test, train, validation.')
+  done = _evaluate(f'--model_dir={tmp_path}')
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1].startswith(f'error: {tmp_path / "model.keras"}: no such file')
+
+
+def test_load_run(model_dir, tmp_path):
+  run = evaluate.load_run(str(model_dir))
+  assert (run.image_size, run.threshold, run.config['model']) == (SIZE, 0.5, 'cnn')
+  assert run.model.get_layer('probability').output.shape == (None, 1)
+  with pytest.raises(FileNotFoundError, match='model.keras: no such file'):
+    evaluate.load_run(str(tmp_path))
+  os.symlink(model_dir / 'model.keras', tmp_path / 'model.keras')
+  (tmp_path / 'run.json').write_text('{"threshold": 0.5}')
+  with pytest.raises(ValueError, match='is not a run.json written by the trainer'):
+    evaluate.load_run(str(tmp_path))
