@@ -1,0 +1,453 @@
+r"""Predictions on new chest X-rays: one JSON line per image, Grad-CAM overlays, ensembles.
+
+    python -m trainer.predict --model_dir=runs/resnet50 scans/ more/IM-0001.jpeg
+    python -m trainer.predict --model_dir=runs/resnet50 --gradcam_dir=/tmp/gradcam scans/
+    python -m trainer.predict --ensemble=runs/cnn,runs/resnet50 --ensemble_dir=runs/ensemble scans/
+
+Each line is {"file", "label" ("normal" or "pneumonia"), "probability" (of pneumonia), "threshold"}, the label being
+pneumonia when probability >= threshold, the threshold chosen on validation. A file that cannot be read gets a line
+{"file", "error"} of its own, the others go on, and the exit code is 1 at the end.
+
+JPEG and PNG files go through the training pipeline's own decode and resize (`trainer.data.decode_image`), so a model
+sees the same pixels as in training and in the exported SavedModel. DICOM files (the `dicom` extra, pydicom) get their
+modality and VOI LUTs (the window the file asks for) and are then stretched to 0-255, as 8-bit exports like the
+training JPEGs are, before the same resize.
+
+An ensemble averages the probabilities of several runs, each at its own input size, and needs a threshold of its own:
+the members' validation predictions (on the validation split of the dataset in their run.json) are averaged and
+`trainer.evaluate.choose_threshold` applies the usual rule. That costs one pass over the validation split, so with
+--ensemble_dir the threshold is kept in ENSEMBLE_DIR/ensemble.json, keyed by the members' model.keras contents, and
+reused until a member changes.
+"""
+
+import collections
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+from typing import Iterable, Iterator, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import keras
+from matplotlib import colormaps
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+
+from trainer import data
+from trainer import evaluate
+
+CLASS_NAMES = ('normal', 'pneumonia')
+# Files a folder is searched for (case-insensitive). A file named on the command line is read whatever its name.
+IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.dcm', '.dicom')
+# The largest digital radiographs are about 4,300 pixels a side (18 Mpx). Anything far beyond is a corrupt header or
+# a decompression bomb (a small file that decodes to gigabytes); it is refused before any pixel is decoded. Below
+# PIL's own warning limit (89 Mpx), so PIL stays quiet.
+MAX_SIDE = 20_000
+MAX_PIXELS = 50_000_000
+ENSEMBLE_FILE = 'ensemble.json'
+# Grad-CAM overlay: the heat map's colours cover the X-ray in proportion to the heat, up to this opacity.
+_OVERLAY_OPACITY = 0.5
+_DICOM_MAGIC = b'DICM'  # At byte 128 of a DICOM Part 10 file, after the preamble.
+# TF's error messages wrap the reason in the op's and the device's names.
+_TF_OP_CONTEXT = re.compile(r'{{.*?}}|\[Op:.*?]')
+
+FLAGS = flags.FLAGS
+
+
+class BadImageError(ValueError):
+  """A file that cannot be read as a chest X-ray; its JSON line says why."""
+
+
+def find_images(paths: Sequence[str]) -> list[str]:
+  """The files to predict: files as given, and the image files in folders (recursively, sorted).
+
+  Hidden files and folders (names starting with '.') and macOS `__MACOSX` folders are skipped: they hold metadata,
+  such as the `._name.jpeg` files of a zip made on a Mac, not images.
+
+  Args:
+    paths: files and folders. A path that does not exist is kept, so that it gets an error line of its own.
+
+  Returns:
+    The file paths, in the order given, each folder's files sorted.
+
+  Raises:
+    ValueError: if no path is given, or the folders hold no image file and no file is named.
+  """
+  if not paths:
+    raise ValueError('Give the images to predict: files or folders after the flags.')
+  files = []
+  for path in paths:
+    if not os.path.isdir(path):
+      files.append(path)
+      continue
+    for folder, subfolders, names in os.walk(path):
+      subfolders[:] = sorted(name for name in subfolders if not name.startswith('.') and name != '__MACOSX')
+      files += [os.path.join(folder, name) for name in sorted(names)
+                if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)]
+  if not files:
+    raise ValueError(f'No image files ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(paths)}.')
+  return files
+
+
+def read_image(path: str, image_sizes: Iterable[int]) -> dict[int, np.ndarray]:
+  """Reads one JPEG, PNG or DICOM file as the models see it: grayscale uint8, squashed to each size.
+
+  Args:
+    path: the file.
+    image_sizes: the input sides of the models that will see it.
+
+  Returns:
+    {size: uint8 array of shape (size, size, 1)}.
+
+  Raises:
+    BadImageError: if the file is empty, not a JPEG, PNG or DICOM image, truncated, too large (MAX_SIDE, MAX_PIXELS)
+      or, for DICOM, pydicom is missing.
+    OSError: if the file cannot be read (missing, permissions).
+  """
+  with open(path, 'rb') as f:
+    raw = f.read()
+  if not raw:
+    raise BadImageError('empty file (0 bytes)')
+  if raw[128:132] == _DICOM_MAGIC or path.lower().endswith(('.dcm', '.dicom')):
+    pixels = _dicom_pixels(raw)
+    return {size: data.resize_uint8(pixels, size).numpy() for size in image_sizes}
+  try:
+    with Image.open(io.BytesIO(raw)) as image:  # Reads the header only.
+      image_format, (width, height) = image.format, image.size
+  except Image.UnidentifiedImageError:
+    raise BadImageError('not a JPEG, PNG or DICOM image') from None
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise BadImageError(f'unreadable image header: {e}') from None
+  if image_format not in ('JPEG', 'PNG'):
+    raise BadImageError(f'a {image_format} image; JPEG, PNG and DICOM are read')
+  _check_size(width, height)
+  try:
+    return {size: data.decode_image(raw, size).numpy() for size in image_sizes}
+  except tf.errors.InvalidArgumentError as e:
+    reason = _TF_OP_CONTEXT.sub('', e.message).strip()
+    raise BadImageError(f'cannot decode ({reason}); the file may be truncated') from None
+
+
+def _check_size(width, height):
+  if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
+    raise BadImageError(f'{width}x{height} pixels is beyond what is read ({MAX_SIDE} a side, '
+                        f'{MAX_PIXELS // 1_000_000} Mpx): a corrupt header or a decompression bomb')
+
+
+def _dicom_pixels(raw: bytes) -> tf.Tensor:
+  """A monochrome DICOM image as uint8 (height, width, 1), through its modality and VOI LUTs, stretched to 0-255."""
+  try:
+    import pydicom  # pylint: disable=import-outside-toplevel  # An optional extra.
+    from pydicom import pixels as dicom_pixels  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise BadImageError('a DICOM file, and pydicom is not installed: pip install .[dicom]') from None
+  try:
+    dataset = pydicom.dcmread(io.BytesIO(raw), force=True)
+    _check_size(int(dataset.Columns), int(dataset.Rows))
+    if int(dataset.get('SamplesPerPixel', 1)) != 1 or int(dataset.get('NumberOfFrames', 1)) != 1:
+      raise BadImageError(f'a DICOM of {dataset.get("SamplesPerPixel")} samples per pixel and '
+                          f'{dataset.get("NumberOfFrames", 1)} frames; one monochrome frame is read')
+    values = dicom_pixels.apply_voi_lut(dicom_pixels.apply_modality_lut(dataset.pixel_array, dataset), dataset)
+  except BadImageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # pydicom raises many types for one bad file.
+    raise BadImageError(f'unreadable DICOM: {type(e).__name__}: {e}') from None
+  values = values.astype(np.float64)
+  if dataset.get('PhotometricInterpretation') == 'MONOCHROME1':  # Dark bone: flip to the usual bright bone.
+    values = values.max() + values.min() - values
+  low, high = values.min(), values.max()
+  scaled = np.round(255 * (values - low) / (high - low)) if high > low else np.zeros_like(values)
+  return tf.constant(scaled.astype(np.uint8)[..., None])
+
+
+def make_predict(model: keras.Model, image_size: int):
+  """A traced function: uint8 images (batch, image_size, image_size, 1) -> float32 probabilities (batch,)."""
+
+  @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 1], tf.uint8)])
+  def predict(images):
+    return tf.cast(model(images, training=False), tf.float32)[:, 0]
+
+  return predict
+
+
+def make_gradcam(model: keras.Model, image_size: int):
+  """A traced Grad-CAM (Selvaraju et al., ICCV 2017) of the pneumonia score, for a model from `build_model`.
+
+  The feature maps of the backbone's last Conv2D layer are weighted by the spatial mean of the gradient of the
+  pneumonia logit with respect to them, summed, kept where positive (the regions that raise the score), upsampled
+  bilinearly to the input size and divided by their maximum. The logit, not the probability: a confident
+  prediction saturates the sigmoid, whose gradient then vanishes and leaves a blank map.
+
+  Args:
+    model: a model from `trainer.models.build_model`: layers up to a nested 'backbone' Model, then 'pool',
+      'dropout' and the sigmoid Dense 'probability'.
+    image_size: the model's input side.
+
+  Returns:
+    A function: uint8 images (batch, image_size, image_size, 1) -> float32 maps (batch, image_size, image_size) in
+    [0, 1]. An image with no evidence for pneumonia gets a map of zeros.
+
+  Raises:
+    ValueError: if the model does not have that structure.
+  """
+  layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+  names = [layer.name for layer in layers]
+  if 'backbone' not in names or names[-1] != 'probability':
+    raise ValueError(f'Model {model.name!r} has layers {names}; Grad-CAM needs a model from build_model (a nested '
+                     "'backbone' and the output layer 'probability').")
+  features = _with_last_convolution(model.get_layer('backbone'))
+  before, head = layers[:names.index('backbone')], layers[names.index('backbone') + 1:-1]
+  output = layers[-1]
+
+  @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 1], tf.uint8)])
+  def gradcam(images):
+    x = images
+    for layer in before:
+      x = layer(x, training=False)
+    with tf.GradientTape() as tape:
+      feature_maps, x = features(x, training=False)
+      for layer in head:
+        x = layer(x, training=False)
+      logit = keras.ops.matmul(tf.cast(x, output.kernel.dtype), output.kernel) + output.bias
+    gradients = tape.gradient(logit, feature_maps)
+    feature_maps, gradients = tf.cast(feature_maps, tf.float32), tf.cast(gradients, tf.float32)
+    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+    maps = tf.nn.relu(tf.reduce_sum(weights * feature_maps, axis=-1, keepdims=True))
+    maps = tf.image.resize(maps, [image_size, image_size], method='bilinear')[..., 0]
+    return tf.math.divide_no_nan(maps, tf.reduce_max(maps, axis=(1, 2), keepdims=True))
+
+  return gradcam
+
+
+def _with_last_convolution(backbone: keras.Model) -> keras.Model:
+  """A model of the backbone's own layers (same weights) that outputs its last Conv2D's feature maps too."""
+  last = [layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)][-1]
+  if not isinstance(backbone, keras.Sequential):
+    return keras.Model(backbone.inputs, [last.output, *backbone.outputs])
+  # A Sequential loaded from a .keras file has been built several times, and a layer's `.output` is that of its
+  # first call, which may belong to a stale graph (the gradient then comes back None). Calling the layers again on an
+  # Input of our own gives a graph whose tensors are connected.
+  inputs = x = keras.Input(backbone.inputs[0].shape[1:])
+  for layer in backbone.layers:
+    x = layer(x)
+    if layer is last:
+      feature_maps = x
+  return keras.Model(inputs, [feature_maps, x])
+
+
+def overlay_png(image: np.ndarray, heatmap: np.ndarray) -> bytes:
+  """The X-ray with its Grad-CAM map in the 'jet' colours on top, opaque where the map is hot, as PNG bytes.
+
+  Args:
+    image: uint8 (size, size, 1), the image as the model saw it.
+    heatmap: (size, size) in [0, 1].
+
+  Returns:
+    PNG bytes of an RGB image of the same size.
+  """
+  gray = np.repeat(image.astype(np.float32) / 255, 3, axis=-1)
+  opacity = _OVERLAY_OPACITY * heatmap[..., None]
+  rgb = (1 - opacity) * gray + opacity * colormaps['jet'](heatmap)[..., :3]
+  out = io.BytesIO()
+  Image.fromarray(np.round(255 * rgb).astype(np.uint8)).save(out, format='PNG')
+  return out.getvalue()
+
+
+def ensemble_threshold(runs: Sequence[evaluate.TrainedRun], *, data_dir: str | None = None,
+                       manual_dir: str | None = None, batch_size: int = 32) -> dict:
+  """The decision threshold of an ensemble, chosen on validation by `trainer.evaluate.choose_threshold`.
+
+  Every member predicts the validation split of the dataset it was trained on (the same one for all), each at its
+  own input size; the probabilities are averaged image by image.
+
+  Args:
+    runs: the members, from `trainer.evaluate.load_run`.
+    data_dir: where TFDS keeps built datasets (None: the first member's --data_dir).
+    manual_dir: the downloaded data, if the dataset must be built (None: the first member's).
+    batch_size: images per prediction batch.
+
+  Returns:
+    {'threshold', 'dataset', 'validation_images', 'validation_roc_auc' (of the average), 'members' (model_dirs),
+    'member_thresholds'}.
+
+  Raises:
+    ValueError: if the members were trained on different datasets.
+  """
+  datasets = sorted({run.config['dataset'] for run in runs})
+  if len(datasets) != 1:
+    raise ValueError(f'The ensemble\'s members were trained on different datasets ({", ".join(datasets)}); their '
+                     'threshold is chosen on one validation split, so train them on the same one.')
+  builder = data.prepare(datasets[0], data_dir=data_dir or runs[0].config.get('data_dir'),
+                         manual_dir=manual_dir or runs[0].config.get('manual_dir'))
+  # eval_dataset reads the split in file order, so the i-th prediction of every member is the same image.
+  splits = [evaluate.predict_split(run.model, data.eval_dataset(builder, 'validation', image_size=run.image_size,
+                                                                batch_size=batch_size, cache=False))
+            for run in runs]
+  labels = splits[0]['labels']
+  probs = np.mean([split['probs'] for split in splits], axis=0)
+  return {
+      'threshold': evaluate.choose_threshold(labels, probs),
+      'dataset': datasets[0],
+      'validation_images': int(labels.size),
+      'validation_roc_auc': evaluate.ranking_metrics(labels, probs)['roc_auc'],
+      'members': [run.model_dir for run in runs],
+      'member_thresholds': [run.threshold for run in runs],
+  }
+
+
+def cached_ensemble_threshold(runs: Sequence[evaluate.TrainedRun], ensemble_dir: str, **kwargs) -> dict:
+  """`ensemble_threshold`, kept in ensemble_dir/ensemble.json and reused while the members' model.keras are the same.
+
+  Args:
+    runs: the members, from `trainer.evaluate.load_run`.
+    ensemble_dir: the folder of ensemble.json; created if missing.
+    **kwargs: passed to `ensemble_threshold` when it runs.
+
+  Returns:
+    As `ensemble_threshold`, plus 'fingerprints' (SHA-256 of each member's model.keras).
+  """
+  fingerprints = [_sha256(os.path.join(run.model_dir, 'model.keras')) for run in runs]
+  path = os.path.join(ensemble_dir, ENSEMBLE_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached.get('fingerprints') == fingerprints:
+      logging.info('Ensemble threshold %.4f from %s.', cached['threshold'], path)
+      return cached
+    logging.info('%s is for other members or other weights; choosing the threshold again.', path)
+  result = {**ensemble_threshold(runs, **kwargs), 'fingerprints': fingerprints}
+  os.makedirs(ensemble_dir, exist_ok=True)
+  # Written aside and renamed: two predict processes sharing ensemble_dir never read half a file.
+  with open(f'{path}.{os.getpid()}.partial', 'w') as f:
+    json.dump(result, f, indent=2)
+  os.replace(f'{path}.{os.getpid()}.partial', path)
+  return result
+
+
+def _sha256(path):
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def predict_files(files: Sequence[str], runs: Sequence[evaluate.TrainedRun], *, threshold: float,
+                  gradcam_dir: str | None = None, batch_size: int = 32) -> Iterator[dict]:
+  """Predicts files in batches, and yields one result per file, in order.
+
+  Args:
+    files: from `find_images`.
+    runs: one model, or the members of an ensemble (their probabilities are averaged).
+    threshold: the decision threshold: the run's, or the ensemble's from `ensemble_threshold`.
+    gradcam_dir: if given (one model only), a Grad-CAM overlay of each image is written there, as
+      <path relative to the inputs' common folder>.gradcam.png.
+    batch_size: images per batch.
+
+  Yields:
+    {'file', 'label', 'probability', 'threshold'} (and 'gradcam', the overlay's path, and for an ensemble
+    'member_probabilities'), or {'file', 'error'} for a file that cannot be read.
+
+  Raises:
+    ValueError: if gradcam_dir is given for an ensemble.
+  """
+  if gradcam_dir is not None and len(runs) != 1:
+    raise ValueError('--gradcam_dir needs a single --model_dir: the members of an ensemble look at different '
+                     'features, so run predict once per member instead.')
+  predicts = [make_predict(run.model, run.image_size) for run in runs]
+  gradcam = make_gradcam(runs[0].model, runs[0].image_size) if gradcam_dir is not None else None
+  # Overlays keep the inputs' folder structure below their common folder (of the files that exist: a wrong path
+  # must not move the others' overlays).
+  root = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in files if os.path.isfile(path)]
+                            or [os.getcwd()])
+  sizes = sorted({run.image_size for run in runs})
+  for start in range(0, len(files), batch_size):
+    chunk, results, images = files[start:start + batch_size], {}, collections.defaultdict(list)
+    for i, path in enumerate(chunk):
+      try:
+        for size, image in read_image(path, sizes).items():
+          images[size].append(image)
+        results[i] = {'file': path}
+      except BadImageError as e:
+        results[i] = {'file': path, 'error': str(e)}
+      except OSError as e:
+        results[i] = {'file': path, 'error': f'cannot read: {e.strerror or e}'}
+    good = [i for i in sorted(results) if 'error' not in results[i]]
+    if good:
+      batches = {size: np.stack(stack) for size, stack in images.items()}
+      member_probs = np.stack([predict(batches[run.image_size]).numpy() for predict, run in zip(predicts, runs)])
+      probs = member_probs.mean(axis=0)
+      maps = gradcam(batches[runs[0].image_size]).numpy() if gradcam else None
+      for j, i in enumerate(good):
+        result = results[i]
+        result.update(label=CLASS_NAMES[int(probs[j] >= threshold)], probability=float(probs[j]),
+                      threshold=float(threshold))
+        if len(runs) > 1:
+          result['member_probabilities'] = member_probs[:, j].tolist()
+        if gradcam:
+          out = os.path.join(gradcam_dir, os.path.relpath(os.path.abspath(result['file']), root) + '.gradcam.png')
+          os.makedirs(os.path.dirname(out), exist_ok=True)
+          with open(out, 'wb') as f:
+            f.write(overlay_png(batches[runs[0].image_size][j], maps[j]))
+          result['gradcam'] = out
+    for i in sorted(results):
+      yield results[i]
+
+
+def _define_flags():
+  # Defined only when this module runs as the program, so that importing it (tests, notebooks) defines no flag that
+  # could clash with trainer.main's.
+  flags.DEFINE_string('model_dir', None, 'The --model_dir of a finished training run.')
+  flags.DEFINE_list('ensemble', None, 'Instead of --model_dir: several runs\' model_dirs, DIR1,DIR2,...; their '
+                    'probabilities are averaged, with a threshold chosen on validation for the ensemble.')
+  flags.DEFINE_string('ensemble_dir', None, f'Keep the ensemble\'s threshold in ENSEMBLE_DIR/{ENSEMBLE_FILE}, and '
+                      'reuse it while the members stay the same (without it, every call runs the members over the '
+                      'validation split again).')
+  flags.DEFINE_string('gradcam_dir', None, 'Write a Grad-CAM overlay PNG of each image here (one --model_dir only).')
+  flags.DEFINE_string('data_dir', None, 'For --ensemble: where TFDS keeps the built dataset (default: the first '
+                      'member\'s --data_dir).')
+  flags.DEFINE_string('manual_dir', None, 'For --ensemble: the downloaded data, if the dataset is not built yet.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
+
+
+def main(argv):
+  if bool(FLAGS.model_dir) == bool(FLAGS.ensemble):
+    raise ValueError('Give either --model_dir=DIR (one model) or --ensemble=DIR1,DIR2,... (several).')
+  if FLAGS.ensemble is not None and len(FLAGS.ensemble) < 2:
+    raise ValueError(f'--ensemble={",".join(FLAGS.ensemble)} names one run; an ensemble needs two or more (or use '
+                     '--model_dir).')
+  files = find_images(argv[1:])
+  runs = [evaluate.load_run(os.path.expanduser(d)) for d in (FLAGS.ensemble or [FLAGS.model_dir])]
+  if len(runs) == 1:
+    threshold = runs[0].threshold
+  else:
+    kwargs = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, batch_size=FLAGS.batch_size)
+    chosen = (cached_ensemble_threshold(runs, os.path.expanduser(FLAGS.ensemble_dir), **kwargs) if FLAGS.ensemble_dir
+              else ensemble_threshold(runs, **kwargs))
+    threshold = chosen['threshold']
+    logging.info('Ensemble threshold %.4f (validation ROC AUC %.4f of the averaged probabilities).', threshold,
+                 chosen['validation_roc_auc'])
+  failed = 0
+  for result in predict_files(files, runs, threshold=threshold, gradcam_dir=FLAGS.gradcam_dir,
+                              batch_size=FLAGS.batch_size):
+    failed += 'error' in result
+    print(json.dumps(result), flush=True)
+  if failed:
+    print(f'error: {failed} of {len(files)} files could not be read (see their "error" lines).', file=sys.stderr)
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  _define_flags()
+  try:
+    app.run(main)
+  except (ValueError, OSError, AssertionError) as e:
+    # As trainer.main: the user's errors (TFDS reports missing manual data with an AssertionError) end in one line.
+    logging.debug('Traceback of the error below:', exc_info=True)
+    print(f'error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}', file=sys.stderr)
+    sys.exit(1)
