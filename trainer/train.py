@@ -83,6 +83,49 @@ def make_train_step(model, optimizer, metrics, strategy, *, class_weights, globa
   return train_step
 
 
+def make_statistics_sync(model, strategy):
+  """A `tf.function` that sets the BatchNormalization moving statistics of every replica to their replica mean.
+
+  Keras 3 creates the moving mean and variance with aggregation NONE, so under a multi-replica strategy each replica
+  silently keeps its own copy, updated from its own share of the batch: the replicas, and under
+  MultiWorkerMirroredStrategy the workers, end an epoch with different models, and inference reads whichever copy
+  is local (measured: all 16 statistics of the CNN differ between 2 replicas after 4 steps). The moving averages are
+  linear in the batch statistics and only inference reads them, so averaging them once an epoch gives what tf_keras
+  gave by averaging every step (aggregation MEAN), for one collective an epoch. Training still normalises with each
+  replica's own batch statistics, the default data-parallel BatchNormalization (`synchronized=False`).
+
+  Args:
+    model: a model from `models.build_model`, in its current phase (only BatchNormalization layers that train
+      update their statistics).
+    strategy: the run's strategy.
+
+  Returns:
+    The function, to be called by every worker at the same point; None when there is nothing to average.
+  """
+  statistics, pending = [], list(model.layers)
+  while pending:
+    layer = pending.pop(0)
+    pending.extend(getattr(layer, 'layers', []))
+    if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
+      statistics += [layer.moving_mean, layer.moving_variance]
+  if not statistics or strategy.num_replicas_in_sync == 1:
+    return None
+
+  def average():
+    # Read through the tf.Variable: a tensor converted from the Keras variable has no device, and the all-reduce of
+    # MultiWorkerMirroredStrategy rejects it ("destinations can not be empty").
+    means = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.MEAN, [v.value.read_value() for v in statistics])
+    for variable, mean in zip(statistics, means):
+      variable.assign(mean)
+
+  @tf.function
+  def sync():
+    strategy.run(average)
+
+  return sync
+
+
 def predict_split(model, dataset) -> dict[str, np.ndarray]:
   """Probabilities, labels and patient ids for a whole split, on this worker alone."""
   predict = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
@@ -227,6 +270,7 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
                    len(model.trainable_variables), trainable or 'none')
       train_step = make_train_step(model, optimizers[phase], metrics, strategy, class_weights=class_weights,
                                    global_batch=config.batch_size)
+      sync_statistics = make_statistics_sync(model, strategy)
     start = time.time()
     for metric in metrics.values():
       metric.reset_state()
@@ -239,6 +283,8 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       if global_step == profile[1]:
         tf.profiler.experimental.stop()
       bar.update(step + 1, [(name, float(metrics[name].result())) for name in ('loss', 'auc')])
+    if sync_statistics:
+      sync_statistics()
     train = {name: float(metric.result()) for name, metric in metrics.items()}
     if not math.isfinite(train['loss']):
       raise FloatingPointError(f'The training loss became {train["loss"]} in epoch {epoch + 1}; stopping. The last '
