@@ -18,16 +18,20 @@ the members' validation predictions (on the validation split of the dataset in t
 `trainer.evaluate.choose_threshold` applies the usual rule. That costs one pass over the validation split, so with
 --ensemble_dir the threshold is kept in ENSEMBLE_DIR/ensemble.json, keyed by the members' model.keras contents, and
 reused until a member changes.
+
+--gradcam_dir writes, for each image, the image as the model saw it (at its input size) under the Grad-CAM map of the
+pneumonia score, as <path below the inputs' common folder>.gradcam.png. Each map is scaled to its own maximum, so the
+weak evidence in a confidently normal image is drawn as hot as strong evidence: read a map with its probability.
 """
 
 import collections
+from collections.abc import Iterable, Iterator, Sequence
 import hashlib
 import io
 import json
 import os
 import re
 import sys
-from typing import Iterable, Iterator, Sequence
 
 from absl import app
 from absl import flags
@@ -40,8 +44,9 @@ import tensorflow as tf
 
 from trainer import data
 from trainer import evaluate
+from trainer import figures
 
-CLASS_NAMES = ('normal', 'pneumonia')
+CLASS_NAMES = figures.CLASS_NAMES  # The printed labels, indexed by class id.
 # Files a folder is searched for (case-insensitive). A file named on the command line is read whatever its name.
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.dcm', '.dicom')
 # The largest digital radiographs are about 4,300 pixels a side (18 Mpx). Anything far beyond is a corrupt header or
@@ -143,9 +148,13 @@ def _dicom_pixels(raw: bytes) -> tf.Tensor:
   """A monochrome DICOM image as uint8 (height, width, 1), through its modality and VOI LUTs, stretched to 0-255."""
   try:
     import pydicom  # pylint: disable=import-outside-toplevel  # An optional extra.
-    from pydicom import pixels as dicom_pixels  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise BadImageError('a DICOM file, and pydicom is not installed: pip install .[dicom]') from None
+  try:
+    from pydicom import pixels as dicom_pixels  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise BadImageError(f'a DICOM file, and pydicom {pydicom.__version__} is too old (pydicom.pixels is new in 3.0): '
+                        'pip install "pydicom>=3"') from None
   try:
     dataset = pydicom.dcmread(io.BytesIO(raw), force=True)
     _check_size(int(dataset.Columns), int(dataset.Rows))
@@ -158,7 +167,8 @@ def _dicom_pixels(raw: bytes) -> tf.Tensor:
   except Exception as e:  # pylint: disable=broad-except  # pydicom raises many types for one bad file.
     raise BadImageError(f'unreadable DICOM: {type(e).__name__}: {e}') from None
   values = values.astype(np.float64)
-  if dataset.get('PhotometricInterpretation') == 'MONOCHROME1':  # Dark bone: flip to the usual bright bone.
+  # MONOCHROME1 displays its lowest value as white; the training images are MONOCHROME2-like (bone bright).
+  if dataset.get('PhotometricInterpretation') == 'MONOCHROME1':
     values = values.max() + values.min() - values
   low, high = values.min(), values.max()
   scaled = np.round(255 * (values - low) / (high - low)) if high > low else np.zeros_like(values)
