@@ -11,7 +11,6 @@ import keras
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import data
