@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
+from trainer import config as config_lib
 from trainer import data
 from trainer import distribute
 from trainer import evaluate
@@ -152,10 +153,8 @@ def _png_summary(name: str, png: bytes, step: int) -> None:
 
 
 def _write_json(path: str, payload: dict) -> None:
-  partial = path + '.partial'
-  with open(partial, 'w') as f:
+  with export.replacing(path) as partial, open(partial, 'w') as f:
     json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(partial, path)
 
 
 class _Progress:
@@ -195,6 +194,8 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
 
   builder = data.prepare(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
   image_size = config.image_size or data.stored_image_size(builder) or 224
+  if chief:
+    _check_model_dir(config, image_size)
   counts = data.class_counts(builder, 'train')
   class_weights = (counts.sum() / (len(counts) * counts) if config.class_weight == 'balanced'
                    else np.ones(len(counts)))
@@ -225,17 +226,30 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
   best_auc = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='best_validation_auc')
   best_threshold = tf.Variable(0.5, dtype=tf.float64, trainable=False, name='best_threshold')
+  best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='best_epoch')
 
+  # random_states: the seed states of the augmentation and dropout layers, which Keras leaves out of the model's
+  # checkpoint. Without them a resumed run draws other augmentations than an uninterrupted one.
   checkpoint = tf.train.Checkpoint(model=model, epoch=epoch_var, best_auc=best_auc, best_threshold=best_threshold,
+                                   best_epoch=best_epoch, random_states=_seed_states(model),
                                    **{f'{phase}_optimizer': optimizers[phase] for phase in PHASES})
+  # max_to_keep=2: the one before the latest is the fallback when the latest cannot be read.
   manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, 'checkpoints'), max_to_keep=2)
+  # The best epoch's weights, in TF's format like the checkpoints: written and committed the same way.
+  best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), os.path.join(write_dir, 'best'),
+                                            max_to_keep=1)
   # Every worker resumes from the chief's checkpoint, as in the TF multi-worker tutorial: a non-chief's own folder is
   # deleted at the end of a run, and workers resuming at different epochs would run different numbers of steps and
   # wait on each other's collectives forever.
-  latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, 'checkpoints'))
-  if latest:
-    checkpoint.restore(latest).assert_existing_objects_matched()
-    logging.info('Resuming from %s after epoch %d.', latest, int(epoch_var))
+  restored = _restore(checkpoint, os.path.join(config.model_dir, 'checkpoints'))
+  if restored:
+    logging.info('Resuming from %s after epoch %d.', restored, int(epoch_var))
+    # The flags' learning rates, not the checkpoint's: a run stopped by a NaN loss goes on with a lower one.
+    for phase in PHASES:
+      optimizers[phase].learning_rate = learning_rates[phase]
+    if int(best_epoch) == int(epoch_var):
+      # The run may have stopped between the checkpoint that names this epoch the best and the best's own save.
+      _save(best_manager, int(best_epoch))
 
   train_ds = strategy.distribute_datasets_from_function(lambda ctx: data.train_dataset(
       builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
@@ -256,7 +270,6 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
 
   total_epochs = config.epochs + config.fine_tune_epochs
   progress = _Progress(total_epochs, steps_per_epoch, verbose=chief)
-  best_weights = os.path.join(config.model_dir, 'best.weights.h5')
   phase, train_step = None, None
   # The global steps to profile, cut to the run's length so that a started profile is always stopped.
   profile = (-1, -1)
@@ -282,13 +295,15 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       train_step(iterator)
       if global_step == profile[1]:
         tf.profiler.experimental.stop()
-      bar.update(step + 1, [(name, float(metrics[name].result())) for name in ('loss', 'auc')])
+      # The progress bar reads the loss every step anyway, so checking it here costs nothing and stops a diverged
+      # run at its first bad step.
+      loss = float(metrics['loss'].result())
+      if not math.isfinite(loss):
+        raise FloatingPointError(_diverged_message(loss, epoch, step, phase))
+      bar.update(step + 1, [('loss', loss), ('auc', float(metrics['auc'].result()))])
     if sync_statistics:
       sync_statistics()
     train = {name: float(metric.result()) for name, metric in metrics.items()}
-    if not math.isfinite(train['loss']):
-      raise FloatingPointError(f'The training loss became {train["loss"]} in epoch {epoch + 1}; stopping. The last '
-                               f'good checkpoint is kept in {manager.directory}. Try a lower learning rate.')
 
     val_pred = predict_split(model, val_ds)
     val = split_scalars(val_pred['labels'], val_pred['probs'])
@@ -306,15 +321,16 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       _png_summary('confusion_matrix', figures.confusion_matrix_png(cm), epoch + 1)
       _png_summary('roc_curve', figures.roc_curve_png(val_pred['labels'], val_pred['probs']), epoch + 1)
 
-    if val['auc'] > float(best_auc):
+    improved = val['auc'] > float(best_auc)
+    if improved:
       best_auc.assign(val['auc'])
       best_threshold.assign(evaluate.choose_threshold(val_pred['labels'], val_pred['probs']))
-      if chief:
-        partial = best_weights.replace('.weights.h5', '.partial.weights.h5')
-        model.save_weights(partial)
-        os.replace(partial, best_weights)
+      best_epoch.assign(epoch + 1)
     epoch_var.assign(epoch + 1)
-    manager.save()
+    _save(manager, epoch + 1)
+    if improved:
+      # After the checkpoint, which is the commit point: a kill in between is repaired on resume (above).
+      _save(best_manager, epoch + 1)
     progress.epoch_done(epoch, phase, time.time() - start, train, val)
 
   for writer in writers.values():
@@ -326,7 +342,8 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
     with contextlib.suppress(OSError):
       os.rmdir(os.path.dirname(write_dir))
     return {}
-  return finish(config, model, builder, image_size, threshold=float(best_threshold), best_weights=best_weights)
+  return finish(config, model, builder, image_size, threshold=float(best_threshold),
+                best_checkpoint=best_manager.latest_checkpoint)
 
 
 def _log_augmented_images(model, builder, image_size, writer) -> None:
@@ -344,15 +361,91 @@ def _unfreeze(config: Config, phase: str) -> int:
   return config.unfreeze if phase == 'fine_tune' and config.model != 'cnn' else 0
 
 
+def _seed_states(model: keras.Model) -> list:
+  """The model's random-seed states: Keras counts them among `variables` but not `weights`."""
+  weights = {id(weight) for weight in model.weights}
+  return [variable for variable in model.variables if id(variable) not in weights]
+
+
+def _check_model_dir(config: Config, image_size: int) -> None:
+  """Keeps the run's settings in model_dir/config.json, and refuses to resume a run of another model.
+
+  Raises:
+    ValueError: model_dir holds a run whose FIXED_ON_RESUME settings differ from this one's.
+  """
+  path = os.path.join(config.model_dir, 'config.json')
+  settings = {**dataclasses.asdict(config), 'image_size': image_size}
+  if not os.path.exists(path):
+    _write_json(path, settings)
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  changed = [f'--{name}={stored.get(name)} (this run: {settings[name]})' for name in config_lib.FIXED_ON_RESUME
+             if stored.get(name) != settings[name]]
+  if changed:
+    raise ValueError(f'--model_dir={config.model_dir} holds a run of {", ".join(changed)}, and a run resumes only '
+                     'with the same model: give this one a new --model_dir.')
+
+
+def _restore(checkpoint: tf.train.Checkpoint, directory: str) -> str | None:
+  """Restores the newest checkpoint in `directory` that can be read; returns its path, or None for a new run.
+
+  CheckpointManager commits a checkpoint by rewriting the `checkpoint` state file after the checkpoint's own files,
+  so a kill in the middle of a save leaves the previous checkpoint in charge. A file damaged afterwards (a disk
+  error, a copy cut short) fails the bundle's checksums or lengths; that checkpoint is skipped, with a warning, for
+  the one before it.
+
+  Raises:
+    ValueError: the checkpoints are of another model, or none of them can be read.
+  """
+  state = tf.train.get_checkpoint_state(directory)
+  if state is None:
+    return None
+  for path in reversed(state.all_model_checkpoint_paths):
+    try:
+      checkpoint.restore(path).assert_existing_objects_matched()
+      return path
+    except (tf.errors.OpError, IndexError) as e:  # IndexError: TF's reader on a data file cut short.
+      logging.warning('Skipping checkpoint %s, which cannot be read: %s', path, export.error_reason(e))
+    except (AssertionError, ValueError) as e:
+      raise ValueError(f'The checkpoint {path} is of another model ({str(e).splitlines()[0]}): give this run a new '
+                       '--model_dir.') from e
+  raise ValueError(f'No checkpoint in {directory} can be read (see the warnings above): move the folder away to '
+                   'start over, or give this run a new --model_dir.')
+
+
+def _save(manager: tf.train.CheckpointManager, epoch: int) -> None:
+  """Saves a checkpoint named after the epoch; a failed write (a full disk) becomes a one-line OSError.
+
+  Raises:
+    OSError: the checkpoint could not be written. The previous one stays in charge.
+  """
+  try:
+    manager.save(checkpoint_number=epoch)
+  except tf.errors.OpError as e:
+    # TF writes a checkpoint into '<prefix>_temp' before renaming it into place.
+    for partial in tf.io.gfile.glob(os.path.join(manager.directory, '*_temp')):
+      tf.io.gfile.rmtree(partial)
+    raise OSError(f'Cannot write a checkpoint in {manager.directory}: {export.error_reason(e)}. The previous one is '
+                  'kept: make room and run the same command again to resume.') from e
+
+
+def _diverged_message(loss: float, epoch: int, step: int, phase: str) -> str:
+  flag = 'learning_rate' if phase == 'head' else 'fine_tune_learning_rate'
+  resume = f'from the checkpoint of epoch {epoch}' if epoch else 'from the start'
+  return (f'The training loss became {loss} in step {step + 1} of epoch {epoch + 1}, and that epoch was not saved. '
+          f'Run the same command with a lower --{flag} to go on {resume}.')
+
+
 def _find_layer(model, name):
   return next((layer for layer in model.layers if layer.name == name), None)
 
 
 def finish(config: Config, model: keras.Model, builder, image_size: int, *, threshold: float,
-           best_weights: str) -> dict:
+           best_checkpoint: str | None) -> dict:
   """Loads the best epoch, reports it on the test split and exports it (the chief's job)."""
-  if os.path.exists(best_weights):
-    model.load_weights(best_weights)
+  if best_checkpoint:
+    tf.train.Checkpoint(model=model).restore(best_checkpoint).assert_existing_objects_matched()
   test = predict_split(model, data.eval_dataset(builder, 'test', image_size=image_size,
                                                 batch_size=config.batch_size, cache=False))
   report = evaluate.build_report(
@@ -368,11 +461,13 @@ def finish(config: Config, model: keras.Model, builder, image_size: int, *, thre
   with tf.summary.create_file_writer(os.path.join(config.model_dir, 'test')).as_default():
     for name, png in pngs.items():
       _png_summary(name, png, 0)
-  _write_json(os.path.join(config.model_dir, 'run.json'),
-              {'config': dataclasses.asdict(config), 'image_size': image_size, 'threshold': threshold})
-  export.save_keras(model, os.path.join(config.model_dir, 'model.keras'))
+  keras_path = export.save_keras(model, os.path.join(config.model_dir, 'model.keras'))
+  export.save_weights_from_keras(keras_path, os.path.join(config.model_dir, 'best.weights.h5'))
   export.export_saved_model(model, os.path.join(config.model_dir, 'saved_model'), image_size=image_size,
                             threshold=threshold)
+  # Last: run.json names the threshold that goes with the exports above.
+  _write_json(os.path.join(config.model_dir, 'run.json'),
+              {'config': dataclasses.asdict(config), 'image_size': image_size, 'threshold': threshold})
   logging.info('Test at the validation threshold %.3f: %s', threshold,
                {k: report['at_val_threshold'][k] for k in ('accuracy', 'sensitivity', 'specificity')})
   return report
