@@ -4,6 +4,8 @@ Images stay uint8 until they reach the model: augmentation and normalisation liv
 run on the GPU, and a cached uint8 image costs a quarter of a float32 one in host memory.
 """
 
+import fcntl
+import glob
 import os
 
 from absl import logging
@@ -14,6 +16,9 @@ import tensorflow_datasets as tfds
 import cxr_tfds  # noqa: F401  (registers chest_xray_pneumonia)
 
 AUTOTUNE = tf.data.AUTOTUNE
+# Cache files this process may be filling -> the open file whose flock says so. The OS drops the lock when the
+# process ends, however it ends.
+_CACHE_OWNERS = {}
 
 
 def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -35,6 +40,12 @@ def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None) -> tf
   if not builder.is_prepared():
     logging.info('Building %s into %s (once).', dataset, builder.data_dir)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  # TFDS builds into an `incomplete.*` folder beside the version folder and renames it when done. A build that was
+  # killed leaves its folder behind: harmless (the next build starts a new one), but as large as the data it wrote.
+  leftovers = glob.glob(os.path.join(glob.escape(os.path.dirname(os.fspath(builder.data_dir))), 'incomplete.*'))
+  if leftovers:
+    logging.warning('Unused, left by an interrupted build of %s: %s. Delete them to free the space, unless a build '
+                    'is running now.', dataset, ', '.join(sorted(leftovers)))
   return builder
 
 
@@ -93,7 +104,35 @@ def _cache(ds, cache_dir, name):
   if cache_dir is None:
     return ds.cache()
   os.makedirs(cache_dir, exist_ok=True)
-  return ds.cache(os.path.join(cache_dir, name))
+  prefix = os.path.join(cache_dir, name)
+  _clear_unfinished_cache(prefix)
+  return ds.cache(prefix)
+
+
+def _clear_unfinished_cache(prefix: str) -> None:
+  """Deletes what a killed run left of an unfinished file cache, which would make every later run fail.
+
+  tf.data writes `<prefix>.index` when a pass over the data has completed. Until then it keeps a
+  `<prefix>_<n>.lockfile` and a `.tempstate` data file; a run killed in its first epoch leaves both behind, and the
+  next run fails with AlreadyExistsError ("There appears to be a concurrent caching iterator running"). Such a
+  lockfile is stale unless a live process is filling the cache: the one holding an flock on `<prefix>.owner`.
+
+  Raises:
+    FileExistsError: another running process is filling this cache now.
+  """
+  if prefix in _CACHE_OWNERS or os.path.exists(prefix + '.index'):
+    return
+  owner = open(prefix + '.owner', 'w')
+  try:
+    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    owner.close()
+    raise FileExistsError(f'Another running process is filling the cache {prefix} (--cache_dir): let it finish its '
+                          'first epoch, or give this run another --cache_dir.') from None
+  _CACHE_OWNERS[prefix] = owner
+  for leftover in glob.glob(glob.escape(prefix) + '_*.lockfile') + glob.glob(glob.escape(prefix) + '_*.tempstate*'):
+    logging.warning('Deleting %s, left by a run that stopped while filling the cache.', leftover)
+    os.remove(leftover)
 
 
 def train_dataset(builder: tfds.core.DatasetBuilder, *, image_size: int, global_batch: int,
