@@ -95,7 +95,8 @@ def _check_writable(model_dir: str) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    raise config_lib.ConfigError(f'Unexpected arguments {" ".join(argv[1:])}: every setting is a flag, '
+                                 '--name=value (see --helpfull).')
   config = config_from_flags()
   _check_writable(config.model_dir)
 
@@ -122,15 +123,40 @@ def main(argv):
     logging.info('Done. Report: %s', os.path.join(config.model_dir, 'report.json'))
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parser, with a bad flag or value reported on one line like every other user error."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise config_lib.ConfigError(f'{e} (see --helpfull).') from None
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+  """The errors that are the user's to fix: a bad setting, missing or bad data, a full disk, a diverged run."""
+  # TFDS reports missing manual data with an AssertionError.
+  errors = (ValueError, OSError, FloatingPointError, AssertionError)
+  if 'tensorflow' in sys.modules:  # Imported only once the flags are good.
+    tf = sys.modules['tensorflow']
+    # Files missing, unreadable or corrupt in --data_dir or --cache_dir; out of memory (a smaller --batch_size).
+    errors += (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.DataLossError,
+               tf.errors.ResourceExhaustedError)
+  return errors
+
+
 def run():
   """Runs main; expected errors end in one line and exit code 1, not a traceback."""
   try:
-    app.run(main)
-  except (ValueError, OSError, FloatingPointError, AssertionError) as e:
-    # TFDS reports missing manual data with an AssertionError; all of these are the user's to fix, so they get one
-    # line. --verbosity=1 adds the traceback, for bug reports.
+    app.run(main, flags_parser=_parse_flags)
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, _user_errors()):
+      raise
+    # --verbosity=1 adds the traceback, for bug reports.
     logging.debug('Traceback of the error below:', exc_info=True)
-    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if 'tensorflow' in sys.modules and isinstance(e, sys.modules['tensorflow'].errors.OpError):
+      from trainer import export  # pylint: disable=import-outside-toplevel  (TensorFlow is loaded by now)
+      message = export.error_message(e)
+    else:
+      message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f'error: {message}', file=sys.stderr)
     sys.exit(1)
 
