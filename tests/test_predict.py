@@ -252,7 +252,3 @@ def test_cli(run, test_images, tmp_path):
   assert set(lines[0]) == {'file', 'label', 'probability', 'threshold', 'gradcam'}
   assert os.path.isfile(lines[0]['gradcam']) and 'error' in lines[2]
   assert 'error: 1 of 3 files could not be read' in done.stderr
-
-  done = subprocess.run([sys.executable, '-m', 'trainer.predict', f'--ensemble={run.model_dir}', *good], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
-  assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith('error: --ensemble=')
