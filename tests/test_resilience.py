@@ -1,0 +1,496 @@
+"""Faults and bad input: preemption, torn checkpoints, NaN losses, full disks, bad flags and data, unsafe models.
+
+The runs are real `python -m trainer.main` processes on the synthetic config at 32 pixels, killed with a real SIGKILL
+in the middle of an epoch (the progress bar on stdout says where they are). With --seed and --deterministic, a run
+killed and started again ends with the same model as one that never stopped, to the last bit, so the comparisons are
+exact. A user error must end in exactly one `error:` line and exit code 1, and leave nothing half-written behind.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import zipfile
+
+from absl import flags
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from trainer import data
+from trainer import evaluate
+from trainer import export
+from trainer import main
+from trainer import train
+from trainer.config import Config
+
+# 534 training images at 32 px: 16 steps of 32 an epoch, about a second each here.
+RUN_FLAGS = ('--dataset=chest_xray_pneumonia/synthetic', '--image_size=32', '--cnn_filters=8', '--cnn_depth=3',
+             '--batch_size=32', '--epochs=2', '--fine_tune_epochs=1', '--learning_rate=1e-3',
+             '--fine_tune_learning_rate=3e-4', '--weights=none', '--seed=1', '--deterministic',
+             # Smaller than the split, so that the file cache is still being filled in the middle of epoch 1.
+             '--shuffle_buffer=64')
+_PROGRESS = re.compile(rb'(\d+)/(\d+)')
+
+
+def _command(data_dir, model_dir, *extra):
+  return [sys.executable, '-m', 'trainer.main', f'--data_dir={data_dir}', f'--model_dir={model_dir}', *RUN_FLAGS,
+          *extra]
+
+
+def _run(command, *, kill_in_epoch=None):
+  """Runs a trainer; with kill_in_epoch=N, SIGKILLs it in the middle of the N-th epoch it runs (counted from 1).
+
+  Returns:
+    (exit code, stderr).
+  """
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  stderr = []
+  reader = threading.Thread(target=lambda: stderr.append(process.stderr.read()))
+  reader.start()
+  epoch, last_step = 1, 0
+  while chunk := process.stdout.read1(4096):
+    for match in _PROGRESS.finditer(chunk):
+      step, steps = int(match.group(1)), int(match.group(2))
+      epoch += step < last_step  # Keras's progress bar starts again at each epoch.
+      last_step = step
+      # Steps done, with some left: the kill lands before the epoch's checkpoint.
+      if epoch == kill_in_epoch and 3 <= step <= steps - 4 and process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+  returncode = process.wait(timeout=600)
+  reader.join()
+  return returncode, stderr[0].decode(errors='replace')
+
+
+def _error_lines(stderr):
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  return [line for line in stderr.splitlines() if line.startswith('error:')]
+
+
+def _resumed_after(stderr):
+  """The epoch a run resumed after, from its log; None for a run that started from scratch."""
+  match = re.search(r'Resuming from \S+ after epoch (\d+)\.', stderr)
+  return int(match.group(1)) if match else None
+
+
+def _scalars(run_dir, tag):
+  events = event_accumulator.EventAccumulator(run_dir, size_guidance={'tensors': 0})
+  events.Reload()
+  return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+
+
+def _metrics(model_dir):
+  with open(os.path.join(model_dir, 'report.json')) as f:
+    return json.load(f), _scalars(os.path.join(model_dir, 'validation'), 'auc')
+
+
+def _latest_checkpoint_epoch(model_dir):
+  return int(tf.train.latest_checkpoint(os.path.join(model_dir, 'checkpoints')).rsplit('-', 1)[1])
+
+
+def _digests(model_dir):
+  """SHA-256 of every file under model_dir, by relative path."""
+  digests = {}
+  for path in glob.glob(os.path.join(model_dir, '**'), recursive=True):
+    if os.path.isfile(path):
+      with open(path, 'rb') as f:
+        digests[os.path.relpath(path, model_dir)] = hashlib.sha256(f.read()).hexdigest()
+  return digests
+
+
+def _config(data_dir, model_dir, **changes):
+  """The Config that RUN_FLAGS give, for runs in this process (without --deterministic, which cannot be undone)."""
+  settings = dict(dataset='chest_xray_pneumonia/synthetic', data_dir=data_dir, model_dir=model_dir, image_size=32,
+                  cnn_filters=8, cnn_depth=3, batch_size=32, epochs=2, fine_tune_epochs=1, learning_rate=1e-3,
+                  fine_tune_learning_rate=3e-4, weights='none', seed=1, shuffle_buffer=64)
+  return Config(**{**settings, **changes}).validate()
+
+
+def _train_here(config):
+  keras.utils.set_random_seed(config.seed)
+  return train.run(config, tf.distribute.OneDeviceStrategy('/cpu:0'))
+
+
+def _main_here(capsys, *argv):
+  """Runs `python -m trainer.main ARGV` in this process; returns (exit code, stderr)."""
+  flags.FLAGS.unparse_flags()
+  capsys.readouterr()
+  with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+    patch.setattr(sys, 'argv', ['trainer.main', *argv])
+    main.run()
+  return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope='module')
+def reference(synthetic_data_dir, tmp_path_factory):
+  """A run that is never interrupted: the model directory the others are compared with."""
+  model_dir = str(tmp_path_factory.mktemp('reference'))
+  returncode, stderr = _run(_command(synthetic_data_dir, model_dir))
+  assert returncode == 0, stderr[-3000:]
+  return model_dir
+
+
+def _copy(model_dir, tmp_path, name):
+  copy = str(tmp_path / name)
+  shutil.copytree(model_dir, copy)
+  return copy
+
+
+# Preemption.
+
+
+def test_deterministic_runs_repeat(reference, synthetic_data_dir, tmp_path):
+  returncode, stderr = _run(_command(synthetic_data_dir, str(tmp_path / 'again')))
+  assert returncode == 0, stderr[-3000:]
+  report, aucs = _metrics(str(tmp_path / 'again'))
+  reference_report, reference_aucs = _metrics(reference)
+  assert len(aucs) == 3 and len(set(value for _, value in aucs)) > 1, aucs  # Three epochs, and a model that moves.
+  assert aucs == reference_aucs
+  assert report == reference_report
+
+
+def test_killed_runs_resume_where_they_stopped_and_end_the_same(reference, synthetic_data_dir, tmp_path):
+  """Killed in epoch 1 while filling the file cache, in epoch 2 (head) and in epoch 3 (fine_tune)."""
+  model_dir, cache_dir = str(tmp_path / 'run'), str(tmp_path / 'cache')
+  command = _command(synthetic_data_dir, model_dir, f'--cache_dir={cache_dir}')
+
+  returncode, stderr = _run(command, kill_in_epoch=1)
+  assert returncode == -signal.SIGKILL, stderr[-3000:]
+  assert glob.glob(os.path.join(cache_dir, '*.lockfile')), 'the kill should leave a half-filled cache behind'
+  assert not glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-*'))
+
+  # Without the stale lockfile's removal, this run fails at its first step with AlreadyExistsError.
+  returncode, stderr = _run(command, kill_in_epoch=2)
+  assert returncode == -signal.SIGKILL, stderr[-3000:]
+  assert _resumed_after(stderr) is None
+  assert _latest_checkpoint_epoch(model_dir) == 1
+
+  returncode, stderr = _run(command, kill_in_epoch=2)
+  assert returncode == -signal.SIGKILL, stderr[-3000:]
+  assert _resumed_after(stderr) == 1
+  assert 'Phase fine_tune' in stderr  # Killed in the second phase.
+  assert _latest_checkpoint_epoch(model_dir) == 2
+
+  returncode, stderr = _run(command)
+  assert returncode == 0, stderr[-3000:]
+  assert _resumed_after(stderr) == 2
+  assert not glob.glob(os.path.join(cache_dir, '*.lockfile'))
+  assert glob.glob(os.path.join(cache_dir, '*.index'))  # The cache was completed.
+
+  # Same data order, augmentation draws, optimizer state, best epoch and threshold: the same model, exactly.
+  assert _metrics(model_dir) == _metrics(reference)
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(reference, synthetic_data_dir, tmp_path, caplog):
+  caplog.set_level('INFO')
+  model_dir = _copy(reference, tmp_path, 'torn')
+  [data_file] = glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-3.data-*'))
+  with open(data_file, 'r+b') as f:
+    f.truncate(os.path.getsize(data_file) // 2)
+
+  report = _train_here(_config(synthetic_data_dir, model_dir))
+
+  assert re.search(r'Skipping checkpoint \S+ckpt-3, which cannot be read', caplog.text)
+  assert re.search(r'Resuming from \S+ckpt-2 after epoch 2\.', caplog.text)
+  assert report['n_images'] == 120
+  # Epoch 3 was trained again and its checkpoint replaced the torn one.
+  reader = tf.train.load_checkpoint(os.path.join(model_dir, 'checkpoints', 'ckpt-3'))
+  assert reader.get_tensor('epoch/.ATTRIBUTES/VARIABLE_VALUE') == 3
+  assert _latest_checkpoint_epoch(model_dir) == 3
+
+
+def test_no_readable_checkpoint_is_one_line(reference, synthetic_data_dir, tmp_path, capsys):
+  model_dir = _copy(reference, tmp_path, 'all_torn')
+  for index in glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-*.index')):
+    with open(index, 'r+b') as f:
+      f.truncate(10)
+  before = _digests(model_dir)
+
+  code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
+                            *[f for f in RUN_FLAGS if f != '--deterministic'])
+
+  assert code == 1
+  [line] = _error_lines(stderr)
+  assert 'No checkpoint in' in line and 'can be read' in line and '--model_dir' in line
+  assert _digests(model_dir) == before
+
+
+# NaN and infinite losses.
+
+
+def test_a_diverged_run_stops_at_once_keeps_the_last_good_checkpoint_and_resumes(synthetic_data_dir, tmp_path):
+  model_dir = str(tmp_path / 'diverged')
+  returncode, stderr = _run(_command(synthetic_data_dir, model_dir, '--optimizer=sgd', '--epochs=1',
+                                     '--fine_tune_learning_rate=1e6'))
+
+  assert returncode == 1
+  [line] = _error_lines(stderr)
+  assert re.search(r'loss became (nan|inf) in step \d+ of epoch 2\b', line), line
+  assert '--fine_tune_learning_rate' in line
+  assert _latest_checkpoint_epoch(model_dir) == 1
+  assert not glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-2*'))
+  reader = tf.train.load_checkpoint(os.path.join(model_dir, 'checkpoints', 'ckpt-1'))
+  values = [reader.get_tensor(name) for name in reader.get_variable_to_shape_map()]
+  assert all(np.isfinite(v).all() for v in values if np.issubdtype(np.asarray(v).dtype, np.floating))
+  assert [step for step, _ in _scalars(os.path.join(model_dir, 'validation'), 'auc')] == [1]
+
+  # The same run with a lower rate goes on from epoch 1, at the new rate (the checkpoint holds the old one).
+  _train_here(_config(synthetic_data_dir, model_dir, optimizer='sgd', epochs=1, fine_tune_learning_rate=2e-4))
+  assert _scalars(os.path.join(model_dir, 'train'), 'learning_rate') == [(1, pytest.approx(1e-3)),
+                                                                          (2, pytest.approx(2e-4))]
+  assert [step for step, _ in _scalars(os.path.join(model_dir, 'validation'), 'auc')] == [1, 2]
+
+
+# Bad input.
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--modle=cnn'], "Unknown command line flag 'modle'"),
+    (['--model=vit'], 'flag --model=vit: value should be one of <cnn|resnet50|vgg16>'),
+    (['--epochs=two'], 'flag --epochs=two'),
+    (['--image_size=16'], '--image_size must be between 32 and 2048 pixels, got 16'),
+    (['--learning_rate=0'], '--learning_rate must be positive, got 0.0'),
+    (['--deterministic'], '--deterministic needs --seed'),
+    (['cnn'], 'Unexpected arguments cnn'),
+])
+def test_bad_flags_are_one_line_and_write_nothing(argv, message, tmp_path):
+  model_dir = tmp_path / 'run'
+  result = subprocess.run([sys.executable, '-m', 'trainer.main', f'--model_dir={model_dir}', *argv],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert [line for line in result.stderr.splitlines() if line.strip()] == [result.stderr.strip()]
+  assert result.stderr.startswith('error: ') and message in result.stderr, result.stderr
+  assert not model_dir.exists()
+
+
+def test_another_model_in_the_model_dir_is_refused(reference, synthetic_data_dir, capsys):
+  before = _digests(reference)
+  flags_32px = [f for f in RUN_FLAGS if f != '--deterministic']
+  for change, expected in (('--image_size=64', '--image_size=32 (this run: 64)'),
+                           ('--cnn_depth=4', '--cnn_depth=3 (this run: 4)')):
+    code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={reference}', *flags_32px,
+                              change)
+    assert code == 1
+    [line] = _error_lines(stderr)
+    assert expected in line and 'new --model_dir' in line, line
+  assert _digests(reference) == before
+
+
+@pytest.mark.parametrize('layout', ['empty', 'partial', 'none'])
+def test_missing_or_partial_manual_data_is_one_line_and_builds_nothing(layout, tmp_path, capsys):
+  manual_dir, data_dir = tmp_path / 'manual', tmp_path / 'tfds'
+  manual_dir.mkdir()
+  if layout == 'partial':  # The train folder's NORMAL images only.
+    (manual_dir / 'chest_xray' / 'train' / 'NORMAL').mkdir(parents=True)
+    (manual_dir / 'chest_xray' / 'train' / 'NORMAL' / 'IM-0001-0001.jpeg').write_bytes(b'\xff\xd8\xff')
+  manual = [] if layout == 'none' else [f'--manual_dir={manual_dir}']
+
+  code, stderr = _main_here(capsys, '--dataset=chest_xray_pneumonia/224', f'--data_dir={data_dir}',
+                            f'--model_dir={tmp_path / "run"}', *manual)
+
+  assert code == 1
+  [line] = _error_lines(stderr)
+  if layout in ('none', 'empty'):  # TFDS's own check, before the builder looks.
+    assert 'Manual directory' in line and 'does not exist or is empty' in line, line
+  else:
+    assert f'Chest X-ray images missing in {manual_dir}' in line, line
+    assert 'test/NORMAL' in line and 'test/PNEUMONIA' in line
+  assert not glob.glob(str(data_dir / 'chest_xray_pneumonia' / '224' / '*'))  # No version, no incomplete build.
+  assert not os.listdir(tmp_path / 'run')
+
+
+def _zip(path, members):
+  with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_DEFLATED) as archive:
+    for name, payload in members.items():
+      if isinstance(payload, zipfile.ZipInfo):
+        archive.writestr(payload, b'IM-0001-0001.jpeg')
+      else:
+        archive.writestr(name, payload)
+
+
+def _symlink_member(name):
+  info = zipfile.ZipInfo(name)
+  info.external_attr = (0o120777 << 16)  # S_IFLNK: a symlink whose target is the member's content.
+  return info
+
+
+_IMAGE = 'chest_xray/train/NORMAL/IM-0001-0001.jpeg'
+
+
+def test_a_hostile_archive_is_refused_on_one_line_by_the_trainer(tmp_path):
+  manual_dir = tmp_path / 'manual'
+  manual_dir.mkdir()
+  _zip(manual_dir / 'archive.zip', {_IMAGE: b'\xff\xd8\xff', '../../outside.jpeg': b'\xff\xd8\xff'})
+  result = subprocess.run(
+      [sys.executable, '-m', 'trainer.main', '--dataset=chest_xray_pneumonia/224', f'--manual_dir={manual_dir}',
+       f'--data_dir={tmp_path / "tfds"}', f'--model_dir={tmp_path / "run"}'],
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  [line] = _error_lines(result.stderr)
+  assert "member '../../outside.jpeg' has a path outside the archive root" in line, line
+  assert not (tmp_path / 'outside.jpeg').exists()
+  assert not glob.glob(str(tmp_path / 'tfds' / 'chest_xray_pneumonia' / '224' / '*'))
+
+
+@pytest.mark.parametrize('members, message', [
+    ({_IMAGE: b'\xff\xd8\xff', '/etc/cron.d/evil.jpeg': b'x'}, 'has a path outside the archive root'),
+    ({'chest_xray/train/NORMAL/IM-0002-0001.jpeg': _symlink_member('chest_xray/train/NORMAL/IM-0002-0001.jpeg')},
+     'is a symlink'),
+    ({_IMAGE: bytes(4 << 20)}, 'a zip bomb?'),  # 4 MB of zeros compress about 1000 times.
+], ids=['absolute', 'symlink', 'bomb'])
+def test_hostile_archives_are_refused_on_one_line(members, message, tmp_path, capsys):
+  manual_dir = tmp_path / 'manual'
+  manual_dir.mkdir()
+  _zip(manual_dir / 'download.zip', members)
+  code, stderr = _main_here(capsys, '--dataset=chest_xray_pneumonia/224', f'--manual_dir={manual_dir}',
+                            f'--data_dir={tmp_path / "tfds"}', f'--model_dir={tmp_path / "run"}')
+  assert code == 1
+  [line] = _error_lines(stderr)
+  assert line.startswith(f'error: Refusing {manual_dir / "download.zip"}') and message in line, line
+
+
+def test_an_interrupted_dataset_build_is_named_and_ignored(synthetic_data_dir, tmp_path, caplog):
+  data_dir = str(tmp_path / 'tfds')
+  shutil.copytree(synthetic_data_dir, data_dir)
+  leftover = os.path.join(data_dir, 'chest_xray_pneumonia', 'synthetic', 'incomplete.K1LLED_1.0.0')
+  os.makedirs(leftover)
+  with open(os.path.join(leftover, 'chest_xray_pneumonia-train.tfrecord-00000-of-00008'), 'wb') as f:
+    f.write(b'half a shard')
+
+  builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=data_dir, manual_dir=None)
+
+  assert builder.info.splits['train'].num_examples == 534
+  assert f'left by an interrupted build of chest_xray_pneumonia/synthetic: {leftover}' in caplog.text
+
+
+def test_a_cache_being_filled_by_a_live_process_is_left_alone(synthetic_data_dir, tmp_path):
+  builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
+  cache_dir = tmp_path / 'cache'
+  cache_dir.mkdir()
+  prefix = cache_dir / 'chest_xray_pneumonia_synthetic_1.0.0_train_32px_0'
+  lockfile = cache_dir / f'{prefix.name}_0.lockfile'
+  lockfile.write_text('Created at: 0')
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import fcntl, sys, time\n'
+       f'f = open({str(prefix) + ".owner"!r}, "w"); fcntl.flock(f, fcntl.LOCK_EX); print("locked", flush=True)\n'
+       'time.sleep(120)'], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == 'locked\n'
+    with pytest.raises(FileExistsError, match='Another running process is filling the cache'):
+      data.train_dataset(builder, image_size=32, global_batch=32, cache_dir=str(cache_dir))
+    assert lockfile.exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  # Its owner gone, the lockfile is stale: removed, and the cache fills.
+  ds = data.train_dataset(builder, image_size=32, global_batch=32, cache_dir=str(cache_dir))
+  assert next(iter(ds))[0].shape == (32, 32, 32, 1)
+  assert not lockfile.exists()
+
+
+# Full disks.
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_outputs(reference, synthetic_data_dir,
+                                                                               tmp_path):
+  model_dir = _copy(reference, tmp_path, 'full')
+  before = _digests(model_dir)
+  checkpoint_bytes = os.path.getsize(glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-3.data-*'))[0])
+  # RLIMIT_FSIZE fails any write past the limit with EFBIG, as a full disk fails it with ENOSPC: room for the event
+  # files and the best model's checkpoint, none for a training checkpoint (the model and two optimizers' slots).
+  limit = checkpoint_bytes // 2
+  assert limit > max(os.path.getsize(p) for p in glob.glob(os.path.join(model_dir, '*', 'events.out.*')))
+  limited = [sys.executable, '-c', 'import resource, runpy, sys\n'
+             f'resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n'
+             'sys.argv[0] = "trainer.main"\n'
+             'runpy.run_module("trainer.main", run_name="__main__")']
+  command = _command(synthetic_data_dir, model_dir, '--fine_tune_epochs=2')
+
+  returncode, stderr = _run(limited + command[3:])
+
+  assert returncode == 1, stderr[-3000:]
+  [line] = _error_lines(stderr)
+  assert re.fullmatch(r'error: Cannot write a checkpoint in \S+/checkpoints: File too large\. The previous one is '
+                      r'kept: make room and run the same command again to resume\.', line), line
+  after = _digests(model_dir)
+  for name in ('model.keras', 'best.weights.h5', 'run.json', 'report.json', 'config.json'):
+    assert after[name] == before[name], name
+  assert {k: v for k, v in after.items() if k.startswith(('saved_model', 'checkpoints'))} == {
+      k: v for k, v in before.items() if k.startswith(('saved_model', 'checkpoints'))}
+  assert not [k for k in after if '_temp' in k or '.partial' in k]
+  assert _latest_checkpoint_epoch(model_dir) == 3
+
+
+def test_a_failed_export_keeps_the_previous_file_and_leaves_no_partial(tmp_path):
+  path = tmp_path / 'model.keras'
+  path.write_bytes(b'the previous model')
+
+  def write_half(partial):
+    with open(partial, 'wb') as f:
+      f.write(b'half of a')
+    raise OSError(28, 'No space left on device')
+
+  with pytest.raises(OSError) as error:
+    with export.replacing(str(path)) as partial:
+      assert partial == str(tmp_path / 'model.partial.keras')
+      write_half(partial)
+  assert str(error.value) == f'Cannot write {path}: No space left on device. Its previous version, if any, is kept.'
+  assert path.read_bytes() == b'the previous model'
+  assert os.listdir(tmp_path) == ['model.keras']
+
+  folder = tmp_path / 'saved_model'
+  folder.mkdir()
+  (folder / 'saved_model.pb').write_bytes(b'previous')
+  with pytest.raises(OSError, match='Cannot write .*saved_model: No space left on device'):
+    with export.replacing(str(folder)) as partial:
+      os.makedirs(os.path.join(partial, 'variables'))
+      raise tf.errors.ResourceExhaustedError(
+          None, None, '{{function_node __wrapped__SaveV2}} /x/part-0.tempstate1; No space left on device [Op:SaveV2]')
+  assert (folder / 'saved_model.pb').read_bytes() == b'previous'
+  assert sorted(os.listdir(tmp_path)) == ['model.keras', 'saved_model']
+
+
+# Loading models safely.
+
+
+def test_load_model_refuses_code_in_a_model_file(reference, tmp_path):
+  inputs = keras.Input((4,))
+  outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
+  path = str(tmp_path / 'lambda.keras')
+  keras.Model(inputs, outputs).save(path)
+  with pytest.raises(ValueError, match='Lambda'):
+    export.load_model(path)
+  # The loader of `python -m trainer.evaluate` and `trainer.predict` too.
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  shutil.copy(path, run_dir / 'model.keras')
+  (run_dir / 'run.json').write_text(json.dumps({'image_size': 4, 'threshold': 0.5, 'config': {}}))
+  with pytest.raises(ValueError, match='Lambda'):
+    evaluate.load_run(str(run_dir))
+
+  with pytest.raises(ValueError, match='only .keras models are loaded'):
+    export.load_model(str(tmp_path / 'model.h5'))
+
+  model = export.load_model(os.path.join(reference, 'model.keras'))
+  probabilities = model(np.zeros((2, 32, 32, 1), np.uint8)).numpy()
+  assert probabilities.shape == (2, 1) and np.all((probabilities > 0) & (probabilities < 1))
+
+
+def test_no_code_path_deserializes_unsafely():
+  sources = glob.glob(os.path.join(os.path.dirname(train.__file__), '*.py'))
+  sources += glob.glob(os.path.join(os.path.dirname(data.__file__), '..', 'cxr_tfds', '**', '*.py'), recursive=True)
+  unsafe = re.compile(r'safe_mode\s*=\s*False|enable_unsafe_deserialization|\bpickle\b|\bdill\b|keras\.layers\.Lambda|'
+                      r'marshal\.loads|yaml\.load\(|allow_pickle\s*=\s*True')
+  found = []
+  for source in sources:
+    with open(source) as f:
+      found += [f'{source}:{n}: {line.strip()}' for n, line in enumerate(f, 1) if unsafe.search(line)]
+  assert len(sources) > 10 and not found, found
