@@ -1,0 +1,249 @@
+"""Scale-out on CPU: mixed precision, MirroredStrategy over logical CPU devices, and multi-worker training through
+launch/local_cluster.py, each held against what one device computes.
+
+Logical devices must be set before TensorFlow starts, and a multi-worker job is several processes, so those tests run
+`python -m trainer.main` (or a short script) in subprocesses; this process's own TensorFlow stays on one device.
+"""
+
+import glob
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from trainer import distribute
+from trainer import train
+from trainer.config import Config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Small enough for two busy cores, and the CNN still learns the synthetic config in 3 epochs (test ROC-AUC ~0.99 on
+# one device).
+SMALL = dict(model='cnn', dataset='chest_xray_pneumonia/synthetic', image_size=64, cnn_filters=8, cnn_depth=4,
+             learning_rate=3e-3, batch_size=32, seed=1, weights='none', fine_tune_epochs=0)
+# A hung collective must fail the test, not the CI job.
+TIMEOUT = 300
+
+
+def _flags(**overrides) -> list[str]:
+  return [f'--{name}={value}' for name, value in {**SMALL, **overrides}.items()]
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+  env = {k: v for k, v in os.environ.items() if k not in ('TF_CONFIG', 'SLURM_JOB_ID')}
+  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def _scalars(run_dir: str, tag: str) -> list[float]:
+  events = event_accumulator.EventAccumulator(run_dir, size_guidance={'tensors': 0})
+  events.Reload()
+  return [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
+
+
+def _report(model_dir) -> dict:
+  with open(os.path.join(model_dir, 'report.json')) as f:
+    return json.load(f)
+
+
+@pytest.fixture
+def bfloat16_policy():
+  previous = keras.mixed_precision.dtype_policy()
+  try:
+    yield distribute.set_precision('mixed_bfloat16')
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+
+
+def test_mixed_bfloat16_trains_and_keeps_float32_outputs(synthetic_data_dir, tmp_path, bfloat16_policy):
+  strategy = distribute.get_strategy('auto')
+  assert isinstance(strategy, tf.distribute.OneDeviceStrategy)  # no GPU here: 'auto' is one device
+  config = Config(**SMALL, data_dir=synthetic_data_dir, model_dir=str(tmp_path), epochs=1,
+                  precision='mixed_bfloat16').validate()
+  keras.utils.set_random_seed(config.seed)
+  report = train.run(config, strategy)
+
+  assert report == _report(tmp_path)
+  model = keras.saving.load_model(tmp_path / 'model.keras')
+  conv = model.get_layer('backbone').get_layer('block1_conv1')
+  assert (conv.compute_dtype, conv.variable_dtype) == ('bfloat16', 'float32')
+  assert model.get_layer('rescale').compute_dtype == 'float32'
+  assert model.get_layer('probability').compute_dtype == 'float32'
+  images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 1), dtype=np.uint8)
+  probs = model(images, training=False)
+  assert probs.dtype == 'float32' and np.all(np.isfinite(probs))
+  # Trained through the bfloat16 convolutions: the output bias and every BatchNormalization offset start at zero.
+  assert model.get_layer('probability').bias.numpy()[0] != 0
+  assert np.any(conv.kernel.numpy() != 0)
+  assert np.any(model.get_layer('backbone').get_layer('block1_bn1').beta.numpy() != 0)
+  assert np.isfinite(_scalars(str(tmp_path / 'train'), 'loss')).all()
+
+
+def test_mirrored_over_two_logical_devices_trains_and_reports(synthetic_data_dir, tmp_path):
+  result = _run([sys.executable, '-m', 'trainer.main', '--strategy=mirrored', '--logical_devices=2',
+                 f'--data_dir={synthetic_data_dir}', f'--model_dir={tmp_path}', *_flags(epochs=1)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Using MirroredStrategy with devices' in result.stderr
+  assert ' 2 replicas.' in result.stderr
+  assert _report(tmp_path)['ranking']['roc_auc'] > 0
+  assert len(_scalars(str(tmp_path / 'validation'), 'auc')) == 1
+
+
+# Runs the project's own train step under OneDeviceStrategy and under MirroredStrategy over 2 logical CPUs, from the
+# same initial weights on the same global batches, with nothing random left in the model (no augmentation, dropout
+# 0). Prints one JSON line.
+_EQUIVALENCE = r'''
+import json
+import numpy as np
+from trainer import distribute
+distribute.configure_logical_devices(2)
+import keras
+import tensorflow as tf
+from trainer import models, train
+
+GLOBAL_BATCH, STEPS, SIZE = 16, 4, 32
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (GLOBAL_BATCH * STEPS, SIZE, SIZE, 1), dtype=np.uint8)
+labels = rng.permutation(np.arange(GLOBAL_BATCH * STEPS) % 2)
+
+
+def build(name):
+  return models.build_model(name, image_size=SIZE, dropout=0.0, augment=False, cnn_filters=4, cnn_depth=2)
+
+
+def train_steps(strategy, name, phase, unfreeze, initial, loss_scale):
+  with strategy.scope():
+    model = build(name)
+    model.set_weights(initial)
+    models.set_trainable(model, phase, unfreeze)
+    optimizer = train.make_optimizer('sgd', 0.01, loss_scale)
+    optimizer.build(model.trainable_variables)
+    metrics = train.train_metrics()
+  step = train.make_train_step(model, optimizer, metrics, strategy, class_weights=[2.0, 0.5],
+                               global_batch=GLOBAL_BATCH)
+  batches = iter(strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensor_slices((images, labels)).batch(GLOBAL_BATCH)))
+  losses = []
+  for _ in range(STEPS):
+    step(batches)
+    losses.append(float(metrics['loss'].result()))  # the running mean over the steps so far
+  out = {'losses': losses, 'metrics': {k: float(m.result()) for k, m in metrics.items()}}
+  sync = train.make_statistics_sync(model, strategy)
+  if sync:
+    moving = [v for v in model.non_trainable_variables if 'moving' in v.path]
+    out['statistics_before'] = [[c.numpy().tolist() for c in v.value.values] for v in moving]
+    sync()
+    out['statistics_after'] = [[c.numpy().tolist() for c in v.value.values] for v in moving]
+  return model, out
+
+
+one = tf.distribute.OneDeviceStrategy('/cpu:0')
+two = distribute.get_strategy('mirrored')
+assert two.num_replicas_in_sync == 2
+results = {}
+# ResNet50 fine-tuned: gradients through convolutions, BatchNormalization frozen. VGG16's head under mixed_float16:
+# the loss scaling (float16 convolutions are too slow on a CPU to train them here).
+for name, phase, unfreeze, policy in (('resnet50', 'fine_tune', 3, 'float32'),
+                                      ('vgg16', 'head', 0, 'mixed_float16'),
+                                      ('cnn', 'head', 0, 'float32')):
+  keras.mixed_precision.set_global_policy(policy)
+  keras.utils.set_random_seed(0)
+  initial = build(name).get_weights()
+  loss_scale = policy == 'mixed_float16'
+  model_one, one_result = train_steps(one, name, phase, unfreeze, initial, loss_scale)
+  model_two, two_result = train_steps(two, name, phase, unfreeze, initial, loss_scale)
+  results[f'{name}/{phase}/{policy}'] = {
+      'one': one_result, 'two': two_result,
+      'weight_diff': max(float(np.max(np.abs(a - b))) for a, b in zip(model_one.get_weights(),
+                                                                      model_two.get_weights()))}
+print('RESULT', json.dumps(results))
+'''
+
+
+def test_two_replicas_match_one_replica_on_the_same_global_batch():
+  """Keras's own distribution tests check this: N replicas on a global batch == one device on it.
+
+  The loss divided by the GLOBAL batch (tf.nn.compute_average_loss), the all-reduced gradients, the loss scaling of
+  mixed_float16 and the metrics (variables summed over replicas on read) must all agree. The CNN is the exception by
+  design: its BatchNormalization normalises each replica's share of the batch with that share's statistics, so its
+  losses differ slightly, and `train.make_statistics_sync` averages the replicas' moving statistics.
+  """
+  result = _run([sys.executable, '-c', _EQUIVALENCE])
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads(result.stdout.split('RESULT ', 1)[1])
+
+  # Without BatchNormalization in training mode (ResNet50's is frozen, VGG16 has none): the same run, up to float
+  # rounding (the replicas sum in another order).
+  for case in ('resnet50/fine_tune/float32', 'vgg16/head/mixed_float16'):
+    one, two = results[case]['one'], results[case]['two']
+    np.testing.assert_allclose(two['losses'], one['losses'], rtol=1e-5, err_msg=case)
+    for name, value in one['metrics'].items():
+      assert two['metrics'][name] == pytest.approx(value, rel=1e-5), (case, name)
+    assert results[case]['weight_diff'] < 1e-5, case
+    assert one['losses'][0] != one['losses'][-1]  # it trained
+
+  # The CNN: the first step's forward pass differs only by per-replica batch statistics.
+  cnn = results['cnn/head/float32']
+  assert cnn['two']['losses'][0] == pytest.approx(cnn['one']['losses'][0], rel=0.15)
+  assert 'statistics_before' not in cnn['one']  # one replica: nothing to average
+  before, after = cnn['two']['statistics_before'], cnn['two']['statistics_after']
+  assert len(before) == 8  # 4 BatchNormalization layers x (moving mean, moving variance)
+  for replicas_before, replicas_after in zip(before, after):
+    np.testing.assert_allclose(replicas_after[0], np.mean(replicas_before, axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(replicas_after[0], replicas_after[1])
+
+
+def test_multi_worker_matches_one_worker_and_resumes(synthetic_data_dir, tmp_path):
+  """Two workers of launch/local_cluster.py: the chief's outputs alone, resumable, learning like one worker."""
+  model_dir = tmp_path / 'two_workers'
+  launch = [sys.executable, str(REPO / 'launch' / 'local_cluster.py'), '--workers=2', '--',
+            f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}']
+
+  first = _run(launch + _flags(epochs=1))
+  assert first.returncode == 0, first.stdout[-3000:]
+  assert 'all 2 workers finished' in first.stdout
+  assert (model_dir / 'report.json').exists()
+
+  # Preempted after epoch 1: the same job started again with more epochs resumes there, in both workers.
+  second = _run(launch + _flags(epochs=3))
+  assert second.returncode == 0, second.stdout[-3000:]
+  for worker in (0, 1):
+    lines = [line for line in second.stdout.splitlines() if line.startswith(f'[worker {worker}]')]
+    assert any(f'Resuming from {model_dir}/checkpoints/ckpt-1 after epoch 1.' in line for line in lines), worker
+    assert any('epoch 2/3' in line for line in lines) and not any('epoch 1/3' in line for line in lines), worker
+
+  # One set of outputs, the chief's: the non-chief's folder is gone and it wrote no summaries.
+  assert not (model_dir / '.workers').exists()
+  for name in ('report.json', 'run.json', 'model.keras', 'saved_model', 'checkpoints', 'test'):
+    assert (model_dir / name).exists(), name
+  assert len(glob.glob(str(model_dir / 'train' / 'events.*'))) == 2  # one per launch
+  assert len(_scalars(str(model_dir / 'validation'), 'auc')) == 3  # epochs 1, 2, 3: none twice
+
+  # The same global batch on one worker. The data order differs (each worker reads its half of the files), so the
+  # runs match in distribution, not step by step: the training curves agree, and both models learn.
+  one_dir = tmp_path / 'one_worker'
+  config = Config(**SMALL, data_dir=synthetic_data_dir, model_dir=str(one_dir), epochs=3).validate()
+  keras.utils.set_random_seed(config.seed)
+  train.run(config, tf.distribute.OneDeviceStrategy('/cpu:0'))
+  two_losses, one_losses = _scalars(str(model_dir / 'train'), 'loss'), _scalars(str(one_dir / 'train'), 'loss')
+  np.testing.assert_allclose(two_losses, one_losses, rtol=0.15)
+  assert two_losses[-1] < two_losses[0]
+  assert _scalars(str(model_dir / 'train'), 'auc')[-1] == pytest.approx(_scalars(str(one_dir / 'train'), 'auc')[-1],
+                                                                        abs=0.1)
+  two_auc, one_auc = _report(model_dir)['ranking']['roc_auc'], _report(one_dir)['ranking']['roc_auc']
+  assert two_auc > 0.8 and one_auc > 0.8
+  assert two_auc == pytest.approx(one_auc, abs=0.15)
+
+
+def test_multi_worker_without_a_cluster_is_a_one_line_error(tmp_path):
+  result = _run([sys.executable, '-m', 'trainer.main', '--strategy=multi_worker', f'--model_dir={tmp_path}'])
+  assert result.returncode != 0
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and 'TF_CONFIG' in errors[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
