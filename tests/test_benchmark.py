@@ -133,13 +133,13 @@ def test_validate_rejects_bad_arguments_in_one_line(setup, change, error, match)
 
 
 def test_command_line_prints_only_json_lines_from_isolated_processes(setup):
-  # A peer that prints ("Found 12 images ...") and a decode measurement, each in its own spawned process.
-  command = [sys.executable, '-m', 'trainer.benchmark', '--only=peer_image_data_generator,decode_224',
+  # A peer that prints ("Found 12 images ..."), in its own spawned process.
+  command = [sys.executable, '-m', 'trainer.benchmark', '--only=peer_image_data_generator',
              f'--dataset={setup.dataset}', f'--data_dir={setup.data_dir}', f'--manual_dir={setup.manual_dir}',
              '--image_size=32', '--batch_size=4', '--steps=1', '--repeats=1']
   result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   printed = [json.loads(line) for line in result.stdout.splitlines()]
-  assert [line['name'] for line in printed] == ['peer_image_data_generator', 'decode_224', 'targets']
-  assert all(line['rss'].startswith("this measurement's own process") for line in printed[:2])
+  assert [line['name'] for line in printed] == ['peer_image_data_generator', 'targets']
+  assert printed[0]['rss'].startswith("this measurement's own process") and printed[0]['wall_s'] > 0
   assert printed[-1]['load_average_1min']['start'] >= 0

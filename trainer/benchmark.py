@@ -83,7 +83,7 @@ class Setup:
   image_size: int = 224
   batch_size: int = 32
   steps: int | None = None
-  train_steps: int = 6
+  train_steps: int = 5
   repeats: int = 3
   seed: int = 0
 
@@ -472,10 +472,12 @@ def run(names: list[str], setup: Setup, *, isolate: bool = True):
       peak_rss_mb is the peak of the run so far.
 
   Yields:
-    One dict per measurement, as `measure` returns it, with 'rss' saying whose peak it is. A measurement that fails
-    yields {'name', 'images_per_s': None, 'error'} and the run goes on.
+    One dict per measurement, as `measure` returns it, with 'rss' saying whose peak it is and 'wall_s' the time the
+    whole measurement took (its process's start and imports included). A measurement that fails yields
+    {'name', 'images_per_s': None, 'error'} and the run goes on.
   """
   for name in names:
+    start = time.perf_counter()
     try:
       if isolate:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),
@@ -486,7 +488,8 @@ def run(names: list[str], setup: Setup, *, isolate: bool = True):
     except Exception as e:  # pylint: disable=broad-except
       yield {'name': name, 'images_per_s': None, 'error': f'{type(e).__name__}: {e}'}
       continue
-    yield {**line, 'rss': 'this measurement\'s own process, imports included' if isolate else 'the run so far'}
+    yield {**line, 'rss': 'this measurement\'s own process, imports included' if isolate else 'the run so far',
+           'wall_s': round(time.perf_counter() - start, 1)}
 
 
 def targets(lines: list[dict]) -> dict:
@@ -527,7 +530,7 @@ def _define_flags():
   flags.DEFINE_integer('batch_size', 32, 'Images per batch, in every pipeline and training step.')
   flags.DEFINE_integer('steps', None, 'Batches timed per pipeline measurement (default: each measurement\'s own, '
                        'a second or a few on two cores; a cold pass is capped at one epoch).')
-  flags.DEFINE_integer('train_steps', 6, 'Training steps timed per input source, after one untimed step each.')
+  flags.DEFINE_integer('train_steps', 5, 'Training steps timed per input source, after one untimed step each.')
   flags.DEFINE_integer('repeats', 3, 'Timed runs per pipeline measurement; the fastest is reported, the others show '
                        'how much other processes disturbed it.')
   flags.DEFINE_integer('seed', 0, 'Seed of the shuffles, the augmentation and the models\' initialisation.')
