@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 import uuid
 
 from absl import app
@@ -29,8 +28,9 @@ import numpy as np
 from sklearn import metrics as sk_metrics
 import tensorflow as tf
 
+from trainer import cli
 from trainer import data
-from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in model.keras)
+from trainer import export
 
 THRESHOLD_RULE = (
     'The decision threshold is chosen on the validation split only: the ROC-curve threshold that maximises '
@@ -286,18 +286,18 @@ def write_report(report: dict, out_dir: str, *, figures: dict[str, bytes] | None
       JSON cannot represent (NaN, numpy arrays).
   """
   figures = dict(figures or {})
-  for name, data in figures.items():
+  for name, png in figures.items():
     if not isinstance(name, str) or not _FIGURE_NAME.fullmatch(name):
       raise ValueError(f'Figure name {name!r} must be a plain file name (letters, digits, _ - .), without ".png".')
-    if not isinstance(data, bytes) or not data.startswith(_PNG_SIGNATURE):
+    if not isinstance(png, bytes) or not png.startswith(_PNG_SIGNATURE):
       raise ValueError(f'Figure {name!r} must be PNG bytes (as returned by trainer.figures).')
   try:
     report_json = json.dumps(report, indent=2, allow_nan=False)
   except (TypeError, ValueError) as e:
     raise ValueError(f'The report is not JSON-serialisable: {e}') from None
   os.makedirs(out_dir, exist_ok=True)
-  for name, data in figures.items():
-    _write_atomic(os.path.join(out_dir, f'{name}.png'), data)
+  for name, png in figures.items():
+    _write_atomic(os.path.join(out_dir, f'{name}.png'), png)
   json_path = os.path.join(out_dir, 'report.json')
   md_path = os.path.join(out_dir, 'report.md')
   _write_atomic(json_path, (report_json + '\n').encode())
@@ -624,7 +624,7 @@ def load_run(model_dir: str) -> TrainedRun:
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f'{paths["run.json"]} is not a run.json written by the trainer ({type(e).__name__}: {e}).'
                      ) from None
-  model = keras.saving.load_model(paths['model.keras'], safe_mode=True)
+  model = export.load_model(paths['model.keras'])
   return TrainedRun(model_dir=model_dir, model=model, image_size=image_size, threshold=threshold, config=config)
 
 
@@ -670,10 +670,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  try:
-    app.run(main)
-  except (ValueError, OSError, AssertionError) as e:
-    # As trainer.main: the user's errors (TFDS reports missing manual data with an AssertionError) end in one line.
-    logging.debug('Traceback of the error below:', exc_info=True)
-    print(f'error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}', file=sys.stderr)
-    sys.exit(1)
+  cli.run(main)

@@ -7,12 +7,12 @@ Flags are read here, once, into a `Config`; nothing below this module reads FLAG
 """
 
 import os
-import sys
+import tempfile
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from trainer import cli
 from trainer import config as config_lib
 
 _UNFREEZE_HELP = ('How many of the backbone\'s last convolutional layers are fine-tuned in the second phase. '
@@ -85,10 +85,9 @@ def config_from_flags() -> config_lib.Config:
 def _check_writable(model_dir: str) -> None:
   try:
     os.makedirs(model_dir, exist_ok=True)
-    probe = os.path.join(model_dir, '.write_probe')
-    with open(probe, 'w'):
+    # A probe of this process's own: the workers of a multi-worker job check the same model_dir at once.
+    with tempfile.TemporaryFile(dir=model_dir):
       pass
-    os.remove(probe)
   except OSError as e:
     raise config_lib.ConfigError(f'--model_dir={model_dir} is not writable: {e.strerror}.') from None
 
@@ -123,42 +122,8 @@ def main(argv):
     logging.info('Done. Report: %s', os.path.join(config.model_dir, 'report.json'))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parser, with a bad flag or value reported on one line like every other user error."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    raise config_lib.ConfigError(f'{e} (see --helpfull).') from None
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-  """The errors that are the user's to fix: a bad setting, missing or bad data, a full disk, a diverged run."""
-  # TFDS reports missing manual data with an AssertionError.
-  errors = (ValueError, OSError, FloatingPointError, AssertionError)
-  if 'tensorflow' in sys.modules:  # Imported only once the flags are good.
-    tf = sys.modules['tensorflow']
-    # Files missing, unreadable or corrupt in --data_dir or --cache_dir; out of memory (a smaller --batch_size).
-    errors += (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.DataLossError,
-               tf.errors.ResourceExhaustedError)
-  return errors
-
-
 def run():
-  """Runs main; expected errors end in one line and exit code 1, not a traceback."""
-  try:
-    app.run(main, flags_parser=_parse_flags)
-  except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, _user_errors()):
-      raise
-    # --verbosity=1 adds the traceback, for bug reports.
-    logging.debug('Traceback of the error below:', exc_info=True)
-    if 'tensorflow' in sys.modules and isinstance(e, sys.modules['tensorflow'].errors.OpError):
-      from trainer import export  # pylint: disable=import-outside-toplevel  (TensorFlow is loaded by now)
-      message = export.error_message(e)
-    else:
-      message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(1)
+  cli.run(main)
 
 
 if __name__ == '__main__':

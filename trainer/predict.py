@@ -33,7 +33,6 @@ import os
 import re
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 import keras
@@ -42,6 +41,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from trainer import cli
 from trainer import data
 from trainer import evaluate
 from trainer import figures
@@ -454,10 +454,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  try:
-    app.run(main)
-  except (ValueError, OSError, AssertionError) as e:
-    # As trainer.main: the user's errors (TFDS reports missing manual data with an AssertionError) end in one line.
-    logging.debug('Traceback of the error below:', exc_info=True)
-    print(f'error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}', file=sys.stderr)
-    sys.exit(1)
+  cli.run(main)

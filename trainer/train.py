@@ -32,6 +32,8 @@ from trainer.config import Config
 PHASES = ('head', 'fine_tune')
 # Scalars logged each epoch, with the same tag under train/ and validation/ so TensorBoard overlays them.
 SCALARS = ('loss', 'accuracy', 'precision', 'recall', 'auc', 'pr_auc')
+# Training steps between two reads of the metrics (progress bar, divergence check).
+LOG_EVERY = 10
 
 
 def make_optimizer(name: str, learning_rate: float, loss_scale: bool) -> keras.optimizers.Optimizer:
@@ -127,17 +129,6 @@ def make_statistics_sync(model, strategy):
   return sync
 
 
-def predict_split(model, dataset) -> dict[str, np.ndarray]:
-  """Probabilities, labels and patient ids for a whole split, on this worker alone."""
-  predict = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
-  probs, labels, groups = [], [], []
-  for batch in dataset:
-    probs.append(predict(batch['image']).numpy()[:, 0])
-    labels.append(batch['label'].numpy())
-    groups.append(batch['patient_id'].numpy())
-  return {'probs': np.concatenate(probs), 'labels': np.concatenate(labels), 'groups': np.concatenate(groups)}
-
-
 def split_scalars(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
   """The SCALARS for a split's predictions, at threshold 0.5, with the unweighted log loss."""
   at_half = evaluate.metrics_at(labels, probs, 0.5)
@@ -212,8 +203,8 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   with strategy.scope():
     model = models.build_model(
         config.model, image_size=image_size, weights=config.weights_arg, dropout=config.dropout,
-        horizontal_flip=config.horizontal_flip, equalize=config.equalize, cnn_filters=config.cnn_filters, cnn_depth=config.cnn_depth,
-        seed=config.seed)
+        horizontal_flip=config.horizontal_flip, equalize=config.equalize, cnn_filters=config.cnn_filters,
+        cnn_depth=config.cnn_depth, seed=config.seed)
     optimizers = {phase: make_optimizer(config.optimizer, learning_rates[phase], loss_scale) for phase in PHASES}
     # Both optimizers are built up front, each on its phase's variables, so a checkpoint taken in either phase
     # restores into objects that already exist.
@@ -295,8 +286,10 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       train_step(iterator)
       if global_step == profile[1]:
         tf.profiler.experimental.stop()
-      # The progress bar reads the loss every step anyway, so checking it here costs nothing and stops a diverged
-      # run at its first bad step.
+      if (step + 1) % LOG_EVERY and step + 1 < steps_per_epoch:
+        continue
+      # Reading a metric waits for the step and, across workers, is an all-reduce: so every LOG_EVERY steps, for the
+      # progress bar and to stop a diverged run within a few steps of going bad.
       loss = float(metrics['loss'].result())
       if not math.isfinite(loss):
         raise FloatingPointError(_diverged_message(loss, epoch, step, phase))
@@ -305,7 +298,7 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       sync_statistics()
     train = {name: float(metric.result()) for name, metric in metrics.items()}
 
-    val_pred = predict_split(model, val_ds)
+    val_pred = evaluate.predict_split(model, val_ds)
     val = split_scalars(val_pred['labels'], val_pred['probs'])
     global_step = (epoch + 1) * steps_per_epoch
     with writers['train'].as_default():
@@ -446,21 +439,10 @@ def finish(config: Config, model: keras.Model, builder, image_size: int, *, thre
   """Loads the best epoch, reports it on the test split and exports it (the chief's job)."""
   if best_checkpoint:
     tf.train.Checkpoint(model=model).restore(best_checkpoint).assert_existing_objects_matched()
-  test = predict_split(model, data.eval_dataset(builder, 'test', image_size=image_size,
-                                                batch_size=config.batch_size, cache=False))
-  report = evaluate.build_report(
-      test_labels=test['labels'], test_probs=test['probs'], test_groups=test['groups'], val_threshold=threshold,
-      extra={'model': config.model, 'dataset': config.dataset, 'image_size': image_size})
-  pngs = {
-      'confusion_matrix': figures.confusion_matrix_png(report['at_val_threshold']['confusion_matrix']),
-      'roc_curve': figures.roc_curve_png(test['labels'], test['probs'], threshold=threshold),
-      'pr_curve': figures.pr_curve_png(test['labels'], test['probs'], threshold=threshold),
-      'reliability': figures.reliability_png(report['calibration']),
-  }
-  evaluate.write_report(report, config.model_dir, figures=pngs)
-  with tf.summary.create_file_writer(os.path.join(config.model_dir, 'test')).as_default():
-    for name, png in pngs.items():
-      _png_summary(name, png, 0)
+  test = data.eval_dataset(builder, 'test', image_size=image_size, batch_size=config.batch_size, cache=False)
+  report = evaluate.evaluate_model(model, test, threshold=threshold, out_dir=config.model_dir,
+                                   tensorboard_dir=os.path.join(config.model_dir, 'test'),
+                                   extra={'model': config.model, 'dataset': config.dataset, 'image_size': image_size})
   keras_path = export.save_keras(model, os.path.join(config.model_dir, 'model.keras'))
   export.save_weights_from_keras(keras_path, os.path.join(config.model_dir, 'best.weights.h5'))
   export.export_saved_model(model, os.path.join(config.model_dir, 'saved_model'), image_size=image_size,
