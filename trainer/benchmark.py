@@ -19,8 +19,11 @@ What is measured, on the same images:
   decode_224/512/2048          one core's JPEG decode cost at each stored resolution (2048 stands for the originals).
   train_cnn, train_resnet50    trainer.train.make_train_step fed by the pipeline against one batch held in memory.
 
-Each measurement runs in a fresh spawned process (a fork would inherit TF's thread pools), so its peak RSS is its own
-and no pipeline's threads or caches linger into the next; the cost is a few seconds of imports per measurement.
+Each pipeline is timed in several runs and the fastest is kept. A measurement and the bound or peer its target
+compares it with (GROUPS) are timed in one process, their runs alternating, so that other processes on the machine
+slow both alike and their ratio holds. Every other measurement, and every group, runs in a fresh spawned process (a
+fork would inherit TF's thread pools): peak RSS is that process's own, and no pipeline's threads or caches linger into
+the next. The cost is a few seconds of imports per process.
 """
 
 import concurrent.futures
@@ -33,6 +36,8 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -88,31 +93,51 @@ class Setup:
   seed: int = 0
 
 
-def _best_of(repeats: int, run, prepare=lambda: None) -> dict:
-  """Times run(prepare()) `repeats` times (prepare untimed) and reports the fastest run; run returns its image count.
+@dataclasses.dataclass
+class _Timed:
+  """A pipeline ready to be timed.
 
-  The fastest run is the one other processes disturbed least, as timeit's documentation reasons; images_per_s_runs
-  shows the spread. CPU time counts every thread of this process (tf.data's workers too) and no other process, so
-  cpu_ms_per_image is the host cost per image, and cores_busy (CPU time over wall time) says how much of the machine
-  the pipeline kept busy.
+  Attributes:
+    run: does the timed work on prepare()'s result and returns the number of images it produced.
+    prepare: untimed work before each run (e.g. a new dataset, with an empty cache).
+    fields: context for the JSON line.
   """
-  runs = []
-  for _ in range(repeats):
-    state = prepare()
-    wall, cpu = time.perf_counter(), time.process_time()
-    images = run(state)
-    runs.append((images, time.perf_counter() - wall, time.process_time() - cpu))
-  images, wall, cpu = max(runs, key=lambda r: r[0] / r[1])
-  return {'images': images, 'seconds': round(wall, 6), 'images_per_s': round(images / wall, 1),
-          'cpu_ms_per_image': round(1000 * cpu / images, 4), 'cores_busy': round(cpu / wall, 2),
-          'images_per_s_runs': [round(i / w, 1) for i, w, _ in runs]}
+
+  run: Callable[[Any], int]
+  prepare: Callable[[], Any] = lambda: None
+  fields: dict = dataclasses.field(default_factory=dict)
 
 
-def _batches(setup: Setup, next_images, batches: int, *, warmup: int) -> dict:
-  """Times `batches` calls of next_images() (best of setup.repeats), after `warmup` untimed calls."""
+def _batches(next_images, batches: int, *, warmup: int, **fields) -> _Timed:
+  """Calls next_images() `warmup` times now, untimed; each timed run is `batches` calls more."""
   for _ in range(warmup):
     next_images()
-  return _best_of(setup.repeats, lambda _: sum(int(next_images().shape[0]) for _ in range(batches)))
+  return _Timed(lambda _: sum(int(next_images().shape[0]) for _ in range(batches)), fields=fields)
+
+
+def _rates(images: int, wall: float, cpu: float) -> dict:
+  # process_time counts every thread of this process (tf.data's workers too) and no other process: cpu_ms_per_image
+  # is the host's cost per image, and cores_busy (CPU over wall time) how much of the machine the pipeline used.
+  return {'images': images, 'seconds': round(wall, 6), 'images_per_s': round(images / wall, 1),
+          'cpu_ms_per_image': round(1000 * cpu / images, 4), 'cores_busy': round(cpu / wall, 2)}
+
+
+def _time_alternately(timed: dict[str, _Timed], repeats: int) -> dict[str, dict]:
+  """Times each pipeline `repeats` times, taking turns, and keeps each one's fastest run.
+
+  The fastest run is the one other processes disturbed least, as timeit's documentation reasons; images_per_s_runs
+  shows the spread. Taking turns spreads every pipeline's runs over the same stretch of time.
+  """
+  runs = {name: [] for name in timed}
+  for _ in range(repeats):
+    for name, pipeline in timed.items():
+      state = pipeline.prepare()
+      wall, cpu = time.perf_counter(), time.process_time()
+      images = pipeline.run(state)
+      runs[name].append((images, time.perf_counter() - wall, time.process_time() - cpu))
+  return {name: {**_rates(*max(runs[name], key=lambda r: r[0] / r[1])),
+                 'images_per_s_runs': [round(i / w, 1) for i, w, _ in runs[name]], **timed[name].fields}
+          for name in timed}
 
 
 def _builder(setup: Setup) -> tfds.core.DatasetBuilder:
@@ -156,26 +181,26 @@ def _epoch(builder: tfds.core.DatasetBuilder, setup: Setup) -> int:
 
 
 def build(setup: Setup, batches: int) -> dict:
-  """Builds the dataset from the manual dir; into a temporary data_dir if it is already built in setup's."""
+  """Builds the dataset from the manual dir, once; into a temporary data_dir if it is already built in setup's."""
   del batches  # A build is all of the images.
-  built = []
-
-  def run(data_dir):
-    built.append(data.prepare(setup.dataset, data_dir=data_dir, manual_dir=setup.manual_dir))
-    return sum(split.num_examples for split in built[0].info.splits.values())
-
   with contextlib.ExitStack() as stack:
     data_dir = setup.data_dir
     if tfds.builder(setup.dataset, data_dir=data_dir).is_prepared():
       data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix='cxr_benchmark_build_'))
-    result = _best_of(1, run, prepare=lambda: data_dir)  # Once: a second build would find the first one done.
-  return {**result, 'splits': {name: split.num_examples for name, split in built[0].info.splits.items()}}
+    wall, cpu = time.perf_counter(), time.process_time()
+    builder = data.prepare(setup.dataset, data_dir=data_dir, manual_dir=setup.manual_dir)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  splits = {name: split.num_examples for name, split in builder.info.splits.items()}
+  return {**_rates(sum(splits.values()), wall, cpu), 'splits': splits}
 
 
-def _ours(setup: Setup, batches: int, *, warm: bool, augment: bool) -> dict:
+def _ours(setup: Setup, batches: int, *, warm: bool, augment: bool) -> _Timed:
   builder = _builder(setup)
   epoch = _epoch(builder, setup)
   augment_batch = _augment(setup) if augment else (lambda images: images)
+  fields = {'pass': 'warm: from the cache' if warm else 'cold: first pass, from the TFRecords'}
+  if augment:
+    fields['augmentation'] = "the model's layer on whole batches, on the host CPU (in training: the accelerator)"
 
   def pipeline():
     return data.train_dataset(builder, image_size=setup.image_size, global_batch=setup.batch_size, seed=setup.seed,
@@ -184,38 +209,34 @@ def _ours(setup: Setup, batches: int, *, warm: bool, augment: bool) -> dict:
   if warm:
     iterator = iter(pipeline())
     # The cache is complete once the shuffle has drawn the whole first pass; the batches after it come from the cache.
-    result = _batches(setup, lambda: augment_batch(next(iterator)[0]), batches, warmup=epoch + 2)
-  else:
-    batches = min(batches, epoch)  # Beyond one pass it is no longer cold.
+    return _batches(lambda: augment_batch(next(iterator)[0]), batches, warmup=epoch + 2, **fields)
+  batches = min(batches, epoch)  # Beyond one pass it is no longer cold.
 
-    def first_pass(ds):  # A new dataset each time: a new, empty cache.
-      iterator = iter(ds)
-      return sum(int(augment_batch(next(iterator)[0]).shape[0]) for _ in range(batches))
+  def first_pass(ds):
+    iterator = iter(ds)
+    return sum(int(augment_batch(next(iterator)[0]).shape[0]) for _ in range(batches))
 
-    result = _best_of(setup.repeats, first_pass, prepare=pipeline)
-  result['pass'] = 'warm: from the cache' if warm else 'cold: first pass, from the TFRecords'
-  if augment:
-    result['augmentation'] = "the model's layer on whole batches, on the host CPU (in training: the accelerator)"
-  return result
+  # A new dataset for each run: a new, empty cache.
+  return _Timed(first_pass, prepare=pipeline, fields=fields)
 
 
-def ours_cold(setup: Setup, batches: int) -> dict:
+def ours_cold(setup: Setup, batches: int) -> _Timed:
   return _ours(setup, batches, warm=False, augment=False)
 
 
-def ours_warm(setup: Setup, batches: int) -> dict:
+def ours_warm(setup: Setup, batches: int) -> _Timed:
   return _ours(setup, batches, warm=True, augment=False)
 
 
-def ours_cold_augmented(setup: Setup, batches: int) -> dict:
+def ours_cold_augmented(setup: Setup, batches: int) -> _Timed:
   return _ours(setup, batches, warm=False, augment=True)
 
 
-def ours_warm_augmented(setup: Setup, batches: int) -> dict:
+def ours_warm_augmented(setup: Setup, batches: int) -> _Timed:
   return _ours(setup, batches, warm=True, augment=True)
 
 
-def in_memory(setup: Setup, batches: int) -> dict:
+def in_memory(setup: Setup, batches: int) -> _Timed:
   """The warm bound: the training split's decoded uint8 images in one array, shuffled and batched."""
   builder = _builder(setup)
   split = data.eval_dataset(builder, 'train', image_size=setup.image_size, batch_size=256, cache=False)
@@ -224,11 +245,11 @@ def in_memory(setup: Setup, batches: int) -> dict:
   labels = np.concatenate([ex['label'] for ex in examples])
   ds = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(SHUFFLE_BUFFER, seed=setup.seed).repeat()
   iterator = iter(ds.batch(setup.batch_size, drop_remainder=True).prefetch(AUTOTUNE))
-  result = _batches(setup, lambda: next(iterator)[0], batches, warmup=_epoch(builder, setup) + 2)
-  return {**result, 'array_mb': round(images.nbytes / 2**20, 1)}
+  return _batches(lambda: next(iterator)[0], batches, warmup=_epoch(builder, setup) + 2,
+                  array_mb=round(images.nbytes / 2**20, 1))
 
 
-def raw_decode(setup: Setup, batches: int) -> dict:
+def raw_decode(setup: Setup, batches: int) -> _Timed:
   """The cold bound: read the JPEG files, decode to one channel, resize only images not at the model's size."""
   files = _train_files(setup)
   size = setup.image_size
@@ -243,10 +264,10 @@ def raw_decode(setup: Setup, batches: int) -> dict:
   ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=setup.seed).repeat()
   ds = ds.map(decode, num_parallel_calls=AUTOTUNE).batch(setup.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
   iterator = iter(ds)
-  return {**_batches(setup, lambda: next(iterator), batches, warmup=2), 'files': len(files)}
+  return _batches(lambda: next(iterator), batches, warmup=2, files=len(files))
 
 
-def peer_image_data_generator(setup: Setup, batches: int) -> dict:
+def peer_image_data_generator(setup: Setup, batches: int) -> _Timed | dict:
   """The seed project's pipeline: Keras 2's ImageDataGenerator, whose random transforms are scipy's."""
   try:
     import scipy  # noqa: F401  (the generator's random transforms)  pylint: disable=import-outside-toplevel
@@ -259,10 +280,10 @@ def peer_image_data_generator(setup: Setup, batches: int) -> dict:
   flow = generator.flow_from_directory(_train_folder(setup), target_size=(setup.image_size, setup.image_size),
                                        color_mode='grayscale', class_mode='binary', batch_size=setup.batch_size,
                                        seed=setup.seed)
-  return {**_batches(setup, lambda: next(flow)[0], batches, warmup=2), 'files': flow.samples}
+  return _batches(lambda: next(flow)[0], batches, warmup=2, files=flow.samples)
 
 
-def peer_dataset_from_directory(setup: Setup, batches: int) -> dict:
+def peer_dataset_from_directory(setup: Setup, batches: int) -> _Timed:
   """keras.io's recipe: image_dataset_from_directory, then Keras augmentation layers in tf.data.map."""
   layer = _augmentation_layer(setup)
   ds = keras.utils.image_dataset_from_directory(
@@ -270,11 +291,11 @@ def peer_dataset_from_directory(setup: Setup, batches: int) -> dict:
       color_mode='grayscale', seed=setup.seed, verbose=False)
   ds = ds.repeat().map(lambda images, labels: (layer(images, training=True), labels), num_parallel_calls=AUTOTUNE)
   iterator = iter(ds.prefetch(AUTOTUNE))
-  return {**_batches(setup, lambda: next(iterator)[0], batches, warmup=2),
-          'augmentation': "the model's layers, in tf.data.map, on whole batches"}
+  return _batches(lambda: next(iterator)[0], batches, warmup=2,
+                  augmentation="the model's layers, in tf.data.map, on whole batches")
 
 
-def _decode(setup: Setup, batches: int, *, size: int, resize: bool) -> dict:
+def _decode(setup: Setup, batches: int, *, size: int, resize: bool) -> _Timed:
   """One core's cost to decode a JPEG stored at `size` (encoded as the builder stores it: imaging.to_jpeg).
 
   With `resize`, the image is then resized to the model's size, as the trainer does for the original config.
@@ -287,13 +308,15 @@ def _decode(setup: Setup, batches: int, *, size: int, resize: bool) -> dict:
     image = tf.io.decode_jpeg(jpeg, channels=1)
     return data.resize_uint8(image, setup.image_size) if resize else image
 
-  # No parallel map and no prefetch: everything runs on the calling thread, so the rate is one core's.
-  iterator = iter(tf.data.Dataset.from_tensor_slices(jpegs).repeat().map(decode).batch(setup.batch_size))
-  result = _batches(setup, lambda: next(iterator), batches, warmup=1)
-  return {**result, 'stored_side': size, 'resized_to': setup.image_size if resize else None,
-          'jpeg_kb': round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1), 'sample_files': len(jpegs),
-          f'cores_for_{A100_IMAGES_PER_S}_images_per_s': round(A100_IMAGES_PER_S * result['cpu_ms_per_image'] / 1000,
-                                                                 2)}
+  # One thread for the whole pipeline, so that the rate is one core's: tf.data parallelizes even a plain map itself.
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 1
+  options.threading.max_intra_op_parallelism = 1
+  ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().map(decode).batch(setup.batch_size).with_options(options)
+  iterator = iter(ds)
+  return _batches(lambda: next(iterator), batches, warmup=1, stored_side=size,
+                  resized_to=setup.image_size if resize else None,
+                  jpeg_kb=round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1), sample_files=len(jpegs))
 
 
 def _train(setup: Setup, *, model_name: str) -> dict:
@@ -325,15 +348,15 @@ def _train(setup: Setup, *, model_name: str) -> dict:
   for iterator in iterators.values():  # Traces the step, and fills the pipeline's shuffle buffer.
     step(iterator)
   seconds = {source: [] for source in iterators}
-  # Alternating single steps, so that a change in the machine's load hits both sources alike; the median step
-  # ignores the odd step another process slowed down.
+  # Alternating single steps, so that a change in the machine's load hits both sources alike; the fastest step of
+  # each is the one other processes disturbed least.
   for _ in range(setup.train_steps):
     for source, iterator in iterators.items():
       start = time.perf_counter()
       step(iterator)
       metrics['loss'].result().numpy()  # Waits for the step.
       seconds[source].append(time.perf_counter() - start)
-  step_s = {source: float(np.median(s)) for source, s in seconds.items()}
+  step_s = {source: min(s) for source, s in seconds.items()}
   return {'images': setup.train_steps * setup.batch_size, 'seconds': round(sum(seconds['pipeline']), 6),
           'images_per_s': round(setup.batch_size / step_s['pipeline'], 1),
           'in_memory_images_per_s': round(setup.batch_size / step_s['in_memory'], 1),
@@ -354,38 +377,42 @@ def train_resnet50(setup: Setup, batches: int) -> dict:
   return _train(setup, model_name='resnet50')
 
 
-def decode_224(setup: Setup, batches: int) -> dict:
+def decode_224(setup: Setup, batches: int) -> _Timed:
   return _decode(setup, batches, size=224, resize=False)
 
 
-def decode_512(setup: Setup, batches: int) -> dict:
+def decode_512(setup: Setup, batches: int) -> _Timed:
   """A model trained on the 512 config takes 512-pixel images: decode only."""
   return _decode(setup, batches, size=512, resize=False)
 
 
-def decode_2048(setup: Setup, batches: int) -> dict:
+def decode_2048(setup: Setup, batches: int) -> _Timed:
   """Stands for the original config: 2048-pixel JPEGs (upscaled), decoded and resized to the model's size."""
   return _decode(setup, batches, size=2048, resize=True)
 
 
 # name -> (function, batches per timed run by default: about a second on two cores). In run order: the build first,
-# so that the rest read what it built.
+# so that the rest read what it built. A function returns a _Timed pipeline, or a finished line (build, training).
 MEASUREMENTS = {
     'build': (build, None),
     'ours_cold': (ours_cold, 10**6),  # Capped at one pass.
-    'ours_warm': (ours_warm, 1500),
-    'ours_cold_augmented': (ours_cold_augmented, 40),
-    'ours_warm_augmented': (ours_warm_augmented, 20),
-    'in_memory': (in_memory, 1500),
     'raw_decode': (raw_decode, 150),
-    'peer_image_data_generator': (peer_image_data_generator, 8),
+    'ours_warm': (ours_warm, 1500),
+    'in_memory': (in_memory, 1500),
+    'ours_warm_augmented': (ours_warm_augmented, 20),
     'peer_dataset_from_directory': (peer_dataset_from_directory, 20),
+    'ours_cold_augmented': (ours_cold_augmented, 40),
+    'peer_image_data_generator': (peer_image_data_generator, 8),
     'decode_224': (decode_224, 60),
     'decode_512': (decode_512, 20),
     'decode_2048': (decode_2048, 4),
     'train_cnn': (train_cnn, None),
     'train_resnet50': (train_resnet50, None),
 }
+
+# Timed together, in one process, taking turns: each target's two sides (TARGETS).
+GROUPS = (('ours_cold', 'raw_decode'), ('ours_warm', 'in_memory'),
+          ('ours_warm_augmented', 'peer_dataset_from_directory'))
 
 # Measurements that read <manual_dir>/train directly.
 _READ_FILES = ('raw_decode', 'peer_image_data_generator', 'peer_dataset_from_directory', 'decode_224', 'decode_512',
@@ -438,23 +465,43 @@ def validate(setup: Setup, names: list[str]) -> None:
     _train_folder(setup)
 
 
-def measure(name: str, setup: Setup) -> dict:
-  """Runs one measurement in this process and returns its JSON line as a dict.
+def groups(names: list[str]) -> list[tuple[str, ...]]:
+  """Splits `names` into the groups timed together (GROUPS), in the order of MEASUREMENTS."""
+  ordered = [name for name in MEASUREMENTS if name in names]
+  together = {name: tuple(n for n in group if n in names) for group in GROUPS for name in group}
+  result = []
+  for name in ordered:
+    group = together.get(name, (name,))
+    if group not in result:
+      result.append(group)
+  return result
+
+
+def measure(names: tuple[str, ...], setup: Setup) -> list[dict]:
+  """Runs measurements in this process, their timed runs taking turns, and returns their JSON lines as dicts.
 
   Args:
-    name: one of MEASUREMENTS.
+    names: names from MEASUREMENTS.
     setup: the run's arguments.
 
   Returns:
-    {'name', 'images_per_s' (None when skipped), ..., 'peak_rss_mb'}; a skipped peer has 'skipped' with the reason.
+    One dict per name: {'name', 'images_per_s' (None when skipped), ..., 'peak_rss_mb'}; a skipped peer has
+    'skipped' with the reason.
   """
-  function, default_batches = MEASUREMENTS[name]
+  lines, timed = {}, {}
   # Peers print progress ("Found N images"); stdout carries JSON lines only.
   with contextlib.redirect_stdout(sys.stderr):
-    fields = function(setup, setup.steps or default_batches)
+    for name in names:
+      function, default_batches = MEASUREMENTS[name]
+      result = function(setup, setup.steps or default_batches)
+      if isinstance(result, _Timed):
+        timed[name] = result
+      else:
+        lines[name] = result
+    lines.update(_time_alternately(timed, setup.repeats))
   # ru_maxrss is in KiB on Linux, and is the peak of the whole process so far.
-  return {'name': name, 'images_per_s': None, **fields,
-          'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+  rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  return [{'name': name, 'images_per_s': None, **lines[name], 'peak_rss_mb': rss} for name in names]
 
 
 def _child_stdout_to_stderr():
@@ -463,33 +510,34 @@ def _child_stdout_to_stderr():
 
 
 def run(names: list[str], setup: Setup, *, isolate: bool = True):
-  """Runs the measurements in order, each in a fresh spawned process if `isolate`.
+  """Runs the measurements, group by group (`groups`), each group in a fresh spawned process if `isolate`.
 
   Args:
     names: measurement names, from MEASUREMENTS.
     setup: the run's arguments.
-    isolate: one process per measurement (peak RSS per measurement); False runs them all in this process, so that
-      peak_rss_mb is the peak of the run so far.
+    isolate: one process per group; False runs them all in this process, so that peak_rss_mb is the run's so far.
 
   Yields:
-    One dict per measurement, as `measure` returns it, with 'rss' saying whose peak it is and 'wall_s' the time the
-    whole measurement took (its process's start and imports included). A measurement that fails yields
-    {'name', 'images_per_s': None, 'error'} and the run goes on.
+    One dict per measurement, as `measure` returns it, with 'rss' saying whose peak it is and 'wall_s' the time its
+    process took (start and imports included; shared by a group). A group that fails yields one
+    {'name', 'images_per_s': None, 'error'} per measurement in it, and the run goes on.
   """
-  for name in names:
+  for group in groups(names):
     start = time.perf_counter()
     try:
       if isolate:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),
                                                     initializer=_child_stdout_to_stderr) as pool:
-          line = pool.submit(measure, name, setup).result()
+          lines = pool.submit(measure, group, setup).result()
       else:
-        line = measure(name, setup)
+        lines = measure(group, setup)
     except Exception as e:  # pylint: disable=broad-except
-      yield {'name': name, 'images_per_s': None, 'error': f'{type(e).__name__}: {e}'}
+      for name in group:
+        yield {'name': name, 'images_per_s': None, 'error': f'{type(e).__name__}: {e}'}
       continue
-    yield {**line, 'rss': 'this measurement\'s own process, imports included' if isolate else 'the run so far',
-           'wall_s': round(time.perf_counter() - start, 1)}
+    rss = f'this process\'s ({", ".join(group)}), imports included' if isolate else 'the run so far'
+    for line in lines:
+      yield {**line, 'rss': rss, 'wall_s': round(time.perf_counter() - start, 1)}
 
 
 def targets(lines: list[dict]) -> dict:
