@@ -88,7 +88,7 @@ class Setup:
   image_size: int = 224
   batch_size: int = 32
   steps: int | None = None
-  train_steps: int = 5
+  train_steps: int = 10
   repeats: int = 3
   seed: int = 0
 
@@ -108,11 +108,30 @@ class _Timed:
   fields: dict = dataclasses.field(default_factory=dict)
 
 
-def _batches(next_images, batches: int, *, warmup: int, **fields) -> _Timed:
-  """Calls next_images() `warmup` times now, untimed; each timed run is `batches` calls more."""
-  for _ in range(warmup):
-    next_images()
-  return _Timed(lambda _: sum(int(next_images().shape[0]) for _ in range(batches)), fields=fields)
+def _batches(start, batches: int, *, warmup: int, **fields) -> _Timed:
+  """Times `batches` batches of images from next_images = start(), after `warmup` untimed ones, in each run.
+
+  Every run starts anew: an iterator left alive between runs would go on prefetching in the background, during
+  the other pipeline's turn, and then hand its stock to its own timer.
+  """
+
+  def prepare():
+    next_images = start()
+    for _ in range(warmup):
+      next_images()
+    return next_images
+
+  return _Timed(lambda next_images: sum(int(next_images().shape[0]) for _ in range(batches)), prepare, fields)
+
+
+def _images_of(ds: tf.data.Dataset, pick=lambda batch: batch):
+  """A `start` for _batches: each call makes a new iterator over `ds` and returns its next-images function."""
+
+  def start():
+    iterator = iter(ds)
+    return lambda: pick(next(iterator))
+
+  return start
 
 
 def _rates(images: int, wall: float, cpu: float) -> dict:
@@ -135,6 +154,7 @@ def _time_alternately(timed: dict[str, _Timed], repeats: int) -> dict[str, dict]
       wall, cpu = time.perf_counter(), time.process_time()
       images = pipeline.run(state)
       runs[name].append((images, time.perf_counter() - wall, time.process_time() - cpu))
+      del state  # Stops its iterator before the next pipeline's turn.
   return {name: {**_rates(*max(runs[name], key=lambda r: r[0] / r[1])),
                  'images_per_s_runs': [round(i / w, 1) for i, w, _ in runs[name]], **timed[name].fields}
           for name in timed}
@@ -207,9 +227,15 @@ def _ours(setup: Setup, batches: int, *, warm: bool, augment: bool) -> _Timed:
                               shuffle_buffer=SHUFFLE_BUFFER)
 
   if warm:
-    iterator = iter(pipeline())
-    # The cache is complete once the shuffle has drawn the whole first pass; the batches after it come from the cache.
-    return _batches(lambda: augment_batch(next(iterator)[0]), batches, warmup=epoch + 2, **fields)
+    ds = pipeline()
+    # The cache is complete once the shuffle has drawn the whole first pass, and later iterators share it.
+    iterator = iter(ds)
+    for _ in range(epoch + 2):
+      next(iterator)
+    del iterator
+    # Each run's warm-up refills the shuffle buffer from the cache.
+    return _batches(_images_of(ds, lambda batch: augment_batch(batch[0])), batches,
+                    warmup=SHUFFLE_BUFFER // setup.batch_size + 2, **fields)
   batches = min(batches, epoch)  # Beyond one pass it is no longer cold.
 
   def first_pass(ds):
@@ -244,8 +270,8 @@ def in_memory(setup: Setup, batches: int) -> _Timed:
   images = np.concatenate([ex['image'] for ex in examples])
   labels = np.concatenate([ex['label'] for ex in examples])
   ds = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(SHUFFLE_BUFFER, seed=setup.seed).repeat()
-  iterator = iter(ds.batch(setup.batch_size, drop_remainder=True).prefetch(AUTOTUNE))
-  return _batches(lambda: next(iterator)[0], batches, warmup=_epoch(builder, setup) + 2,
+  ds = ds.batch(setup.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+  return _batches(_images_of(ds, lambda batch: batch[0]), batches, warmup=SHUFFLE_BUFFER // setup.batch_size + 2,
                   array_mb=round(images.nbytes / 2**20, 1))
 
 
@@ -263,8 +289,7 @@ def raw_decode(setup: Setup, batches: int) -> _Timed:
 
   ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=setup.seed).repeat()
   ds = ds.map(decode, num_parallel_calls=AUTOTUNE).batch(setup.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-  iterator = iter(ds)
-  return _batches(lambda: next(iterator), batches, warmup=2, files=len(files))
+  return _batches(_images_of(ds), batches, warmup=2, files=len(files))
 
 
 def peer_image_data_generator(setup: Setup, batches: int) -> _Timed | dict:
@@ -280,7 +305,8 @@ def peer_image_data_generator(setup: Setup, batches: int) -> _Timed | dict:
   flow = generator.flow_from_directory(_train_folder(setup), target_size=(setup.image_size, setup.image_size),
                                        color_mode='grayscale', class_mode='binary', batch_size=setup.batch_size,
                                        seed=setup.seed)
-  return _batches(lambda: next(flow)[0], batches, warmup=2, files=flow.samples)
+  # A plain Python iterator: it does nothing between calls, so one serves every run.
+  return _batches(lambda: lambda: next(flow)[0], batches, warmup=2, files=flow.samples)
 
 
 def peer_dataset_from_directory(setup: Setup, batches: int) -> _Timed:
@@ -290,8 +316,7 @@ def peer_dataset_from_directory(setup: Setup, batches: int) -> _Timed:
       _train_folder(setup), image_size=(setup.image_size, setup.image_size), batch_size=setup.batch_size,
       color_mode='grayscale', seed=setup.seed, verbose=False)
   ds = ds.repeat().map(lambda images, labels: (layer(images, training=True), labels), num_parallel_calls=AUTOTUNE)
-  iterator = iter(ds.prefetch(AUTOTUNE))
-  return _batches(lambda: next(iterator)[0], batches, warmup=2,
+  return _batches(_images_of(ds.prefetch(AUTOTUNE), lambda batch: batch[0]), batches, warmup=2,
                   augmentation="the model's layers, in tf.data.map, on whole batches")
 
 
@@ -313,8 +338,7 @@ def _decode(setup: Setup, batches: int, *, size: int, resize: bool) -> _Timed:
   options.threading.private_threadpool_size = 1
   options.threading.max_intra_op_parallelism = 1
   ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().map(decode).batch(setup.batch_size).with_options(options)
-  iterator = iter(ds)
-  return _batches(lambda: next(iterator), batches, warmup=1, stored_side=size,
+  return _batches(_images_of(ds), batches, warmup=1, stored_side=size,
                   resized_to=setup.image_size if resize else None,
                   jpeg_kb=round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1), sample_files=len(jpegs))
 
@@ -348,21 +372,22 @@ def _train(setup: Setup, *, model_name: str) -> dict:
   for iterator in iterators.values():  # Traces the step, and fills the pipeline's shuffle buffer.
     step(iterator)
   seconds = {source: [] for source in iterators}
-  # Alternating single steps, so that a change in the machine's load hits both sources alike; the fastest step of
-  # each is the one other processes disturbed least.
+  # Alternating single steps, so that a change in the machine's load hits both steps of a pair alike; the median
+  # pair ignores the pairs that a burst of another process split.
   for _ in range(setup.train_steps):
     for source, iterator in iterators.items():
       start = time.perf_counter()
       step(iterator)
       metrics['loss'].result().numpy()  # Waits for the step.
       seconds[source].append(time.perf_counter() - start)
-  step_s = {source: min(s) for source, s in seconds.items()}
+  step_s = {source: float(np.median(s)) for source, s in seconds.items()}
+  ratio = float(np.median(np.divide(seconds['in_memory'], seconds['pipeline'])))
   return {'images': setup.train_steps * setup.batch_size, 'seconds': round(sum(seconds['pipeline']), 6),
           'images_per_s': round(setup.batch_size / step_s['pipeline'], 1),
           'in_memory_images_per_s': round(setup.batch_size / step_s['in_memory'], 1),
           'step_ms_pipeline': round(1000 * step_s['pipeline'], 1),
           'step_ms_in_memory': round(1000 * step_s['in_memory'], 1),
-          'ratio': round(step_s['in_memory'] / step_s['pipeline'], 3),
+          'ratio': round(ratio, 3),
           'trainable': 'head only (backbone frozen)' if model_name != 'cnn' else 'all layers',
           'device': 'host CPU, float32', 'pipeline_pass': 'cold: the first steps of the first pass'}
 
@@ -578,7 +603,8 @@ def _define_flags():
   flags.DEFINE_integer('batch_size', 32, 'Images per batch, in every pipeline and training step.')
   flags.DEFINE_integer('steps', None, 'Batches timed per pipeline measurement (default: each measurement\'s own, '
                        'a second or a few on two cores; a cold pass is capped at one epoch).')
-  flags.DEFINE_integer('train_steps', 5, 'Training steps timed per input source, after one untimed step each.')
+  flags.DEFINE_integer('train_steps', 10, 'Training steps timed per input source, taking turns, after one untimed '
+                       'step each; the ratio is the median over the pairs.')
   flags.DEFINE_integer('repeats', 3, 'Timed runs per pipeline measurement; the fastest is reported, the others show '
                        'how much other processes disturbed it.')
   flags.DEFINE_integer('seed', 0, 'Seed of the shuffles, the augmentation and the models\' initialisation.')
