@@ -9,6 +9,7 @@ Prints the build log, the examples per split and class, and the build rate in im
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from absl import app
@@ -21,14 +22,17 @@ from cxr_tfds.chest_xray_pneumonia import chest_xray_pneumonia_dataset_builder a
 
 _NAME = 'chest_xray_pneumonia'
 
-_CONFIG = flags.DEFINE_enum(
-    'config', None, [config.name for config in builder_lib.Builder.BUILDER_CONFIGS],
-    'Config to build: `synthetic` needs no download.')
-_DATA_DIR = flags.DEFINE_string(
-    'data_dir', None, 'Where to write the dataset; TFDS default (~/tensorflow_datasets) if unset.')
-_MANUAL_DIR = flags.DEFINE_string(
-    'manual_dir', None, 'Folder holding the Kaggle or Mendeley zip, or the folder extracted from it '
-    '(see BUILD.md); TFDS default (<data_dir>/downloads/manual) if unset.')
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  # Defined only when this module runs as the program, so that importing `build` defines no flag that could clash
+  # with the trainer's --data_dir and --manual_dir.
+  flags.DEFINE_enum('config', None, [config.name for config in builder_lib.Builder.BUILDER_CONFIGS],
+                    'Config to build: `synthetic` needs no download.', required=True)
+  flags.DEFINE_string('data_dir', None, 'Where to write the dataset; TFDS default (~/tensorflow_datasets) if unset.')
+  flags.DEFINE_string('manual_dir', None, 'Folder holding the Kaggle or Mendeley zip, or the folder extracted from '
+                      'it (see BUILD.md); TFDS default (<data_dir>/downloads/manual) if unset.')
 
 
 def build(config: str, data_dir: str | None = None, manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
@@ -77,10 +81,17 @@ def summary(builder: tfds.core.DatasetBuilder) -> str:
 def main(argv):
   del argv  # Unused.
   logging.set_verbosity(logging.INFO)
-  data_dir, manual_dir = (os.path.expanduser(d) if d else None for d in (_DATA_DIR.value, _MANUAL_DIR.value))
-  print(summary(build(_CONFIG.value, data_dir, manual_dir)))
+  data_dir, manual_dir = (os.path.expanduser(d) if d else None for d in (FLAGS.data_dir, FLAGS.manual_dir))
+  print(summary(build(FLAGS.config, data_dir, manual_dir)))
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('config')
-  app.run(main)
+  _define_flags()
+  try:
+    app.run(main)
+  except (ValueError, OSError, AssertionError) as e:
+    # Missing or hostile data is the user's to fix: one line, not a traceback (TFDS raises AssertionError for a
+    # missing manual dir). --verbosity=1 logs the traceback.
+    logging.debug('Traceback of the error below:', exc_info=True)
+    print(f'error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}', file=sys.stderr)
+    sys.exit(1)

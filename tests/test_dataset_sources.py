@@ -118,7 +118,7 @@ def test_incomplete_data_names_what_is_missing(tmp_path):
 def test_builder_with_empty_manual_dir_fails_with_instructions(tmp_path):
   (tmp_path / 'manual').mkdir()
   builder = tfds.builder('chest_xray_pneumonia/224', data_dir=str(tmp_path / 'data'))
-  with pytest.raises(AssertionError, match='paultimothymooney/chest-xray-pneumonia'):
+  with pytest.raises(FileNotFoundError, match='does not exist or is empty.*paultimothymooney/chest-xray-pneumonia'):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'manual')))
 
 

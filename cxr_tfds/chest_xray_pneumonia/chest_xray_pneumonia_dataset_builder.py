@@ -67,7 +67,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if self.builder_config.name == 'synthetic':
       source, release = synthetic.Source(), None
     else:
-      source = sources.ManualSource.find(dl_manager.manual_dir)
+      try:
+        manual_dir = dl_manager.manual_dir
+      except AssertionError:  # TFDS's word for a missing or empty manual dir, followed by many lines.
+        raise FileNotFoundError(f'The manual dir {self._manual_dir_name(dl_manager)} does not exist or is empty. '
+                                f'{sources.DOWNLOAD_HINT}') from None
+      source = sources.ManualSource.find(manual_dir)
       release = sources.identify_release(source.images)
     self.info.metadata.update(
         sources=source.locations, source_counts=sources.folder_counts(source.images), release=release,
@@ -100,6 +105,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         }
     self.info.metadata['counts'][split] = dict(sorted(findings.items()))
     logging.info('%s: %d examples, %s.', split, sum(findings.values()), dict(sorted(findings.items())))
+
+  @staticmethod
+  def _manual_dir_name(dl_manager) -> str:
+    # TFDS keeps the path private; it is only for the message, so a TFDS without it just loses the path.
+    return str(getattr(dl_manager, '_manual_dir', '(see --manual_dir)'))
 
   def _skip(self, image: sources.SourceImage, reason: str) -> None:
     logging.warning('Skipping %s: %s', image.file_name, reason)

@@ -66,6 +66,10 @@ Download "Chest X-Ray Images (Pneumonia)" (Kermany et al. 2018) in one of these 
 Put the zip as downloaded (any file name), or the folder extracted from it, in the manual dir.
 The zip is read directly: there is no need to extract it. See BUILD.md.
 """
+# The same, on one line, for errors: the commands print a user's error as one line.
+DOWNLOAD_HINT = ('Download the Kaggle zip (`kaggle datasets download -d paultimothymooney/chest-xray-pneumonia`, or '
+                 'the Download button on kaggle.com) or Mendeley\'s ChestXRay2017.zip (doi:10.17632/rscbjbr9sj.2), '
+                 'and put it as downloaded, or the folder extracted from it, in the manual dir (see BUILD.md).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,4 +346,4 @@ def _check_complete(images: list[SourceImage], manual_dir: pathlib.Path) -> None
   found = folder_counts(images) or 'nothing'
   raise FileNotFoundError(
       f'Chest X-ray images missing in {manual_dir}: none found for {", ".join(missing)} '
-      f'(found: {found}).\n{DOWNLOAD_INSTRUCTIONS}')
+      f'(found: {found}). {DOWNLOAD_HINT}')
