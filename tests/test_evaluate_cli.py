@@ -26,7 +26,7 @@ FIGURES = ('confusion_matrix', 'roc_curve', 'pr_curve', 'reliability')
 
 @pytest.fixture(scope='module')
 def model_dir(synthetic_data_dir, tmp_path_factory):
-  """A run's model_dir as training leaves it (model.keras and run.json), with an untrained CNN: reports need no skill."""
+  """A run's model_dir as training leaves it (model.keras, run.json), with an untrained CNN: reports need no skill."""
   model_dir = tmp_path_factory.mktemp('run')
   config = Config(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
                   model_dir=str(model_dir), image_size=SIZE, cnn_filters=4, cnn_depth=2, weights='none')

@@ -284,7 +284,7 @@ def _cnn_backbone(image_size, filters, depth):
   if image_size < 2**depth:
     raise ValueError(f'image_size={image_size} is too small for cnn_depth={depth}: each block '
                      f'halves the side, so image_size must be >= {2**depth}.')
-  layers = [keras.Input((image_size, image_size, 1))]
+  layers = []
   for block in range(1, depth + 1):
     width = filters * 2**(block - 1)
     for i in (1, 2):
@@ -301,7 +301,12 @@ def _cnn_backbone(image_size, filters, depth):
         keras.layers.MaxPooling2D(name=f'block{block}_pool'),
         keras.layers.SpatialDropout2D(_CNN_SPATIAL_DROPOUT, name=f'block{block}_dropout'),
     ]
-  return keras.Sequential(layers, name='backbone')
+  # Functional, not Sequential: a Sequential reloaded from .keras keeps each layer's `.output` from a stale build,
+  # and Grad-CAM's sub-model of the last convolution then gets no gradient.
+  images = x = keras.Input((image_size, image_size, 1))
+  for layer in layers:
+    x = layer(x)
+  return keras.Model(images, x, name='backbone')
 
 
 @functools.cache

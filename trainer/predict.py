@@ -237,17 +237,7 @@ def make_gradcam(model: keras.Model, image_size: int):
 def _with_last_convolution(backbone: keras.Model) -> keras.Model:
   """A model of the backbone's own layers (same weights) that outputs its last Conv2D's feature maps too."""
   last = [layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)][-1]
-  if not isinstance(backbone, keras.Sequential):
-    return keras.Model(backbone.inputs, [last.output, *backbone.outputs])
-  # A Sequential loaded from a .keras file has been built several times, and a layer's `.output` is that of its
-  # first call, which may belong to a stale graph (the gradient then comes back None). Calling the layers again on an
-  # Input of our own gives a graph whose tensors are connected.
-  inputs = x = keras.Input(backbone.inputs[0].shape[1:])
-  for layer in backbone.layers:
-    x = layer(x)
-    if layer is last:
-      feature_maps = x
-  return keras.Model(inputs, [feature_maps, x])
+  return keras.Model(backbone.inputs, [last.output, *backbone.outputs])
 
 
 def overlay_png(image: np.ndarray, heatmap: np.ndarray) -> bytes:
