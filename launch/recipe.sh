@@ -40,12 +40,13 @@ fi
 
 build=(python -m cxr_tfds.build --config="${config}" --manual_dir="${manual_dir}" "${data_dir_flag[@]}")
 
+# No --manual_dir here: the build above made the dataset, so the trainer only loads it.
 # The cnn trains every layer in both of the trainer's phases, so the second phase is a step decay of the learning rate
 # (--fine_tune_learning_rate), not a fine-tuning. The test split is only reported: the best epoch is picked by
 # validation ROC-AUC and the threshold by Youden's J on validation, both by the trainer.
 train=(python -m trainer.main
   --model=cnn --weights=none
-  --dataset="chest_xray_pneumonia/${config}" --manual_dir="${manual_dir}" "${data_dir_flag[@]}"
+  --dataset="chest_xray_pneumonia/${config}" "${data_dir_flag[@]}"
   --model_dir="${output_dir}"
   --image_size="${IMAGE_SIZE:-128}"
   --cnn_filters="${CNN_FILTERS:-16}" --cnn_depth="${CNN_DEPTH:-4}"
