@@ -141,6 +141,15 @@ def test_validate_rejects_bad_arguments_in_one_line(setup, change, error, match)
     benchmark.validate(benchmark.Setup(**{**setup.__dict__, **change}), names)
 
 
+def test_a_failing_measurement_becomes_an_error_line_and_the_run_goes_on(setup, tmp_path):
+  broken = benchmark.Setup(**{**setup.__dict__, 'manual_dir': str(tmp_path)})  # No train/ folder in it.
+  lines = list(benchmark.run(['raw_decode', 'decode_224'], broken, isolate=False))
+  assert [line['name'] for line in lines] == ['raw_decode', 'decode_224']
+  for line in lines:
+    assert line['images_per_s'] is None
+    assert line['error'].startswith('FileNotFoundError') and str(tmp_path) in line['error']
+
+
 def test_command_line_prints_only_json_lines_from_isolated_processes(setup):
   # A peer that prints ("Found 12 images ..."), in its own spawned process.
   command = [sys.executable, '-m', 'trainer.benchmark', '--only=peer_image_data_generator',
