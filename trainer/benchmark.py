@@ -609,7 +609,8 @@ def _define_flags():
                        'how much other processes disturbed it.')
   flags.DEFINE_integer('seed', 0, 'Seed of the shuffles, the augmentation and the models\' initialisation.')
   flags.DEFINE_list('only', None, f'Measurements to run, comma-separated (default: all): {",".join(MEASUREMENTS)}.')
-  flags.DEFINE_bool('isolate', True, 'Run each measurement in its own process, so that peak RSS is its own.')
+  flags.DEFINE_bool('isolate', True, 'Run each measurement (or pair timed together) in its own process, so that '
+                    'peak RSS is its own.')
 
 
 def main(argv):
@@ -623,7 +624,10 @@ def main(argv):
                   manual_dir=FLAGS.manual_dir and os.path.expanduser(FLAGS.manual_dir), image_size=FLAGS.image_size,
                   batch_size=FLAGS.batch_size, steps=FLAGS.steps, train_steps=FLAGS.train_steps,
                   repeats=FLAGS.repeats, seed=FLAGS.seed)
-    validate(setup, names)
+    try:
+      validate(setup, names)
+    except (ValueError, FileNotFoundError) as e:
+      sys.exit(f'trainer.benchmark: {e}')  # One line, no traceback: it is the command line that is wrong.
     lines = []
     for line in run(names, setup, isolate=FLAGS.isolate):
       print(json.dumps(line), flush=True)
