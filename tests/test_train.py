@@ -157,3 +157,15 @@ def test_tensorboard_server_serves_the_run(trained):
   finally:
     server.terminate()
     server.wait(timeout=30)
+
+
+def test_profile_steps_record_a_tensorboard_profile(synthetic_data_dir, tmp_path):
+  import dataclasses
+  config = Config(model='cnn', data_dir=synthetic_data_dir, model_dir=str(tmp_path / 'profiled'), image_size=32,
+                  epochs=1, fine_tune_epochs=0, cnn_filters=4, cnn_depth=2, weights='none',
+                  profile_steps=(3, 5)).validate()
+  train.run(config, tf.distribute.OneDeviceStrategy('/cpu:0'))
+  traces = glob.glob(os.path.join(config.model_dir, 'train', 'plugins', 'profile', '*', '*.xplane.pb'))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+  with pytest.raises(ValueError, match='profile_steps'):
+    dataclasses.replace(config, profile_steps=(5, 3)).validate()
