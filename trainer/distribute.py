@@ -16,9 +16,8 @@ import os
 import keras
 import tensorflow as tf
 
-STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
-PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
-LR_SCALING = ('none', 'linear', 'sqrt')
+# Defined in trainer.config, which main checks before it imports TensorFlow.
+from trainer.config import LR_SCALING, PRECISIONS, STRATEGIES  # pylint: disable=g-importing-member,unused-import
 
 # SlurmClusterResolver's default: worker i listens on <node i>:8888. The port must be free on every node.
 SLURM_PORT = 8888

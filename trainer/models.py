@@ -38,9 +38,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-MODELS = ('cnn', 'resnet50', 'vgg16')
+# Defined in trainer.config, which main checks before it imports TensorFlow.
+from trainer.config import EQUALIZE, MODELS  # pylint: disable=g-importing-member
+
 PHASES = ('head', 'fine_tune')
-EQUALIZE = ('none', 'histogram', 'clahe')
 
 UNFREEZE_HELP = ('Number of the backbone\'s last convolutional layers trained in the fine-tune '
                  'phase, counted from the output (resnet50 has 53: 3 = last block, 10 = conv5 '

@@ -29,7 +29,7 @@ from trainer import figures
 from trainer import models
 from trainer.config import Config
 
-PHASES = ('head', 'fine_tune')
+PHASES = models.PHASES
 # Scalars logged each epoch, with the same tag under train/ and validation/ so TensorBoard overlays them.
 SCALARS = ('loss', 'accuracy', 'precision', 'recall', 'auc', 'pr_auc')
 # Training steps between two reads of the metrics (progress bar, divergence check).
