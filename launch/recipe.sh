@@ -20,7 +20,8 @@
 set -euo pipefail
 
 # One function, called on the last line: bash reads a script as it runs it, so editing this file during a 30-minute
-# run would otherwise change the lines still to come (seen here: the final message went missing).
+# run would otherwise change the lines still to come (seen here: the final message went missing). `exit` on the same
+# line, so nothing after it is read either.
 main() {
   if [[ $# -lt 2 ]]; then
     echo "usage: $0 MANUAL_DIR OUTPUT_DIR [extra trainer flags]" >&2
@@ -53,6 +54,7 @@ main() {
     --model_dir="${output_dir}"
     --image_size="${IMAGE_SIZE:-128}"
     --cnn_filters="${CNN_FILTERS:-16}" --cnn_depth="${CNN_DEPTH:-4}"
+    # CLAHE for robustness to the official test's exposure shift; on validation it is level with none (EXPERIMENTS.md).
     --equalize="${EQUALIZE:-clahe}"
     --epochs="${EPOCHS:-6}" --learning_rate="${LEARNING_RATE:-1e-3}"
     --fine_tune_epochs="${DECAY_EPOCHS:-2}" --fine_tune_learning_rate="${DECAY_LEARNING_RATE:-1e-4}"
@@ -72,4 +74,4 @@ main() {
   echo "recipe: $(( (SECONDS - start) / 60 )) min; report: ${output_dir}/report.json, threshold: ${output_dir}/run.json"
 }
 
-main "$@"
+main "$@"; exit
