@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import re
-import uuid
 
 from absl import app
 from absl import flags
@@ -509,20 +508,11 @@ def _number(value):
 
 
 def _write_atomic(path, data: bytes):
-  """Writes `data` to a temporary file beside `path`, then renames it over `path` (atomic on POSIX and Windows)."""
-  directory, name = os.path.split(path)
-  # A name of our own rather than tempfile.mkstemp, whose 0600 mode would survive the rename; open() honours umask.
-  tmp = os.path.join(directory, f'.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
-  try:
-    with open(tmp, 'xb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """Writes `data` beside `path` and renames it over `path`, so a reader never sees half a file."""
+  with export.replacing(path) as partial, open(partial, 'wb') as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 # The model on a split, and the CLI.

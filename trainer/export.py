@@ -57,16 +57,16 @@ def replacing(path: str):
   partial = os.path.join(folder, f'{stem}.partial{dot}{extensions}')
   try:
     yield partial
+    if os.path.isdir(partial):
+      # os.replace cannot replace a folder that has files; the old one goes first.
+      shutil.rmtree(path, ignore_errors=True)
+    os.replace(partial, path)
   except (OSError, tf.errors.OpError) as e:
     _remove(partial)
     raise OSError(f'Cannot write {path}: {error_reason(e)}. Its previous version, if any, is kept.') from e
-  except BaseException:
+  except BaseException:  # Also a kill (KeyboardInterrupt) during the rename: no partial is left behind.
     _remove(partial)
     raise
-  if os.path.isdir(partial):
-    # os.replace cannot replace a folder that has files; the old one goes first.
-    shutil.rmtree(path, ignore_errors=True)
-  os.replace(partial, path)
 
 
 def _remove(path: str) -> None:

@@ -30,7 +30,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import sys
 
 from absl import flags
@@ -44,6 +43,7 @@ import tensorflow as tf
 from trainer import cli
 from trainer import data
 from trainer import evaluate
+from trainer import export
 from trainer import figures
 
 CLASS_NAMES = figures.CLASS_NAMES  # The printed labels, indexed by class id.
@@ -58,8 +58,6 @@ ENSEMBLE_FILE = 'ensemble.json'
 # Grad-CAM overlay: the heat map's colours cover the X-ray in proportion to the heat, up to this opacity.
 _OVERLAY_OPACITY = 0.5
 _DICOM_MAGIC = b'DICM'  # At byte 128 of a DICOM Part 10 file, after the preamble.
-# TF's error messages wrap the reason in the op's and the device's names.
-_TF_OP_CONTEXT = re.compile(r'{{.*?}}|\[Op:.*?]')
 
 FLAGS = flags.FLAGS
 
@@ -134,7 +132,7 @@ def read_image(path: str, image_sizes: Iterable[int]) -> dict[int, np.ndarray]:
   try:
     return {size: data.decode_image(raw, size).numpy() for size in image_sizes}
   except tf.errors.InvalidArgumentError as e:
-    reason = _TF_OP_CONTEXT.sub('', e.message).strip()
+    reason = export.error_message(e)
     raise BadImageError(f'cannot decode ({reason}); the file may be truncated') from None
 
 
