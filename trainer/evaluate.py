@@ -518,20 +518,35 @@ def _write_atomic(path, data: bytes):
 # The model on a split, and the CLI.
 
 
-def predict_split(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
+def make_predict(model: keras.Model):
+  """A traced function: uint8 images (batch, side, side, 1) -> float32 pneumonia probabilities (batch,).
+
+  Traced once for every batch size, so build it once and call it for every batch and every epoch.
+  """
+  side = model.inputs[0].shape[1]
+
+  @tf.function(input_signature=[tf.TensorSpec([None, side, side, 1], tf.uint8)])
+  def predict(images):
+    return tf.cast(model(images, training=False), tf.float32)[:, 0]
+
+  return predict
+
+
+def predict_split(model: keras.Model, dataset: tf.data.Dataset, *, predict=None) -> dict[str, np.ndarray]:
   """Runs `model` over a whole split, on this worker alone.
 
   Args:
     model: a model from `trainer.models.build_model` (uint8 images in, probabilities out).
     dataset: batches of dicts with 'image', 'label' and 'patient_id', as `trainer.data.eval_dataset` yields them.
+    predict: `make_predict(model)`, for a caller that predicts many times (each epoch); made here if None.
 
   Returns:
     {'probs', 'labels', 'groups' (patient ids)}: one entry per image, in the dataset's order.
   """
-  predict = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
+  predict = predict or make_predict(model)
   probs, labels, groups = [], [], []
   for batch in dataset:
-    probs.append(predict(batch['image']).numpy()[:, 0])
+    probs.append(predict(batch['image']).numpy())
     labels.append(batch['label'].numpy())
     groups.append(batch['patient_id'].numpy())
   return {'probs': np.concatenate(probs), 'labels': np.concatenate(labels), 'groups': np.concatenate(groups)}

@@ -173,16 +173,6 @@ def _dicom_pixels(raw: bytes) -> tf.Tensor:
   return tf.constant(scaled.astype(np.uint8)[..., None])
 
 
-def make_predict(model: keras.Model, image_size: int):
-  """A traced function: uint8 images (batch, image_size, image_size, 1) -> float32 probabilities (batch,)."""
-
-  @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 1], tf.uint8)])
-  def predict(images):
-    return tf.cast(model(images, training=False), tf.float32)[:, 0]
-
-  return predict
-
-
 def make_gradcam(model: keras.Model, image_size: int):
   """A traced Grad-CAM (Selvaraju et al., ICCV 2017) of the pneumonia score, for a model from `build_model`.
 
@@ -357,7 +347,7 @@ def predict_files(files: Sequence[str], runs: Sequence[evaluate.TrainedRun], *, 
   if gradcam_dir is not None and len(runs) != 1:
     raise ValueError('--gradcam_dir needs a single --model_dir: the members of an ensemble look at different '
                      'features, so run predict once per member instead.')
-  predicts = [make_predict(run.model, run.image_size) for run in runs]
+  predicts = [evaluate.make_predict(run.model) for run in runs]
   gradcam = make_gradcam(runs[0].model, runs[0].image_size) if gradcam_dir is not None else None
   # Overlays keep the inputs' folder structure below their common folder (of the files that exist: a wrong path
   # must not move the others' overlays).

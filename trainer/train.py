@@ -248,6 +248,7 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       skip_steps=int(epoch_var) * steps_per_epoch))
   iterator = iter(train_ds)
   val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
+  predict = evaluate.make_predict(model)  # Once: a function traced anew every epoch would retrace every epoch.
 
   writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
                     else tf.summary.create_noop_writer()) for name in ('train', 'validation')}
@@ -298,7 +299,7 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       sync_statistics()
     train = {name: float(metric.result()) for name, metric in metrics.items()}
 
-    val_pred = evaluate.predict_split(model, val_ds)
+    val_pred = evaluate.predict_split(model, val_ds, predict=predict)
     val = split_scalars(val_pred['labels'], val_pred['probs'])
     global_step = (epoch + 1) * steps_per_epoch
     with writers['train'].as_default():
