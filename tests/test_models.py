@@ -155,9 +155,28 @@ def test_augmentation_only_in_training():
 
   flipping = models.build_model('cnn', image_size=SIZE, horizontal_flip=True)
   assert 'flip' in [l.name for l in flipping.get_layer('augmentation').layers]
-  plain = models.build_model('cnn', image_size=SIZE, augment=False)
+  plain = models.build_model('cnn', image_size=SIZE, augment_strength=0)
   assert 'augmentation' not in [l.name for l in plain.layers]
 
+
+
+def test_augment_strength_scales_every_transform():
+  def augmentation(strength):
+    return models.build_model('cnn', image_size=64, seed=5, augment_strength=strength).get_layer('augmentation')
+
+  weak, strong = augmentation(0.5), augmentation(3.0)
+  assert strong.get_layer('zoom').height_factor == pytest.approx(0.3)
+  assert weak.get_layer('zoom').height_factor == pytest.approx(0.05)
+  assert strong.get_layer('rotation').factor == pytest.approx((-30 / 360, 30 / 360))
+  # (0.3, 0.3): the contrast factor is drawn from [0.7, 1.3] (a single 0.3 gives Keras's [1, 1.3]).
+  assert tuple(strong.get_layer('contrast').factor) == pytest.approx((0.3, 0.3))
+  # A smooth image (a radial gradient), so that the geometric transforms move pixel values and not just noise.
+  yy, xx = np.mgrid[:64, :64]
+  image = (255 * np.clip(1 - np.hypot(yy - 32, xx - 32) / 40, 0, 1)).astype(np.uint8)
+  images = np.repeat(image[None, ..., None], 16, axis=0)
+  change = {name: float(np.mean(np.abs(np.asarray(layer(images, training=True)) - images)))
+            for name, layer in (('weak', weak), ('strong', strong))}
+  assert change['strong'] > 2 * change['weak'] > 0, change
 
 def test_mixed_bfloat16(bfloat16_policy):
   for name, first_conv in (('resnet50', 'conv1_conv'), ('cnn', 'block1_conv1')):
@@ -173,7 +192,7 @@ def test_mixed_bfloat16(bfloat16_policy):
 
 def test_preprocess_matches_keras_applications():
   images = _images(2)
-  model = models.build_model('resnet50', image_size=SIZE, augment=False)
+  model = models.build_model('resnet50', image_size=SIZE, augment_strength=0)
   rgb = np.repeat(images, 3, axis=-1).astype(np.float32)
   expected = keras.applications.resnet50.preprocess_input(rgb)
   np.testing.assert_allclose(model.get_layer('preprocess')(images), expected, rtol=1e-6)
@@ -189,10 +208,10 @@ def test_backbone_batchnorm_stays_in_inference_mode():
 
 
 def test_weights_from_a_keras_3_file(tmp_path):
-  source = models.build_model('vgg16', image_size=SIZE, augment=False)
+  source = models.build_model('vgg16', image_size=SIZE, augment_strength=0)
   path = str(tmp_path / 'backbone.weights.h5')
   source.get_layer('backbone').save_weights(path)
-  loaded = models.build_model('vgg16', image_size=48, weights=path, augment=False)
+  loaded = models.build_model('vgg16', image_size=48, weights=path, augment_strength=0)
   pairs = zip(source.get_layer('backbone').weights, loaded.get_layer('backbone').weights)
   assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in pairs)
 
@@ -203,7 +222,7 @@ def test_weights_from_a_published_notop_h5(tmp_path):
   published = tf_keras.applications.VGG16(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
   path = str(tmp_path / 'vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5')
   published.save_weights(path)
-  loaded = models.build_model('vgg16', image_size=SIZE, weights=path, augment=False)
+  loaded = models.build_model('vgg16', image_size=SIZE, weights=path, augment_strength=0)
   expected = published.get_weights()
   actual = [w.numpy() for w in loaded.get_layer('backbone').weights]
   assert len(actual) == len(expected) == 26

@@ -169,3 +169,60 @@ def test_profile_steps_record_a_tensorboard_profile(synthetic_data_dir, tmp_path
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
   with pytest.raises(ValueError, match='profile_steps'):
     dataclasses.replace(config, profile_steps=(5, 3)).validate()
+
+
+def test_cosine_schedule_warms_up_and_decays_to_zero():
+  assert train.learning_rate_schedule(1e-3, 'constant', steps=100, steps_per_epoch=10) == 1e-3
+  assert train.learning_rate_schedule(1e-3, 'cosine', steps=0, steps_per_epoch=10) == 1e-3
+  schedule = train.learning_rate_schedule(1e-3, 'cosine', steps=100, steps_per_epoch=10)
+  rates = [float(schedule(step)) for step in (0, 5, 10, 55, 100, 120)]
+  # Warmup over the first epoch (10 steps), half the peak halfway through the decay, 0 at the end and after.
+  assert rates == pytest.approx([0, 5e-4, 1e-3, 5e-4, 0, 0], abs=1e-9)
+  # A short phase warms up over a quarter of its steps, not a whole epoch.
+  short = train.learning_rate_schedule(1e-3, 'cosine', steps=8, steps_per_epoch=10)
+  assert float(short(2)) == pytest.approx(1e-3)
+
+
+def test_label_smoothing_moves_the_targets():
+  """The loss the step records is binary cross-entropy against 1 - s/2 and s/2."""
+  inputs = keras.Input((1,))
+  outputs = keras.layers.Dense(1, activation='sigmoid', kernel_initializer='zeros',
+                               bias_initializer=keras.initializers.Constant(2.0))(inputs)
+  model = keras.Model(inputs, outputs)
+  strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+  p = 1 / (1 + np.exp(-2.0))
+  for smoothing in (0.0, 0.2):
+    metrics = train.train_metrics()
+    step = train.make_train_step(model, keras.optimizers.SGD(0.0), metrics, strategy, class_weights=[1.0, 1.0],
+                                 global_batch=2, label_smoothing=smoothing)
+    step(iter([(tf.zeros([2, 1]), tf.constant([1, 0]))]))
+    targets = np.array([1 - smoothing / 2, smoothing / 2])
+    expected = -np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p))
+    assert float(metrics['loss'].result()) == pytest.approx(expected, rel=1e-4), smoothing
+
+
+def test_cosine_run_records_its_rates_and_best_epoch_and_resumes(synthetic_data_dir, tmp_path):
+  model_dir = str(tmp_path / 'run')
+  settings = dict(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
+                  model_dir=model_dir, image_size=32, cnn_filters=8, cnn_depth=3, batch_size=32, epochs=3,
+                  fine_tune_epochs=0, learning_rate=1e-3, lr_schedule='cosine', label_smoothing=0.1,
+                  weights='none', seed=1, shuffle_buffer=64)
+  keras.utils.set_random_seed(1)
+  train.run(Config(**settings).validate(), tf.distribute.OneDeviceStrategy('/cpu:0'))
+  steps = 534 // 32  # the synthetic train split, in batches of 32
+  expected = train.learning_rate_schedule(1e-3, 'cosine', steps=3 * steps, steps_per_epoch=steps)
+  rates = _scalar(_events(os.path.join(model_dir, 'train')), 'learning_rate')
+  assert rates == pytest.approx([float(expected(epoch * steps)) for epoch in (1, 2, 3)], abs=1e-9)
+  assert rates[0] > rates[1] > rates[2] == pytest.approx(0, abs=1e-9)
+
+  aucs = _scalar(_events(os.path.join(model_dir, 'validation')), 'auc')
+  with open(os.path.join(model_dir, 'run.json')) as f:
+    best = json.load(f)['best']
+  assert best['epoch'] == 1 + int(np.argmax(aucs))
+  assert best['validation_roc_auc'] == pytest.approx(max(aucs))
+
+  # One more epoch, resumed from the checkpoint: the schedule comes from the flags, at the restored step.
+  keras.utils.set_random_seed(1)
+  train.run(Config(**{**settings, 'epochs': 4}).validate(), tf.distribute.OneDeviceStrategy('/cpu:0'))
+  assert len(_scalar(_events(os.path.join(model_dir, 'validation')), 'auc')) == 4
+  assert _scalar(_events(os.path.join(model_dir, 'train')), 'learning_rate')[-1] == pytest.approx(0, abs=1e-9)

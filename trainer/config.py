@@ -11,8 +11,11 @@ MODELS = ('cnn', 'resnet50', 'vgg16')
 OPTIMIZERS = ('adam', 'nadam', 'sgd')
 CLASS_WEIGHTS = ('balanced', 'none')
 LR_SCALING = ('none', 'linear', 'sqrt')
+LR_SCHEDULES = ('constant', 'cosine')
 EQUALIZE = ('none', 'histogram', 'clahe')
 # Kept here rather than in trainer.distribute, so flags can be checked before TensorFlow is imported.
+# At 5 the zoom reaches 50% and the rotation 50 degrees: beyond that the transforms stop looking like radiographs.
+MAX_AUGMENT_STRENGTH = 5.0
 STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
 # What a run resumed from its model_dir cannot change: the model, its input, and the variables its checkpoint holds.
@@ -45,9 +48,12 @@ class Config:
   learning_rate: float = 1e-3
   fine_tune_learning_rate: float = 1e-5
   lr_scaling: str = 'none'
+  lr_schedule: str = 'constant'
+  label_smoothing: float = 0.0
   dropout: float = 0.3
   class_weight: str = 'balanced'
   horizontal_flip: bool = False
+  augment_strength: float = 1.0
   equalize: str = 'none'
   cnn_filters: int = 32
   cnn_depth: int = 4
@@ -77,6 +83,7 @@ class Config:
     _one_of('optimizer', self.optimizer, OPTIMIZERS)
     _one_of('class_weight', self.class_weight, CLASS_WEIGHTS)
     _one_of('lr_scaling', self.lr_scaling, LR_SCALING)
+    _one_of('lr_schedule', self.lr_schedule, LR_SCHEDULES)
     _one_of('equalize', self.equalize, EQUALIZE)
     _one_of('strategy', self.strategy, STRATEGIES)
     _one_of('precision', self.precision, PRECISIONS)
@@ -99,6 +106,10 @@ class Config:
         raise ConfigError(f'--{name} must be positive, got {getattr(self, name)}.')
     if not 0 <= self.dropout < 1:
       raise ConfigError(f'--dropout must be in [0, 1), got {self.dropout}.')
+    if not 0 <= self.label_smoothing < 0.5:
+      raise ConfigError(f'--label_smoothing must be in [0, 0.5), got {self.label_smoothing}.')
+    if not 0 <= self.augment_strength <= MAX_AUGMENT_STRENGTH:
+      raise ConfigError(f'--augment_strength must be in [0, {MAX_AUGMENT_STRENGTH}], got {self.augment_strength}.')
     if self.model == 'cnn' and self.weights not in ('none', 'imagenet'):
       raise ConfigError('--weights=PATH loads a pretrained backbone; the cnn model has none. Use --weights=none.')
     if self.weights not in ('imagenet', 'none') and not os.path.isfile(self.weights):

@@ -40,11 +40,16 @@ flags.DEFINE_float('learning_rate', 1e-3, 'Learning rate of the first phase.')
 flags.DEFINE_float('fine_tune_learning_rate', 1e-5, 'Learning rate of the fine-tuning phase.')
 flags.DEFINE_enum('lr_scaling', 'none', config_lib.LR_SCALING, 'How the learning rates scale with the global '
                   'batch size against a reference batch of 32: none (as given), linear (Goyal et al. 2017), sqrt.')
+flags.DEFINE_enum('lr_schedule', 'constant', config_lib.LR_SCHEDULES, 'Learning rate within each phase: constant, '
+                  'or cosine (linear warmup over the phase\'s first epoch, then cosine decay to 0 at its end).')
+flags.DEFINE_float('label_smoothing', 0.0, 'Train towards 1 - s/2 and s/2 instead of 1 and 0 (Szegedy et al. 2016).')
 flags.DEFINE_float('dropout', 0.3, 'Dropout rate before the classifier.')
 flags.DEFINE_enum('class_weight', 'balanced', config_lib.CLASS_WEIGHTS, 'balanced weighs each class by '
                   'n_images / (2 * n_class_images), counted on the training split.')
 flags.DEFINE_bool('horizontal_flip', False, 'Also flip images left-right in augmentation. Off by default: a chest '
                   'X-ray has a fixed left and right (the heart is on the left).')
+flags.DEFINE_float('augment_strength', 1.0, 'Scales every augmentation range: at 1, rotation 10 degrees, zoom and '
+                   'contrast 10%, translation 5%, brightness 10% of the pixel range; 0 turns augmentation off.')
 flags.DEFINE_enum('equalize', 'none', config_lib.EQUALIZE, 'Contrast equalization inside the model (so training, '
                   'evaluation, prediction and the export all apply it): none, histogram, or clahe.')
 flags.DEFINE_integer('cnn_filters', 32, 'Filters of the CNN\'s first block; each block doubles them.')

@@ -181,7 +181,7 @@ def build_model(name,
                 equalize='none',
                 cnn_filters=32,
                 cnn_depth=4,
-                augment=True,
+                augment_strength=1.0,
                 seed=None):
   """Builds one of the pneumonia classifiers.
 
@@ -202,7 +202,8 @@ def build_model(name,
       training, evaluation, prediction and the exported model all see equalized images.
     cnn_filters: width of the CNN's first block; each further block doubles it.
     cnn_depth: number of CNN blocks; each halves the image side.
-    augment: include the augmentation block.
+    augment_strength: scales the ranges of every random transform (1: rotation 10 degrees, zoom and contrast 10%,
+      translation 5%, brightness 10% of the pixel range); 0 leaves the augmentation block out.
     seed: seed of the augmentation layers and the head's dropout; None for fresh random
       seeds. Other random layers follow `keras.utils.set_random_seed`.
 
@@ -224,8 +225,8 @@ def build_model(name,
 
   images = keras.Input((image_size, image_size, 1), dtype='uint8', name='image')
   x = images
-  if augment:
-    x = _augmentation(horizontal_flip, seed)(x)
+  if augment_strength:
+    x = _augmentation(augment_strength, horizontal_flip, seed)(x)
   if equalize != 'none':
     # After the augmentation, so that in training too the backbone only ever sees equalized images. Equalization
     # undoes most of the brightness and contrast jitter; the geometric transforms still vary the images.
@@ -259,19 +260,23 @@ def build_model(name,
   return model
 
 
-def _augmentation(horizontal_flip, seed):
-  """The random transforms, on [0, 255] pixels; identity unless called with training=True."""
+def _augmentation(strength, horizontal_flip, seed):
+  """The random transforms, on [0, 255] pixels, their ranges scaled by `strength`; identity unless training."""
   # One seed per layer: layers given the same seed would draw correlated transforms.
   seeds = itertools.count(seed) if seed is not None else itertools.repeat(None)
   # Black fill, like the film border: 'reflect' (the default) would mirror anatomy into the
   # corners. float32: under mixed_bfloat16 the interpolation would otherwise round pixels.
   geometric = dict(fill_mode='constant', dtype='float32')
   layers = [
-      keras.layers.RandomRotation(10 / 360, seed=next(seeds), name='rotation', **geometric),
-      keras.layers.RandomZoom(0.1, seed=next(seeds), name='zoom', **geometric),
-      keras.layers.RandomTranslation(0.05, 0.05, seed=next(seeds), name='translation', **geometric),
-      keras.layers.RandomContrast(0.1, seed=next(seeds), dtype='float32', name='contrast'),
-      keras.layers.RandomBrightness(0.1, seed=next(seeds), dtype='float32', name='brightness'),
+      keras.layers.RandomRotation(strength * 10 / 360, seed=next(seeds), name='rotation', **geometric),
+      keras.layers.RandomZoom(strength * 0.1, seed=next(seeds), name='zoom', **geometric),
+      keras.layers.RandomTranslation(strength * 0.05, strength * 0.05, seed=next(seeds), name='translation',
+                                     **geometric),
+      # Both bounds given: Keras 3.15 turns a single RandomContrast factor f into [1, 1 + f] (its lower bound is
+      # clipped at 0), so contrast would only ever rise, not the documented [1 - f, 1 + f].
+      keras.layers.RandomContrast((strength * 0.1, strength * 0.1), seed=next(seeds), dtype='float32',
+                                  name='contrast'),
+      keras.layers.RandomBrightness(strength * 0.1, seed=next(seeds), dtype='float32', name='brightness'),
   ]
   if horizontal_flip:
     layers.append(keras.layers.RandomFlip('horizontal', seed=next(seeds), dtype='float32', name='flip'))

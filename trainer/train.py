@@ -36,8 +36,24 @@ SCALARS = ('loss', 'accuracy', 'precision', 'recall', 'auc', 'pr_auc')
 LOG_EVERY = 10
 
 
-def make_optimizer(name: str, learning_rate: float, loss_scale: bool) -> keras.optimizers.Optimizer:
-  """Adam, Nadam or SGD with Nesterov momentum; wrapped for dynamic loss scaling under mixed_float16."""
+def learning_rate_schedule(peak: float, schedule: str, *, steps: int, steps_per_epoch: int):
+  """One phase's learning rate: `peak` throughout, or a cosine decay from `peak` to 0 over the phase's `steps`.
+
+  The cosine warms up linearly from 0 over the phase's first epoch (a quarter of the phase at most): the first steps
+  from a fresh initialisation, or into newly unfrozen layers, are the ones that diverge at the full rate.
+  """
+  if schedule == 'constant' or steps == 0:
+    return peak
+  warmup = min(steps_per_epoch, steps // 4)
+  return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=steps - warmup, warmup_target=peak,
+                                                warmup_steps=warmup)
+
+
+def make_optimizer(name: str, learning_rate, loss_scale: bool) -> keras.optimizers.Optimizer:
+  """Adam, Nadam or SGD with Nesterov momentum; wrapped for dynamic loss scaling under mixed_float16.
+
+  `learning_rate` is a float or a keras.optimizers.schedules.LearningRateSchedule.
+  """
   optimizer = {
       'adam': lambda: keras.optimizers.Adam(learning_rate),
       'nadam': lambda: keras.optimizers.Nadam(learning_rate),
@@ -57,7 +73,7 @@ def train_metrics() -> dict[str, keras.metrics.Metric]:
   }
 
 
-def make_train_step(model, optimizer, metrics, strategy, *, class_weights, global_batch):
+def make_train_step(model, optimizer, metrics, strategy, *, class_weights, global_batch, label_smoothing=0.0):
   """A `tf.function` that runs one step on every replica.
 
   The loss is summed over the replica's examples and divided by the GLOBAL batch, so that the all-reduced
@@ -69,7 +85,7 @@ def make_train_step(model, optimizer, metrics, strategy, *, class_weights, globa
     targets = tf.cast(labels, tf.float32)[:, None]
     with tf.GradientTape() as tape:
       probs = model(images, training=True)
-      per_example = keras.losses.binary_crossentropy(targets, probs)
+      per_example = keras.losses.binary_crossentropy(targets, probs, label_smoothing=label_smoothing)
       weighted = per_example * tf.gather(class_weights, labels)
       loss = tf.nn.compute_average_loss(weighted, global_batch_size=global_batch)
       scaled = optimizer.scale_loss(loss)
@@ -198,12 +214,16 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
                steps_per_epoch, config.batch_size, strategy.num_replicas_in_sync)
 
   loss_scale = keras.mixed_precision.dtype_policy().name == 'mixed_float16'
-  learning_rates = {phase: distribute.scaled_learning_rate(lr, config.batch_size, rule=config.lr_scaling)
-                    for phase, lr in zip(PHASES, (config.learning_rate, config.fine_tune_learning_rate))}
+  learning_rates = {
+      phase: learning_rate_schedule(
+          distribute.scaled_learning_rate(lr, config.batch_size, rule=config.lr_scaling), config.lr_schedule,
+          steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+      for phase, lr, epochs in zip(PHASES, (config.learning_rate, config.fine_tune_learning_rate),
+                                   (config.epochs, config.fine_tune_epochs))}
   with strategy.scope():
     model = models.build_model(
         config.model, image_size=image_size, weights=config.weights_arg, dropout=config.dropout,
-        horizontal_flip=config.horizontal_flip, equalize=config.equalize, cnn_filters=config.cnn_filters,
+        horizontal_flip=config.horizontal_flip, augment_strength=config.augment_strength, equalize=config.equalize, cnn_filters=config.cnn_filters,
         cnn_depth=config.cnn_depth, seed=config.seed)
     optimizers = {phase: make_optimizer(config.optimizer, learning_rates[phase], loss_scale) for phase in PHASES}
     # Both optimizers are built up front, each on its phase's variables, so a checkpoint taken in either phase
@@ -235,9 +255,11 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   restored = _restore(checkpoint, os.path.join(config.model_dir, 'checkpoints'))
   if restored:
     logging.info('Resuming from %s after epoch %d.', restored, int(epoch_var))
-    # The flags' learning rates, not the checkpoint's: a run stopped by a NaN loss goes on with a lower one.
+    # The flags' learning rates, not the checkpoint's: a run stopped by a NaN loss goes on with a lower one. (A
+    # schedule is not in the checkpoint: the optimizer already has the flags' one, at the restored step.)
     for phase in PHASES:
-      optimizers[phase].learning_rate = learning_rates[phase]
+      if not isinstance(learning_rates[phase], keras.optimizers.schedules.LearningRateSchedule):
+        optimizers[phase].learning_rate = learning_rates[phase]
     if int(best_epoch) == int(epoch_var):
       # The run may have stopped between the checkpoint that names this epoch the best and the best's own save.
       _save(best_manager, int(best_epoch))
@@ -274,7 +296,7 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       logging.info('Phase %s: %d trainable variables, backbone layers trained: %s', phase,
                    len(model.trainable_variables), trainable or 'none')
       train_step = make_train_step(model, optimizers[phase], metrics, strategy, class_weights=class_weights,
-                                   global_batch=config.batch_size)
+                                   global_batch=config.batch_size, label_smoothing=config.label_smoothing)
       sync_statistics = make_statistics_sync(model, strategy)
     start = time.time()
     for metric in metrics.values():
@@ -337,7 +359,8 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       os.rmdir(os.path.dirname(write_dir))
     return {}
   return finish(config, model, builder, image_size, threshold=float(best_threshold),
-                best_checkpoint=best_manager.latest_checkpoint)
+                best_checkpoint=best_manager.latest_checkpoint,
+                best={'epoch': int(best_epoch), 'validation_roc_auc': float(best_auc)})
 
 
 def _log_augmented_images(model, builder, image_size, writer) -> None:
@@ -436,8 +459,11 @@ def _find_layer(model, name):
 
 
 def finish(config: Config, model: keras.Model, builder, image_size: int, *, threshold: float,
-           best_checkpoint: str | None) -> dict:
-  """Loads the best epoch, reports it on the test split and exports it (the chief's job)."""
+           best_checkpoint: str | None, best: dict | None = None) -> dict:
+  """Loads the best epoch, reports it on the test split and exports it (the chief's job).
+
+  `best` ({'epoch', 'validation_roc_auc'}) goes into run.json, next to the threshold chosen at that epoch.
+  """
   if best_checkpoint:
     tf.train.Checkpoint(model=model).restore(best_checkpoint).assert_existing_objects_matched()
   test = data.eval_dataset(builder, 'test', image_size=image_size, batch_size=config.batch_size, cache=False)
@@ -450,7 +476,8 @@ def finish(config: Config, model: keras.Model, builder, image_size: int, *, thre
                             threshold=threshold)
   # Last: run.json names the threshold that goes with the exports above.
   _write_json(os.path.join(config.model_dir, 'run.json'),
-              {'config': dataclasses.asdict(config), 'image_size': image_size, 'threshold': threshold})
+              {'config': dataclasses.asdict(config), 'image_size': image_size, 'threshold': threshold,
+               'best': best or {}})
   logging.info('Test at the validation threshold %.3f: %s', threshold,
                {k: report['at_val_threshold'][k] for k in ('accuracy', 'sensitivity', 'specificity')})
   return report
