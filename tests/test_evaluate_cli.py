@@ -106,3 +106,37 @@ def test_load_run(model_dir, tmp_path):
   (tmp_path / 'run.json').write_text('{"threshold": 0.5}')
   with pytest.raises(ValueError, match='is not a run.json written by the trainer'):
     evaluate.load_run(str(tmp_path))
+
+
+def test_cli_reports_an_ensemble_at_its_own_validation_threshold(model_dir, synthetic_data_dir, tmp_path):
+  # A second member at another input size and with other weights.
+  other_dir = tmp_path / 'other'
+  other_dir.mkdir()
+  keras.utils.set_random_seed(1)
+  export.save_keras(models.build_model('cnn', image_size=48, cnn_filters=4, cnn_depth=2),
+                    str(other_dir / 'model.keras'))
+  run_json = json.loads((model_dir / 'run.json').read_text())
+  (other_dir / 'run.json').write_text(json.dumps({**run_json, 'image_size': 48, 'threshold': 0.7}))
+
+  done = _evaluate(f'--model_dir={model_dir},{other_dir}', '--n_resamples=100')
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1] == ('error: --model_dir names 2 runs: give the ensemble\'s report a '
+                                                  'folder with --out_dir.')
+
+  out = tmp_path / 'ensemble'
+  done = _evaluate(f'--model_dir={model_dir},{other_dir}', f'--out_dir={out}', '--n_resamples=100')
+  assert done.returncode == 0, done.stderr
+  report = json.loads((out / 'report.json').read_text())
+
+  runs = [evaluate.load_run(str(d)) for d in (model_dir, other_dir)]
+  builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
+  members = [evaluate.predict_runs([run], builder, split)['probs'] for run in runs for split in ('validation', 'test')]
+  labels = {split: evaluate.predict_runs(runs[:1], builder, split)['labels'] for split in ('validation', 'test')}
+  threshold = evaluate.choose_threshold(labels['validation'], (members[0] + members[2]) / 2)
+  assert report['at_val_threshold']['threshold'] == pytest.approx(threshold)
+  assert threshold not in (0.5, 0.7)  # the ensemble's own, not a member's
+  assert report['ranking']['roc_auc'] == pytest.approx(
+      evaluate.ranking_metrics(labels['test'], (members[1] + members[3]) / 2)['roc_auc'])
+  assert report['ensemble']['members'] == [str(model_dir), str(other_dir)]
+  assert report['ensemble']['member_thresholds'] == [0.5, 0.7]
+  assert report['image_sizes'] == [SIZE, 48] and report['n_images'] == 120

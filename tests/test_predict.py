@@ -31,9 +31,12 @@ SIZE = 64
 
 @pytest.fixture(scope='module')
 def run(synthetic_data_dir, tmp_path_factory):
-  """One short CNN run on the synthetic config (the test split's pneumonia images get probabilities near 1)."""
+  """One short CNN run on the synthetic config (the test split's pneumonia images get probabilities near 1).
+
+  6 epochs: with contrast jitter in both directions, 4 left the test ROC-AUC at 0.97 and some test images mislabelled.
+  """
   config = Config(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
-                  model_dir=str(tmp_path_factory.mktemp('run')), image_size=SIZE, epochs=4, fine_tune_epochs=0,
+                  model_dir=str(tmp_path_factory.mktemp('run')), image_size=SIZE, epochs=6, fine_tune_epochs=0,
                   batch_size=32, cnn_filters=16, cnn_depth=4, learning_rate=1e-3, seed=1, weights='none').validate()
   keras.utils.set_random_seed(config.seed)
   train.run(config, tf.distribute.OneDeviceStrategy('/cpu:0'))
@@ -210,7 +213,7 @@ def test_ensemble(run, test_images, tmp_path, monkeypatch):
   (other_dir / 'run.json').write_text(json.dumps({'config': run.config, 'image_size': 32, 'threshold': 0.5}))
   other = evaluate.load_run(str(other_dir))
 
-  twice = predict.ensemble_threshold([run, run])
+  twice = evaluate.ensemble_threshold([run, run])
   assert twice['threshold'] == pytest.approx(run.threshold, abs=1e-6)
   assert twice['validation_images'] > 0 and twice['validation_roc_auc'] > 0.9
 
@@ -228,7 +231,7 @@ def test_ensemble(run, test_images, tmp_path, monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError('the cached threshold should have been used')
 
-  monkeypatch.setattr(predict, 'ensemble_threshold', fail)
+  monkeypatch.setattr(evaluate, 'ensemble_threshold', fail)
   assert predict.cached_ensemble_threshold([run, other], str(tmp_path / 'ensemble')) == pair
   monkeypatch.undo()
   other_model.get_layer('probability').bias.assign([3.0])

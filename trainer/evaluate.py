@@ -14,6 +14,7 @@ end of training and the CLI both use it), and the CLI evaluates a finished run a
     python -m trainer.evaluate --model_dir=runs/resnet50 --split=test
 """
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import os
@@ -571,10 +572,16 @@ def evaluate_model(model: keras.Model, dataset: tf.data.Dataset, *, threshold: f
   Raises:
     ValueError: as `build_report`, e.g. if the split holds only one class.
   """
+  return report_predictions(predict_split(model, dataset), threshold=threshold, out_dir=out_dir,
+                            tensorboard_dir=tensorboard_dir, extra=extra, n_resamples=n_resamples)
+
+
+def report_predictions(split: dict[str, np.ndarray], *, threshold: float, out_dir: str,
+                       tensorboard_dir: str | None = None, extra: dict | None = None, n_resamples: int = 1000) -> dict:
+  """`evaluate_model` for predictions already made: `split` as `predict_split` or `predict_runs` return it."""
   # Here, not at the top: trainer.figures imports this module.
   from trainer import figures
 
-  split = predict_split(model, dataset)
   report = build_report(test_labels=split['labels'], test_probs=split['probs'], test_groups=split['groups'],
                         val_threshold=threshold, n_resamples=n_resamples, extra=extra)
   pngs = {
@@ -633,10 +640,87 @@ def load_run(model_dir: str) -> TrainedRun:
   return TrainedRun(model_dir=model_dir, model=model, image_size=image_size, threshold=threshold, config=config)
 
 
+def predict_runs(runs: Sequence[TrainedRun], builder, split: str, *, batch_size: int = 32,
+                 transform=None) -> dict[str, np.ndarray]:
+  """The mean probability of one or more runs on a split, each run at its own input size.
+
+  Args:
+    runs: from `load_run`.
+    builder: the split's dataset, from `trainer.data.prepare`.
+    split: its name.
+    batch_size: images per prediction batch.
+    transform: if given, a function applied to every batch of uint8 images before the models see it (e.g. a
+      `trainer.shift` perturbation).
+
+  Returns:
+    As `predict_split`, with 'probs' the mean over the runs and 'member_probs' (runs, images).
+  """
+  members = []
+  for run in runs:
+    # eval_dataset reads the split in file order, so the i-th prediction of every run is the same image.
+    dataset = data.eval_dataset(builder, split, image_size=run.image_size, batch_size=batch_size, cache=False)
+    if transform is not None:
+      dataset = dataset.map(lambda batch: {**batch, 'image': transform(batch['image'])})
+    members.append(predict_split(run.model, dataset))
+  return {**members[0], 'probs': np.mean([m['probs'] for m in members], axis=0),
+          'member_probs': np.stack([m['probs'] for m in members])}
+
+
+def ensemble_threshold(runs: Sequence[TrainedRun], *, data_dir: str | None = None, manual_dir: str | None = None,
+                       batch_size: int = 32) -> dict:
+  """The decision threshold of an ensemble, chosen on validation by `choose_threshold`.
+
+  Every member predicts the validation split of the dataset it was trained on (the same one for all), each at its
+  own input size; the probabilities are averaged image by image.
+
+  Args:
+    runs: the members, from `load_run`.
+    data_dir: where TFDS keeps built datasets (None: the first member's --data_dir).
+    manual_dir: the downloaded data, if the dataset must be built (None: the first member's).
+    batch_size: images per prediction batch.
+
+  Returns:
+    {'threshold', 'dataset', 'validation_images', 'validation_roc_auc' (of the average), 'members' (model_dirs),
+    'member_thresholds', 'member_validation_roc_auc'}.
+
+  Raises:
+    ValueError: if the members were trained on different datasets.
+  """
+  dataset = run_dataset(runs)
+  builder = data.prepare(dataset, data_dir=data_dir or runs[0].config.get('data_dir'),
+                         manual_dir=manual_dir or runs[0].config.get('manual_dir'))
+  split = predict_runs(runs, builder, 'validation', batch_size=batch_size)
+  labels = split['labels']
+  return {
+      'threshold': choose_threshold(labels, split['probs']),
+      'dataset': dataset,
+      'validation_images': int(labels.size),
+      'validation_roc_auc': ranking_metrics(labels, split['probs'])['roc_auc'],
+      'members': [run.model_dir for run in runs],
+      'member_thresholds': [run.threshold for run in runs],
+      'member_validation_roc_auc': [ranking_metrics(labels, probs)['roc_auc'] for probs in split['member_probs']],
+  }
+
+
+def run_dataset(runs: Sequence[TrainedRun]) -> str:
+  """The dataset the runs were trained on.
+
+  Raises:
+    ValueError: if they were trained on different ones (an ensemble's threshold is chosen on one validation split).
+  """
+  datasets = sorted({run.config['dataset'] for run in runs})
+  if len(datasets) != 1:
+    raise ValueError(f'The runs were trained on different datasets ({", ".join(datasets)}); an ensemble\'s threshold '
+                     'is chosen on one validation split, so train them on the same one.')
+  return datasets[0]
+
+
 def _define_flags():
   # Defined only when this module runs as the program: trainer.main imports it (through trainer.train), and absl
   # refuses a second --model_dir.
-  flags.DEFINE_string('model_dir', None, 'The --model_dir of a finished training run.', required=True)
+  flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished training run; or several, DIR1,DIR2,..., to '
+                    'report their ensemble (the mean probability, at a threshold chosen on the validation split for '
+                    'that mean).', required=True)
   flags.DEFINE_string('split', 'test', 'The split to report on: train, validation or test.')
   flags.DEFINE_string('dataset', None, 'A TFDS name with its config to evaluate on, e.g. '
                       'chest_xray_pneumonia/original (default: the run\'s dataset); images are resized to the '
@@ -644,8 +728,8 @@ def _define_flags():
   flags.DEFINE_string('data_dir', None, 'Where TFDS keeps built datasets (default: the run\'s).')
   flags.DEFINE_string('manual_dir', None, 'The downloaded data, if the dataset is not built yet (default: the '
                       'run\'s).')
-  flags.DEFINE_string('out_dir', None, 'Where the report, the PNGs and their TensorBoard event file go (default: '
-                      'MODEL_DIR/eval_SPLIT).')
+  flags.DEFINE_string('out_dir', None, 'Where the report, the PNGs and their TensorBoard event file go (default for '
+                      'one run: MODEL_DIR/eval_SPLIT; required for an ensemble).')
   flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
   flags.DEFINE_integer('n_resamples', 1000, 'Bootstrap resamples (of patients) for the 95% intervals.')
 
@@ -653,23 +737,32 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  run = load_run(os.path.expanduser(FLAGS.model_dir))
-  dataset = FLAGS.dataset or run.config['dataset']
-  data_dir = os.path.expanduser(FLAGS.data_dir) if FLAGS.data_dir else run.config.get('data_dir')
-  manual_dir = os.path.expanduser(FLAGS.manual_dir) if FLAGS.manual_dir else run.config.get('manual_dir')
+  model_dirs = [os.path.expanduser(d) for d in FLAGS.model_dir]
+  if len(model_dirs) > 1 and not FLAGS.out_dir:
+    raise ValueError(f'--model_dir names {len(model_dirs)} runs: give the ensemble\'s report a folder with --out_dir.')
+  runs = [load_run(d) for d in model_dirs]
+  data_dir = os.path.expanduser(FLAGS.data_dir) if FLAGS.data_dir else runs[0].config.get('data_dir')
+  manual_dir = os.path.expanduser(FLAGS.manual_dir) if FLAGS.manual_dir else runs[0].config.get('manual_dir')
+  extra = {'model': runs[0].config['model'], 'image_size': runs[0].image_size}
+  threshold = runs[0].threshold
+  if len(runs) > 1:
+    chosen = ensemble_threshold(runs, data_dir=data_dir, manual_dir=manual_dir, batch_size=FLAGS.batch_size)
+    threshold = chosen['threshold']
+    extra = {'models': [run.config['model'] for run in runs], 'image_sizes': [run.image_size for run in runs],
+             'ensemble': {k: chosen[k] for k in ('members', 'member_thresholds', 'validation_roc_auc',
+                                                  'member_validation_roc_auc')}}
+  dataset = FLAGS.dataset or run_dataset(runs)
   builder = data.prepare(dataset, data_dir=data_dir, manual_dir=manual_dir)
   if FLAGS.split not in builder.info.splits:
     raise ValueError(f'--split={FLAGS.split} is not a split of {dataset}: choose one of '
                      f'{", ".join(sorted(builder.info.splits))}.')
-  out_dir = FLAGS.out_dir or os.path.join(os.path.expanduser(FLAGS.model_dir), f'eval_{FLAGS.split}')
-  report = evaluate_model(
-      run.model, data.eval_dataset(builder, FLAGS.split, image_size=run.image_size, batch_size=FLAGS.batch_size,
-                                   cache=False),
-      threshold=run.threshold, out_dir=out_dir, tensorboard_dir=out_dir, n_resamples=FLAGS.n_resamples,
-      extra={'model': run.config['model'], 'dataset': dataset, 'image_size': run.image_size, 'split': FLAGS.split})
+  out_dir = os.path.expanduser(FLAGS.out_dir or os.path.join(model_dirs[0], f'eval_{FLAGS.split}'))
+  predictions = predict_runs(runs, builder, FLAGS.split, batch_size=FLAGS.batch_size)
+  report = report_predictions(predictions, threshold=threshold, out_dir=out_dir, tensorboard_dir=out_dir,
+                              n_resamples=FLAGS.n_resamples, extra={**extra, 'dataset': dataset, 'split': FLAGS.split})
   at = report['at_val_threshold']
   logging.info('%s at the validation threshold %.3f: ROC AUC %.3f, sensitivity %.3f, specificity %.3f. Report: %s',
-               FLAGS.split, run.threshold, report['ranking']['roc_auc'], at['sensitivity'], at['specificity'],
+               FLAGS.split, threshold, report['ranking']['roc_auc'], at['sensitivity'], at['specificity'],
                os.path.join(out_dir, 'report.md'))
 
 

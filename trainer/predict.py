@@ -246,58 +246,16 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray) -> bytes:
   return out.getvalue()
 
 
-def ensemble_threshold(runs: Sequence[evaluate.TrainedRun], *, data_dir: str | None = None,
-                       manual_dir: str | None = None, batch_size: int = 32) -> dict:
-  """The decision threshold of an ensemble, chosen on validation by `trainer.evaluate.choose_threshold`.
-
-  Every member predicts the validation split of the dataset it was trained on (the same one for all), each at its
-  own input size; the probabilities are averaged image by image.
-
-  Args:
-    runs: the members, from `trainer.evaluate.load_run`.
-    data_dir: where TFDS keeps built datasets (None: the first member's --data_dir).
-    manual_dir: the downloaded data, if the dataset must be built (None: the first member's).
-    batch_size: images per prediction batch.
-
-  Returns:
-    {'threshold', 'dataset', 'validation_images', 'validation_roc_auc' (of the average), 'members' (model_dirs),
-    'member_thresholds'}.
-
-  Raises:
-    ValueError: if the members were trained on different datasets.
-  """
-  datasets = sorted({run.config['dataset'] for run in runs})
-  if len(datasets) != 1:
-    raise ValueError(f'The ensemble\'s members were trained on different datasets ({", ".join(datasets)}); their '
-                     'threshold is chosen on one validation split, so train them on the same one.')
-  builder = data.prepare(datasets[0], data_dir=data_dir or runs[0].config.get('data_dir'),
-                         manual_dir=manual_dir or runs[0].config.get('manual_dir'))
-  # eval_dataset reads the split in file order, so the i-th prediction of every member is the same image.
-  splits = [evaluate.predict_split(run.model, data.eval_dataset(builder, 'validation', image_size=run.image_size,
-                                                                batch_size=batch_size, cache=False))
-            for run in runs]
-  labels = splits[0]['labels']
-  probs = np.mean([split['probs'] for split in splits], axis=0)
-  return {
-      'threshold': evaluate.choose_threshold(labels, probs),
-      'dataset': datasets[0],
-      'validation_images': int(labels.size),
-      'validation_roc_auc': evaluate.ranking_metrics(labels, probs)['roc_auc'],
-      'members': [run.model_dir for run in runs],
-      'member_thresholds': [run.threshold for run in runs],
-  }
-
-
 def cached_ensemble_threshold(runs: Sequence[evaluate.TrainedRun], ensemble_dir: str, **kwargs) -> dict:
-  """`ensemble_threshold`, kept in ensemble_dir/ensemble.json and reused while the members' model.keras are the same.
+  """`trainer.evaluate.ensemble_threshold`, kept in ensemble_dir/ensemble.json while the members' model.keras stay.
 
   Args:
     runs: the members, from `trainer.evaluate.load_run`.
     ensemble_dir: the folder of ensemble.json; created if missing.
-    **kwargs: passed to `ensemble_threshold` when it runs.
+    **kwargs: passed to `trainer.evaluate.ensemble_threshold` when it runs.
 
   Returns:
-    As `ensemble_threshold`, plus 'fingerprints' (SHA-256 of each member's model.keras).
+    As `trainer.evaluate.ensemble_threshold`, plus 'fingerprints' (SHA-256 of each member's model.keras).
   """
   fingerprints = [_sha256(os.path.join(run.model_dir, 'model.keras')) for run in runs]
   path = os.path.join(ensemble_dir, ENSEMBLE_FILE)
@@ -308,7 +266,7 @@ def cached_ensemble_threshold(runs: Sequence[evaluate.TrainedRun], ensemble_dir:
       logging.info('Ensemble threshold %.4f from %s.', cached['threshold'], path)
       return cached
     logging.info('%s is for other members or other weights; choosing the threshold again.', path)
-  result = {**ensemble_threshold(runs, **kwargs), 'fingerprints': fingerprints}
+  result = {**evaluate.ensemble_threshold(runs, **kwargs), 'fingerprints': fingerprints}
   os.makedirs(ensemble_dir, exist_ok=True)
   # Written aside and renamed: two predict processes sharing ensemble_dir never read half a file.
   with open(f'{path}.{os.getpid()}.partial', 'w') as f:
@@ -332,7 +290,7 @@ def predict_files(files: Sequence[str], runs: Sequence[evaluate.TrainedRun], *, 
   Args:
     files: from `find_images`.
     runs: one model, or the members of an ensemble (their probabilities are averaged).
-    threshold: the decision threshold: the run's, or the ensemble's from `ensemble_threshold`.
+    threshold: the decision threshold: the run's, or the ensemble's from `trainer.evaluate.ensemble_threshold`.
     gradcam_dir: if given (one model only), a Grad-CAM overlay of each image is written there, as
       <path relative to the inputs' common folder>.gradcam.png.
     batch_size: images per batch.
@@ -416,7 +374,7 @@ def main(argv):
   else:
     kwargs = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, batch_size=FLAGS.batch_size)
     chosen = (cached_ensemble_threshold(runs, os.path.expanduser(FLAGS.ensemble_dir), **kwargs) if FLAGS.ensemble_dir
-              else ensemble_threshold(runs, **kwargs))
+              else evaluate.ensemble_threshold(runs, **kwargs))
     threshold = chosen['threshold']
     logging.info('Ensemble threshold %.4f (validation ROC AUC %.4f of the averaged probabilities).', threshold,
                  chosen['validation_roc_auc'])
