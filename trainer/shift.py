@@ -1,0 +1,171 @@
+r"""How a run's metrics move when the images shift: a stress test for choosing between recipes on validation.
+
+The official test split of Kermany et al. (2018) is shifted from its train folder (a CNN at ~97% on a validation split
+made by image scores ~73% there), and it may not be used for choices. What can be measured on the validation split is
+how much each candidate's ROC-AUC, sensitivity and specificity move under the kinds of difference that separate
+radiographs of other machines, settings and post-processing: exposure (gamma), contrast, sharpness, noise, JPEG
+compression and field of view. Each shift is one fixed, deterministic transform of the uint8 images at the model's
+input size, and the threshold stays the run's own (chosen on the unshifted validation split), as in deployment.
+
+    python -m trainer.shift --model_dir=runs/recipe --split=validation
+    python -m trainer.shift --model_dir=runs/seed1,runs/seed2 --split=validation --out=runs/shift.json
+
+A recipe that loses less here is not proven better on the official test: these shifts are guesses at its kind of
+difference, not measurements of it. They rank candidates that validation alone cannot tell apart.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from trainer import cli
+from trainer import data
+from trainer import evaluate
+
+FLAGS = flags.FLAGS
+
+
+def _gamma(g):
+  return lambda x: 255 * tf.pow(x / 255, g)
+
+
+def _contrast(factor):
+  return lambda x: (x - tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)) * factor + tf.reduce_mean(
+      x, axis=[1, 2, 3], keepdims=True)
+
+
+def _blur(x):
+  # sigma of 1 pixel at 128 pixels a side: the same blur, relative to the anatomy, at every input size.
+  sigma = x.shape[1] / 128
+  radius = int(np.ceil(3 * sigma))
+  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma)**2)
+  taps = tf.constant(taps / taps.sum(), tf.float32)
+  padded = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode='SYMMETRIC')
+  rows = tf.nn.conv2d(padded, tf.reshape(taps, [-1, 1, 1, 1]), strides=1, padding='VALID')
+  return tf.nn.conv2d(rows, tf.reshape(taps, [1, -1, 1, 1]), strides=1, padding='VALID')
+
+
+def _noise(x):
+  # Stateless and seeded by the batch's shape alone: every model of a comparison sees the same noise.
+  return x + 8 * tf.random.stateless_normal(tf.shape(x), seed=[17, 29])
+
+
+def _zoom(scale):
+  def zoom(x):
+    side = x.shape[1]
+    if scale < 1:  # The whole image, smaller, inside a black border: a wider field of view.
+      inner = int(round(side * scale))
+      small = tf.image.resize(x, [inner, inner], antialias=True)
+      return tf.image.resize_with_crop_or_pad(small, side, side)
+    return tf.image.resize(tf.image.central_crop(x, 1 / scale), [side, side])
+  return zoom
+
+
+def _jpeg(quality):
+  def jpeg(x):
+    images = tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
+    return tf.cast(tf.map_fn(lambda image: tf.image.adjust_jpeg_quality(image, quality), images), tf.float32)
+  return jpeg
+
+
+# name -> transform of float32 [0, 255] batches (batch, side, side, 1). 'none' first: the unshifted reference.
+SHIFTS = {
+    'none': lambda x: x,
+    'darker (gamma 1.5)': _gamma(1.5),
+    'brighter (gamma 0.67)': _gamma(1 / 1.5),
+    'low contrast (x0.7)': _contrast(0.7),
+    'high contrast (x1.3)': _contrast(1.3),
+    'blur (sigma 1/128 side)': _blur,
+    'noise (sigma 8 grey levels)': _noise,
+    'jpeg quality 20': _jpeg(20),
+    'zoom out (x0.85, black border)': _zoom(0.85),
+    'zoom in (x1.15, cropped)': _zoom(1.15),
+}
+
+
+def apply(name: str, images: tf.Tensor) -> tf.Tensor:
+  """Shifts a batch of uint8 images (batch, side, side, 1) by SHIFTS[name]; returns uint8 of the same shape."""
+  shifted = SHIFTS[name](tf.cast(images, tf.float32))
+  return tf.cast(tf.clip_by_value(tf.round(shifted), 0, 255), tf.uint8)
+
+
+def stress(runs, builder, split: str, *, threshold: float, batch_size: int = 32) -> dict:
+  """Every shift's metrics for one run or an ensemble (the mean probability) on one split.
+
+  Args:
+    runs: from `trainer.evaluate.load_run`.
+    builder: the dataset, from `trainer.data.prepare`.
+    split: the split to shift (validation, to choose; test, to report).
+    threshold: the decision threshold, chosen on the unshifted validation split.
+    batch_size: images per prediction batch.
+
+  Returns:
+    {'threshold', 'split', 'shifts': {name: {'roc_auc', 'accuracy', 'sensitivity', 'specificity',
+    'mean_probability_normal', 'mean_probability_pneumonia'}}, 'worst': the lowest of each metric over the shifts}.
+  """
+  rows = {}
+  for name in SHIFTS:
+    split_predictions = evaluate.predict_runs(runs, builder, split, batch_size=batch_size,
+                                              transform=lambda images, name=name: apply(name, images))
+    labels, probs = split_predictions['labels'], split_predictions['probs']
+    at = evaluate.metrics_at(labels, probs, threshold)
+    rows[name] = {'roc_auc': evaluate.ranking_metrics(labels, probs)['roc_auc'], 'accuracy': at['accuracy'],
+                  'sensitivity': at['sensitivity'], 'specificity': at['specificity'],
+                  'mean_probability_normal': float(probs[labels == 0].mean()),
+                  'mean_probability_pneumonia': float(probs[labels == 1].mean())}
+  metrics = ('roc_auc', 'accuracy', 'sensitivity', 'specificity')
+  return {'threshold': threshold, 'split': split, 'shifts': rows,
+          'worst': {metric: min(row[metric] for row in rows.values()) for metric in metrics}}
+
+
+def markdown(result: dict) -> str:
+  """The stress test as a Markdown table, one row per shift, then the worst of each column."""
+  lines = [f'{result["split"]} split, threshold {result["threshold"]:.3f}', '',
+           '| shift | ROC-AUC | accuracy | sensitivity | specificity | mean p (normal) |', '|---|---|---|---|---|---|']
+  for name, row in result['shifts'].items():
+    lines.append(f'| {name} | {row["roc_auc"]:.4f} | {row["accuracy"]:.3f} | {row["sensitivity"]:.3f} | '
+                 f'{row["specificity"]:.3f} | {row["mean_probability_normal"]:.3f} |')
+  worst = result['worst']
+  lines.append(f'| **worst** | {worst["roc_auc"]:.4f} | {worst["accuracy"]:.3f} | {worst["sensitivity"]:.3f} | '
+               f'{worst["specificity"]:.3f} | |')
+  return '\n'.join(lines)
+
+
+def _define_flags():
+  flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished run, or several (DIR1,DIR2) for their ensemble.',
+                    required=True)
+  flags.DEFINE_string('split', 'validation', 'The split to shift: validation (to choose) or test (to report).')
+  flags.DEFINE_string('out', None, 'Also write the result here as JSON.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  runs = [evaluate.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir]
+  data_dir, manual_dir = runs[0].config.get('data_dir'), runs[0].config.get('manual_dir')
+  threshold = runs[0].threshold
+  if len(runs) > 1:
+    threshold = evaluate.ensemble_threshold(runs, data_dir=data_dir, manual_dir=manual_dir,
+                                            batch_size=FLAGS.batch_size)['threshold']
+  builder = data.prepare(evaluate.run_dataset(runs), data_dir=data_dir, manual_dir=manual_dir)
+  if FLAGS.split not in builder.info.splits:
+    raise ValueError(f'--split={FLAGS.split} is not a split of {evaluate.run_dataset(runs)}: choose one of '
+                     f'{", ".join(sorted(builder.info.splits))}.')
+  result = {**stress(runs, builder, FLAGS.split, threshold=threshold, batch_size=FLAGS.batch_size),
+            'members': FLAGS.model_dir}
+  print(markdown(result))
+  if FLAGS.out:
+    with open(os.path.expanduser(FLAGS.out), 'w') as f:
+      json.dump(result, f, indent=2)
+    logging.info('Wrote %s.', FLAGS.out)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  cli.run(main)
