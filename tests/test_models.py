@@ -139,7 +139,8 @@ def test_set_trainable_cnn_and_bad_arguments():
 def test_augmentation_only_in_training():
   model = models.build_model('vgg16', image_size=SIZE, dropout=0.0, seed=3)
   augmentation = model.get_layer('augmentation')
-  assert [l.name for l in augmentation.layers] == ['rotation', 'zoom', 'translation', 'contrast', 'brightness']
+  assert [l.name for l in augmentation.layers] == ['rotation', 'zoom', 'translation', 'contrast', 'brightness',
+                                                   'noise']
   images = _images(8)
 
   np.testing.assert_array_equal(augmentation(images, training=False), images)
@@ -170,6 +171,7 @@ def test_augment_strength_scales_every_transform():
   assert strong.get_layer('rotation').factor == pytest.approx((-30 / 360, 30 / 360))
   # (0.3, 0.3): the contrast factor is drawn from [0.7, 1.3] (a single 0.3 gives Keras's [1, 1.3]).
   assert tuple(strong.get_layer('contrast').factor) == pytest.approx((0.3, 0.3))
+  assert strong.get_layer('noise').stddev == pytest.approx(12)
   # A smooth image (a radial gradient), so that the geometric transforms move pixel values and not just noise.
   yy, xx = np.mgrid[:64, :64]
   image = (255 * np.clip(1 - np.hypot(yy - 32, xx - 32) / 40, 0, 1)).astype(np.uint8)

@@ -49,7 +49,8 @@ flags.DEFINE_enum('class_weight', 'balanced', config_lib.CLASS_WEIGHTS, 'balance
 flags.DEFINE_bool('horizontal_flip', False, 'Also flip images left-right in augmentation. Off by default: a chest '
                   'X-ray has a fixed left and right (the heart is on the left).')
 flags.DEFINE_float('augment_strength', 1.0, 'Scales every augmentation range: at 1, rotation 10 degrees, zoom and '
-                   'contrast 10%, translation 5%, brightness 10% of the pixel range; 0 turns augmentation off.')
+                   'contrast 10%, translation 5%, brightness 10% of the pixel range, noise of 4 grey levels; 0 turns '
+                   'augmentation off.')
 flags.DEFINE_enum('equalize', 'none', config_lib.EQUALIZE, 'Contrast equalization inside the model (so training, '
                   'evaluation, prediction and the export all apply it): none, histogram, or clahe.')
 flags.DEFINE_integer('cnn_filters', 32, 'Filters of the CNN\'s first block; each block doubles them.')

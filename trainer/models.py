@@ -82,6 +82,30 @@ class BackbonePreprocess(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package='cxr_trainer')
+class PixelNoise(keras.layers.Layer):
+  """Adds Gaussian noise of `stddev` grey levels to [0, 255] images, in training only.
+
+  keras.layers.GaussianNoise does the same but refuses a stddev above 1 (it expects inputs in [0, 1]).
+  """
+
+  def __init__(self, stddev, seed=None, **kwargs):
+    super().__init__(**kwargs)
+    if not stddev >= 0:
+      raise ValueError(f'stddev={stddev!r} must be zero or more.')
+    self.stddev, self.seed = float(stddev), seed
+    self.seed_generator = keras.random.SeedGenerator(seed)
+
+  def call(self, images, training=False):
+    if not training or not self.stddev:
+      return images
+    return images + keras.random.normal(keras.ops.shape(images), stddev=self.stddev, dtype=images.dtype,
+                                        seed=self.seed_generator)
+
+  def get_config(self):
+    return {**super().get_config(), 'stddev': self.stddev, 'seed': self.seed}
+
+
+@keras.saving.register_keras_serializable(package='cxr_trainer')
 class Equalize(keras.layers.Layer):
   """Histogram equalization or CLAHE of each image, on [0, 255] grey levels.
 
@@ -203,7 +227,8 @@ def build_model(name,
     cnn_filters: width of the CNN's first block; each further block doubles it.
     cnn_depth: number of CNN blocks; each halves the image side.
     augment_strength: scales the ranges of every random transform (1: rotation 10 degrees, zoom and contrast 10%,
-      translation 5%, brightness 10% of the pixel range); 0 leaves the augmentation block out.
+      translation 5%, brightness 10% of the pixel range, Gaussian noise of 4 grey levels); 0 leaves the
+      augmentation block out.
     seed: seed of the augmentation layers and the head's dropout; None for fresh random
       seeds. Other random layers follow `keras.utils.set_random_seed`.
 
@@ -277,6 +302,8 @@ def _augmentation(strength, horizontal_flip, seed):
       keras.layers.RandomContrast((strength * 0.1, strength * 0.1), seed=next(seeds), dtype='float32',
                                   name='contrast'),
       keras.layers.RandomBrightness(strength * 0.1, seed=next(seeds), dtype='float32', name='brightness'),
+      # Sensor and quantum noise differ between machines, and --equalize=clahe amplifies it in flat regions.
+      PixelNoise(strength * 4, seed=next(seeds), dtype='float32', name='noise'),
   ]
   if horizontal_flip:
     layers.append(keras.layers.RandomFlip('horizontal', seed=next(seeds), dtype='float32', name='flip'))
