@@ -95,3 +95,31 @@ def test_cli_reports_every_shift_and_the_unshifted_row_matches_evaluate(model_di
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1].startswith('error: --split=val is not a split of')
+
+
+def test_threshold_with_shifts_weighs_the_unshifted_split_as_much_as_all_shifts(model_dir, synthetic_data_dir,
+                                                                                 tmp_path):
+  run = evaluate.load_run(str(model_dir))
+  builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
+  threshold = shift.threshold_with_shifts([run], builder)
+  splits = {name: evaluate.predict_runs([run], builder, 'validation',
+                                        transform=lambda images, name=name: shift.apply(name, images))
+            for name in shift.SHIFTS}
+  shifted = [split for name, split in splits.items() if name != 'none']
+  weighted = [splits['none']] * len(shifted) + shifted
+  assert threshold == pytest.approx(evaluate.choose_threshold(
+      np.concatenate([s['labels'] for s in weighted]), np.concatenate([s['probs'] for s in weighted])))
+
+  # The evaluate CLI reports at that threshold, names the rule, and the stress test holds the same threshold.
+  out = tmp_path / 'report'
+  done = subprocess.run([sys.executable, '-m', 'trainer.evaluate', f'--model_dir={model_dir}', f'--out_dir={out}',
+                         '--threshold_rule=youden_with_shifts', '--n_resamples=50'],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  report = json.loads((out / 'report.json').read_text())
+  assert report['at_val_threshold']['threshold'] == pytest.approx(threshold)
+  assert report['threshold_rule'] == shift.THRESHOLD_RULE
+  done = subprocess.run([sys.executable, '-m', 'trainer.shift', f'--model_dir={model_dir}', f'--out={tmp_path}/s.json',
+                         '--threshold_rule=youden_with_shifts'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert json.loads((tmp_path / 's.json').read_text())['threshold'] == pytest.approx(threshold)

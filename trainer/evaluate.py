@@ -37,6 +37,9 @@ THRESHOLD_RULE = (
     "Youden's J (sensitivity + specificity - 1), ties going to the threshold closest to 0.5; "
     'an image is called pneumonia when its probability is at or above the threshold.')
 
+# youden: THRESHOLD_RULE; youden_with_shifts: trainer.shift.THRESHOLD_RULE (validation and its shifted copies).
+THRESHOLD_RULES = ('youden', 'youden_with_shifts')
+
 # The metrics of `metrics_at` that get a bootstrap interval (the confusion matrix and threshold do not).
 THRESHOLD_METRICS = ('accuracy', 'sensitivity', 'specificity', 'precision', 'f1')
 RANKING_METRICS = ('roc_auc', 'pr_auc')
@@ -208,7 +211,7 @@ def bootstrap_ci(labels, probs, groups, threshold, *, n_resamples=1000, confiden
 
 
 def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resamples=1000, seed=0,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, threshold_rule: str = THRESHOLD_RULE) -> dict:
   """The test report: metrics at 0.5 and at the validation threshold, with patient-level 95% intervals.
 
   Both thresholds are evaluated on the same bootstrap resamples, so their intervals can be compared.
@@ -222,6 +225,7 @@ def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resam
     seed: seed of the resampling.
     extra: more JSON-serialisable entries for the report (e.g. model, dataset, checkpoint); their keys must not
       collide with the report's own.
+    threshold_rule: how `val_threshold` was chosen, in words (THRESHOLD_RULE unless another rule chose it).
 
   Returns:
     A JSON-serialisable dict: {'n_images', 'n_patients', 'positives', 'ranking': {roc_auc, pr_auc, 'ci95'},
@@ -246,7 +250,7 @@ def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resam
       'calibration': calibration(labels, probs),
       'at_0.5': {**metrics_at(labels, probs, 0.5), 'ci95': at_half},
       'at_val_threshold': {**metrics_at(labels, probs, val_threshold), 'ci95': at_val},
-      'threshold_rule': THRESHOLD_RULE,
+      'threshold_rule': threshold_rule,
       'bootstrap': {
           'method': 'percentile',
           'unit': 'patient',
@@ -577,13 +581,14 @@ def evaluate_model(model: keras.Model, dataset: tf.data.Dataset, *, threshold: f
 
 
 def report_predictions(split: dict[str, np.ndarray], *, threshold: float, out_dir: str,
-                       tensorboard_dir: str | None = None, extra: dict | None = None, n_resamples: int = 1000) -> dict:
+                       tensorboard_dir: str | None = None, extra: dict | None = None, n_resamples: int = 1000,
+                       threshold_rule: str = THRESHOLD_RULE) -> dict:
   """`evaluate_model` for predictions already made: `split` as `predict_split` or `predict_runs` return it."""
   # Here, not at the top: trainer.figures imports this module.
   from trainer import figures
 
   report = build_report(test_labels=split['labels'], test_probs=split['probs'], test_groups=split['groups'],
-                        val_threshold=threshold, n_resamples=n_resamples, extra=extra)
+                        val_threshold=threshold, n_resamples=n_resamples, extra=extra, threshold_rule=threshold_rule)
   pngs = {
       'confusion_matrix': figures.confusion_matrix_png(report['at_val_threshold']['confusion_matrix']),
       'roc_curve': figures.roc_curve_png(split['labels'], split['probs'], threshold=threshold),
@@ -732,6 +737,9 @@ def _define_flags():
                       'one run: MODEL_DIR/eval_SPLIT; required for an ensemble).')
   flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
   flags.DEFINE_integer('n_resamples', 1000, 'Bootstrap resamples (of patients) for the 95% intervals.')
+  flags.DEFINE_enum('threshold_rule', 'youden', THRESHOLD_RULES, 'youden: the run\'s threshold '
+                    '(or the ensemble\'s), Youden\'s J on validation. youden_with_shifts: Youden\'s J on validation '
+                    'and its shifted copies (trainer.shift).')
 
 
 def main(argv):
@@ -751,6 +759,12 @@ def main(argv):
     extra = {'models': [run.config['model'] for run in runs], 'image_sizes': [run.image_size for run in runs],
              'ensemble': {k: chosen[k] for k in ('members', 'member_thresholds', 'validation_roc_auc',
                                                   'member_validation_roc_auc')}}
+  rule = THRESHOLD_RULE
+  if FLAGS.threshold_rule == 'youden_with_shifts':
+    # Here, not at the top: trainer.shift imports this module.
+    from trainer import shift
+    validation = data.prepare(run_dataset(runs), data_dir=data_dir, manual_dir=manual_dir)
+    threshold, rule = shift.threshold_with_shifts(runs, validation, batch_size=FLAGS.batch_size), shift.THRESHOLD_RULE
   dataset = FLAGS.dataset or run_dataset(runs)
   builder = data.prepare(dataset, data_dir=data_dir, manual_dir=manual_dir)
   if FLAGS.split not in builder.info.splits:
@@ -759,7 +773,8 @@ def main(argv):
   out_dir = os.path.expanduser(FLAGS.out_dir or os.path.join(model_dirs[0], f'eval_{FLAGS.split}'))
   predictions = predict_runs(runs, builder, FLAGS.split, batch_size=FLAGS.batch_size)
   report = report_predictions(predictions, threshold=threshold, out_dir=out_dir, tensorboard_dir=out_dir,
-                              n_resamples=FLAGS.n_resamples, extra={**extra, 'dataset': dataset, 'split': FLAGS.split})
+                              n_resamples=FLAGS.n_resamples, extra={**extra, 'dataset': dataset, 'split': FLAGS.split},
+                              threshold_rule=rule)
   at = report['at_val_threshold']
   logging.info('%s at the validation threshold %.3f: ROC AUC %.3f, sensitivity %.3f, specificity %.3f. Report: %s',
                FLAGS.split, threshold, report['ranking']['roc_auc'], at['sensitivity'], at['specificity'],

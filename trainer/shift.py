@@ -94,6 +94,40 @@ def apply(name: str, images: tf.Tensor) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(shifted), 0, 255), tf.uint8)
 
 
+THRESHOLD_RULE = (
+    "The decision threshold is chosen on the validation split only: the threshold that maximises Youden's J "
+    '(sensitivity + specificity - 1) over the validation images as they are and their copies under every shift of '
+    'trainer.shift.SHIFTS, the unshifted images weighing as much as all the shifted ones together; an image is '
+    'called pneumonia when its probability is at or above the threshold.')
+
+
+def threshold_with_shifts(runs, builder, *, batch_size: int = 32) -> float:
+  """THRESHOLD_RULE: a threshold for images that may come from the training data's machines or from others.
+
+  Youden's J on the validation split alone puts the threshold just above its normal images; every shift in SHIFTS
+  pushes normal images' probabilities up (measured in EXPERIMENTS.md), so that threshold loses specificity first
+  on shifted data. Pooling the shifted copies moves it up, and weighting the unshifted copy as much as all shifted
+  ones keeps the sensitivity on unshifted images from paying for all of it.
+
+  Args:
+    runs: from `trainer.evaluate.load_run`; several are an ensemble (the mean probability).
+    builder: their dataset, from `trainer.data.prepare`; its validation split is used.
+    batch_size: images per prediction batch.
+
+  Returns:
+    The threshold, as `trainer.evaluate.choose_threshold` picks it on the pooled predictions.
+  """
+  labels, probs = [], []
+  shifted = len(SHIFTS) - 1
+  for name in SHIFTS:
+    split = evaluate.predict_runs(runs, builder, 'validation', batch_size=batch_size,
+                                  transform=lambda images, name=name: apply(name, images))
+    copies = shifted if name == 'none' else 1
+    labels += [split['labels']] * copies
+    probs += [split['probs']] * copies
+  return evaluate.choose_threshold(np.concatenate(labels), np.concatenate(probs))
+
+
 def stress(runs, builder, split: str, *, threshold: float, batch_size: int = 32) -> dict:
   """Every shift's metrics for one run or an ensemble (the mean probability) on one split.
 
@@ -142,6 +176,8 @@ def _define_flags():
   flags.DEFINE_string('split', 'validation', 'The split to shift: validation (to choose) or test (to report).')
   flags.DEFINE_string('out', None, 'Also write the result here as JSON.')
   flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
+  flags.DEFINE_enum('threshold_rule', 'youden', evaluate.THRESHOLD_RULES, 'The threshold to hold: the '
+                    'run\'s (or the ensemble\'s) Youden threshold, or THRESHOLD_RULE\'s.')
 
 
 def main(argv):
@@ -149,16 +185,18 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   runs = [evaluate.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir]
   data_dir, manual_dir = runs[0].config.get('data_dir'), runs[0].config.get('manual_dir')
-  threshold = runs[0].threshold
-  if len(runs) > 1:
-    threshold = evaluate.ensemble_threshold(runs, data_dir=data_dir, manual_dir=manual_dir,
-                                            batch_size=FLAGS.batch_size)['threshold']
   builder = data.prepare(evaluate.run_dataset(runs), data_dir=data_dir, manual_dir=manual_dir)
   if FLAGS.split not in builder.info.splits:
     raise ValueError(f'--split={FLAGS.split} is not a split of {evaluate.run_dataset(runs)}: choose one of '
                      f'{", ".join(sorted(builder.info.splits))}.')
+  threshold = runs[0].threshold
+  if FLAGS.threshold_rule == 'youden_with_shifts':
+    threshold = threshold_with_shifts(runs, builder, batch_size=FLAGS.batch_size)
+  elif len(runs) > 1:
+    threshold = evaluate.ensemble_threshold(runs, data_dir=data_dir, manual_dir=manual_dir,
+                                            batch_size=FLAGS.batch_size)['threshold']
   result = {**stress(runs, builder, FLAGS.split, threshold=threshold, batch_size=FLAGS.batch_size),
-            'members': FLAGS.model_dir}
+            'members': FLAGS.model_dir, 'threshold_rule': FLAGS.threshold_rule}
   print(markdown(result))
   if FLAGS.out:
     with open(os.path.expanduser(FLAGS.out), 'w') as f:
