@@ -1,5 +1,7 @@
 """Shared fixtures."""
 
+import dataclasses
+import json
 import os
 import pathlib
 
@@ -41,3 +43,28 @@ def real_224_data_dir(real_data, tmp_path_factory) -> str:
   tfds.builder('chest_xray_pneumonia/224', data_dir=data_dir).download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(real_data)))
   return data_dir
+
+
+@pytest.fixture(scope='session')
+def untrained_run(synthetic_data_dir, tmp_path_factory):
+  """Makes a run's model_dir as training leaves it (model.keras, run.json), with an untrained CNN on the synthetic
+  config: for tests of reports and tools, which need a run but no skill. Call it with the input size."""
+  # Imported here: TensorFlow starts with them, and the dataset tests need neither.
+  import keras
+
+  from trainer import export
+  from trainer import models
+  from trainer.config import Config
+
+  def make(image_size: int, *, seed: int = 0, threshold: float = 0.5) -> pathlib.Path:
+    model_dir = tmp_path_factory.mktemp('run')
+    config = Config(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
+                    model_dir=str(model_dir), image_size=image_size, cnn_filters=4, cnn_depth=2, weights='none')
+    keras.utils.set_random_seed(seed)
+    export.save_keras(models.build_model('cnn', image_size=image_size, cnn_filters=4, cnn_depth=2),
+                      str(model_dir / 'model.keras'))
+    (model_dir / 'run.json').write_text(json.dumps({'config': dataclasses.asdict(config), 'image_size': image_size,
+                                                     'threshold': threshold}))
+    return model_dir
+
+  return make

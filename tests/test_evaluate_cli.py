@@ -1,13 +1,11 @@
 """Tests for `python -m trainer.evaluate`, `evaluate_model` and `load_run` on a saved run."""
 
-import dataclasses
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
-import keras
 import numpy as np
 from PIL import Image
 import pytest
@@ -15,9 +13,6 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import data
 from trainer import evaluate
-from trainer import export
-from trainer import models
-from trainer.config import Config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -25,17 +20,8 @@ FIGURES = ('confusion_matrix', 'roc_curve', 'pr_curve', 'reliability')
 
 
 @pytest.fixture(scope='module')
-def model_dir(synthetic_data_dir, tmp_path_factory):
-  """A run's model_dir as training leaves it (model.keras, run.json), with an untrained CNN: reports need no skill."""
-  model_dir = tmp_path_factory.mktemp('run')
-  config = Config(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
-                  model_dir=str(model_dir), image_size=SIZE, cnn_filters=4, cnn_depth=2, weights='none')
-  keras.utils.set_random_seed(0)
-  model = models.build_model('cnn', image_size=SIZE, cnn_filters=4, cnn_depth=2)
-  export.save_keras(model, str(model_dir / 'model.keras'))
-  (model_dir / 'run.json').write_text(json.dumps({'config': dataclasses.asdict(config), 'image_size': SIZE,
-                                                   'threshold': 0.5}))
-  return model_dir
+def model_dir(untrained_run):
+  return untrained_run(SIZE)
 
 
 def _evaluate(*flags):
@@ -108,15 +94,10 @@ def test_load_run(model_dir, tmp_path):
     evaluate.load_run(str(tmp_path))
 
 
-def test_cli_reports_an_ensemble_at_its_own_validation_threshold(model_dir, synthetic_data_dir, tmp_path):
-  # A second member at another input size and with other weights.
-  other_dir = tmp_path / 'other'
-  other_dir.mkdir()
-  keras.utils.set_random_seed(1)
-  export.save_keras(models.build_model('cnn', image_size=48, cnn_filters=4, cnn_depth=2),
-                    str(other_dir / 'model.keras'))
-  run_json = json.loads((model_dir / 'run.json').read_text())
-  (other_dir / 'run.json').write_text(json.dumps({**run_json, 'image_size': 48, 'threshold': 0.7}))
+def test_cli_reports_an_ensemble_at_its_own_validation_threshold(model_dir, untrained_run, synthetic_data_dir,
+                                                                 tmp_path):
+  # A second member at another input size, with other weights and another threshold.
+  other_dir = untrained_run(48, seed=1, threshold=0.7)
 
   done = _evaluate(f'--model_dir={model_dir},{other_dir}', '--n_resamples=100')
   assert done.returncode == 1

@@ -1,21 +1,16 @@
 """Tests for trainer.shift: each shift does what its name says, and the stress test reports every one."""
 
-import dataclasses
 import json
 import pathlib
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 
 from trainer import data
 from trainer import evaluate
-from trainer import export
-from trainer import models
 from trainer import shift
-from trainer.config import Config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -59,16 +54,8 @@ def test_each_shift_moves_what_it_names():
 
 
 @pytest.fixture(scope='module')
-def model_dir(synthetic_data_dir, tmp_path_factory):
-  model_dir = tmp_path_factory.mktemp('run')
-  config = Config(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
-                  model_dir=str(model_dir), image_size=SIZE, cnn_filters=4, cnn_depth=2, weights='none')
-  keras.utils.set_random_seed(0)
-  export.save_keras(models.build_model('cnn', image_size=SIZE, cnn_filters=4, cnn_depth=2),
-                    str(model_dir / 'model.keras'))
-  (model_dir / 'run.json').write_text(json.dumps({'config': dataclasses.asdict(config), 'image_size': SIZE,
-                                                   'threshold': 0.5}))
-  return model_dir
+def model_dir(untrained_run):
+  return untrained_run(SIZE)
 
 
 def test_cli_reports_every_shift_and_the_unshifted_row_matches_evaluate(model_dir, synthetic_data_dir, tmp_path):
