@@ -276,7 +276,8 @@ def test_another_model_in_the_model_dir_is_refused(reference, synthetic_data_dir
   before = _digests(reference)
   flags_32px = [f for f in RUN_FLAGS if f != '--deterministic']
   for change, expected in (('--image_size=64', '--image_size=32 (this run: 64)'),
-                           ('--cnn_depth=4', '--cnn_depth=3 (this run: 4)')):
+                           ('--cnn_depth=4', '--cnn_depth=3 (this run: 4)'),
+                           ('--augment_strength=2', '--augment_strength=1.0 (this run: 2.0)')):
     code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={reference}', *flags_32px,
                               change)
     assert code == 1

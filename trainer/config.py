@@ -13,15 +13,15 @@ CLASS_WEIGHTS = ('balanced', 'none')
 LR_SCALING = ('none', 'linear', 'sqrt')
 LR_SCHEDULES = ('constant', 'cosine')
 EQUALIZE = ('none', 'histogram', 'clahe')
-# Kept here rather than in trainer.distribute, so flags can be checked before TensorFlow is imported.
 # At 5 the zoom reaches 50% and the rotation 50 degrees: beyond that the transforms stop looking like radiographs.
 MAX_AUGMENT_STRENGTH = 5.0
+# Kept here rather than in trainer.distribute, so flags can be checked before TensorFlow is imported.
 STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
 # What a run resumed from its model_dir cannot change: the model, its input, and the variables its checkpoint holds.
 # The rest may change: e.g. a lower learning rate after a NaN loss, more epochs, or fewer GPUs after a preemption.
-FIXED_ON_RESUME = ('model', 'dataset', 'image_size', 'unfreeze', 'optimizer', 'horizontal_flip', 'equalize',
-                   'cnn_filters', 'cnn_depth')
+FIXED_ON_RESUME = ('model', 'dataset', 'image_size', 'unfreeze', 'optimizer', 'horizontal_flip', 'augment_strength',
+                   'equalize', 'cnn_filters', 'cnn_depth')
 
 
 class ConfigError(ValueError):

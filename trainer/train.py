@@ -223,8 +223,8 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   with strategy.scope():
     model = models.build_model(
         config.model, image_size=image_size, weights=config.weights_arg, dropout=config.dropout,
-        horizontal_flip=config.horizontal_flip, augment_strength=config.augment_strength, equalize=config.equalize, cnn_filters=config.cnn_filters,
-        cnn_depth=config.cnn_depth, seed=config.seed)
+        horizontal_flip=config.horizontal_flip, augment_strength=config.augment_strength, equalize=config.equalize,
+        cnn_filters=config.cnn_filters, cnn_depth=config.cnn_depth, seed=config.seed)
     optimizers = {phase: make_optimizer(config.optimizer, learning_rates[phase], loss_scale) for phase in PHASES}
     # Both optimizers are built up front, each on its phase's variables, so a checkpoint taken in either phase
     # restores into objects that already exist.
@@ -397,8 +397,10 @@ def _check_model_dir(config: Config, image_size: int) -> None:
     return
   with open(path) as f:
     stored = json.load(f)
-  changed = [f'--{name}={stored.get(name)} (this run: {settings[name]})' for name in config_lib.FIXED_ON_RESUME
-             if stored.get(name) != settings[name]]
+  # A setting newer than the stored run had its default there.
+  defaults = dataclasses.asdict(Config())
+  changed = [f'--{name}={stored.get(name, defaults[name])} (this run: {settings[name]})'
+             for name in config_lib.FIXED_ON_RESUME if stored.get(name, defaults[name]) != settings[name]]
   if changed:
     raise ValueError(f'--model_dir={config.model_dir} holds a run of {", ".join(changed)}, and a run resumes only '
                      'with the same model: give this one a new --model_dir.')
