@@ -12,6 +12,7 @@ At the bottom, `evaluate_model` runs a model over a split and writes its report,
 end of training and the CLI both use it), and the CLI evaluates a finished run again, e.g. on another split:
 
     python -m trainer.evaluate --model_dir=runs/resnet50 --split=test
+    python -m trainer.evaluate --model_dir=runs/seed-1,runs/seed-2 --out_dir=runs/ensemble   # their mean probability
 """
 
 from collections.abc import Sequence
