@@ -335,7 +335,7 @@ def _cnn_backbone(image_size, filters, depth):
         keras.layers.SpatialDropout2D(_CNN_SPATIAL_DROPOUT, name=f'block{block}_dropout'),
     ]
   # Functional, not Sequential: a Sequential reloaded from .keras keeps each layer's `.output` from a stale build,
-  # and Grad-CAM's sub-model of the last convolution then gets no gradient.
+  # and Grad-CAM's sub-model of the last feature maps then gets no gradient.
   images = x = keras.Input((image_size, image_size, 1))
   for layer in layers:
     x = layer(x)

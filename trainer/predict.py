@@ -176,9 +176,10 @@ def _dicom_pixels(raw: bytes) -> tf.Tensor:
 def make_gradcam(model: keras.Model, image_size: int):
   """A traced Grad-CAM (Selvaraju et al., ICCV 2017) of the pneumonia score, for a model from `build_model`.
 
-  The feature maps of the backbone's last Conv2D layer are weighted by the spatial mean of the gradient of the
-  pneumonia logit with respect to them, summed, kept where positive (the regions that raise the score), upsampled
-  bilinearly to the input size and divided by their maximum. The logit, not the probability: a confident
+  The backbone's last rectified feature maps (after its last ReLU: the cnn's block4_relu2, ResNet50's
+  conv5_block3_out, VGG16's block5_conv3) are weighted by the spatial mean of the gradient of the pneumonia logit
+  with respect to them, summed, kept where positive (the regions that raise the score), upsampled bilinearly to the
+  input size and divided by their maximum. The logit, not the probability: a confident
   prediction saturates the sigmoid, whose gradient then vanishes and leaves a blank map.
 
   Args:
@@ -198,7 +199,7 @@ def make_gradcam(model: keras.Model, image_size: int):
   if 'backbone' not in names or names[-1] != 'probability':
     raise ValueError(f'Model {model.name!r} has layers {names}; Grad-CAM needs a model from build_model (a nested '
                      "'backbone' and the output layer 'probability').")
-  features = _with_last_convolution(model.get_layer('backbone'))
+  features = _with_last_features(model.get_layer('backbone'))
   before, head = layers[:names.index('backbone')], layers[names.index('backbone') + 1:-1]
   output = layers[-1]
 
@@ -222,9 +223,18 @@ def make_gradcam(model: keras.Model, image_size: int):
   return gradcam
 
 
-def _with_last_convolution(backbone: keras.Model) -> keras.Model:
-  """A model of the backbone's own layers (same weights) that outputs its last Conv2D's feature maps too."""
-  last = [layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)][-1]
+def _with_last_features(backbone: keras.Model) -> keras.Model:
+  """A model of the backbone's own layers (same weights) that outputs its last rectified feature maps too.
+
+  Rectified, as in Grad-CAM's paper and the keras.io example: a Conv2D's raw output before its BatchNormalization has
+  either sign, and its gradient-weighted sum can then be negative everywhere, a blank map for a confident pneumonia
+  (seen with the cnn, whose last Conv2D feeds a BatchNormalization).
+  """
+  def rectified(layer):
+    if isinstance(layer, (keras.layers.ReLU, keras.layers.Activation)):
+      return True
+    return isinstance(layer, keras.layers.Conv2D) and layer.activation is keras.activations.relu
+  last = [layer for layer in backbone.layers if rectified(layer)][-1]
   return keras.Model(backbone.inputs, [last.output, *backbone.outputs])
 
 
