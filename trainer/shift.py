@@ -5,7 +5,8 @@ made by image scores ~73% there), and it may not be used for choices. What can b
 how much each candidate's ROC-AUC, sensitivity and specificity move under the kinds of difference that separate
 radiographs of other machines, settings and post-processing: exposure (gamma), contrast, sharpness, noise, JPEG
 compression and field of view. Each shift is one fixed, deterministic transform of the uint8 images at the model's
-input size, and the threshold stays the run's own (chosen on the unshifted validation split), as in deployment.
+input size, and the threshold stays the run's own (chosen on the unshifted validation split), as in deployment; with
+--threshold_rule=youden_with_shifts it is THRESHOLD_RULE's instead, which also looks at the shifted copies.
 
     python -m trainer.shift --model_dir=runs/recipe --split=validation
     python -m trainer.shift --model_dir=runs/seed1,runs/seed2 --split=validation --out=runs/shift.json
@@ -35,8 +36,10 @@ def _gamma(g):
 
 
 def _contrast(factor):
-  return lambda x: (x - tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)) * factor + tf.reduce_mean(
-      x, axis=[1, 2, 3], keepdims=True)
+  def contrast(x):
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    return (x - mean) * factor + mean
+  return contrast
 
 
 def _blur(x):
@@ -51,7 +54,7 @@ def _blur(x):
 
 
 def _noise(x):
-  # Stateless and seeded by the batch's shape alone: every model of a comparison sees the same noise.
+  # Stateless with a fixed seed: every model of a comparison sees the same noise (the same pattern on every batch).
   return x + 8 * tf.random.stateless_normal(tf.shape(x), seed=[17, 29])
 
 
