@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 # Defined in trainer.config, which main checks before it imports TensorFlow.
-from trainer.config import LR_SCALING, PRECISIONS, STRATEGIES  # pylint: disable=g-importing-member,unused-import
+from trainer.config import LR_SCALING, PRECISIONS, STRATEGIES  # pylint: disable=g-importing-member
 
 # SlurmClusterResolver's default: worker i listens on <node i>:8888. The port must be free on every node.
 SLURM_PORT = 8888

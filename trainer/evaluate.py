@@ -752,6 +752,12 @@ def main(argv):
   runs = [load_run(d) for d in model_dirs]
   data_dir = os.path.expanduser(FLAGS.data_dir) if FLAGS.data_dir else runs[0].config.get('data_dir')
   manual_dir = os.path.expanduser(FLAGS.manual_dir) if FLAGS.manual_dir else runs[0].config.get('manual_dir')
+  # The split is checked first: the thresholds below take a pass (or, with shifts, ten) over validation.
+  dataset = FLAGS.dataset or run_dataset(runs)
+  builder = data.prepare(dataset, data_dir=data_dir, manual_dir=manual_dir)
+  if FLAGS.split not in builder.info.splits:
+    raise ValueError(f'--split={FLAGS.split} is not a split of {dataset}: choose one of '
+                     f'{", ".join(sorted(builder.info.splits))}.')
   extra = {'model': runs[0].config['model'], 'image_size': runs[0].image_size}
   threshold = runs[0].threshold
   if len(runs) > 1:
@@ -764,13 +770,9 @@ def main(argv):
   if FLAGS.threshold_rule == 'youden_with_shifts':
     # Here, not at the top: trainer.shift imports this module.
     from trainer import shift
-    validation = data.prepare(run_dataset(runs), data_dir=data_dir, manual_dir=manual_dir)
+    validation = (builder if dataset == run_dataset(runs)
+                  else data.prepare(run_dataset(runs), data_dir=data_dir, manual_dir=manual_dir))
     threshold, rule = shift.threshold_with_shifts(runs, validation, batch_size=FLAGS.batch_size), shift.THRESHOLD_RULE
-  dataset = FLAGS.dataset or run_dataset(runs)
-  builder = data.prepare(dataset, data_dir=data_dir, manual_dir=manual_dir)
-  if FLAGS.split not in builder.info.splits:
-    raise ValueError(f'--split={FLAGS.split} is not a split of {dataset}: choose one of '
-                     f'{", ".join(sorted(builder.info.splits))}.')
   out_dir = os.path.expanduser(FLAGS.out_dir or os.path.join(model_dirs[0], f'eval_{FLAGS.split}'))
   predictions = predict_runs(runs, builder, FLAGS.split, batch_size=FLAGS.batch_size)
   report = report_predictions(predictions, threshold=threshold, out_dir=out_dir, tensorboard_dir=out_dir,

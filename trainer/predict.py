@@ -176,11 +176,11 @@ def _dicom_pixels(raw: bytes) -> tf.Tensor:
 def make_gradcam(model: keras.Model, image_size: int):
   """A traced Grad-CAM (Selvaraju et al., ICCV 2017) of the pneumonia score, for a model from `build_model`.
 
-  The backbone's last rectified feature maps (after its last ReLU: the cnn's block4_relu2, ResNet50's
+  The backbone's last rectified feature maps (after its last ReLU: the cnn's last block's second ReLU, ResNet50's
   conv5_block3_out, VGG16's block5_conv3) are weighted by the spatial mean of the gradient of the pneumonia logit
   with respect to them, summed, kept where positive (the regions that raise the score), upsampled bilinearly to the
-  input size and divided by their maximum. The logit, not the probability: a confident
-  prediction saturates the sigmoid, whose gradient then vanishes and leaves a blank map.
+  input size and divided by their maximum. The logit, not the probability: a confident prediction saturates the
+  sigmoid, whose gradient then vanishes and leaves a blank map.
 
   Args:
     model: a model from `trainer.models.build_model`: layers up to a nested 'backbone' Model, then 'pool',

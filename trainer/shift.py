@@ -104,6 +104,13 @@ THRESHOLD_RULE = (
     'called pneumonia when its probability is at or above the threshold.')
 
 
+def predict_shifted(runs, builder, split: str, *, batch_size: int = 32) -> dict[str, dict]:
+  """One run's (or an ensemble's mean) predictions on a split under every shift: {name: `predict_runs`'s result}."""
+  return {name: evaluate.predict_runs(runs, builder, split, batch_size=batch_size,
+                                      transform=lambda images, name=name: apply(name, images))
+          for name in SHIFTS}
+
+
 def threshold_with_shifts(runs, builder, *, batch_size: int = 32) -> float:
   """THRESHOLD_RULE: a threshold for images that may come from the training data's machines or from others.
 
@@ -120,36 +127,32 @@ def threshold_with_shifts(runs, builder, *, batch_size: int = 32) -> float:
   Returns:
     The threshold, as `trainer.evaluate.choose_threshold` picks it on the pooled predictions.
   """
-  labels, probs = [], []
-  shifted = len(SHIFTS) - 1
-  for name in SHIFTS:
-    split = evaluate.predict_runs(runs, builder, 'validation', batch_size=batch_size,
-                                  transform=lambda images, name=name: apply(name, images))
-    copies = shifted if name == 'none' else 1
-    labels += [split['labels']] * copies
-    probs += [split['probs']] * copies
-  return evaluate.choose_threshold(np.concatenate(labels), np.concatenate(probs))
+  return pooled_threshold(predict_shifted(runs, builder, 'validation', batch_size=batch_size))
 
 
-def stress(runs, builder, split: str, *, threshold: float, batch_size: int = 32) -> dict:
+def pooled_threshold(shifted: dict[str, dict]) -> float:
+  """`threshold_with_shifts` on the validation split's `predict_shifted` predictions, already made."""
+  copies = len(shifted) - 1  # The unshifted copy weighs as much as all shifted ones.
+  weighted = [shifted['none']] * copies + [split for name, split in shifted.items() if name != 'none']
+  return evaluate.choose_threshold(np.concatenate([split['labels'] for split in weighted]),
+                                   np.concatenate([split['probs'] for split in weighted]))
+
+
+def stress(shifted: dict[str, dict], *, threshold: float, split: str) -> dict:
   """Every shift's metrics for one run or an ensemble (the mean probability) on one split.
 
   Args:
-    runs: from `trainer.evaluate.load_run`.
-    builder: the dataset, from `trainer.data.prepare`.
-    split: the split to shift (validation, to choose; test, to report).
-    threshold: the decision threshold, chosen on the unshifted validation split.
-    batch_size: images per prediction batch.
+    shifted: the split's predictions under every shift, from `predict_shifted`.
+    threshold: the decision threshold, chosen on the validation split.
+    split: the split's name, for the result.
 
   Returns:
     {'threshold', 'split', 'shifts': {name: {'roc_auc', 'accuracy', 'sensitivity', 'specificity',
     'mean_probability_normal', 'mean_probability_pneumonia'}}, 'worst': the lowest of each metric over the shifts}.
   """
   rows = {}
-  for name in SHIFTS:
-    split_predictions = evaluate.predict_runs(runs, builder, split, batch_size=batch_size,
-                                              transform=lambda images, name=name: apply(name, images))
-    labels, probs = split_predictions['labels'], split_predictions['probs']
+  for name, predictions in shifted.items():
+    labels, probs = predictions['labels'], predictions['probs']
     at = evaluate.metrics_at(labels, probs, threshold)
     rows[name] = {'roc_auc': evaluate.ranking_metrics(labels, probs)['roc_auc'], 'accuracy': at['accuracy'],
                   'sensitivity': at['sensitivity'], 'specificity': at['specificity'],
@@ -192,14 +195,17 @@ def main(argv):
   if FLAGS.split not in builder.info.splits:
     raise ValueError(f'--split={FLAGS.split} is not a split of {evaluate.run_dataset(runs)}: choose one of '
                      f'{", ".join(sorted(builder.info.splits))}.')
+  shifted = predict_shifted(runs, builder, FLAGS.split, batch_size=FLAGS.batch_size)
   threshold = runs[0].threshold
   if FLAGS.threshold_rule == 'youden_with_shifts':
-    threshold = threshold_with_shifts(runs, builder, batch_size=FLAGS.batch_size)
+    # On validation, the predictions just made are the ones the rule pools.
+    threshold = (pooled_threshold(shifted) if FLAGS.split == 'validation'
+                 else threshold_with_shifts(runs, builder, batch_size=FLAGS.batch_size))
   elif len(runs) > 1:
     threshold = evaluate.ensemble_threshold(runs, data_dir=data_dir, manual_dir=manual_dir,
                                             batch_size=FLAGS.batch_size)['threshold']
-  result = {**stress(runs, builder, FLAGS.split, threshold=threshold, batch_size=FLAGS.batch_size),
-            'members': FLAGS.model_dir, 'threshold_rule': FLAGS.threshold_rule}
+  result = {**stress(shifted, threshold=threshold, split=FLAGS.split), 'members': FLAGS.model_dir,
+            'threshold_rule': FLAGS.threshold_rule}
   print(markdown(result))
   if FLAGS.out:
     with open(os.path.expanduser(FLAGS.out), 'w') as f:

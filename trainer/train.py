@@ -461,7 +461,7 @@ def _find_layer(model, name):
 
 
 def finish(config: Config, model: keras.Model, builder, image_size: int, *, threshold: float,
-           best_checkpoint: str | None, best: dict | None = None) -> dict:
+           best_checkpoint: str | None, best: dict) -> dict:
   """Loads the best epoch, reports it on the test split and exports it (the chief's job).
 
   `best` ({'epoch', 'validation_roc_auc'}) goes into run.json, next to the threshold chosen at that epoch.
@@ -479,7 +479,7 @@ def finish(config: Config, model: keras.Model, builder, image_size: int, *, thre
   # Last: run.json names the threshold that goes with the exports above.
   _write_json(os.path.join(config.model_dir, 'run.json'),
               {'config': dataclasses.asdict(config), 'image_size': image_size, 'threshold': threshold,
-               'best': best or {}})
+               'best': best})
   logging.info('Test at the validation threshold %.3f: %s', threshold,
                {k: report['at_val_threshold'][k] for k in ('accuracy', 'sensitivity', 'specificity')})
   return report
