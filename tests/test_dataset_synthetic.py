@@ -25,10 +25,20 @@ def _arrays(examples):
   return (np.stack([ex['image'] for ex in examples]), np.array([ex['label'] for ex in examples]))
 
 
-def test_is_the_default_config_and_builds_without_download(synthetic_data_dir):
-  builder = tfds.builder('chest_xray_pneumonia', data_dir=synthetic_data_dir)
-  assert builder.builder_config.name == 'synthetic'
-  assert builder.is_prepared()
+def test_builds_without_download(synthetic_data_dir):
+  assert tfds.builder(NAME, data_dir=synthetic_data_dir).is_prepared()
+
+
+def test_the_default_config_is_the_real_data_and_without_it_says_where_to_put_it(tmp_path):
+  # As for TFDS's other manual-download datasets: a bare name means the real images, never fake ones silently.
+  builder = tfds.builder('chest_xray_pneumonia', data_dir=str(tmp_path))
+  assert builder.builder_config.name == '224'
+  with pytest.raises(FileNotFoundError) as raised:
+    builder.download_and_prepare()
+  message = str(raised.value)
+  assert '\n' not in message
+  assert str(tmp_path / 'downloads' / 'manual') in message and 'kaggle datasets download' in message
+  assert 'chest_xray_pneumonia/synthetic' in message
 
 
 def test_counts_shapes_and_classes(splits):

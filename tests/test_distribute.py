@@ -80,10 +80,20 @@ def test_unknown_names_raise_naming_the_allowed_values():
     distribute.scaled_learning_rate(1e-3, 64, rule='cubic')
 
 
-def test_precision_auto_is_float32_on_this_cpu_machine():
-  assert not tf.config.list_physical_devices('GPU')
+def test_precision_auto_is_float32_without_gpus(monkeypatch):
+  real = tf.config.list_physical_devices
+  monkeypatch.setattr(tf.config, 'list_physical_devices', lambda kind=None: [] if kind == 'GPU' else real(kind))
   assert distribute.resolve_precision('auto') == 'float32'
   assert distribute.resolve_precision('mixed_float16') == 'mixed_float16'
+
+
+def test_precision_auto_on_this_machines_gpus():
+  gpus = tf.config.list_physical_devices('GPU')
+  if not gpus:
+    pytest.skip('needs a GPU')
+  capabilities = [tf.config.experimental.get_device_details(gpu).get('compute_capability', (0, 0)) for gpu in gpus]
+  expected = 'mixed_float16' if min(capabilities) >= (7, 0) else 'float32'
+  assert distribute.resolve_precision('auto') == expected
 
 
 @pytest.mark.parametrize('capabilities, expected', [
@@ -186,11 +196,13 @@ def _simulate_slurm(env, procid, tasks='2', nodes='2'):
 
 
 def test_slurm_step_on_cpu_nodes_gives_one_worker_per_node(env):
+  real = tf.config.list_physical_devices
+  env.setattr(tf.config, 'list_physical_devices', lambda kind=None: [] if kind == 'GPU' else real(kind))
   _simulate_slurm(env, procid=1)
   resolver = distribute.cluster_resolver_from_env()
   assert resolver.cluster_spec().as_dict() == {'worker': ['gpu07:8888', 'gpu08:8888']}
   assert (resolver.task_type, resolver.task_id) == ('worker', 1)
-  assert resolver.num_accelerators() == {'GPU': 0}  # this machine has no GPU: workers mirror over their CPU
+  assert resolver.num_accelerators() == {'GPU': 0}  # no GPU: workers mirror over their CPU
   assert not distribute.is_chief(types.SimpleNamespace(cluster_resolver=resolver))
 
 

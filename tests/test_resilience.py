@@ -310,6 +310,17 @@ def test_missing_or_partial_manual_data_is_one_line_and_builds_nothing(layout, t
   assert not os.listdir(tmp_path / 'run')
 
 
+def test_the_default_dataset_is_the_real_data_and_its_absence_is_one_line(tmp_path, capsys):
+  data_dir = tmp_path / 'tfds'
+  code, stderr = _main_here(capsys, f'--data_dir={data_dir}', f'--model_dir={tmp_path / "run"}')
+  assert code == 1
+  [line] = _error_lines(stderr)
+  # Where to put the download (TFDS's default manual dir), and how to try the trainer without it.
+  assert f'The manual dir {data_dir / "downloads" / "manual"} does not exist or is empty' in line, line
+  assert 'chest_xray_pneumonia/synthetic' in line
+  assert not glob.glob(str(data_dir / 'chest_xray_pneumonia' / '224' / '*'))
+
+
 def _zip(path, members):
   with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_DEFLATED) as archive:
     for name, payload in members.items():

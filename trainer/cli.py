@@ -3,11 +3,18 @@
 `trainer.main`, `trainer.evaluate` and `trainer.predict` all run through `run`.
 """
 
+import logging as py_logging
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+
+# INFO lines are shown from these folders only (the project's own); other libraries' INFO lines (TFDS's "Constructing
+# tf.data.Dataset", TF's saver) are kept for --verbosity=1. Their warnings and errors always show.
+_PROJECT_DIRS = tuple(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + name + os.sep
+                      for name in ('trainer', 'cxr_tfds', 'launch'))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -30,10 +37,28 @@ def _user_errors() -> tuple[type[Exception], ...]:
   return errors
 
 
+def _quiet_other_libraries(record: py_logging.LogRecord) -> bool:
+  return (record.levelno >= py_logging.WARNING or logging.get_verbosity() >= logging.DEBUG
+          or record.pathname.startswith(_PROJECT_DIRS))
+
+
+def _readable_logs(argv: list[str]) -> list[str]:
+  """Parses the flags, then keeps the log to the project's own INFO lines, and plain text outside a terminal."""
+  argv = _parse_flags(argv)
+  logging.get_absl_handler().addFilter(_quiet_other_libraries)
+  if not sys.stderr.isatty():
+    # TFDS's tqdm bars redraw with carriage returns and escape codes: noise in a Slurm log or `kubectl logs`. tqdm
+    # reads TQDM_DISABLE when it is imported; a TFDS imported already is told directly.
+    os.environ.setdefault('TQDM_DISABLE', '1')
+    if 'tensorflow_datasets' in sys.modules:
+      sys.modules['tensorflow_datasets'].disable_progress_bar()
+  return argv
+
+
 def run(main) -> None:
   """Runs an absl `main`; the user's errors end in one `error:` line on stderr and exit code 1."""
   try:
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=_readable_logs)
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, _user_errors()):
       raise

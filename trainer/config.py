@@ -35,7 +35,7 @@ class Config:
   model: str = 'cnn'
   unfreeze: int = 5
   weights: str = 'imagenet'  # 'imagenet', 'none' or a path to a local weights file.
-  dataset: str = 'chest_xray_pneumonia/synthetic'
+  dataset: str = 'chest_xray_pneumonia/224'
   data_dir: str | None = None
   manual_dir: str | None = None
   model_dir: str = 'runs/default'

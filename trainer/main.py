@@ -24,10 +24,12 @@ flags.DEFINE_enum('model', 'cnn', config_lib.MODELS, 'cnn (from scratch), or res
 flags.DEFINE_integer('unfreeze', 5, _UNFREEZE_HELP)
 flags.DEFINE_string('weights', 'imagenet', 'Backbone weights: imagenet (Keras downloads and caches them in '
                     '~/.keras/models or $KERAS_HOME), none (random), or a path to a local weights file.')
-flags.DEFINE_string('dataset', 'chest_xray_pneumonia/synthetic', 'A TFDS name with its config: '
-                    'chest_xray_pneumonia/{synthetic,224,512,original}.')
+flags.DEFINE_string('dataset', 'chest_xray_pneumonia/224', 'A TFDS name with its config: '
+                    'chest_xray_pneumonia/{224,512,original} (the Kaggle download, see --manual_dir), or '
+                    'chest_xray_pneumonia/synthetic (procedural images for trying the trainer; no download).')
 flags.DEFINE_string('data_dir', None, 'Where TFDS keeps built datasets (default ~/tensorflow_datasets).')
-flags.DEFINE_string('manual_dir', None, 'The folder holding the Kaggle or Mendeley download (zip or extracted).')
+flags.DEFINE_string('manual_dir', None, 'The folder holding the Kaggle or Mendeley download (zip or extracted); '
+                    'default: TFDS\'s manual dir, <data_dir>/downloads/manual. Read once, when the dataset is built.')
 flags.DEFINE_string('model_dir', 'runs/default', 'Where checkpoints, TensorBoard logs, the report and the exported '
                     'model go. A run started again with the same model_dir resumes.')
 flags.DEFINE_string('cache_dir', None, 'Cache decoded images in files here instead of in memory.')

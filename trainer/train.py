@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 
 from absl import logging
@@ -165,15 +166,18 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 class _Progress:
-  """One line per epoch that says where the run is and how long is left, plus Keras's progress bar on the chief."""
+  """One line per epoch that says where the run is and how long is left, plus Keras's progress bar on the chief
+  when it writes to a terminal."""
 
   def __init__(self, total_epochs: int, steps_per_epoch: int, verbose: bool):
     self.total_epochs, self.steps_per_epoch, self.verbose = total_epochs, steps_per_epoch, verbose
     self.epoch_seconds = []
 
   def bar(self):
-    return keras.utils.Progbar(self.steps_per_epoch, verbose=1 if self.verbose else 0,
-                               stateful_metrics=SCALARS)
+    # Outside a terminal (Slurm, `kubectl logs`, a sweep) Keras's bar is escape codes and redraws, and the epoch line
+    # below says the same once: there it is the only progress line.
+    interactive = self.verbose and sys.stdout.isatty()
+    return keras.utils.Progbar(self.steps_per_epoch, verbose=1 if interactive else 0, stateful_metrics=SCALARS)
 
   def epoch_done(self, epoch: int, phase: str, seconds: float, train: dict, val: dict) -> None:
     self.epoch_seconds.append(seconds)

@@ -43,8 +43,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       Config(name='synthetic', image_size=synthetic.IMAGE_SIZE,
              description='Procedural 128x128 chest X-rays for tests and demos: no download.'),
   ]
-  # Lets `tfds.load('chest_xray_pneumonia')` work with no download.
-  DEFAULT_BUILDER_CONFIG_NAME = 'synthetic'
+  # A bare `tfds.load('chest_xray_pneumonia')` means the real images, as for TFDS's other manual-download datasets;
+  # without the download it fails, naming the manual dir and the synthetic config.
+  DEFAULT_BUILDER_CONFIG_NAME = '224'
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
@@ -71,7 +72,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         manual_dir = dl_manager.manual_dir
       except AssertionError:  # TFDS's word for a missing or empty manual dir, followed by many lines.
         raise FileNotFoundError(f'The manual dir {self._manual_dir_name(dl_manager)} does not exist or is empty. '
-                                f'{sources.DOWNLOAD_HINT}') from None
+                                f'{sources.DOWNLOAD_HINT} {sources.SYNTHETIC_HINT}') from None
       source = sources.ManualSource.find(manual_dir)
       release = sources.identify_release(source.images)
     self.info.metadata.update(

@@ -70,6 +70,7 @@ The zip is read directly: there is no need to extract it. See BUILD.md.
 DOWNLOAD_HINT = ('Download the Kaggle zip (`kaggle datasets download -d paultimothymooney/chest-xray-pneumonia`, or '
                  'the Download button on kaggle.com) or Mendeley\'s ChestXRay2017.zip (doi:10.17632/rscbjbr9sj.2), '
                  'and put it as downloaded, or the folder extracted from it, in the manual dir (see BUILD.md).')
+SYNTHETIC_HINT = 'To try the project without the download, use the config chest_xray_pneumonia/synthetic.'
 
 
 @dataclasses.dataclass(frozen=True)
