@@ -87,3 +87,22 @@ def untrained_run(synthetic_data_dir, tmp_path_factory):
     return model_dir
 
   return make
+
+
+def test_split_predictions(model_dirs, data_dir, *, dataset='chest_xray_pneumonia/synthetic', split='test'):
+  """(labels, mean probability) of the runs' model.keras files on a split, computed here, apart from the code under
+  test's own report: for checking a report's numbers against the model it names."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from trainer import data  # pylint: disable=import-outside-toplevel
+  from trainer import export  # pylint: disable=import-outside-toplevel
+
+  builder = tfds.builder(dataset, data_dir=data_dir)
+  probs, labels = [], None
+  for model_dir in model_dirs:
+    image_size = json.loads((pathlib.Path(model_dir) / 'run.json').read_text())['image_size']
+    model = export.load_model(str(pathlib.Path(model_dir) / 'model.keras'))
+    batches = list(data.eval_dataset(builder, split, image_size=image_size, batch_size=64, cache=False))
+    probs.append(np.concatenate([model.predict(b['image'], verbose=0).ravel() for b in batches]))
+    labels = np.concatenate([b['label'].numpy() for b in batches])
+  return labels, np.mean(probs, axis=0)

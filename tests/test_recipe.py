@@ -11,6 +11,11 @@ import pathlib
 import shlex
 import subprocess
 
+import conftest
+import numpy as np
+import pytest
+from sklearn import metrics as sk_metrics
+
 from trainer import shift
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -113,7 +118,11 @@ def test_tiny_synthetic_recipe_writes_the_ensemble_report_and_stress_test(tmp_pa
   assert 0.0 < report['at_val_threshold']['threshold'] < 1.0
   (tn, fp), (fn, tp) = report['at_val_threshold']['confusion_matrix']
   assert tn + fp == 30 and fn + tp == 90
-  assert 0.0 <= report['ranking']['roc_auc'] <= 1.0
+  # The report's numbers are the members' mean probability on the test split, computed here again.
+  labels, probs = conftest.test_split_predictions([out / 'seed-1', out / 'seed-2'], str(tmp_path / 'tfds'))
+  assert report['ranking']['roc_auc'] == pytest.approx(sk_metrics.roc_auc_score(labels, probs), abs=1e-6)
+  predicted = probs >= report['at_val_threshold']['threshold']
+  assert tp == int(np.sum(predicted & (labels == 1))) and tn == int(np.sum(~predicted & (labels == 0)))
 
   assert report['threshold_rule'] == shift.THRESHOLD_RULE
   stress = json.loads((out / 'shift_validation.json').read_text())

@@ -10,6 +10,8 @@ import glob
 import hashlib
 import json
 import os
+import pathlib
+import pty
 import re
 import shutil
 import signal
@@ -27,6 +29,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import data
 from trainer import evaluate
+from trainer import config as config_lib
 from trainer import export
 from trainer import main
 from trainer import train
@@ -52,12 +55,15 @@ def _run(command, *, kill_in_epoch=None):
   Returns:
     (exit code, stderr).
   """
-  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  # Keras's progress bar, whose step counts say when to kill, is drawn only on a terminal: stdout is a pseudo-terminal.
+  terminal, child_stdout = pty.openpty()
+  process = subprocess.Popen(command, stdout=child_stdout, stderr=subprocess.PIPE)
+  os.close(child_stdout)
   stderr = []
   reader = threading.Thread(target=lambda: stderr.append(process.stderr.read()))
   reader.start()
   epoch, last_step = 1, 0
-  while chunk := process.stdout.read1(4096):
+  while chunk := _read_terminal(terminal):
     for match in _PROGRESS.finditer(chunk):
       step, steps = int(match.group(1)), int(match.group(2))
       epoch += step < last_step  # Keras's progress bar starts again at each epoch.
@@ -66,8 +72,16 @@ def _run(command, *, kill_in_epoch=None):
       if epoch == kill_in_epoch and 3 <= step <= steps - 4 and process.poll() is None:
         process.send_signal(signal.SIGKILL)
   returncode = process.wait(timeout=600)
+  os.close(terminal)
   reader.join()
   return returncode, stderr[0].decode(errors='replace')
+
+
+def _read_terminal(terminal: int) -> bytes:
+  try:
+    return os.read(terminal, 4096)
+  except OSError:  # EIO: the child closed its end of the terminal.
+    return b''
 
 
 def _error_lines(stderr):
@@ -272,18 +286,60 @@ def test_bad_flags_are_one_line_and_write_nothing(argv, message, tmp_path):
   assert not model_dir.exists()
 
 
-def test_another_model_in_the_model_dir_is_refused(reference, synthetic_data_dir, capsys):
-  before = _digests(reference)
+# A change of each setting fixed on resume, and what the refusal says. `dataset` is changed in config.json instead:
+# another config of the data would need the download before the check.
+_FIXED_CHANGES = {
+    'model': ('--model=vgg16', '--model=cnn (this run: vgg16)'),
+    'dataset': (None, '--dataset=chest_xray_pneumonia/224 (this run: chest_xray_pneumonia/synthetic)'),
+    'image_size': ('--image_size=64', '--image_size=32 (this run: 64)'),
+    'unfreeze': ('--unfreeze=3', '--unfreeze=5 (this run: 3)'),
+    'optimizer': ('--optimizer=sgd', '--optimizer=adam (this run: sgd)'),
+    'horizontal_flip': ('--horizontal_flip', '--horizontal_flip=False (this run: True)'),
+    'augment_strength': ('--augment_strength=2', '--augment_strength=1.0 (this run: 2.0)'),
+    'equalize': ('--equalize=clahe', '--equalize=none (this run: clahe)'),
+    'cnn_filters': ('--cnn_filters=4', '--cnn_filters=8 (this run: 4)'),
+    'cnn_depth': ('--cnn_depth=4', '--cnn_depth=3 (this run: 4)'),
+}
+
+
+@pytest.mark.parametrize('name', config_lib.FIXED_ON_RESUME)
+def test_another_model_in_the_model_dir_is_refused(name, reference, synthetic_data_dir, tmp_path, capsys):
+  change, expected = _FIXED_CHANGES[name]  # A KeyError here: a setting fixed on resume that no test changes.
+  model_dir = reference
+  if change is None:
+    model_dir = _copy(reference, tmp_path, 'copy')
+    with open(os.path.join(model_dir, 'config.json')) as f:
+      stored = json.load(f)
+    with open(os.path.join(model_dir, 'config.json'), 'w') as f:
+      json.dump({**stored, name: 'chest_xray_pneumonia/224'}, f)
+  before = _digests(model_dir)
   flags_32px = [f for f in RUN_FLAGS if f != '--deterministic']
-  for change, expected in (('--image_size=64', '--image_size=32 (this run: 64)'),
-                           ('--cnn_depth=4', '--cnn_depth=3 (this run: 4)'),
-                           ('--augment_strength=2', '--augment_strength=1.0 (this run: 2.0)')):
-    code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={reference}', *flags_32px,
-                              change)
-    assert code == 1
-    [line] = _error_lines(stderr)
-    assert expected in line and 'new --model_dir' in line, line
-  assert _digests(reference) == before
+  code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}', *flags_32px,
+                            *([change] if change else []))
+  assert code == 1
+  [line] = _error_lines(stderr)
+  assert expected in line and 'new --model_dir' in line, line
+  assert _digests(model_dir) == before
+
+
+def test_readme_lists_the_settings_fixed_on_resume():
+  readme = (pathlib.Path(__file__).resolve().parents[1] / 'README.md').read_text()
+  listed = re.search(r'These cannot change when a run resumes \(use a new `--model_dir`\): (.*?)\. Every other',
+                     readme, flags=re.S).group(1)
+  assert re.findall(r'`--(\w+)`', listed) == list(config_lib.FIXED_ON_RESUME)
+
+
+def test_batch_size_strategy_and_epochs_can_change_on_resume(reference, synthetic_data_dir, tmp_path):
+  model_dir = _copy(reference, tmp_path, 'resumed')
+  flags_changed = [f for f in RUN_FLAGS if f not in ('--batch_size=32', '--fine_tune_epochs=1')]
+  returncode, stderr = _run([sys.executable, '-m', 'trainer.main', f'--data_dir={synthetic_data_dir}',
+                             f'--model_dir={model_dir}', *flags_changed, '--batch_size=16', '--fine_tune_epochs=2',
+                             '--strategy=mirrored', '--logical_devices=2'])
+  assert returncode == 0, stderr[-3000:]
+  assert _resumed_after(stderr) == 3
+  assert 'epoch 4/4 (fine_tune)' in stderr
+  assert '33 steps of 16 per epoch, 2 replicas' in stderr, stderr[-3000:]  # 534 images // 16.
+  assert [step for step, _ in _scalars(os.path.join(model_dir, 'validation'), 'auc')] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize('layout', ['empty', 'partial', 'none'])

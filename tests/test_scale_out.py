@@ -12,9 +12,11 @@ import pathlib
 import subprocess
 import sys
 
+import conftest
 import keras
 import numpy as np
 import pytest
+from sklearn import metrics as sk_metrics
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -92,9 +94,11 @@ def test_mirrored_over_two_logical_devices_trains_and_reports(synthetic_data_dir
   result = _run([sys.executable, '-m', 'trainer.main', '--strategy=mirrored', '--logical_devices=2',
                  f'--data_dir={synthetic_data_dir}', f'--model_dir={tmp_path}', *_flags(epochs=1)])
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'Using MirroredStrategy with devices' in result.stderr
+  devices = ', '.join(f'/job:localhost/replica:0/task:0/device:CPU:{i}' for i in range(2))
+  assert f'MirroredStrategy over {devices}.' in result.stderr
   assert ' 2 replicas.' in result.stderr
-  assert _report(tmp_path)['ranking']['roc_auc'] > 0
+  labels, probs = conftest.test_split_predictions([tmp_path], synthetic_data_dir)
+  assert _report(tmp_path)['ranking']['roc_auc'] == pytest.approx(sk_metrics.roc_auc_score(labels, probs), abs=1e-6)
   assert len(_scalars(str(tmp_path / 'validation'), 'auc')) == 1
 
 

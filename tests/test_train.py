@@ -52,7 +52,6 @@ def test_run_learns_and_reports(trained):
   assert on_disk['ranking']['roc_auc'] > 0.85
   assert on_disk['n_images'] == sum(np.ravel(on_disk['at_0.5']['confusion_matrix']))
   run = json.load(open(os.path.join(config.model_dir, 'run.json')))
-  assert 0 < run['threshold'] < 1
   assert on_disk['at_val_threshold']['threshold'] == pytest.approx(run['threshold'])
 
 
@@ -60,7 +59,7 @@ def test_tensorboard_has_scalars_images_and_hparams(trained):
   config, _ = trained
   train_events = _events(os.path.join(config.model_dir, 'train'))
   val_events = _events(os.path.join(config.model_dir, 'validation'))
-  for tag in train.SCALARS:
+  for tag in ('loss', 'accuracy', 'precision', 'recall', 'auc', 'pr_auc'):
     assert len(_scalar(train_events, tag)) == 6, tag
     assert len(_scalar(val_events, tag)) == 6, tag
   losses = _scalar(train_events, 'loss')
@@ -226,3 +225,62 @@ def test_cosine_run_records_its_rates_and_best_epoch_and_resumes(synthetic_data_
   train.run(Config(**{**settings, 'epochs': 4}).validate(), tf.distribute.OneDeviceStrategy('/cpu:0'))
   assert len(_scalar(_events(os.path.join(model_dir, 'validation')), 'auc')) == 4
   assert _scalar(_events(os.path.join(model_dir, 'train')), 'learning_rate')[-1] == pytest.approx(0, abs=1e-9)
+
+
+def _weights(model):
+  return [np.asarray(w) for w in model.weights]
+
+
+def test_exports_hold_the_best_epoch_and_its_validation_threshold(trained, tmp_path):
+  """A run extended by epochs that ruin it keeps exporting its best epoch, with that epoch's threshold."""
+  import dataclasses
+  import shutil
+  from trainer import evaluate
+  from trainer import export
+  from trainer import models
+  config, _ = trained
+  model_dir = str(tmp_path / 'ruined')
+  shutil.copytree(config.model_dir, model_dir)
+  # Learning rates can change on resume; at 1.0 each step throws the weights far from anything learnt.
+  ruined = dataclasses.replace(config, model_dir=model_dir, fine_tune_epochs=3, fine_tune_learning_rate=1.0)
+  train.run(ruined, tf.distribute.OneDeviceStrategy('/cpu:0'))
+  run = json.load(open(os.path.join(model_dir, 'run.json')))
+  aucs = _scalar(_events(os.path.join(model_dir, 'validation')), 'auc')
+  assert len(aucs) == 8 and run['best']['epoch'] <= 6 < 8, (run['best'], aucs)  # The last epoch is not the best.
+  assert run['best']['validation_roc_auc'] == pytest.approx(max(aucs))
+
+  def fresh():
+    return models.build_model('cnn', image_size=config.image_size, cnn_filters=config.cnn_filters,
+                              cnn_depth=config.cnn_depth, dropout=config.dropout)
+
+  best, last = fresh(), fresh()
+  tf.train.Checkpoint(model=best).restore(tf.train.latest_checkpoint(os.path.join(model_dir, 'best'))).expect_partial()
+  tf.train.Checkpoint(model=last).restore(
+      tf.train.latest_checkpoint(os.path.join(model_dir, 'checkpoints'))).expect_partial()
+  exported = export.load_model(os.path.join(model_dir, 'model.keras'))
+  from_h5 = fresh()
+  from_h5.load_weights(os.path.join(model_dir, 'best.weights.h5'))
+  for a, b, c, d in zip(_weights(best), _weights(exported), _weights(from_h5), _weights(last)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+  assert any(not np.array_equal(a, d) for a, d in zip(_weights(best), _weights(last)))
+
+  # The threshold is the rule's choice on the exported model's validation predictions.
+  builder = data.prepare(config.dataset, data_dir=config.data_dir, manual_dir=None)
+  validation = data.eval_dataset(builder, 'validation', image_size=config.image_size, batch_size=32)
+  split = evaluate.predict_split(exported, validation)
+  assert run['threshold'] == pytest.approx(evaluate.choose_threshold(split['labels'], split['probs']), abs=1e-6)
+  assert run['threshold'] != 0.5
+
+  # The SavedModel is the same model: same probabilities on the same encoded images, labels at run.json's threshold.
+  [saved_model_dir] = {os.path.dirname(p) for p in glob.glob(os.path.join(model_dir, 'saved_model', '**',
+                                                                          'saved_model.pb'), recursive=True)}
+  serve = tf.saved_model.load(saved_model_dir).signatures['serve']
+  images = next(iter(validation))['image'][:8]
+  encoded = tf.stack([tf.io.encode_png(image) for image in images])
+  served = serve(image_bytes=encoded)
+  np.testing.assert_allclose(served['probability'].numpy().ravel(),
+                             exported.predict(images, verbose=0).ravel(), atol=1e-5)
+  assert float(np.ravel(served['threshold'].numpy())[0]) == pytest.approx(run['threshold'])
+  np.testing.assert_array_equal(np.ravel(served['pneumonia'].numpy()),
+                                served['probability'].numpy().ravel() >= run['threshold'])

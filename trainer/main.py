@@ -125,6 +125,7 @@ def main(argv):
                                  f'convolutional layers of {config.model}.')
   distribute.set_precision(config.precision)
   strategy = distribute.get_strategy(config.strategy)
+  logging.info('%s over %s.', type(strategy).__name__, ', '.join(strategy.extended.worker_devices))
   report = train.run(config, strategy)
   if report:
     logging.info('Done. Report: %s', os.path.join(config.model_dir, 'report.json'))
