@@ -99,3 +99,17 @@ def test_a_tiny_cnn_learns_it_in_two_epochs(splits):
   model.fit(x_train, y_train, batch_size=16, epochs=2, verbose=0)
   auc = metrics.roc_auc_score(y_val, model.predict(x_val, verbose=0)[:, 0])
   assert auc > 0.9, auc
+
+
+def test_tfds_tools_work_on_the_dataset(synthetic_data_dir):
+  """tfds.as_dataframe, tfds.benchmark and tfds.show_examples, with what `pip install -e .` brings."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  builder = tfds.builder(NAME, data_dir=synthetic_data_dir)
+  ds = builder.as_dataset('validation')
+  frame = tfds.as_dataframe(ds.take(5), builder.info)
+  assert len(frame) == 5 and {'label', 'finding', 'patient_id', 'file_name'} <= set(frame.columns)
+  stats = tfds.benchmark(ds, batch_size=16).stats  # A pandas frame: the first batch, the rest, and both.
+  assert stats.loc['first', 'num_examples'] == 16 and stats.loc['first+lasts', 'avg'] > 0
+  figure = tfds.show_examples(ds, builder.info, rows=2, cols=2)
+  assert len(figure.axes) == 4

@@ -1,6 +1,6 @@
 r"""Throughput of the input pipeline against its peers, and whether training waits for its input.
 
-  python -m trainer.benchmark --manual_dir=../shared/data/chest_xray
+  python -m trainer.benchmark --manual_dir=~/cxr_manual/chest_xray
   python -m trainer.benchmark --only=ours_warm,in_memory --steps=500
 
 Prints one JSON line per measurement (name, images_per_s, images, seconds, cpu_ms_per_image, peak_rss_mb and context),
@@ -59,8 +59,6 @@ SHUFFLE_BUFFER = 2048
 # NVIDIA's TensorFlow ResNet50 (mixed precision, XLA) on one A100, images/s: the rate one GPU consumes.
 A100_IMAGES_PER_S = 2400
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SHARED_IMAGES = os.path.normpath(os.path.join(_REPO, '..', 'shared', 'data', 'chest_xray'))
 
 # Source files sampled for the decode-cost measurements.
 _DECODE_SAMPLE = 32
@@ -596,7 +594,7 @@ def _define_flags():
   flags.DEFINE_string('dataset', 'chest_xray_pneumonia/224', 'The TFDS dataset and config the pipeline reads.')
   flags.DEFINE_string('data_dir', None, 'Where the dataset is built or already is (default: a temporary folder, '
                       'removed at the end). When it is already built there, `build` builds into a temporary folder.')
-  flags.DEFINE_string('manual_dir', _SHARED_IMAGES if os.path.isdir(_SHARED_IMAGES) else None,
+  flags.DEFINE_string('manual_dir', None,
                       'The extracted Kaggle download (holding train/NORMAL and train/PNEUMONIA): the build reads it, '
                       'and so do the peers and the decode measurements.')
   flags.DEFINE_integer('image_size', 224, 'Side of the images the model takes.')
