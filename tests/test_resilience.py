@@ -564,3 +564,12 @@ def test_no_code_path_deserializes_unsafely():
     with open(source) as f:
       found += [f'{source}:{n}: {line.strip()}' for n, line in enumerate(f, 1) if unsafe.search(line)]
   assert len(sources) > 10 and not found, found
+
+
+def test_verbosity_1_adds_the_traceback_to_a_users_error(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'trainer.main', f'--data_dir={tmp_path / "tfds"}',
+                           f'--model_dir={tmp_path / "run"}', '--verbosity=1'],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert 'Traceback (most recent call last)' in result.stderr and 'FileNotFoundError' in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith('error: The manual dir ')

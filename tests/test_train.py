@@ -160,14 +160,25 @@ def test_tensorboard_server_serves_the_run(trained):
 
 def test_profile_steps_record_a_tensorboard_profile(synthetic_data_dir, tmp_path):
   import dataclasses
-  config = Config(model='cnn', data_dir=synthetic_data_dir, model_dir=str(tmp_path / 'profiled'), image_size=32,
-                  epochs=1, fine_tune_epochs=0, cnn_filters=4, cnn_depth=2, weights='none',
-                  profile_steps=(3, 5)).validate()
+  config = Config(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
+                  model_dir=str(tmp_path / 'profiled'), image_size=32, epochs=1, fine_tune_epochs=0, cnn_filters=4,
+                  cnn_depth=2, weights='none', profile_steps=(3, 5)).validate()
   train.run(config, tf.distribute.OneDeviceStrategy('/cpu:0'))
   traces = glob.glob(os.path.join(config.model_dir, 'train', 'plugins', 'profile', '*', '*.xplane.pb'))
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
   with pytest.raises(ValueError, match='profile_steps'):
     dataclasses.replace(config, profile_steps=(5, 3)).validate()
+
+
+@pytest.mark.parametrize('rule, factor', [('linear', 4.0), ('sqrt', 2.0), ('none', 1.0)])
+def test_lr_scaling_sets_both_phases_rates_from_the_global_batch(rule, factor, synthetic_data_dir, tmp_path):
+  config = Config(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
+                  model_dir=str(tmp_path / rule), image_size=32, epochs=1, fine_tune_epochs=1, cnn_filters=4,
+                  cnn_depth=2, weights='none', batch_size=128, learning_rate=1e-3, fine_tune_learning_rate=1e-4,
+                  lr_scaling=rule).validate()
+  train.run(config, tf.distribute.OneDeviceStrategy('/cpu:0'))
+  rates = _scalar(_events(os.path.join(config.model_dir, 'train')), 'learning_rate')
+  assert rates == pytest.approx([1e-3 * factor, 1e-4 * factor])  # Against a reference batch of 32.
 
 
 def test_cosine_schedule_warms_up_and_decays_to_zero():
