@@ -264,6 +264,44 @@ def test_a_failed_block_keeps_the_previous_export_current(tmp_path):
   assert os.readlink(tmp_path / 'run.json') == os.path.join(export.CURRENT, 'run.json')
 
 
+def _kill_inside_the_window(command, model_dir):
+  """Runs `command` and SIGKILLs it once a new export has its model file, before that export is made current."""
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  partial = None
+  while time.time() < deadline and process.poll() is None:
+    partial = next((p for p in (model_dir / export.EXPORTS).glob('*.partial') if (p / 'model.keras').exists()), None)
+    if partial:
+      process.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  process.wait()
+  assert partial is not None, 'the export ended before the kill'
+
+
+def test_a_kill_at_the_end_of_an_extended_run_keeps_the_previous_model_with_its_threshold(runs, synthetic_data_dir,
+                                                                                          tmp_path):
+  # Issue 17's case: a finished 2-epoch run started again for more epochs, stopped while it exports.
+  model_dir = tmp_path / 'extended'
+  shutil.copytree(runs[1], model_dir, symlinks=True)
+  before = _unit(str(model_dir))
+  command = [sys.executable, '-m', 'trainer.main', f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
+             '--dataset=chest_xray_pneumonia/synthetic', f'--image_size={SIZE}', '--cnn_filters=4', '--cnn_depth=2',
+             '--batch_size=32', '--epochs=3', '--fine_tune_epochs=0', '--weights=none', '--seed=2']
+  _kill_inside_the_window(command, model_dir)
+  assert _unit(str(model_dir)) == before
+  assert json.loads((model_dir / 'run.json').read_text())['config']['epochs'] == 2
+
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  after = _unit(str(model_dir))
+  assert _consistent(after) and after['model'] != before['model']
+  assert json.loads((model_dir / 'run.json').read_text())['config']['epochs'] == 3
+  # Version 3: the killed export's number 2 is not reused.
+  assert export.saved_model_path(str(model_dir)).endswith(os.path.join('saved_model', '3'))
+  assert sorted(os.listdir(model_dir / export.EXPORTS)) == ['3']
+
+
 def test_a_full_disk_or_a_kill_during_an_export_leaves_the_previous_one_whole(runs, tmp_path):
   model_dir = tmp_path / 'run'
   shutil.copytree(runs[0], model_dir, symlinks=True)
@@ -288,19 +326,7 @@ def test_a_full_disk_or_a_kill_during_an_export_leaves_the_previous_one_whole(ru
   assert _unit(str(model_dir)) == before
   assert not [name for name in os.listdir(model_dir / export.EXPORTS) if name.endswith('.partial')]
 
-  # A kill inside the window: once the new export has its model file, before it is made current.
-  process = subprocess.Popen([sys.executable, *command], cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  partial = None
-  while time.time() < deadline and process.poll() is None:
-    partial = next((p for p in (model_dir / export.EXPORTS).glob('*.partial') if (p / 'model.keras').exists()), None)
-    if partial:
-      process.send_signal(signal.SIGKILL)
-      break
-    time.sleep(0.05)
-  process.wait()
-  assert partial is not None, 'the export ended before the kill'
+  _kill_inside_the_window([sys.executable, *command], model_dir)
   after = _unit(str(model_dir))
   assert after == before and _consistent(after)
   done = _module('trainer.predict', f'--model_dir={model_dir}', str(REPO / 'docs' / 'images' / 'gradcam.png'))
