@@ -1,8 +1,8 @@
 """Tests for launch/recipe.sh: the from-scratch recipe's commands, its errors, and one tiny run end to end.
 
 The end-to-end run uses the synthetic config with the recipe's settings shrunk through its environment overrides, so
-it checks the plumbing (build -> train the cnn from scratch, once per seed -> the ensemble's validation threshold ->
-report.json -> the stress test), not the accuracy.
+it checks the plumbing (build -> train the cnn from scratch, once per seed -> the ensemble's export with its
+validation threshold, report.json and model card -> the stress test of the export), not the accuracy.
 """
 
 import json
@@ -122,4 +122,6 @@ def test_tiny_synthetic_recipe_writes_the_ensemble_report_and_stress_test(tmp_pa
   assert 'youden_with_shifts' in (out / 'model' / 'model_card.md').read_text()
   stress = json.loads((out / 'shift_validation.json').read_text())
   assert stress['threshold'] == report['at_val_threshold']['threshold'] and stress['split'] == 'validation'
+  # The export's own threshold and rule, not chosen again.
+  assert (stress['threshold_rule'], stress['threshold_chosen']) == ('youden_with_shifts', 'stored')
   assert '| **worst** |' in (out / 'shift_validation.md').read_text()
