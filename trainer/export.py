@@ -238,8 +238,10 @@ def committing(out_dir: str):
   try:
     os.makedirs(partial)
     yield partial, number
+    _sync(partial)
     os.replace(partial, folder)
     _point(os.path.join(out_dir, CURRENT), os.path.join(EXPORTS, str(number)))  # The commit.
+    _sync_folder(out_dir)
   except (OSError, tf.errors.OpError) as e:
     _remove(partial)
     cause = e.__cause__ if isinstance(e.__cause__, (OSError, tf.errors.OpError)) else e
@@ -254,6 +256,27 @@ def committing(out_dir: str):
   for name in os.listdir(exports):
     if name != str(number):
       _remove(os.path.join(exports, name))
+
+
+def _sync(folder: str) -> None:
+  """Flushes an export's files and folders to the disk before it is made current: after a power cut, `current` must
+  not point at files whose data never reached the disk (a rename can be persisted before the data it names)."""
+  for root, _, names in os.walk(folder):
+    for name in names:
+      descriptor = os.open(os.path.join(root, name), os.O_RDONLY)
+      try:
+        os.fsync(descriptor)
+      finally:
+        os.close(descriptor)
+    _sync_folder(root)
+
+
+def _sync_folder(folder: str) -> None:
+  descriptor = os.open(folder, os.O_RDONLY)
+  try:
+    os.fsync(descriptor)
+  finally:
+    os.close(descriptor)
 
 
 def _point(link: str, target: str) -> None:
