@@ -96,7 +96,7 @@ def test_predictions_match_the_model_and_the_savedmodel(run, test_images):
   expected = run.model(images, training=False).numpy()[:, 0]
   probs = np.array([r['probability'] for r in results])
   np.testing.assert_allclose(probs, expected, atol=1e-6)
-  served = tf.saved_model.load(os.path.join(run.model_dir, 'saved_model')).signatures[export.SERVING_ENDPOINT]
+  served = tf.saved_model.load(export.saved_model_path(run.model_dir)).signatures[export.SERVING_ENDPOINT]
   np.testing.assert_allclose(served(image_bytes=tf.constant(encoded))['probability'].numpy(), probs, atol=1e-5)
 
   threshold = json.loads(pathlib.Path(run.model_dir, 'run.json').read_text())['threshold']
@@ -257,6 +257,7 @@ def test_cli(run, test_images, tmp_path):
   assert done.returncode == 1, done.stderr
   lines = [json.loads(line) for line in done.stdout.splitlines()]
   assert [line['file'] for line in lines] == [*good, str(tmp_path / 'broken.jpeg')]
-  assert set(lines[0]) == {'file', 'label', 'probability', 'threshold', 'gradcam'}
+  assert set(lines[0]) == {'file', 'label', 'probability', 'threshold', 'threshold_rule', 'gradcam'}
+  assert (lines[0]['threshold'], lines[0]['threshold_rule']) == (run.threshold, 'youden')
   assert os.path.isfile(lines[0]['gradcam']) and 'error' in lines[2]
   assert 'error: 1 of 3 files could not be read' in done.stderr

@@ -1,8 +1,8 @@
 """Tests for launch/recipe.sh: the from-scratch recipe's commands, its errors, and one tiny run end to end.
 
 The end-to-end run uses the synthetic config with the recipe's settings shrunk through its environment overrides, so
-it checks the plumbing (build -> train the cnn from scratch, once per seed -> the ensemble's validation threshold ->
-report.json -> the stress test), not the accuracy.
+it checks the plumbing (build -> train the cnn from scratch, once per seed -> the ensemble's export with its
+validation threshold, report.json and model card -> the stress test of the export), not the accuracy.
 """
 
 import json
@@ -51,11 +51,11 @@ def test_dry_run_builds_trains_each_seed_then_reports_their_ensemble(tmp_path):
     assert flags['model_dir'] == str(out / f'seed-{seed}') and flags['seed'] == str(seed)
     assert flags['lr_schedule'] == 'cosine' and flags['equalize'] == 'clahe'
   members = f'{out}/seed-1,{out}/seed-2'
-  assert report.startswith('python -m trainer.evaluate ')
-  assert _flags(report) == {'model_dir': members, 'out_dir': str(out), 'threshold_rule': 'youden_with_shifts'}
+  assert report.startswith('python -m trainer.export ')
+  assert _flags(report) == {'model_dir': members, 'out_dir': f'{out}/model', 'threshold_rule': 'youden_with_shifts'}
   assert stress.startswith('python -m trainer.shift ')
-  assert _flags(stress) == {'model_dir': members, 'split': 'validation', 'threshold_rule': 'youden_with_shifts',
-                            'out': f'{out}/shift_validation.json'}
+  # The exported model, at the threshold stored with it.
+  assert _flags(stress) == {'model_dir': f'{out}/model', 'split': 'validation', 'out': f'{out}/shift_validation.json'}
   assert not out.exists()
 
 
@@ -109,7 +109,7 @@ def test_tiny_synthetic_recipe_writes_the_ensemble_report_and_stress_test(tmp_pa
     assert run['image_size'] == 32
     thresholds.append(run['threshold'])
 
-  report = json.loads((out / 'report.json').read_text())
+  report = json.loads((out / 'model' / 'report.json').read_text())
   assert report['dataset'] == 'chest_xray_pneumonia/synthetic' and report['split'] == 'test'
   assert report['ensemble']['members'] == [str(out / 'seed-1'), str(out / 'seed-2')]
   assert report['ensemble']['member_thresholds'] == thresholds
@@ -125,6 +125,12 @@ def test_tiny_synthetic_recipe_writes_the_ensemble_report_and_stress_test(tmp_pa
   assert tp == int(np.sum(predicted & (labels == 1))) and tn == int(np.sum(~predicted & (labels == 0)))
 
   assert report['threshold_rule'] == shift.THRESHOLD_RULE
+  assert report['operating_point']['threshold_rule'] == 'youden_with_shifts'
+  assert json.loads((out / 'model' / 'run.json').read_text())['threshold'] == report['at_val_threshold']['threshold']
+  assert (out / 'model' / 'saved_model' / '1' / 'saved_model.pb').is_file()
+  assert 'youden_with_shifts' in (out / 'model' / 'model_card.md').read_text()
   stress = json.loads((out / 'shift_validation.json').read_text())
   assert stress['threshold'] == report['at_val_threshold']['threshold'] and stress['split'] == 'validation'
+  # The export's own threshold and rule, not chosen again.
+  assert (stress['threshold_rule'], stress['threshold_chosen']) == ('youden_with_shifts', 'stored')
   assert '| **worst** |' in (out / 'shift_validation.md').read_text()

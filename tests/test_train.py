@@ -77,7 +77,8 @@ def test_best_checkpoint_and_exports_load(trained, synthetic_data_dir):
   assert os.path.exists(os.path.join(config.model_dir, 'best.weights.h5'))
   assert tf.train.latest_checkpoint(os.path.join(config.model_dir, 'checkpoints'))
   model = keras.saving.load_model(os.path.join(config.model_dir, 'model.keras'), safe_mode=True)
-  served = tf.saved_model.load(os.path.join(config.model_dir, 'saved_model')).signatures['serve']
+  # TF Serving's layout: MODEL_DIR/saved_model/VERSION.
+  served = tf.saved_model.load(os.path.join(config.model_dir, 'saved_model', '1')).signatures['serve']
 
   builder = tfds.builder('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir)
   ds = builder.as_dataset('test', decoders={'image': tfds.decode.SkipDecoding()}).take(8)

@@ -40,6 +40,8 @@ THRESHOLD_RULE = (
 
 # youden: THRESHOLD_RULE; youden_with_shifts: trainer.shift.THRESHOLD_RULE (validation and its shifted copies).
 THRESHOLD_RULES = ('youden', 'youden_with_shifts')
+# Training chooses each epoch's threshold by this rule.
+TRAINING_RULE = 'youden'
 
 # The metrics of `metrics_at` that get a bootstrap interval (the confusion matrix and threshold do not).
 THRESHOLD_METRICS = ('accuracy', 'sensitivity', 'specificity', 'precision', 'f1')
@@ -269,6 +271,16 @@ def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resam
   except (TypeError, ValueError) as e:
     raise ValueError(f'extra must be JSON-serialisable (plain str/int/float/list/dict, no NaN): {e}') from None
   return {**report, **extra}
+
+
+def rule_text(name: str) -> str:
+  """The rule named `name` (one of THRESHOLD_RULES), in words."""
+  if name == 'youden_with_shifts':
+    from trainer import shift  # pylint: disable=import-outside-toplevel  (it imports this module)
+    return shift.THRESHOLD_RULE
+  if name != 'youden':
+    raise ValueError(f'Unknown threshold rule {name!r}: choose one of {", ".join(THRESHOLD_RULES)}.')
+  return THRESHOLD_RULE
 
 
 def write_report(report: dict, out_dir: str, *, figures: dict[str, bytes] | None = None) -> tuple[str, str]:
@@ -584,14 +596,20 @@ def evaluate_model(model: keras.Model, dataset: tf.data.Dataset, *, threshold: f
 def report_predictions(split: dict[str, np.ndarray], *, threshold: float, out_dir: str,
                        tensorboard_dir: str | None = None, extra: dict | None = None, n_resamples: int = 1000,
                        threshold_rule: str = THRESHOLD_RULE) -> dict:
-  """`evaluate_model` for predictions already made: `split` as `predict_split` or `predict_runs` return it."""
+  """`evaluate_model` for predictions already made: `split` as `predict_split` or `predict_runs` return it.
+
+  The confusion matrix's title names the split and the threshold (with its rule, from extra's 'operating_point'),
+  since TensorBoard shows it beside validation's, which training draws at each epoch's own threshold.
+  """
   # Here, not at the top: trainer.figures imports this module.
   from trainer import figures
 
   report = build_report(test_labels=split['labels'], test_probs=split['probs'], test_groups=split['groups'],
                         val_threshold=threshold, n_resamples=n_resamples, extra=extra, threshold_rule=threshold_rule)
+  rule = (extra or {}).get('operating_point', {}).get('threshold_rule')
+  title = f'{(extra or {}).get("split", "test").capitalize()}, threshold {threshold:.3f}{f" ({rule})" if rule else ""}'
   pngs = {
-      'confusion_matrix': figures.confusion_matrix_png(report['at_val_threshold']['confusion_matrix']),
+      'confusion_matrix': figures.confusion_matrix_png(report['at_val_threshold']['confusion_matrix'], title=title),
       'roc_curve': figures.roc_curve_png(split['labels'], split['probs'], threshold=threshold),
       'pr_curve': figures.pr_curve_png(split['labels'], split['probs'], threshold=threshold),
       'reliability': figures.reliability_png(report['calibration']),
@@ -613,24 +631,30 @@ class TrainedRun:
   image_size: int
   threshold: float
   config: dict
+  # The name of the rule that chose `threshold` (THRESHOLD_RULES); None for an ensemble not chosen yet.
+  threshold_rule: str | None = TRAINING_RULE
 
 
 def load_run(model_dir: str) -> TrainedRun:
-  """Loads the model and the validation threshold a training run left in its model_dir.
+  """Loads the model and the validation threshold a training run (or `trainer.export`) left in its model_dir.
 
-  The model is read with Keras's safe mode: no Lambda layer or pickled code runs on loading.
+  Both are read from one export (`trainer.export.current_dir`), so a new export committed meanwhile cannot pair this
+  model with its threshold. The model is read with Keras's safe mode: no Lambda layer or pickled code runs on loading.
 
   Args:
-    model_dir: the --model_dir of a finished run (it holds model.keras and run.json).
+    model_dir: the --model_dir of a finished run, or the --out_dir of `trainer.export` (it holds model.keras and
+      run.json).
 
   Returns:
-    The run's folder, model, input side, threshold and training config (a dict of trainer.config.Config's fields).
+    The run's folder, model, input side, threshold, the name of the rule that chose it, and training config (a dict
+    of trainer.config.Config's fields).
 
   Raises:
     FileNotFoundError: if model.keras or run.json is missing.
     ValueError: if run.json is not a run.json the trainer wrote.
   """
-  paths = {name: os.path.join(model_dir, name) for name in ('model.keras', 'run.json')}
+  folder = export.current_dir(model_dir)
+  paths = {name: os.path.join(folder, name) for name in ('model.keras', 'run.json')}
   for path in paths.values():
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: no such file; give the --model_dir of a finished training run '
@@ -639,11 +663,14 @@ def load_run(model_dir: str) -> TrainedRun:
     with open(paths['run.json']) as f:
       run = json.load(f)
     image_size, threshold, config = int(run['image_size']), float(run['threshold']), dict(run['config'])
+    # Runs written before the rule was stored were all chosen by the training rule.
+    rule = str(run.get('threshold_rule', TRAINING_RULE))
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f'{paths["run.json"]} is not a run.json written by the trainer ({type(e).__name__}: {e}).'
                      ) from None
   model = export.load_model(paths['model.keras'])
-  return TrainedRun(model_dir=model_dir, model=model, image_size=image_size, threshold=threshold, config=config)
+  return TrainedRun(model_dir=model_dir, model=model, image_size=image_size, threshold=threshold, config=config,
+                    threshold_rule=rule)
 
 
 def predict_runs(runs: Sequence[TrainedRun], builder, split: str, *, batch_size: int = 32,
@@ -672,22 +699,49 @@ def predict_runs(runs: Sequence[TrainedRun], builder, split: str, *, batch_size:
           'member_probs': np.stack([m['probs'] for m in members])}
 
 
-def ensemble_threshold(runs: Sequence[TrainedRun], *, data_dir: str | None = None, manual_dir: str | None = None,
-                       batch_size: int = 32) -> dict:
-  """The decision threshold of an ensemble, chosen on validation by `choose_threshold`.
+def operating_point(runs: Sequence[TrainedRun], rule: str | None = None, **kwargs) -> dict:
+  """The one decision threshold of a run, an export or an ensemble of runs, and the name of the rule that chose it.
+
+  A run or export keeps the threshold stored with it, unless `rule` names another rule; several runs get theirs
+  chosen on validation by `rule` (youden if None), as `ensemble_threshold` does. Every command goes through here, so
+  the same models given the same way get the same threshold everywhere.
+
+  Args:
+    runs: from `load_run`.
+    rule: None, or one of THRESHOLD_RULES.
+    **kwargs: for `ensemble_threshold` (data_dir, manual_dir, batch_size, shifted).
+
+  Returns:
+    {'threshold', 'threshold_rule', 'chosen' ('stored' or 'now')}, and `ensemble_threshold`'s entries if chosen now.
+  """
+  if rule is not None and rule not in THRESHOLD_RULES:
+    raise ValueError(f'Unknown threshold rule {rule!r}: choose one of {", ".join(THRESHOLD_RULES)}.')
+  if len(runs) == 1 and runs[0].threshold_rule is not None and rule in (None, runs[0].threshold_rule):
+    return {'threshold': runs[0].threshold, 'threshold_rule': runs[0].threshold_rule, 'chosen': 'stored'}
+  return {**ensemble_threshold(runs, rule=rule or TRAINING_RULE, **kwargs), 'chosen': 'now'}
+
+
+def ensemble_threshold(runs: Sequence[TrainedRun], *, rule: str = TRAINING_RULE, data_dir: str | None = None,
+                       manual_dir: str | None = None, batch_size: int = 32, shifted: dict | None = None) -> dict:
+  """The decision threshold of an ensemble (or of one run, again), chosen on validation by the rule named `rule`.
 
   Every member predicts the validation split of the dataset it was trained on (the same one for all), each at its
   own input size; the probabilities are averaged image by image.
 
   Args:
     runs: the members, from `load_run`.
+    rule: one of THRESHOLD_RULES: youden (`choose_threshold`) or youden_with_shifts
+      (`trainer.shift.pooled_threshold`).
     data_dir: where TFDS keeps built datasets (None: the first member's --data_dir).
     manual_dir: the downloaded data, if the dataset must be built (None: the first member's).
     batch_size: images per prediction batch.
+    shifted: for youden_with_shifts, the validation predictions under every shift if already made
+      (`trainer.shift.predict_shifted`).
 
   Returns:
-    {'threshold', 'dataset', 'validation_images', 'validation_roc_auc' (of the average), 'members' (model_dirs),
-    'member_thresholds', 'member_validation_roc_auc'}.
+    {'threshold', 'threshold_rule', 'dataset', 'validation_images', 'validation_roc_auc' (of the average), 'members'
+    (model_dirs), 'member_thresholds', 'member_validation_roc_auc'}, and for youden_with_shifts 'stress'
+    (`trainer.shift.stress` on validation at the threshold).
 
   Raises:
     ValueError: if the members were trained on different datasets.
@@ -695,10 +749,20 @@ def ensemble_threshold(runs: Sequence[TrainedRun], *, data_dir: str | None = Non
   dataset = run_dataset(runs)
   builder = data.prepare(dataset, data_dir=data_dir or runs[0].config.get('data_dir'),
                          manual_dir=manual_dir or runs[0].config.get('manual_dir'))
-  split = predict_runs(runs, builder, 'validation', batch_size=batch_size)
+  stress = {}
+  if rule == 'youden_with_shifts':
+    from trainer import shift  # pylint: disable=import-outside-toplevel  (it imports this module)
+    shifted = shifted or shift.predict_shifted(runs, builder, 'validation', batch_size=batch_size)
+    split, threshold = shifted['none'], shift.pooled_threshold(shifted)
+    stress = {'stress': shift.stress(shifted, threshold=threshold, split='validation')}
+  else:
+    split = predict_runs(runs, builder, 'validation', batch_size=batch_size)
+    threshold = choose_threshold(split['labels'], split['probs'])
   labels = split['labels']
   return {
-      'threshold': choose_threshold(labels, split['probs']),
+      'threshold': threshold,
+      'threshold_rule': rule,
+      **stress,
       'dataset': dataset,
       'validation_images': int(labels.size),
       'validation_roc_auc': ranking_metrics(labels, split['probs'])['roc_auc'],
@@ -738,9 +802,15 @@ def _define_flags():
                       'one run: MODEL_DIR/eval_SPLIT; required for an ensemble).')
   flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
   flags.DEFINE_integer('n_resamples', 1000, 'Bootstrap resamples (of patients) for the 95% intervals.')
-  flags.DEFINE_enum('threshold_rule', 'youden', THRESHOLD_RULES, 'youden: the run\'s threshold '
-                    '(or the ensemble\'s), Youden\'s J on validation. youden_with_shifts: Youden\'s J on validation '
-                    'and its shifted copies (trainer.shift).')
+  define_threshold_rule_flag()
+
+
+def define_threshold_rule_flag():
+  """--threshold_rule, the same in every command that takes runs (evaluate, predict, shift, export)."""
+  flags.DEFINE_enum('threshold_rule', None, THRESHOLD_RULES, 'Choose the threshold again on validation by this rule: '
+                    'youden (Youden\'s J) or youden_with_shifts (Youden\'s J on validation and its shifted copies, '
+                    'trainer.shift). Default: the threshold stored with the run or export (run.json names its rule); '
+                    'for several runs, youden. `python -m trainer.export` stores an ensemble with its threshold.')
 
 
 def main(argv):
@@ -758,29 +828,25 @@ def main(argv):
   if FLAGS.split not in builder.info.splits:
     raise ValueError(f'--split={FLAGS.split} is not a split of {dataset}: choose one of '
                      f'{", ".join(sorted(builder.info.splits))}.')
+  point = operating_point(runs, FLAGS.threshold_rule, data_dir=data_dir, manual_dir=manual_dir,
+                          batch_size=FLAGS.batch_size)
+  threshold = point['threshold']
   extra = {'model': runs[0].config['model'], 'image_size': runs[0].image_size}
-  threshold = runs[0].threshold
   if len(runs) > 1:
-    chosen = ensemble_threshold(runs, data_dir=data_dir, manual_dir=manual_dir, batch_size=FLAGS.batch_size)
-    threshold = chosen['threshold']
     extra = {'models': [run.config['model'] for run in runs], 'image_sizes': [run.image_size for run in runs],
-             'ensemble': {k: chosen[k] for k in ('members', 'member_thresholds', 'validation_roc_auc',
-                                                  'member_validation_roc_auc')}}
-  rule = THRESHOLD_RULE
-  if FLAGS.threshold_rule == 'youden_with_shifts':
-    # Here, not at the top: trainer.shift imports this module.
-    from trainer import shift
-    validation = (builder if dataset == run_dataset(runs)
-                  else data.prepare(run_dataset(runs), data_dir=data_dir, manual_dir=manual_dir))
-    threshold, rule = shift.threshold_with_shifts(runs, validation, batch_size=FLAGS.batch_size), shift.THRESHOLD_RULE
+             'ensemble': {k: point[k] for k in ('members', 'member_thresholds', 'validation_roc_auc',
+                                                 'member_validation_roc_auc')}}
   out_dir = os.path.expanduser(FLAGS.out_dir or os.path.join(model_dirs[0], f'eval_{FLAGS.split}'))
   predictions = predict_runs(runs, builder, FLAGS.split, batch_size=FLAGS.batch_size)
+  operating = {'threshold': threshold, 'threshold_rule': point['threshold_rule'], 'chosen': point['chosen']}
   report = report_predictions(predictions, threshold=threshold, out_dir=out_dir, tensorboard_dir=out_dir,
-                              n_resamples=FLAGS.n_resamples, extra={**extra, 'dataset': dataset, 'split': FLAGS.split},
-                              threshold_rule=rule)
+                              n_resamples=FLAGS.n_resamples,
+                              extra={**extra, 'dataset': dataset, 'split': FLAGS.split, 'operating_point': operating},
+                              threshold_rule=rule_text(point['threshold_rule']))
   at = report['at_val_threshold']
-  logging.info('%s at the validation threshold %.3f: ROC AUC %.3f, sensitivity %.3f, specificity %.3f. Report: %s',
-               FLAGS.split, threshold, report['ranking']['roc_auc'], at['sensitivity'], at['specificity'],
+  logging.info('%s at the threshold %.3f (%s, %s): ROC AUC %.3f, sensitivity %.3f, specificity %.3f. Report: %s',
+               FLAGS.split, threshold, point['threshold_rule'], 'stored with the run' if point['chosen'] == 'stored'
+               else 'chosen now on validation', report['ranking']['roc_auc'], at['sensitivity'], at['specificity'],
                os.path.join(out_dir, 'report.md'))
 
 

@@ -2,22 +2,25 @@ r"""Predictions on new chest X-rays: one JSON line per image, Grad-CAM overlays,
 
     python -m trainer.predict --model_dir=runs/resnet50 scans/ more/IM-0001.jpeg
     python -m trainer.predict --model_dir=runs/resnet50 --gradcam_dir=/tmp/gradcam scans/
-    python -m trainer.predict --ensemble=runs/cnn,runs/resnet50 --ensemble_dir=runs/ensemble scans/
+    python -m trainer.predict --model_dir=runs/ensemble scans/       # an export of trainer.export
+    python -m trainer.predict --model_dir=runs/cnn,runs/resnet50 --ensemble_dir=runs/ensemble scans/
 
-Each line is {"file", "label" ("normal" or "pneumonia"), "probability" (of pneumonia), "threshold"}, the label being
-pneumonia when probability >= threshold, the threshold chosen on validation. A file that cannot be read gets a line
-{"file", "error"} of its own, the others go on, and the exit code is 1 at the end.
+Each line is {"file", "label" ("normal" or "pneumonia"), "probability" (of pneumonia), "threshold",
+"threshold_rule"}, the label being pneumonia when probability >= threshold, the threshold the one stored with the run
+or export (chosen on validation by the rule named). A file that cannot be read gets a line {"file", "error"} of its
+own, the others go on, and the exit code is 1 at the end.
 
 JPEG and PNG files go through the training pipeline's own decode and resize (`trainer.data.decode_image`), so a model
 sees the same pixels as in training and in the exported SavedModel. DICOM files (the `dicom` extra, pydicom) get their
 modality and VOI LUTs (the window the file asks for) and are then stretched to 0-255, as 8-bit exports like the
 training JPEGs are, before the same resize.
 
-An ensemble averages the probabilities of several runs, each at its own input size, and needs a threshold of its own:
-the members' validation predictions (on the validation split of the dataset in their run.json) are averaged and
-`trainer.evaluate.choose_threshold` applies the usual rule. That costs one pass over the validation split, so with
---ensemble_dir the threshold is kept in ENSEMBLE_DIR/ensemble.json, keyed by the members' model.keras contents, and
-reused until a member changes.
+Several runs (--model_dir=DIR1,DIR2) average their probabilities, each at its own input size, and need a threshold of
+their own: `trainer.evaluate.operating_point` chooses it on the validation split by --threshold_rule (youden unless
+given), as trainer.evaluate and trainer.shift do for the same runs. That costs one pass over the validation split (ten
+with shifts), so with --ensemble_dir the threshold is kept in ENSEMBLE_DIR/ensemble.json, keyed by the rule and the
+members' model.keras contents, and reused until a member changes; `python -m trainer.export` makes them one model
+with the threshold stored once.
 
 --gradcam_dir writes, for each image, the image as the model saw it (at its input size) under the Grad-CAM map of the
 pneumonia score, as <path below the inputs' common folder>.gradcam.png. Each map is scaled to its own maximum, so the
@@ -26,6 +29,7 @@ weak evidence in a confidently normal image is drawn as hot as strong evidence: 
 
 import collections
 from collections.abc import Iterable, Iterator, Sequence
+import dataclasses
 import hashlib
 import io
 import json
@@ -256,18 +260,22 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray) -> bytes:
   return out.getvalue()
 
 
-def cached_ensemble_threshold(runs: Sequence[evaluate.TrainedRun], ensemble_dir: str, **kwargs) -> dict:
-  """`trainer.evaluate.ensemble_threshold`, kept in ensemble_dir/ensemble.json while the members' model.keras stay.
+def cached_ensemble_threshold(runs: Sequence[evaluate.TrainedRun], ensemble_dir: str, rule: str | None = None,
+                              **kwargs) -> dict:
+  """`trainer.evaluate.operating_point` of several runs, kept in ensemble_dir/ensemble.json while the rule and the
+  members' model.keras stay.
 
   Args:
     runs: the members, from `trainer.evaluate.load_run`.
     ensemble_dir: the folder of ensemble.json; created if missing.
-    **kwargs: passed to `trainer.evaluate.ensemble_threshold` when it runs.
+    rule: the threshold rule (None: youden).
+    **kwargs: passed to `trainer.evaluate.operating_point` when it runs.
 
   Returns:
-    As `trainer.evaluate.ensemble_threshold`, plus 'fingerprints' (SHA-256 of each member's model.keras).
+    As `trainer.evaluate.operating_point`, plus 'fingerprints' (the rule, and SHA-256 of each member's model.keras).
   """
-  fingerprints = [_sha256(os.path.join(run.model_dir, 'model.keras')) for run in runs]
+  fingerprints = [rule or evaluate.TRAINING_RULE] + [
+      _sha256(os.path.join(export.current_dir(run.model_dir), 'model.keras')) for run in runs]
   path = os.path.join(ensemble_dir, ENSEMBLE_FILE)
   if os.path.exists(path):
     with open(path) as f:
@@ -276,7 +284,7 @@ def cached_ensemble_threshold(runs: Sequence[evaluate.TrainedRun], ensemble_dir:
       logging.info('Ensemble threshold %.4f from %s.', cached['threshold'], path)
       return cached
     logging.info('%s is for other members or other weights; choosing the threshold again.', path)
-  result = {**evaluate.ensemble_threshold(runs, **kwargs), 'fingerprints': fingerprints}
+  result = {**evaluate.operating_point(runs, rule, **kwargs), 'fingerprints': fingerprints}
   os.makedirs(ensemble_dir, exist_ok=True)
   # Written aside and renamed: two predict processes sharing ensemble_dir never read half a file.
   with open(f'{path}.{os.getpid()}.partial', 'w') as f:
@@ -293,20 +301,24 @@ def _sha256(path):
   return digest.hexdigest()
 
 
-def predict_files(files: Sequence[str], runs: Sequence[evaluate.TrainedRun], *, threshold: float,
-                  gradcam_dir: str | None = None, batch_size: int = 32) -> Iterator[dict]:
-  """Predicts files in batches, and yields one result per file, in order.
+def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[evaluate.TrainedRun], *, threshold: float,
+                  gradcam_dir: str | None = None, batch_size: int = 32,
+                  threshold_rule: str | None = None, predicts=None) -> Iterator[dict]:
+  """Predicts files (or images already in memory) in batches, and yields one result per file, in order.
 
   Args:
-    files: from `find_images`.
+    files: from `find_images`; or uint8 grayscale arrays (height, width) or (height, width, 1), as `Classifier`
+      takes them (their result's 'file' is their index, '<array N>').
     runs: one model, or the members of an ensemble (their probabilities are averaged).
-    threshold: the decision threshold: the run's, or the ensemble's from `trainer.evaluate.ensemble_threshold`.
+    threshold: the decision threshold: from `trainer.evaluate.operating_point`.
     gradcam_dir: if given (one model only), a Grad-CAM overlay of each image is written there, as
       <path relative to the inputs' common folder>.gradcam.png.
     batch_size: images per batch.
+    threshold_rule: the name of the rule that chose the threshold, for the results (left out if None).
+    predicts: `trainer.evaluate.make_predict` of each run, for a caller that predicts many times (made here if None).
 
   Yields:
-    {'file', 'label', 'probability', 'threshold'} (and 'gradcam', the overlay's path, and for an ensemble
+    {'file', 'label', 'probability', 'threshold', 'threshold_rule'} (and 'gradcam', the overlay's path, and for an ensemble
     'member_probabilities'), or {'file', 'error'} for a file that cannot be read.
 
   Raises:
@@ -315,24 +327,26 @@ def predict_files(files: Sequence[str], runs: Sequence[evaluate.TrainedRun], *, 
   if gradcam_dir is not None and len(runs) != 1:
     raise ValueError('--gradcam_dir needs a single --model_dir: the members of an ensemble look at different '
                      'features, so run predict once per member instead.')
-  predicts = [evaluate.make_predict(run.model) for run in runs]
+  predicts = predicts or [evaluate.make_predict(run.model) for run in runs]
   gradcam = make_gradcam(runs[0].model, runs[0].image_size) if gradcam_dir is not None else None
   # Overlays keep the inputs' folder structure below their common folder (of the files that exist: a wrong path
   # must not move the others' overlays).
-  root = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in files if os.path.isfile(path)]
-                            or [os.getcwd()])
+  root = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in files
+                             if isinstance(path, str) and os.path.isfile(path)] or [os.getcwd()])
   sizes = sorted({run.image_size for run in runs})
   for start in range(0, len(files), batch_size):
     chunk, results, images = files[start:start + batch_size], {}, collections.defaultdict(list)
     for i, path in enumerate(chunk):
+      in_memory = not isinstance(path, str)
+      name = f'<array {start + i}>' if in_memory else path
       try:
-        for size, image in read_image(path, sizes).items():
+        for size, image in (_array_inputs(path, sizes) if in_memory else read_image(path, sizes)).items():
           images[size].append(image)
-        results[i] = {'file': path}
+        results[i] = {'file': name}
       except BadImageError as e:
-        results[i] = {'file': path, 'error': str(e)}
+        results[i] = {'file': name, 'error': str(e)}
       except OSError as e:
-        results[i] = {'file': path, 'error': f'cannot read: {e.strerror or e}'}
+        results[i] = {'file': name, 'error': f'cannot read: {e.strerror or e}'}
     good = [i for i in sorted(results) if 'error' not in results[i]]
     if good:
       batches = {size: np.stack(stack) for size, stack in images.items()}
@@ -343,6 +357,8 @@ def predict_files(files: Sequence[str], runs: Sequence[evaluate.TrainedRun], *, 
         result = results[i]
         result.update(label=CLASS_NAMES[int(probs[j] >= threshold)], probability=float(probs[j]),
                       threshold=float(threshold))
+        if threshold_rule:
+          result['threshold_rule'] = threshold_rule
         if len(runs) > 1:
           result['member_probabilities'] = member_probs[:, j].tolist()
         if gradcam:
@@ -355,42 +371,98 @@ def predict_files(files: Sequence[str], runs: Sequence[evaluate.TrainedRun], *, 
       yield results[i]
 
 
+def _array_inputs(image, sizes) -> dict[int, np.ndarray]:
+  """A uint8 grayscale array as the models see it: squashed to each size (Classifier's input contract)."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 1):
+    raise ValueError(f'An image array must be uint8 grayscale, (height, width) or (height, width, 1); got '
+                     f'{image.dtype} of shape {image.shape}.')
+  image = image.reshape(image.shape[:2] + (1,))
+  return {size: data.resize_uint8(image, size).numpy() for size in sizes}
+
+
+@dataclasses.dataclass
+class Classifier:
+  """A run, an export or an ensemble of runs, at its one threshold: `load(...)` makes it, `classify` uses it.
+
+  Input contract: chest X-ray files (JPEG, PNG, DICOM) or uint8 grayscale arrays, (height, width) or (height, width,
+  1), of any size; each is squashed to the model's input side (run.json's image_size), as in training.
+  """
+
+  runs: list
+  threshold: float
+  threshold_rule: str
+
+  def __post_init__(self):
+    self._predicts = [evaluate.make_predict(run.model) for run in self.runs]
+
+  def classify(self, images: Sequence, *, batch_size: int = 32) -> list[dict]:
+    """{'file', 'label', 'probability', 'threshold', 'threshold_rule'} per image, in order; or {'file', 'error'}
+    for a file that cannot be read.
+
+    Raises:
+      ValueError: an array that is not uint8 grayscale.
+    """
+    if isinstance(images, (str, np.ndarray)):
+      images = [images]
+    return list(predict_files(list(images), self.runs, threshold=self.threshold, batch_size=batch_size,
+                              threshold_rule=self.threshold_rule, predicts=self._predicts))
+
+
+def load(model_dir: str | Sequence[str], *, threshold_rule: str | None = None, **kwargs) -> Classifier:
+  """Loads a run, an export of `trainer.export`, or several runs (their ensemble) at their threshold.
+
+  Args:
+    model_dir: a run's --model_dir or an export's folder; or several runs' (their threshold is chosen on validation).
+    threshold_rule: None for the stored threshold, or a rule to choose it again (trainer.evaluate.THRESHOLD_RULES).
+    **kwargs: for `trainer.evaluate.operating_point` (data_dir, manual_dir, batch_size), for several runs.
+
+  Returns:
+    A Classifier.
+  """
+  dirs = [model_dir] if isinstance(model_dir, (str, os.PathLike)) else list(model_dir)
+  runs = [evaluate.load_run(os.path.expanduser(str(d))) for d in dirs]
+  point = evaluate.operating_point(runs, threshold_rule, **kwargs)
+  return Classifier(runs=runs, threshold=point['threshold'], threshold_rule=point['threshold_rule'])
+
+
 def _define_flags():
   # Defined only when this module runs as the program, so that importing it (tests, notebooks) defines no flag that
   # could clash with trainer.main's.
-  flags.DEFINE_string('model_dir', None, 'The --model_dir of a finished training run.')
-  flags.DEFINE_list('ensemble', None, 'Instead of --model_dir: several runs\' model_dirs, DIR1,DIR2,...; their '
-                    'probabilities are averaged, with a threshold chosen on validation for the ensemble.')
+  flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished training run or the --out_dir of '
+                    'trainer.export; or several runs, DIR1,DIR2,..., whose probabilities are averaged, with a '
+                    'threshold chosen on validation for the ensemble.')
+  flags.DEFINE_list('ensemble', None, 'Replaced by --model_dir=DIR1,DIR2,... (as in trainer.evaluate and '
+                    'trainer.shift).')
+  evaluate.define_threshold_rule_flag()
   flags.DEFINE_string('ensemble_dir', None, f'Keep the ensemble\'s threshold in ENSEMBLE_DIR/{ENSEMBLE_FILE}, and '
                       'reuse it while the members stay the same (without it, every call runs the members over the '
                       'validation split again).')
   flags.DEFINE_string('gradcam_dir', None, 'Write a Grad-CAM overlay PNG of each image here (one --model_dir only).')
-  flags.DEFINE_string('data_dir', None, 'For --ensemble: where TFDS keeps the built dataset (default: the first '
+  flags.DEFINE_string('data_dir', None, 'For several runs: where TFDS keeps the built dataset (default: the first '
                       'member\'s --data_dir).')
-  flags.DEFINE_string('manual_dir', None, 'For --ensemble: the downloaded data, if the dataset is not built yet.')
+  flags.DEFINE_string('manual_dir', None, 'For several runs: the downloaded data, if the dataset is not built yet.')
   flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
 
 
 def main(argv):
-  if bool(FLAGS.model_dir) == bool(FLAGS.ensemble):
-    raise ValueError('Give either --model_dir=DIR (one model) or --ensemble=DIR1,DIR2,... (several).')
-  if FLAGS.ensemble is not None and len(FLAGS.ensemble) < 2:
-    raise ValueError(f'--ensemble={",".join(FLAGS.ensemble)} names one run; an ensemble needs two or more (or use '
-                     '--model_dir).')
+  if FLAGS.ensemble is not None:
+    raise ValueError(f'--ensemble is now --model_dir: give --model_dir={",".join(FLAGS.ensemble)}.')
+  if not FLAGS.model_dir:
+    raise ValueError('Give --model_dir=DIR (a run or an export), or --model_dir=DIR1,DIR2,... (several runs).')
   files = find_images(argv[1:])
-  runs = [evaluate.load_run(os.path.expanduser(d)) for d in (FLAGS.ensemble or [FLAGS.model_dir])]
-  if len(runs) == 1:
-    threshold = runs[0].threshold
+  runs = [evaluate.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir]
+  kwargs = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, batch_size=FLAGS.batch_size)
+  if FLAGS.ensemble_dir and len(runs) > 1:
+    point = cached_ensemble_threshold(runs, os.path.expanduser(FLAGS.ensemble_dir), FLAGS.threshold_rule, **kwargs)
   else:
-    kwargs = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, batch_size=FLAGS.batch_size)
-    chosen = (cached_ensemble_threshold(runs, os.path.expanduser(FLAGS.ensemble_dir), **kwargs) if FLAGS.ensemble_dir
-              else evaluate.ensemble_threshold(runs, **kwargs))
-    threshold = chosen['threshold']
-    logging.info('Ensemble threshold %.4f (validation ROC AUC %.4f of the averaged probabilities).', threshold,
-                 chosen['validation_roc_auc'])
+    point = evaluate.operating_point(runs, FLAGS.threshold_rule, **kwargs)
+  threshold = point['threshold']
+  logging.info('Threshold %.4f, rule %s (%s).', threshold, point['threshold_rule'],
+               'stored with the model' if point['chosen'] == 'stored' else 'chosen on validation')
   failed = 0
   for result in predict_files(files, runs, threshold=threshold, gradcam_dir=FLAGS.gradcam_dir,
-                              batch_size=FLAGS.batch_size):
+                              batch_size=FLAGS.batch_size, threshold_rule=point['threshold_rule']):
     failed += 'error' in result
     print(json.dumps(result), flush=True)
   if failed:

@@ -5,8 +5,9 @@ made by image scores ~73% there), and it may not be used for choices. What can b
 how much each candidate's ROC-AUC, sensitivity and specificity move under the kinds of difference that separate
 radiographs of other machines, settings and post-processing: exposure (gamma), contrast, sharpness, noise, JPEG
 compression and field of view. Each shift is one fixed, deterministic transform of the uint8 images at the model's
-input size, and the threshold stays the run's own (chosen on the unshifted validation split), as in deployment; with
---threshold_rule=youden_with_shifts it is THRESHOLD_RULE's instead, which also looks at the shifted copies.
+input size, and the threshold stays the one stored with the run or export (run.json names the rule that chose it), as
+in deployment; --threshold_rule=youden_with_shifts chooses THRESHOLD_RULE's instead, which also looks at the shifted
+copies (`python -m trainer.export --threshold_rule=youden_with_shifts` stores it with the model).
 
     python -m trainer.shift --model_dir=runs/recipe --split=validation
     python -m trainer.shift --model_dir=runs/seed1,runs/seed2 --split=validation --out=runs/shift.json
@@ -165,7 +166,8 @@ def stress(shifted: dict[str, dict], *, threshold: float, split: str) -> dict:
 
 def markdown(result: dict) -> str:
   """The stress test as a Markdown table, one row per shift, then the worst of each column."""
-  lines = [f'{result["split"]} split, threshold {result["threshold"]:.3f}', '',
+  rule = f' ({result["threshold_rule"]})' if result.get('threshold_rule') else ''
+  lines = [f'{result["split"]} split, threshold {result["threshold"]:.3f}{rule}', '',
            '| shift | ROC-AUC | accuracy | sensitivity | specificity | mean p (normal) |', '|---|---|---|---|---|---|']
   for name, row in result['shifts'].items():
     lines.append(f'| {name} | {row["roc_auc"]:.4f} | {row["accuracy"]:.3f} | {row["sensitivity"]:.3f} | '
@@ -182,8 +184,7 @@ def _define_flags():
   flags.DEFINE_string('split', 'validation', 'The split to shift: validation (to choose) or test (to report).')
   flags.DEFINE_string('out', None, 'Also write the result here as JSON.')
   flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
-  flags.DEFINE_enum('threshold_rule', 'youden', evaluate.THRESHOLD_RULES, 'The threshold to hold: the '
-                    'run\'s (or the ensemble\'s) Youden threshold, or THRESHOLD_RULE\'s.')
+  evaluate.define_threshold_rule_flag()
 
 
 def main(argv):
@@ -196,16 +197,12 @@ def main(argv):
     raise ValueError(f'--split={FLAGS.split} is not a split of {evaluate.run_dataset(runs)}: choose one of '
                      f'{", ".join(sorted(builder.info.splits))}.')
   shifted = predict_shifted(runs, builder, FLAGS.split, batch_size=FLAGS.batch_size)
-  threshold = runs[0].threshold
-  if FLAGS.threshold_rule == 'youden_with_shifts':
-    # On validation, the predictions just made are the ones the rule pools.
-    threshold = (pooled_threshold(shifted) if FLAGS.split == 'validation'
-                 else threshold_with_shifts(runs, builder, batch_size=FLAGS.batch_size))
-  elif len(runs) > 1:
-    threshold = evaluate.ensemble_threshold(runs, data_dir=data_dir, manual_dir=manual_dir,
-                                            batch_size=FLAGS.batch_size)['threshold']
-  result = {**stress(shifted, threshold=threshold, split=FLAGS.split), 'members': FLAGS.model_dir,
-            'threshold_rule': FLAGS.threshold_rule}
+  # On validation, the predictions just made are the ones youden_with_shifts pools.
+  point = evaluate.operating_point(runs, FLAGS.threshold_rule, data_dir=data_dir, manual_dir=manual_dir,
+                                   batch_size=FLAGS.batch_size,
+                                   shifted=shifted if FLAGS.split == 'validation' else None)
+  result = {**stress(shifted, threshold=point['threshold'], split=FLAGS.split), 'members': FLAGS.model_dir,
+            'threshold_rule': point['threshold_rule'], 'threshold_chosen': point['chosen']}
   print(markdown(result))
   if FLAGS.out:
     with open(os.path.expanduser(FLAGS.out), 'w') as f:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -337,14 +338,18 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
     with writers['validation'].as_default():
       for name, value in val.items():
         tf.summary.scalar(name, value, step=epoch + 1)
-      cm = evaluate.metrics_at(val_pred['labels'], val_pred['probs'], 0.5)['confusion_matrix']
-      _png_summary('confusion_matrix', figures.confusion_matrix_png(cm), epoch + 1)
+      # At this epoch's own threshold, the one the run keeps if the epoch is its best: test's matrix, beside it in
+      # TensorBoard, is drawn at the kept one.
+      val_threshold = evaluate.choose_threshold(val_pred['labels'], val_pred['probs'])
+      cm = evaluate.metrics_at(val_pred['labels'], val_pred['probs'], val_threshold)['confusion_matrix']
+      title = f'Validation, epoch {epoch + 1}, threshold {val_threshold:.3f} ({evaluate.TRAINING_RULE})'
+      _png_summary('confusion_matrix', figures.confusion_matrix_png(cm, title=title), epoch + 1)
       _png_summary('roc_curve', figures.roc_curve_png(val_pred['labels'], val_pred['probs']), epoch + 1)
 
     improved = val['auc'] > float(best_auc)
     if improved:
       best_auc.assign(val['auc'])
-      best_threshold.assign(evaluate.choose_threshold(val_pred['labels'], val_pred['probs']))
+      best_threshold.assign(val_threshold)
       best_epoch.assign(epoch + 1)
     epoch_var.assign(epoch + 1)
     _save(manager, epoch + 1)
@@ -473,17 +478,15 @@ def finish(config: Config, model: keras.Model, builder, image_size: int, *, thre
   if best_checkpoint:
     tf.train.Checkpoint(model=model).restore(best_checkpoint).assert_existing_objects_matched()
   test = data.eval_dataset(builder, 'test', image_size=image_size, batch_size=config.batch_size, cache=False)
-  report = evaluate.evaluate_model(model, test, threshold=threshold, out_dir=config.model_dir,
-                                   tensorboard_dir=os.path.join(config.model_dir, 'test'),
-                                   extra={'model': config.model, 'dataset': config.dataset, 'image_size': image_size})
-  keras_path = export.save_keras(model, os.path.join(config.model_dir, 'model.keras'))
-  export.save_weights_from_keras(keras_path, os.path.join(config.model_dir, 'best.weights.h5'))
-  export.export_saved_model(model, os.path.join(config.model_dir, 'saved_model'), image_size=image_size,
-                            threshold=threshold)
-  # Last: run.json names the threshold that goes with the exports above.
-  _write_json(os.path.join(config.model_dir, 'run.json'),
-              {'config': dataclasses.asdict(config), 'image_size': image_size, 'threshold': threshold,
-               'best': best})
+  # One export (trainer.export.write_export): the report, model, weights, SavedModel, run.json and model card at this
+  # threshold are made current together, so a kill or a full disk never pairs this model with an older threshold.
+  report = export.write_export(
+      config.model_dir, model, image_size=image_size, threshold=threshold, threshold_rule=evaluate.TRAINING_RULE,
+      test_predictions=evaluate.predict_split(model, test), tensorboard_dir=os.path.join(config.model_dir, 'test'),
+      run_info={'config': dataclasses.asdict(config), 'best': best,
+                # The process's own arguments: trainer.main's, when it runs as the program.
+                'command': ' '.join(['python -m trainer.main', *map(shlex.quote, sys.argv[1:])])},
+      extra={'model': config.model, 'dataset': config.dataset, 'image_size': image_size, 'split': 'test'})
   logging.info('Test at the validation threshold %.3f: %s', threshold,
                {k: report['at_val_threshold'][k] for k in ('accuracy', 'sensitivity', 'specificity')})
   return report
