@@ -226,3 +226,44 @@ def test_cosine_run_records_its_rates_and_best_epoch_and_resumes(synthetic_data_
   train.run(Config(**{**settings, 'epochs': 4}).validate(), tf.distribute.OneDeviceStrategy('/cpu:0'))
   assert len(_scalar(_events(os.path.join(model_dir, 'validation')), 'auc')) == 4
   assert _scalar(_events(os.path.join(model_dir, 'train')), 'learning_rate')[-1] == pytest.approx(0, abs=1e-9)
+
+
+def test_weight_decay_and_clipnorm():
+  kernel, bias = keras.Variable(np.ones((2, 2), np.float32), name='kernel'), keras.Variable(np.ones(2, np.float32),
+                                                                                           name='bias')
+  adamw = train.make_optimizer('adam', 0.1, False, weight_decay=0.5)
+  assert isinstance(adamw, keras.optimizers.AdamW)
+  adamw.apply_gradients([(np.zeros((2, 2), np.float32), kernel), (np.zeros(2, np.float32), bias)])
+  # Decoupled decay, without a gradient: the kernel shrinks by lr * decay, the bias is spared.
+  np.testing.assert_allclose(kernel.numpy(), 1 - 0.1 * 0.5, rtol=1e-6)
+  np.testing.assert_array_equal(bias.numpy(), 1)
+  assert type(train.make_optimizer('adam', 0.1, False)) is keras.optimizers.Adam
+  assert train.make_optimizer('sgd', 0.1, False, weight_decay=0.5).weight_decay == 0.5
+
+  # A gradient of norm 10 clipped to 1 moves a variable as the same gradient scaled to norm 1 does.
+  moved = []
+  for clipnorm, gradient in ((1.0, 10.0), (0.0, 1.0)):
+    variable = keras.Variable(np.zeros(4, np.float32))
+    train.make_optimizer('sgd', 0.1, False, clipnorm=clipnorm).apply_gradients(
+        [(np.full(4, gradient / 2, np.float32), variable)])
+    moved.append(variable.numpy())
+  np.testing.assert_allclose(moved[0], moved[1], rtol=1e-6)
+  assert np.all(moved[0] != 0)
+
+
+def test_phase_control_counts_like_keras_callbacks():
+  control = train.PhaseControl(patience=3, plateau=(0.5, 2, 0.02))
+  control.start_phase()
+  decisions = [control.end_epoch(auc) for auc in (0.7, 0.8, 0.8, 0.75, 0.9, 0.85, 0.85, 0.85)]
+  # Epochs since the best: 0 0 1 2 0 1 2 3 -> stop at the 8th; reductions after 2 flat epochs, counted afresh after
+  # each: the 4th and the 7th.
+  assert [stop for stop, _ in decisions] == [False] * 7 + [True]
+  assert [reduced for _, reduced in decisions] == [False, False, False, True, False, False, True, False]
+  assert control.learning_rate(0.1) == pytest.approx(0.1 * 0.25)
+  control.end_epoch(0.5)
+  control.end_epoch(0.5)
+  assert control.learning_rate(0.1) == pytest.approx(0.02)  # The floor, not 0.0125.
+  control.start_phase()
+  assert control.learning_rate(0.1) == pytest.approx(0.1) and not control.end_epoch(0.1)[0]
+  assert int(control.trained_epochs) == 11
+  assert train.learning_rate_schedule(0.1, 'plateau', steps=100, steps_per_epoch=10) == 0.1

@@ -45,6 +45,8 @@ STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
 # What a run resumed from its model_dir cannot change: the model, its input, and the variables its checkpoint holds.
 # The rest may change: e.g. a lower learning rate after a NaN loss, more epochs, or fewer GPUs after a preemption.
+# So may the early-stopping and plateau settings (their counters are in the checkpoint whatever they are) and
+# weight_decay and clipnorm: AdamW keeps the same variables as Adam, and clipping keeps none.
 FIXED_ON_RESUME = ('model', 'dataset', 'image_size', 'unfreeze', 'optimizer', 'horizontal_flip', 'augment_strength',
                    'equalize', 'cnn_filters', 'cnn_depth')
 
@@ -143,7 +145,8 @@ class Config:
       raise ConfigError(f'--plateau_factor must be in (0, 1), got {self.plateau_factor}.')
     if self.plateau_patience < 1:
       raise ConfigError(f'--plateau_patience must be positive, got {self.plateau_patience}.')
-    if self.lr_schedule == 'plateau' and not 0 <= self.plateau_min_lr < min(self.learning_rate, self.fine_tune_learning_rate):
+    lowest_rate = min(self.learning_rate, self.fine_tune_learning_rate)
+    if self.lr_schedule == 'plateau' and not 0 <= self.plateau_min_lr < lowest_rate:
       raise ConfigError(f'--plateau_min_lr={self.plateau_min_lr} must be zero or more and below both learning '
                         'rates, which --lr_schedule=plateau lowers towards it.')
     if not 0 <= self.dropout < 1:

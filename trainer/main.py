@@ -44,8 +44,8 @@ flags.DEFINE_float('fine_tune_learning_rate', 1e-5, 'Learning rate of the fine-t
 flags.DEFINE_enum('lr_scaling', 'none', config_lib.LR_SCALING, 'How the learning rates scale with the global '
                   'batch size against a reference batch of 32: none (as given), linear (Goyal et al. 2017), sqrt.')
 flags.DEFINE_enum('lr_schedule', 'constant', config_lib.LR_SCHEDULES, 'Learning rate within each phase: constant, '
-                  'cosine (linear warmup over the phase\'s first epoch, then cosine decay to 0 at its end), or plateau (lowered '
-                  'when validation ROC-AUC stops improving: see --plateau_factor).')
+                  'cosine (linear warmup over the phase\'s first epoch, then cosine decay to 0 at its end), or '
+                  'plateau (lowered when validation ROC-AUC stops improving: see --plateau_factor).')
 flags.DEFINE_float('plateau_factor', 0.5, 'With --lr_schedule=plateau: multiply the phase\'s learning rate by '
                    'this after --plateau_patience epochs without a better validation ROC-AUC.')
 flags.DEFINE_integer('plateau_patience', 2, 'With --lr_schedule=plateau: epochs without improvement before a '
