@@ -317,3 +317,48 @@ def test_keras_file_round_trip(tmp_path):
   images = _images(2)
   np.testing.assert_allclose(loaded(images, training=False), model(images, training=False), rtol=1e-5)
   assert [w.name for w in loaded.trainable_weights] == [w.name for w in model.trainable_weights]
+
+
+def _normalization(backbone):
+  return next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Normalization))
+
+
+def test_efficientnet_from_a_weights_file_normalizes_like_imagenet_weights(tmp_path):
+  """Keras's ImageNet file stores std where the variance goes; given by path, the model must still see (x - mean) / std.
+
+  The file is written here with those statistics (the real one cannot be downloaded on this machine).
+  """
+  published = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+  normalization = _normalization(published)
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  normalization.adapt_mean.assign(mean.reshape(normalization.adapt_mean.shape))
+  normalization.adapt_variance.assign(std.reshape(normalization.adapt_variance.shape))
+  path = str(tmp_path / 'efficientnetb0_notop.weights.h5')
+  published.save_weights(path)
+
+  model = models.build_model('efficientnetb0', image_size=SIZE, weights=path, augment_strength=0)
+  backbone = model.get_layer('backbone')
+  normalized = keras.Model(backbone.inputs, _normalization(backbone).output)
+  image = _images(1)
+  rgb = np.repeat(image, 3, axis=-1).astype(np.float32)
+  received = normalized(model.get_layer('preprocess')(image)).numpy()
+  # The same tensor as DenseNet's torch-style preprocessing: what the ImageNet weights were trained on.
+  np.testing.assert_allclose(received, (rgb / 255 - mean) / std, rtol=1e-4, atol=1e-4)
+  # Saved and loaded again, the corrected statistics are not corrected twice.
+  path_again = str(tmp_path / 'again.weights.h5')
+  backbone.save_weights(path_again)
+  again = models.build_model('efficientnetb0', image_size=SIZE, weights=path_again, augment_strength=0)
+  np.testing.assert_allclose(again(image, training=False), model(image, training=False), rtol=1e-5)
+  # Random weights keep their identity normalisation.
+  plain = models.build_model('efficientnetb0', image_size=SIZE, augment_strength=0).get_layer('backbone')
+  np.testing.assert_array_equal(np.asarray(_normalization(plain).adapt_variance).ravel(), 1)
+
+
+@pytest.mark.parametrize('name', ['efficientnetb0', 'densenet121'])
+def test_new_backbones_load_a_weights_file(name, tmp_path):
+  source = models.build_model(name, image_size=SIZE, augment_strength=0)
+  path = str(tmp_path / 'backbone.weights.h5')
+  source.get_layer('backbone').save_weights(path)
+  loaded = models.build_model(name, image_size=48, weights=path, augment_strength=0)
+  pairs = list(zip(source.get_layer('backbone').weights, loaded.get_layer('backbone').weights))
+  assert len(pairs) > 100 and all(np.array_equal(a.numpy(), b.numpy()) for a, b in pairs)

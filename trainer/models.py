@@ -285,6 +285,8 @@ def build_model(name,
                                    weights=weights,
                                    input_shape=(image_size, image_size, 3),
                                    name='backbone')
+    if BACKBONES[name].module == 'efficientnet' and weights not in (None, 'imagenet'):
+      _normalize_like_imagenet_weights(backbone)
     # The transfer-learning guide's idiom; Keras 3.15 overrides it from the outer call, so the
     # frozen BatchNormalization layers are what actually hold (module docstring).
     x = backbone(x, training=False)
@@ -294,6 +296,26 @@ def build_model(name,
   model = keras.Model(images, outputs, name=name)
   set_trainable(model, 'head')
   return model
+
+
+# ImageNet's per-channel statistics, as keras.applications.efficientnet has them.
+_IMAGENET_MEAN, _IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def _normalize_like_imagenet_weights(backbone):
+  """Gives an EfficientNet loaded from a weights file the input normalisation weights='imagenet' gives it.
+
+  Keras's ImageNet EfficientNet weights store the standard deviation where the Normalization layer expects the
+  variance, so it would divide by sqrt(std). With weights='imagenet', Keras corrects that with an extra
+  Rescaling(1 / sqrt(std)) after it (tensorflow/tensorflow#49930); a model given the same file by path gets no such
+  layer. Storing std**2 gives the same (x - mean) / std. A file with other statistics (a randomly initialised
+  backbone's 0 and 1, or one this function already corrected) is left as it is.
+  """
+  normalization = next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Normalization))
+  mean, variance = (np.asarray(v).ravel() for v in (normalization.adapt_mean, normalization.adapt_variance))
+  if np.allclose(mean, _IMAGENET_MEAN, atol=1e-4) and np.allclose(variance, _IMAGENET_STD, atol=1e-4):
+    normalization.adapt_variance.assign(np.square(_IMAGENET_STD).reshape(normalization.adapt_variance.shape))
+    normalization.finalize_state()  # The layer computes with copies of its variables, made here.
 
 
 def _augmentation(strength, horizontal_flip, seed):
