@@ -267,3 +267,20 @@ def test_phase_control_counts_like_keras_callbacks():
   assert control.learning_rate(0.1) == pytest.approx(0.1) and not control.end_epoch(0.1)[0]
   assert int(control.trained_epochs) == 11
   assert train.learning_rate_schedule(0.1, 'plateau', steps=100, steps_per_epoch=10) == 0.1
+
+
+def test_a_checkpoint_without_counters_resumes_with_fresh_ones(tmp_path, caplog):
+  """A checkpoint written before early stopping existed: its run resumes, with the data where its epoch left it."""
+  epoch = tf.Variable(3, dtype=tf.int64)
+  old = tf.train.Checkpoint(epoch=epoch).save(str(tmp_path / 'ckpt'))
+  control = train.PhaseControl(patience=2, plateau=None)
+  train._restore_counters(control, old, 3)
+  assert int(control.trained_epochs) == 3 and int(control.stale) == 0
+  assert 'predates them' in caplog.text
+
+  control.end_epoch(0.5)
+  control.end_epoch(0.4)
+  new = tf.train.Checkpoint(epoch=epoch, phase_control=control).save(str(tmp_path / 'new'))
+  again = train.PhaseControl(patience=2, plateau=None)
+  train._restore_counters(again, new, 5)
+  assert int(again.trained_epochs) == 5 and int(again.stale) == 1 and float(again.best_auc) == 0.5

@@ -311,7 +311,6 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   control = PhaseControl(config.early_stopping_patience,
                          (config.plateau_factor, config.plateau_patience, config.plateau_min_lr)
                          if config.lr_schedule == 'plateau' else None)
-  checkpoint.phase_control = control
   # max_to_keep=2: the one before the latest is the fallback when the latest cannot be read.
   manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, 'checkpoints'), max_to_keep=2)
   # The best epoch's weights, in TF's format like the checkpoints: written and committed the same way.
@@ -321,7 +320,10 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   # deleted at the end of a run, and workers resuming at different epochs would run different numbers of steps and
   # wait on each other's collectives forever.
   restored = _restore(checkpoint, os.path.join(config.model_dir, 'checkpoints'))
+  # Tracked after the restore, and restored on its own: a checkpoint from before the counters existed still resumes.
+  checkpoint.phase_control = control
   if restored:
+    _restore_counters(control, restored, int(epoch_var))
     logging.info('Resuming from %s after epoch %d.', restored, int(epoch_var))
     # The flags' learning rates, not the checkpoint's: a run stopped by a NaN loss goes on with a lower one. (A
     # schedule is not in the checkpoint: the optimizer already has the flags' one, at the restored step.)
@@ -457,6 +459,15 @@ def _control_phase(control: PhaseControl, auc: float, epoch: int, phase: str, co
                  config.early_stopping_patience, phase, epoch + 1, phase_end)
     return phase_end
   return epoch + 1
+
+
+def _restore_counters(control: PhaseControl, path: str, epoch: int) -> None:
+  """Restores the early-stopping and plateau counters from checkpoint `path`; fresh ones if it has none."""
+  try:
+    tf.train.Checkpoint(phase_control=control).restore(path).assert_existing_objects_matched()
+  except AssertionError:
+    logging.warning('%s has no early-stopping or plateau counters (it predates them): they start again.', path)
+    control.trained_epochs.assign(epoch)  # Such a run never skipped an epoch.
 
 
 def _restore_best(model: keras.Model, best_manager: tf.train.CheckpointManager, model_dir: str) -> None:
