@@ -13,8 +13,8 @@ Every model reads the dataset's own images and answers one question:
                         style for ResNet50 and VGG16 (BGR, ImageNet means subtracted), torch
                         style for DenseNet121 ([0, 1], ImageNet mean and std), and nothing for
                         EfficientNetB0, which rescales and normalises inside itself and so
-                        takes [0, 255] (fed [0, 1], it sees a black image: the seed's bug)
-      -> backbone       a nested Model named 'backbone' (Grad-CAM finds its last conv there)
+                        takes [0, 255] (fed [0, 1], it sees a nearly black image: the seed's bug)
+      -> backbone       a nested Model named 'backbone' (Grad-CAM reads `feature_layer` there)
       -> head           GlobalAveragePooling2D -> Dropout -> Dense(1, sigmoid) named 'probability'
 
 Augmentation and preprocessing run in float32 under any mixed-precision policy, and so does the
@@ -51,7 +51,6 @@ import tensorflow as tf
 from trainer.config import BACKBONES, EQUALIZE, MODELS  # pylint: disable=g-importing-member
 
 PHASES = ('head', 'fine_tune')
-
 
 
 def application(name):
@@ -282,9 +281,9 @@ def build_model(name,
     # near 100 would come out rounded to whole grey levels or worse.
     x = BackbonePreprocess(name, dtype='float32', name='preprocess')(x)
     backbone = application(name)(include_top=False,
-                                   weights=weights,
-                                   input_shape=(image_size, image_size, 3),
-                                   name='backbone')
+                                 weights=weights,
+                                 input_shape=(image_size, image_size, 3),
+                                 name='backbone')
     if BACKBONES[name].module == 'efficientnet' and weights not in (None, 'imagenet'):
       _normalize_like_imagenet_weights(backbone)
     # The transfer-learning guide's idiom; Keras 3.15 overrides it from the outer call, so the
@@ -306,9 +305,9 @@ def _normalize_like_imagenet_weights(backbone):
   """Gives an EfficientNet loaded from a weights file the input normalisation weights='imagenet' gives it.
 
   Keras's ImageNet EfficientNet weights store the standard deviation where the Normalization layer expects the
-  variance, so it would divide by sqrt(std). With weights='imagenet', Keras corrects that with an extra
-  Rescaling(1 / sqrt(std)) after it (tensorflow/tensorflow#49930); a model given the same file by path gets no such
-  layer. Storing std**2 gives the same (x - mean) / std. A file with other statistics (a randomly initialised
+  variance, so it would divide by sqrt(std): that is what the extra Rescaling(1 / sqrt(std)) that Keras adds after it
+  with weights='imagenet' corrects (tensorflow/tensorflow#49930; not checked against the file itself, which cannot be
+  downloaded where this was written). A model given the same file by path gets no such layer. Storing std**2 gives the same (x - mean) / std. A file with other statistics (a randomly initialised
   backbone's 0 and 1, or one this function already corrected) is left as it is.
   """
   normalization = next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Normalization))
