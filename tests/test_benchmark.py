@@ -78,7 +78,7 @@ def test_decode_lines_grow_with_the_stored_resolution(lines, setup):
 
 
 def test_training_lines_compare_the_two_input_sources(lines):
-  for name in ('train_cnn', 'train_resnet50'):
+  for name in ('train_cnn', 'train_resnet50', 'train_efficientnetb0', 'train_densenet121'):
     line = next(line for line in lines if line['name'] == name)
     assert line['step_ms_pipeline'] > 0 and line['step_ms_in_memory'] > 0
     assert line['ratio'] > 0 and line['images_per_s'] > 0 and line['in_memory_images_per_s'] > 0

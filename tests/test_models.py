@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trainer import config
 from trainer import models
 
 SIZE = 32  # the smallest input keras.applications accepts: keeps every test fast
@@ -78,13 +79,82 @@ def test_bad_arguments_raise(kwargs, message):
 def test_max_unfreeze_counts_the_real_convolutions():
   assert models.max_unfreeze('resnet50') == 53
   assert models.max_unfreeze('vgg16') == 13
+  assert models.max_unfreeze('efficientnetb0') == 81
+  assert models.max_unfreeze('densenet121') == 120
   assert models.max_unfreeze('cnn') == 0
   with pytest.raises(ValueError, match="Unknown model 'vgg'"):
     models.max_unfreeze('vgg')
 
 
+# The layer-name prefix of each backbone's last stage, as Keras names its layers.
+_LAST_STAGE_PREFIXES = {'resnet50': ('conv5_',), 'vgg16': ('block5_',), 'efficientnetb0': ('block7a_', 'top_'),
+                        'densenet121': ('conv5_',)}
+
+
+@pytest.mark.parametrize('name', config.BACKBONES)
+def test_the_registry_and_the_help_agree_with_the_real_backbone(name):
+  """The numbers --unfreeze's help gives, and the layer Grad-CAM reads, are the real model's."""
+  entry = config.BACKBONES[name]
+  assert models.max_unfreeze(name) == entry.convolutions
+  model = models.build_model(name, image_size=SIZE)
+  convolutions = models.set_trainable(model, 'fine_tune', entry.last_stage)
+  assert len(convolutions) == entry.last_stage
+  # Exactly the last stage: every unfrozen convolution is in it, and the one before it is not.
+  assert all(n.startswith(_LAST_STAGE_PREFIXES[name]) for n in convolutions), convolutions
+  one_more = models.set_trainable(model, 'fine_tune', entry.last_stage + 1)
+  assert not one_more[0].startswith(_LAST_STAGE_PREFIXES[name]), one_more[0]
+  # Grad-CAM's layer: an activation, after which no layer has weights (VGG16 ends in a max pool).
+  backbone = model.get_layer('backbone')
+  feature = models.feature_layer(model)
+  assert feature.name == entry.features
+  assert getattr(feature, 'activation', None) in (keras.activations.relu, keras.activations.swish)
+  assert not any(layer.weights for layer in backbone.layers[backbone.layers.index(feature) + 1:])
+  from trainer import main  # pylint: disable=import-outside-toplevel  (defines the flags)
+  help_text = main.flags.FLAGS['unfreeze'].help
+  assert f'{name} has {models.max_unfreeze(name)} ({entry.last_stage} = ' in help_text
+  assert set(config.MODELS) == {'cnn', *config.BACKBONES}
+
+
+# What each backbone's documentation says it takes, named here independently of the registry.
+_DOCUMENTED = {
+    'resnet50': keras.applications.resnet50.preprocess_input,  # caffe: BGR, ImageNet means subtracted
+    'vgg16': keras.applications.vgg16.preprocess_input,  # caffe
+    'densenet121': keras.applications.densenet.preprocess_input,  # torch: [0, 1], ImageNet mean and std
+    'efficientnetb0': keras.applications.efficientnet.preprocess_input,  # nothing: [0, 255]
+}
+
+
+@pytest.mark.parametrize('name', models.MODELS)
+def test_input_contract(name):
+  """A known uint8 image, through the model's own layers: the tensor the backbone receives is what it expects."""
+  yy, xx = np.mgrid[:SIZE, :SIZE]
+  image = ((yy * 7 + xx * 3) % 256).astype(np.uint8)[None, :, :, None]
+  image[0, 0, 0, 0], image[0, 0, 1, 0] = 0, 255  # Both ends of the range.
+  model = models.build_model(name, image_size=SIZE, augment_strength=0, cnn_filters=4, cnn_depth=2)
+  backbone = model.get_layer('backbone')
+  feeding = model.layers[model.layers.index(backbone) - 1]
+  received = keras.Model(model.inputs, feeding.output)(image).numpy()
+  rgb = np.repeat(image, 3, axis=-1).astype(np.float32)
+  if name == 'cnn':
+    np.testing.assert_allclose(received, image / 255, rtol=1e-6)
+    assert received.min() == 0 and received.max() == 1
+    return
+  np.testing.assert_allclose(received, _DOCUMENTED[name](rgb.copy()), rtol=1e-5, atol=1e-4)
+  if name == 'efficientnetb0':
+    # [0, 255], not [0, 1]: the model rescales itself, and fed [0, 1] it would see a black image.
+    np.testing.assert_array_equal(received, rgb)
+    assert backbone.layers[1].__class__.__name__ == 'Rescaling' and backbone.layers[1].scale == pytest.approx(1 / 255)
+  elif name == 'densenet121':
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(received, (rgb / 255 - mean) / std, rtol=1e-5, atol=1e-5)
+  else:  # caffe: BGR, ImageNet means subtracted, no scaling
+    np.testing.assert_allclose(received, rgb[..., ::-1] - np.array([103.939, 116.779, 123.68]), atol=1e-4)
+
+
 @pytest.mark.parametrize('name, unfreeze, expected', [
     ('vgg16', 3, ['block5_conv1', 'block5_conv2', 'block5_conv3']),
+    ('efficientnetb0', 6, ['block7a_expand_conv', 'block7a_dwconv', 'block7a_se_reduce', 'block7a_se_expand',
+                           'block7a_project_conv', 'top_conv']),
     ('resnet50', 10, [
         'conv5_block1_1_conv', 'conv5_block1_2_conv', 'conv5_block1_0_conv', 'conv5_block1_3_conv',
         'conv5_block2_1_conv', 'conv5_block2_2_conv', 'conv5_block2_3_conv', 'conv5_block3_1_conv',
@@ -98,11 +168,13 @@ def test_set_trainable_phases(name, unfreeze, expected):
   assert not backbone.trainable_weights and len(head.trainable_weights) == 2
 
   assert models.set_trainable(model, 'fine_tune', unfreeze) == expected
-  convs = [l.name for l in backbone.layers if isinstance(l, keras.layers.Conv2D)]
+  convs = [l.name for l in backbone.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
   assert convs[-unfreeze:] == expected
   assert [l.name for l in backbone.layers if l.trainable_weights] == expected
-  assert len(backbone.trainable_weights) == 2 * unfreeze  # kernel and bias of each conv
-  assert len(model.trainable_weights) == 2 * unfreeze + 2
+  # The kernel of each conv, and its bias where it has one (EfficientNet's only in the squeeze-excitation).
+  kernels_and_biases = sum(1 + backbone.get_layer(n).use_bias for n in expected)
+  assert len(backbone.trainable_weights) == kernels_and_biases
+  assert len(model.trainable_weights) == kernels_and_biases + 2
   assert all(not l.trainable for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization))
 
   assert models.set_trainable(model, 'head') == []
@@ -245,3 +317,48 @@ def test_keras_file_round_trip(tmp_path):
   images = _images(2)
   np.testing.assert_allclose(loaded(images, training=False), model(images, training=False), rtol=1e-5)
   assert [w.name for w in loaded.trainable_weights] == [w.name for w in model.trainable_weights]
+
+
+def _normalization(backbone):
+  return next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Normalization))
+
+
+def test_efficientnet_from_a_weights_file_normalizes_like_imagenet_weights(tmp_path):
+  """Keras's ImageNet file stores std where the variance goes; given by path, the model must still see (x - mean) / std.
+
+  The file is written here with those statistics (the real one cannot be downloaded on this machine).
+  """
+  published = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+  normalization = _normalization(published)
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  normalization.adapt_mean.assign(mean.reshape(normalization.adapt_mean.shape))
+  normalization.adapt_variance.assign(std.reshape(normalization.adapt_variance.shape))
+  path = str(tmp_path / 'efficientnetb0_notop.weights.h5')
+  published.save_weights(path)
+
+  model = models.build_model('efficientnetb0', image_size=SIZE, weights=path, augment_strength=0)
+  backbone = model.get_layer('backbone')
+  normalized = keras.Model(backbone.inputs, _normalization(backbone).output)
+  image = _images(1)
+  rgb = np.repeat(image, 3, axis=-1).astype(np.float32)
+  received = normalized(model.get_layer('preprocess')(image)).numpy()
+  # The same tensor as DenseNet's torch-style preprocessing: what the ImageNet weights were trained on.
+  np.testing.assert_allclose(received, (rgb / 255 - mean) / std, rtol=1e-4, atol=1e-4)
+  # Saved and loaded again, the corrected statistics are not corrected twice.
+  path_again = str(tmp_path / 'again.weights.h5')
+  backbone.save_weights(path_again)
+  again = models.build_model('efficientnetb0', image_size=SIZE, weights=path_again, augment_strength=0)
+  np.testing.assert_allclose(again(image, training=False), model(image, training=False), rtol=1e-5)
+  # Random weights keep their identity normalisation.
+  plain = models.build_model('efficientnetb0', image_size=SIZE, augment_strength=0).get_layer('backbone')
+  np.testing.assert_array_equal(np.asarray(_normalization(plain).adapt_variance).ravel(), 1)
+
+
+@pytest.mark.parametrize('name', ['efficientnetb0', 'densenet121'])
+def test_new_backbones_load_a_weights_file(name, tmp_path):
+  source = models.build_model(name, image_size=SIZE, augment_strength=0)
+  path = str(tmp_path / 'backbone.weights.h5')
+  source.get_layer('backbone').save_weights(path)
+  loaded = models.build_model(name, image_size=48, weights=path, augment_strength=0)
+  pairs = list(zip(source.get_layer('backbone').weights, loaded.get_layer('backbone').weights))
+  assert len(pairs) > 100 and all(np.array_equal(a.numpy(), b.numpy()) for a, b in pairs)

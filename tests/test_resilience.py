@@ -203,6 +203,39 @@ def test_killed_runs_resume_where_they_stopped_and_end_the_same(reference, synth
   assert _metrics(model_dir) == _metrics(reference)
 
 
+# Val AUC on this config: .83 .95 .91 1.0 1.0 1.0 in the head: flat after epochs 3, 5 and 6 (plateau_patience 1
+# halves the rate each time), stopped after 6 (two epochs without a better AUC), so epochs 7 and 8 are skipped.
+_STOPPING_FLAGS = ('--epochs=8', '--fine_tune_epochs=2', '--learning_rate=1e-2', '--fine_tune_learning_rate=1e-3',
+                   '--early_stopping_patience=2', '--lr_schedule=plateau', '--plateau_patience=1')
+
+
+def test_early_stopping_and_plateau_keep_their_counters_across_a_kill(synthetic_data_dir, tmp_path):
+  reference = str(tmp_path / 'reference')
+  returncode, stderr = _run(_command(synthetic_data_dir, reference, *_STOPPING_FLAGS))
+  assert returncode == 0, stderr[-3000:]
+  assert 'the head phase ends after epoch 6 of 8' in stderr
+  assert 'The next phase starts from the best epoch so far' in stderr
+  aucs = _scalars(os.path.join(reference, 'validation'), 'auc')
+  assert [step for step, _ in aucs] == [1, 2, 3, 4, 5, 6, 9, 10]
+  rates = [rate for _, rate in _scalars(os.path.join(reference, 'train'), 'learning_rate')]
+  np.testing.assert_allclose(rates[:6], [1e-2, 1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3], rtol=1e-6)
+
+  # Killed in epoch 6: the checkpoint of epoch 5 holds one epoch without improvement and two reductions. The resumed
+  # run must stop after epoch 6 and train it at the reduced rate, or it differs from the reference.
+  model_dir = str(tmp_path / 'run')
+  command = _command(synthetic_data_dir, model_dir, *_STOPPING_FLAGS)
+  returncode, stderr = _run(command, kill_in_epoch=6)
+  assert returncode == -signal.SIGKILL, stderr[-3000:]
+  assert _latest_checkpoint_epoch(model_dir) == 5
+  returncode, stderr = _run(command)
+  assert returncode == 0, stderr[-3000:]
+  assert _resumed_after(stderr) == 5
+  assert 'the head phase ends after epoch 6 of 8' in stderr
+  assert _metrics(model_dir) == _metrics(reference)
+  assert _scalars(os.path.join(model_dir, 'train'), 'learning_rate')[-5:] == _scalars(
+      os.path.join(reference, 'train'), 'learning_rate')[-5:]
+
+
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(reference, synthetic_data_dir, tmp_path, caplog):
   # On absl's logger too: an earlier in-process run's unparse_flags() leaves absl's verbosity at WARNING.
   caplog.set_level('INFO', logger='absl')
@@ -269,7 +302,12 @@ def test_a_diverged_run_stops_at_once_keeps_the_last_good_checkpoint_and_resumes
 
 @pytest.mark.parametrize('argv, message', [
     (['--modle=cnn'], "Unknown command line flag 'modle'"),
-    (['--model=vit'], 'flag --model=vit: value should be one of <cnn|resnet50|vgg16>'),
+    (['--model=vit'], 'flag --model=vit: value should be one of <cnn|resnet50|vgg16|efficientnetb0|densenet121>'),
+    (['--model=densenet121', '--unfreeze=121'], '--unfreeze=121 is more than the 120 convolutional layers of densenet121'),
+    (['--lr_schedule=plateau', '--plateau_factor=1'], '--plateau_factor must be in (0, 1), got 1.0'),
+    (['--lr_schedule=plateau', '--plateau_min_lr=1e-3'], '--plateau_min_lr=0.001 must be zero or more and below'),
+    (['--early_stopping_patience=-1'], '--early_stopping_patience must be zero or more, got -1'),
+    (['--weight_decay=-0.1'], '--weight_decay must be zero or more, got -0.1'),
     (['--epochs=two'], 'flag --epochs=two'),
     (['--image_size=16'], '--image_size must be between 32 and 2048 pixels, got 16'),
     (['--learning_rate=0'], '--learning_rate must be positive, got 0.0'),

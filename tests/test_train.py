@@ -296,3 +296,61 @@ def test_exports_hold_the_best_epoch_and_its_validation_threshold(trained, tmp_p
   assert float(np.ravel(served['threshold'].numpy())[0]) == pytest.approx(run['threshold'])
   np.testing.assert_array_equal(np.ravel(served['pneumonia'].numpy()),
                                 served['probability'].numpy().ravel() >= run['threshold'])
+
+
+def test_weight_decay_and_clipnorm():
+  kernel, bias = keras.Variable(np.ones((2, 2), np.float32), name='kernel'), keras.Variable(np.ones(2, np.float32),
+                                                                                           name='bias')
+  adamw = train.make_optimizer('adam', 0.1, False, weight_decay=0.5)
+  assert isinstance(adamw, keras.optimizers.AdamW)
+  adamw.apply_gradients([(np.zeros((2, 2), np.float32), kernel), (np.zeros(2, np.float32), bias)])
+  # Decoupled decay, without a gradient: the kernel shrinks by lr * decay, the bias is spared.
+  np.testing.assert_allclose(kernel.numpy(), 1 - 0.1 * 0.5, rtol=1e-6)
+  np.testing.assert_array_equal(bias.numpy(), 1)
+  assert type(train.make_optimizer('adam', 0.1, False)) is keras.optimizers.Adam
+  assert train.make_optimizer('sgd', 0.1, False, weight_decay=0.5).weight_decay == 0.5
+
+  # A gradient of norm 10 clipped to 1 moves a variable as the same gradient scaled to norm 1 does.
+  moved = []
+  for clipnorm, gradient in ((1.0, 10.0), (0.0, 1.0)):
+    variable = keras.Variable(np.zeros(4, np.float32))
+    train.make_optimizer('sgd', 0.1, False, clipnorm=clipnorm).apply_gradients(
+        [(np.full(4, gradient / 2, np.float32), variable)])
+    moved.append(variable.numpy())
+  np.testing.assert_allclose(moved[0], moved[1], rtol=1e-6)
+  assert np.all(moved[0] != 0)
+
+
+def test_phase_control_counts_like_keras_callbacks():
+  control = train.PhaseControl(patience=3, plateau=(0.5, 2, 0.02))
+  control.start_phase()
+  decisions = [control.end_epoch(auc) for auc in (0.7, 0.8, 0.8, 0.75, 0.9, 0.85, 0.85, 0.85)]
+  # Epochs since the best: 0 0 1 2 0 1 2 3 -> stop at the 8th; reductions after 2 flat epochs, counted afresh after
+  # each: the 4th and the 7th.
+  assert [stop for stop, _ in decisions] == [False] * 7 + [True]
+  assert [reduced for _, reduced in decisions] == [False, False, False, True, False, False, True, False]
+  assert control.learning_rate(0.1) == pytest.approx(0.1 * 0.25)
+  control.end_epoch(0.5)
+  control.end_epoch(0.5)
+  assert control.learning_rate(0.1) == pytest.approx(0.02)  # The floor, not 0.0125.
+  control.start_phase()
+  assert control.learning_rate(0.1) == pytest.approx(0.1) and not control.end_epoch(0.1)[0]
+  assert int(control.trained_epochs) == 11
+  assert train.learning_rate_schedule(0.1, 'plateau', steps=100, steps_per_epoch=10) == 0.1
+
+
+def test_a_checkpoint_without_counters_resumes_with_fresh_ones(tmp_path, caplog):
+  """A checkpoint written before early stopping existed: its run resumes, with the data where its epoch left it."""
+  epoch = tf.Variable(3, dtype=tf.int64)
+  old = tf.train.Checkpoint(epoch=epoch).save(str(tmp_path / 'ckpt'))
+  control = train.PhaseControl(patience=2, plateau=None)
+  train._restore_counters(control, old, 3)
+  assert int(control.trained_epochs) == 3 and int(control.stale) == 0
+  assert 'predates them' in caplog.text
+
+  control.end_epoch(0.5)
+  control.end_epoch(0.4)
+  new = tf.train.Checkpoint(epoch=epoch, phase_control=control).save(str(tmp_path / 'new'))
+  again = train.PhaseControl(patience=2, plateau=None)
+  train._restore_counters(again, new, 5)
+  assert int(again.trained_epochs) == 5 and int(again.stale) == 1 and float(again.best_auc) == 0.5

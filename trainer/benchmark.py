@@ -17,7 +17,8 @@ What is measured, on the same images:
   peer_image_data_generator    the seed project's tf_keras ImageDataGenerator(...).flow_from_directory.
   peer_dataset_from_directory  keras.utils.image_dataset_from_directory, Keras augmentation layers in tf.data.map.
   decode_224/512/2048          one core's JPEG decode cost at each stored resolution (2048 stands for the originals).
-  train_cnn, train_resnet50    trainer.train.make_train_step fed by the pipeline against one batch held in memory.
+  train_<model>                trainer.train.make_train_step fed by the pipeline against one batch held in memory, for
+                               the cnn and every backbone (head phase: the backbone frozen).
 
 Each pipeline is timed in several runs and the fastest is kept. A measurement and the bound or peer its target
 compares it with (GROUPS) are timed in one process, their runs alternating, so that other processes on the machine
@@ -400,6 +401,16 @@ def train_resnet50(setup: Setup, batches: int) -> dict:
   return _train(setup, model_name='resnet50')
 
 
+def train_efficientnetb0(setup: Setup, batches: int) -> dict:
+  del batches
+  return _train(setup, model_name='efficientnetb0')
+
+
+def train_densenet121(setup: Setup, batches: int) -> dict:
+  del batches
+  return _train(setup, model_name='densenet121')
+
+
 def decode_224(setup: Setup, batches: int) -> _Timed:
   return _decode(setup, batches, size=224, resize=False)
 
@@ -431,6 +442,8 @@ MEASUREMENTS = {
     'decode_2048': (decode_2048, 4),
     'train_cnn': (train_cnn, None),
     'train_resnet50': (train_resnet50, None),
+    'train_efficientnetb0': (train_efficientnetb0, None),
+    'train_densenet121': (train_densenet121, None),
 }
 
 # Timed together, in one process, taking turns: each target's two sides (TARGETS).

@@ -7,11 +7,36 @@ test or a notebook. `Config.validate` is where bad values become one-line errors
 import dataclasses
 import os
 
-MODELS = ('cnn', 'resnet50', 'vgg16')
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """A keras.applications backbone: what trainer.models builds, and what --unfreeze and Grad-CAM need to know.
+
+  Here, not in trainer.models, so that the flags' help and checks need no TensorFlow. tests/test_models.py checks
+  every number and name against the real Keras model.
+  """
+
+  application: str  # The keras.applications constructor.
+  module: str  # keras.applications.<module>.preprocess_input is the backbone's input contract.
+  features: str  # Its last rectified feature maps, which Grad-CAM weighs.
+  convolutions: int  # Its Conv2D and DepthwiseConv2D layers: what --unfreeze counts.
+  last_stage: int  # The --unfreeze that trains its whole last stage,
+  last_stage_name: str  # and what that stage is.
+
+
+BACKBONES = {
+    'resnet50': Backbone('ResNet50', 'resnet50', 'conv5_block3_out', 53, 10, 'the conv5 stage'),
+    'vgg16': Backbone('VGG16', 'vgg16', 'block5_conv3', 13, 3, 'block5'),
+    'efficientnetb0': Backbone('EfficientNetB0', 'efficientnet', 'top_activation', 81, 6,
+                               'block7a and the top 1x1 conv'),
+    'densenet121': Backbone('DenseNet121', 'densenet', 'relu', 120, 32, 'dense block conv5'),
+}
+MODELS = ('cnn', *BACKBONES)
 OPTIMIZERS = ('adam', 'nadam', 'sgd')
 CLASS_WEIGHTS = ('balanced', 'none')
 LR_SCALING = ('none', 'linear', 'sqrt')
-LR_SCHEDULES = ('constant', 'cosine')
+LR_SCHEDULES = ('constant', 'cosine', 'plateau')
 EQUALIZE = ('none', 'histogram', 'clahe')
 # At 5 the zoom reaches 50% and the rotation 50 degrees: beyond that the transforms stop looking like radiographs.
 MAX_AUGMENT_STRENGTH = 5.0
@@ -20,6 +45,8 @@ STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
 # What a run resumed from its model_dir cannot change: the model, its input, and the variables its checkpoint holds.
 # The rest may change: e.g. a lower learning rate after a NaN loss, more epochs, or fewer GPUs after a preemption.
+# So may the early-stopping and plateau settings (their counters are in the checkpoint whatever they are) and
+# weight_decay and clipnorm: AdamW keeps the same variables as Adam, and clipping keeps none.
 FIXED_ON_RESUME = ('model', 'dataset', 'image_size', 'unfreeze', 'optimizer', 'horizontal_flip', 'augment_strength',
                    'equalize', 'cnn_filters', 'cnn_depth')
 
@@ -49,6 +76,12 @@ class Config:
   fine_tune_learning_rate: float = 1e-5
   lr_scaling: str = 'none'
   lr_schedule: str = 'constant'
+  plateau_factor: float = 0.5
+  plateau_patience: int = 2
+  plateau_min_lr: float = 1e-7
+  early_stopping_patience: int = 0  # 0: every phase runs all its epochs.
+  weight_decay: float = 0.0
+  clipnorm: float = 0.0  # 0: no clipping.
   label_smoothing: float = 0.0
   dropout: float = 0.3
   class_weight: str = 'balanced'
@@ -90,7 +123,8 @@ class Config:
     for name in ('batch_size', 'cnn_filters', 'cnn_depth', 'shuffle_buffer'):
       if getattr(self, name) <= 0:
         raise ConfigError(f'--{name} must be positive, got {getattr(self, name)}.')
-    for name in ('epochs', 'fine_tune_epochs', 'unfreeze', 'logical_devices'):
+    for name in ('epochs', 'fine_tune_epochs', 'unfreeze', 'logical_devices', 'early_stopping_patience',
+                 'weight_decay', 'clipnorm'):
       if getattr(self, name) < 0:
         raise ConfigError(f'--{name} must be zero or more, got {getattr(self, name)}.')
     if self.profile_steps is not None and not 0 < self.profile_steps[0] <= self.profile_steps[1]:
@@ -104,6 +138,17 @@ class Config:
     for name in ('learning_rate', 'fine_tune_learning_rate'):
       if not getattr(self, name) > 0:
         raise ConfigError(f'--{name} must be positive, got {getattr(self, name)}.')
+    if self.model in BACKBONES and self.unfreeze > BACKBONES[self.model].convolutions:
+      raise ConfigError(f'--unfreeze={self.unfreeze} is more than the {BACKBONES[self.model].convolutions} '
+                        f'convolutional layers of {self.model}.')
+    if not 0 < self.plateau_factor < 1:
+      raise ConfigError(f'--plateau_factor must be in (0, 1), got {self.plateau_factor}.')
+    if self.plateau_patience < 1:
+      raise ConfigError(f'--plateau_patience must be positive, got {self.plateau_patience}.')
+    lowest_rate = min(self.learning_rate, self.fine_tune_learning_rate)
+    if self.lr_schedule == 'plateau' and not 0 <= self.plateau_min_lr < lowest_rate:
+      raise ConfigError(f'--plateau_min_lr={self.plateau_min_lr} must be zero or more and below both learning '
+                        'rates, which --lr_schedule=plateau lowers towards it.')
     if not 0 <= self.dropout < 1:
       raise ConfigError(f'--dropout must be in [0, 1), got {self.dropout}.')
     if not 0 <= self.label_smoothing < 0.5:

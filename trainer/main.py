@@ -15,12 +15,15 @@ from absl import logging
 from trainer import cli
 from trainer import config as config_lib
 
-_UNFREEZE_HELP = ('How many of the backbone\'s last convolutional layers are fine-tuned in the second phase. '
-                  'BatchNorm layers stay frozen, in inference mode. ResNet50 has 53 (3 per bottleneck block: '
-                  '3 = the last block, 9 = the last three blocks); VGG16 has 13 (3 = block5). Ignored by cnn, '
-                  'which trains every layer in both phases.')
+_UNFREEZE_HELP = ('How many of the backbone\'s last convolutional layers (Conv2D and DepthwiseConv2D, counted from the '
+                  'output) are fine-tuned in the second phase. BatchNorm layers stay frozen, in inference mode. ' +
+                  '; '.join(f'{name} has {b.convolutions} ({b.last_stage} = {b.last_stage_name})'
+                            for name, b in config_lib.BACKBONES.items()) +
+                  '. Ignored by cnn, which trains every layer in both phases.')
 
-flags.DEFINE_enum('model', 'cnn', config_lib.MODELS, 'cnn (from scratch), or resnet50 / vgg16 (transfer learning).')
+flags.DEFINE_enum('model', 'cnn', config_lib.MODELS, 'cnn (from scratch), or an ImageNet backbone fine-tuned by '
+                  'transfer learning: ' + ', '.join(config_lib.BACKBONES) + '. Each backbone gets its images as its '
+                  'own keras.applications preprocess_input expects them.')
 flags.DEFINE_integer('unfreeze', 5, _UNFREEZE_HELP)
 flags.DEFINE_string('weights', 'imagenet', 'Backbone weights: imagenet (Keras downloads and caches them in '
                     '~/.keras/models or $KERAS_HOME), none (random), or a path to a local weights file.')
@@ -43,7 +46,20 @@ flags.DEFINE_float('fine_tune_learning_rate', 1e-5, 'Learning rate of the fine-t
 flags.DEFINE_enum('lr_scaling', 'none', config_lib.LR_SCALING, 'How the learning rates scale with the global '
                   'batch size against a reference batch of 32: none (as given), linear (Goyal et al. 2017), sqrt.')
 flags.DEFINE_enum('lr_schedule', 'constant', config_lib.LR_SCHEDULES, 'Learning rate within each phase: constant, '
-                  'or cosine (linear warmup over the phase\'s first epoch, then cosine decay to 0 at its end).')
+                  'cosine (linear warmup over the phase\'s first epoch, then cosine decay to 0 at its end), or '
+                  'plateau (lowered when validation ROC-AUC stops improving: see --plateau_factor).')
+flags.DEFINE_float('plateau_factor', 0.5, 'With --lr_schedule=plateau: multiply the phase\'s learning rate by '
+                   'this after --plateau_patience epochs without a better validation ROC-AUC.')
+flags.DEFINE_integer('plateau_patience', 2, 'With --lr_schedule=plateau: epochs without improvement before a '
+                     'reduction (the count restarts after each one, as in keras.callbacks.ReduceLROnPlateau).')
+flags.DEFINE_float('plateau_min_lr', 1e-7, 'With --lr_schedule=plateau: the learning rate never goes below this.')
+flags.DEFINE_integer('early_stopping_patience', 0, 'End a phase after this many epochs without a better validation '
+                     'ROC-AUC in that phase; the next phase then starts from the phase\'s best weights. 0: every '
+                     'phase runs all its epochs.')
+flags.DEFINE_float('weight_decay', 0.0, 'Decoupled weight decay (Loshchilov & Hutter 2019): AdamW for '
+                   '--optimizer=adam, the optimizer\'s own weight_decay for nadam and sgd. 0: none.')
+flags.DEFINE_float('clipnorm', 0.0, 'Clip each variable\'s gradient to this L2 norm (Keras\'s clipnorm). 0: no '
+                   'clipping.')
 flags.DEFINE_float('label_smoothing', 0.0, 'Train towards 1 - s/2 and s/2 instead of 1 and 0 (Szegedy et al. 2016).')
 flags.DEFINE_float('dropout', 0.3, 'Dropout rate before the classifier.')
 flags.DEFINE_enum('class_weight', 'balanced', config_lib.CLASS_WEIGHTS, 'balanced weighs each class by '
@@ -112,7 +128,6 @@ def main(argv):
   import tensorflow as tf
 
   from trainer import distribute
-  from trainer import models
   from trainer import train
   # Before anything else touches TensorFlow's runtime, which fixes the device list when it starts.
   distribute.configure_logical_devices(config.logical_devices)
@@ -120,9 +135,6 @@ def main(argv):
     keras.utils.set_random_seed(config.seed)
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
-  if config.unfreeze > models.max_unfreeze(config.model) > 0:
-    raise config_lib.ConfigError(f'--unfreeze={config.unfreeze} is more than the {models.max_unfreeze(config.model)} '
-                                 f'convolutional layers of {config.model}.')
   distribute.set_precision(config.precision)
   strategy = distribute.get_strategy(config.strategy)
   logging.info('%s over %s.', type(strategy).__name__, ', '.join(strategy.extended.worker_devices))

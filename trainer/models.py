@@ -1,4 +1,7 @@
-"""The three pneumonia classifiers: a CNN from scratch, and ResNet50 / VGG16 by transfer learning.
+"""The pneumonia classifiers: a CNN from scratch, and ImageNet backbones by transfer learning.
+
+The backbones are trainer.config.BACKBONES (ResNet50, VGG16, EfficientNetB0, DenseNet121): one entry each names the
+keras.applications constructor and preprocessing module, the layer Grad-CAM reads and the --unfreeze numbers.
 
 Every model reads the dataset's own images and answers one question:
 
@@ -6,8 +9,12 @@ Every model reads the dataset's own images and answers one question:
       -> augmentation   Keras random layers, active only with training=True
       -> equalize       optional: histogram equalization or CLAHE, per image (`Equalize`)
       -> preprocess     cnn: rescale to [0, 1]; backbones: gray -> 3 channels, then the
-                        backbone's own `keras.applications.<module>.preprocess_input`
-      -> backbone       a nested Model named 'backbone' (Grad-CAM finds its last conv there)
+                        backbone's own `keras.applications.<module>.preprocess_input`: caffe
+                        style for ResNet50 and VGG16 (BGR, ImageNet means subtracted), torch
+                        style for DenseNet121 ([0, 1], ImageNet mean and std), and nothing for
+                        EfficientNetB0, which rescales and normalises inside itself and so
+                        takes [0, 255] (fed [0, 1], it sees a nearly black image: the seed's bug)
+      -> backbone       a nested Model named 'backbone' (Grad-CAM reads `feature_layer` there)
       -> head           GlobalAveragePooling2D -> Dropout -> Dense(1, sigmoid) named 'probability'
 
 Augmentation and preprocessing run in float32 under any mixed-precision policy, and so does the
@@ -17,12 +24,14 @@ One caveat measured under MirroredStrategy: the augmentation layers' seed state 
 the i-th image of every replica gets the same random transform in a step. The images differ, so
 this only narrows the variety within a global batch.
 
-Fine-tuning unit. `unfreeze=N` makes the backbone's last N convolutional layers (Conv2D, counted
-from the output) trainable. ResNet50 has 53: N=3 is its last bottleneck block, N=10 the whole
-conv5 stage (three blocks and the projection shortcut). VGG16 has 13: N=3 is block5. Counting
-convolutions rather than raw Keras layers keeps N meaningful: ResNet50's 175 layers include
-Add, Activation, padding and BatchNormalization layers, and a BatchNormalization layer is never
-unfrozen anyway (see below).
+Fine-tuning unit. `unfreeze=N` makes the backbone's last N convolutional layers (Conv2D and
+DepthwiseConv2D, counted from the output) trainable. ResNet50 has 53: N=3 is its last bottleneck
+block, N=10 the whole conv5 stage (three blocks and the projection shortcut). VGG16 has 13: N=3
+is block5. EfficientNetB0 has 81: N=6 is block7a (expand, depthwise, two squeeze-excitation and
+project convolutions) and the top 1x1 conv. DenseNet121 has 120: N=32 is dense block conv5 (16
+layers of two convolutions). Counting convolutions rather than raw Keras layers keeps N
+meaningful: ResNet50's 175 layers include Add, Activation, padding and BatchNormalization
+layers, and a BatchNormalization layer is never unfrozen anyway (see below).
 
 BatchNormalization in the backbones is frozen for good. The Keras transfer-learning guide calls
 the backbone with training=False for that; in Keras 3.15 a Functional model passes its own
@@ -39,19 +48,20 @@ import numpy as np
 import tensorflow as tf
 
 # Defined in trainer.config, which main checks before it imports TensorFlow.
-from trainer.config import EQUALIZE, MODELS  # pylint: disable=g-importing-member
+from trainer.config import BACKBONES, EQUALIZE, MODELS  # pylint: disable=g-importing-member
 
 PHASES = ('head', 'fine_tune')
 
-UNFREEZE_HELP = ('Number of the backbone\'s last convolutional layers trained in the fine-tune '
-                 'phase, counted from the output (resnet50 has 53: 3 = last block, 10 = conv5 '
-                 'stage; vgg16 has 13: 3 = block5); BatchNorm stays frozen; must be 0 for cnn.')
 
-_APPLICATIONS = {'resnet50': keras.applications.ResNet50, 'vgg16': keras.applications.VGG16}
-_PREPROCESS = {
-    'resnet50': keras.applications.resnet50.preprocess_input,
-    'vgg16': keras.applications.vgg16.preprocess_input,
-}
+def application(name):
+  """The keras.applications constructor of backbone `name` (a key of BACKBONES)."""
+  return getattr(keras.applications, BACKBONES[name].application)
+
+
+def preprocess_input(name):
+  """The backbone's documented preprocessing: keras.applications.<module>.preprocess_input."""
+  return getattr(keras.applications, BACKBONES[name].module).preprocess_input
+
 
 # Drops whole feature maps: neighbouring activations of a conv layer are strongly correlated, so
 # element-wise dropout barely regularises it (Tompson et al., CVPR 2015).
@@ -68,14 +78,14 @@ class BackbonePreprocess(keras.layers.Layer):
 
   def __init__(self, backbone, **kwargs):
     super().__init__(**kwargs)
-    if backbone not in _PREPROCESS:
-      raise ValueError(f'backbone={backbone!r} is not one of {sorted(_PREPROCESS)}.')
+    if backbone not in BACKBONES:
+      raise ValueError(f'backbone={backbone!r} is not one of {sorted(BACKBONES)}.')
     self.backbone = backbone
 
   def call(self, images):
     images = keras.ops.cast(images, self.compute_dtype)
     images = keras.ops.repeat(images, 3, axis=-1)
-    return _PREPROCESS[self.backbone](images)
+    return preprocess_input(self.backbone)(images)
 
   def get_config(self):
     return {**super().get_config(), 'backbone': self.backbone}
@@ -259,7 +269,7 @@ def build_model(name,
   if name == 'cnn':
     if weights is not None:
       raise ValueError(f'weights={weights!r}: the cnn is trained from scratch, so weights '
-                       'must be None (pretrained weights exist only for resnet50 and vgg16).')
+                       f'must be None (pretrained weights exist only for {", ".join(BACKBONES)}).')
     # float32 whatever the policy: the conv layers cast to their compute dtype themselves.
     x = keras.layers.Rescaling(1 / 255, dtype='float32', name='rescale')(x)
     x = _cnn_backbone(image_size, cnn_filters, cnn_depth)(x)
@@ -270,10 +280,12 @@ def build_model(name,
     # float32: bfloat16 keeps 8 significant bits, so pixels near 255 minus ImageNet means
     # near 100 would come out rounded to whole grey levels or worse.
     x = BackbonePreprocess(name, dtype='float32', name='preprocess')(x)
-    backbone = _APPLICATIONS[name](include_top=False,
-                                   weights=weights,
-                                   input_shape=(image_size, image_size, 3),
-                                   name='backbone')
+    backbone = application(name)(include_top=False,
+                                 weights=weights,
+                                 input_shape=(image_size, image_size, 3),
+                                 name='backbone')
+    if BACKBONES[name].module == 'efficientnet' and weights not in (None, 'imagenet'):
+      _normalize_like_imagenet_weights(backbone)
     # The transfer-learning guide's idiom; Keras 3.15 overrides it from the outer call, so the
     # frozen BatchNormalization layers are what actually hold (module docstring).
     x = backbone(x, training=False)
@@ -283,6 +295,26 @@ def build_model(name,
   model = keras.Model(images, outputs, name=name)
   set_trainable(model, 'head')
   return model
+
+
+# ImageNet's per-channel statistics, as keras.applications.efficientnet has them.
+_IMAGENET_MEAN, _IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def _normalize_like_imagenet_weights(backbone):
+  """Gives an EfficientNet loaded from a weights file the input normalisation weights='imagenet' gives it.
+
+  Keras's ImageNet EfficientNet weights store the standard deviation where the Normalization layer expects the
+  variance, so it would divide by sqrt(std): that is what the extra Rescaling(1 / sqrt(std)) that Keras adds after it
+  with weights='imagenet' corrects (tensorflow/tensorflow#49930; not checked against the file itself, which cannot be
+  downloaded where this was written). A model given the same file by path gets no such layer. Storing std**2 gives the same (x - mean) / std. A file with other statistics (a randomly initialised
+  backbone's 0 and 1, or one this function already corrected) is left as it is.
+  """
+  normalization = next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Normalization))
+  mean, variance = (np.asarray(v).ravel() for v in (normalization.adapt_mean, normalization.adapt_variance))
+  if np.allclose(mean, _IMAGENET_MEAN, atol=1e-4) and np.allclose(variance, _IMAGENET_STD, atol=1e-4):
+    normalization.adapt_variance.assign(np.square(_IMAGENET_STD).reshape(normalization.adapt_variance.shape))
+    normalization.finalize_state()  # The layer computes with copies of its variables, made here.
 
 
 def _augmentation(strength, horizontal_flip, seed):
@@ -346,15 +378,16 @@ def _cnn_backbone(image_size, filters, depth):
 def max_unfreeze(name):
   """How many units `set_trainable(..., unfreeze=N)` can unfreeze in model `name`.
 
-  The unit is a convolutional layer of the backbone (see UNFREEZE_HELP): 53 for resnet50,
-  13 for vgg16, counted on the real Keras architecture; 0 for cnn, which has no pretrained
-  backbone. Cached: the first call per name builds the backbone once, with random weights.
+  The unit is a convolutional layer of the backbone (the module docstring), counted on the real
+  Keras architecture (BACKBONES[name].convolutions says the same, and a test checks it); 0 for cnn,
+  which has no pretrained backbone. Cached: the first call per name builds the backbone once,
+  with random weights.
 
   Args:
     name: one of MODELS.
 
   Returns:
-    The number of Conv2D layers in the backbone.
+    The number of Conv2D and DepthwiseConv2D layers in the backbone.
 
   Raises:
     ValueError: for an unknown name.
@@ -363,21 +396,43 @@ def max_unfreeze(name):
     raise ValueError(f'Unknown model {name!r}; choose one of {MODELS}.')
   if name == 'cnn':
     return 0
-  # 32 x 32 is the smallest input both applications accept; the layer list does not depend on it.
-  backbone = _APPLICATIONS[name](include_top=False, weights=None, input_shape=(32, 32, 3))
+  # 32 x 32 is the smallest input the applications accept; the layer list does not depend on it.
+  backbone = application(name)(include_top=False, weights=None, input_shape=(32, 32, 3))
   return len(_convolutions(backbone))
 
 
 def _convolutions(backbone):
-  return [layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)]
+  # DepthwiseConv2D is not a Conv2D in Keras 3; without it, unfreezing an EfficientNet block would leave its
+  # depthwise convolution frozen between trained ones.
+  return [layer for layer in backbone.layers
+          if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
+
+
+def feature_layer(model):
+  """The layer of a `build_model` model's backbone whose output Grad-CAM weighs: its last rectified feature maps.
+
+  Rectified, as in Grad-CAM's paper and the keras.io example: a Conv2D's raw output before its BatchNormalization has
+  either sign, and its gradient-weighted sum can then be negative everywhere, a blank map for a confident pneumonia
+  (seen with the cnn, whose last Conv2D feeds a BatchNormalization). The cnn's is its last ReLU; a backbone's is
+  BACKBONES[name].features (EfficientNetB0's is a swish, its own activation).
+
+  Raises:
+    ValueError: for a model not from `build_model`.
+  """
+  if model.name not in MODELS:
+    raise ValueError(f'Model {model.name!r} is not from build_model (names: {MODELS}).')
+  backbone = model.get_layer('backbone')
+  if model.name == 'cnn':
+    return [layer for layer in backbone.layers if isinstance(layer, keras.layers.ReLU)][-1]
+  return backbone.get_layer(BACKBONES[model.name].features)
 
 
 def set_trainable(model, phase, unfreeze=0):
   """Freezes and unfreezes a model from `build_model` for one training phase.
 
   'head': the backbone is frozen and the head (the output layer) trains.
-  'fine_tune': the backbone's last `unfreeze` Conv2D layers, counted from the output, train too
-  (see UNFREEZE_HELP); every other backbone layer stays frozen, BatchNormalization always,
+  'fine_tune': the backbone's last `unfreeze` convolutional layers, counted from the output, train
+  too (see the module docstring); every other backbone layer stays frozen, BatchNormalization always,
   so that it keeps running in inference mode on the ImageNet statistics.
   For 'cnn' both phases leave the whole model trainable, and `unfreeze` must be 0.
 
@@ -407,7 +462,7 @@ def set_trainable(model, phase, unfreeze=0):
   convolutions = _convolutions(backbone) if model.name != 'cnn' else []
   if not 0 <= unfreeze <= len(convolutions):
     raise ValueError(f'unfreeze={unfreeze} is out of range for {model.name}: give 0 to '
-                     f'{len(convolutions)} (its backbone\'s Conv2D layers).')
+                     f'{len(convolutions)} (its backbone\'s convolutional layers).')
 
   model.trainable = True
   if model.name != 'cnn':

@@ -49,6 +49,7 @@ from trainer import data
 from trainer import evaluate
 from trainer import export
 from trainer import figures
+from trainer import models
 
 CLASS_NAMES = figures.CLASS_NAMES  # The printed labels, indexed by class id.
 # Files a folder is searched for (case-insensitive). A file named on the command line is read whatever its name.
@@ -180,8 +181,8 @@ def _dicom_pixels(raw: bytes) -> tf.Tensor:
 def make_gradcam(model: keras.Model, image_size: int):
   """A traced Grad-CAM (Selvaraju et al., ICCV 2017) of the pneumonia score, for a model from `build_model`.
 
-  The backbone's last rectified feature maps (after its last ReLU: the cnn's last block's second ReLU, ResNet50's
-  conv5_block3_out, VGG16's block5_conv3) are weighted by the spatial mean of the gradient of the pneumonia logit
+  The backbone's last rectified feature maps (`trainer.models.feature_layer`: the cnn's last ReLU, ResNet50's
+  conv5_block3_out, VGG16's block5_conv3, ...) are weighted by the spatial mean of the gradient of the pneumonia logit
   with respect to them, summed, kept where positive (the regions that raise the score), upsampled bilinearly to the
   input size and divided by their maximum. The logit, not the probability: a confident prediction saturates the
   sigmoid, whose gradient then vanishes and leaves a blank map.
@@ -203,7 +204,7 @@ def make_gradcam(model: keras.Model, image_size: int):
   if 'backbone' not in names or names[-1] != 'probability':
     raise ValueError(f'Model {model.name!r} has layers {names}; Grad-CAM needs a model from build_model (a nested '
                      "'backbone' and the output layer 'probability').")
-  features = _with_last_features(model.get_layer('backbone'))
+  features = _with_last_features(model)
   before, head = layers[:names.index('backbone')], layers[names.index('backbone') + 1:-1]
   output = layers[-1]
 
@@ -227,19 +228,10 @@ def make_gradcam(model: keras.Model, image_size: int):
   return gradcam
 
 
-def _with_last_features(backbone: keras.Model) -> keras.Model:
-  """A model of the backbone's own layers (same weights) that outputs its last rectified feature maps too.
-
-  Rectified, as in Grad-CAM's paper and the keras.io example: a Conv2D's raw output before its BatchNormalization has
-  either sign, and its gradient-weighted sum can then be negative everywhere, a blank map for a confident pneumonia
-  (seen with the cnn, whose last Conv2D feeds a BatchNormalization).
-  """
-  def rectified(layer):
-    if isinstance(layer, (keras.layers.ReLU, keras.layers.Activation)):
-      return True
-    return isinstance(layer, keras.layers.Conv2D) and layer.activation is keras.activations.relu
-  last = [layer for layer in backbone.layers if rectified(layer)][-1]
-  return keras.Model(backbone.inputs, [last.output, *backbone.outputs])
+def _with_last_features(model: keras.Model) -> keras.Model:
+  """A model of the backbone's own layers (same weights) that outputs its last rectified feature maps too."""
+  backbone = model.get_layer('backbone')
+  return keras.Model(backbone.inputs, [models.feature_layer(model).output, *backbone.outputs])
 
 
 def overlay_png(image: np.ndarray, heatmap: np.ndarray) -> bytes:

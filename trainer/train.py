@@ -41,26 +41,38 @@ LOG_EVERY = 10
 def learning_rate_schedule(peak: float, schedule: str, *, steps: int, steps_per_epoch: int):
   """One phase's learning rate: `peak` throughout, or a cosine decay from `peak` to 0 over the phase's `steps`.
 
+  'plateau' starts at `peak` too; the loop lowers it between epochs (PhaseControl).
+
   The cosine warms up linearly from 0 over the phase's first epoch (a quarter of the phase at most): the first steps
   from a fresh initialisation, or into newly unfrozen layers, are the ones that diverge at the full rate.
   """
-  if schedule == 'constant' or steps == 0:
+  if schedule != 'cosine' or steps == 0:
     return peak
   warmup = min(steps_per_epoch, steps // 4)
   return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=steps - warmup, warmup_target=peak,
                                                 warmup_steps=warmup)
 
 
-def make_optimizer(name: str, learning_rate, loss_scale: bool) -> keras.optimizers.Optimizer:
-  """Adam, Nadam or SGD with Nesterov momentum; wrapped for dynamic loss scaling under mixed_float16.
+def make_optimizer(name: str, learning_rate, loss_scale: bool, *, weight_decay: float = 0.0,
+                   clipnorm: float = 0.0) -> keras.optimizers.Optimizer:
+  """Adam (AdamW with weight decay), Nadam or SGD with Nesterov momentum; wrapped for dynamic loss scaling under
+  mixed_float16.
 
-  `learning_rate` is a float or a keras.optimizers.schedules.LearningRateSchedule.
+  `learning_rate` is a float or a keras.optimizers.schedules.LearningRateSchedule. `weight_decay` is decoupled from
+  the gradient (Loshchilov & Hutter 2019), Keras's way for every optimizer, and spares biases and BatchNormalization
+  offsets and scales, as fine-tuning recipes do: decaying them only shifts activations. `clipnorm` clips each
+  variable's gradient to that L2 norm, after the loss scale is undone. 0 turns either off.
   """
+  options = {'clipnorm': clipnorm or None}
+  if weight_decay:
+    options['weight_decay'] = weight_decay
   optimizer = {
-      'adam': lambda: keras.optimizers.Adam(learning_rate),
-      'nadam': lambda: keras.optimizers.Nadam(learning_rate),
-      'sgd': lambda: keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
+      'adam': lambda: (keras.optimizers.AdamW if weight_decay else keras.optimizers.Adam)(learning_rate, **options),
+      'nadam': lambda: keras.optimizers.Nadam(learning_rate, **options),
+      'sgd': lambda: keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, **options),
   }[name]()
+  if weight_decay:
+    optimizer.exclude_from_weight_decay(var_names=['bias', 'beta', 'gamma'])
   return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scale else optimizer
 
 
@@ -188,6 +200,56 @@ class _Progress:
                  left, train['loss'], train['auc'], val['loss'], val['auc'], val['accuracy'])
 
 
+class PhaseControl(tf.Module):
+  """Early stopping and learning-rate reduction on a plateau of validation ROC-AUC, within one phase.
+
+  Like keras.callbacks.EarlyStopping and ReduceLROnPlateau (mode 'max', min_delta 0, no cooldown), but the counters
+  are variables in the run's checkpoint, so a resumed run goes on counting where the stopped one was. They start
+  again with each phase: the fine-tuning phase's AUC is not compared with the head's.
+
+  Args:
+    patience: epochs without a better AUC that end the phase; 0 never ends it early.
+    plateau: (factor, patience, min_lr) to lower the learning rate by, or None to leave it alone.
+  """
+
+  def __init__(self, patience: int, plateau: tuple[float, int, float] | None):
+    super().__init__(name='phase_control')
+    self.patience, self.plateau = patience, plateau
+    self.best_auc = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='phase_best_validation_auc')
+    self.stale = tf.Variable(0, dtype=tf.int64, trainable=False, name='epochs_since_best')
+    self.waiting = tf.Variable(0, dtype=tf.int64, trainable=False, name='epochs_since_best_or_reduction')
+    self.lr_scale = tf.Variable(1.0, dtype=tf.float64, trainable=False, name='learning_rate_scale')
+    # Epochs actually trained: the data pipeline's position, which an early stop no longer ties to the epoch number.
+    self.trained_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name='trained_epochs')
+
+  def start_phase(self) -> None:
+    self.best_auc.assign(-1.0)
+    for counter in (self.stale, self.waiting):
+      counter.assign(0)
+    self.lr_scale.assign(1.0)
+
+  def learning_rate(self, peak: float) -> float:
+    """With a plateau: the phase's learning rate after its reductions so far, never below the floor."""
+    return max(peak * float(self.lr_scale), self.plateau[2])
+
+  def end_epoch(self, auc: float) -> tuple[bool, bool]:
+    """Counts one epoch of the phase; returns (stop the phase, the learning rate was lowered)."""
+    self.trained_epochs.assign_add(1)
+    if auc > float(self.best_auc):
+      self.best_auc.assign(auc)
+      self.stale.assign(0)
+      self.waiting.assign(0)
+    else:
+      self.stale.assign_add(1)
+      self.waiting.assign_add(1)
+    reduced = False
+    if self.plateau is not None and int(self.waiting) >= self.plateau[1]:
+      self.waiting.assign(0)
+      reduced = True
+      self.lr_scale.assign(float(self.lr_scale) * self.plateau[0])
+    return bool(self.patience) and int(self.stale) >= self.patience, reduced
+
+
 def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   """Trains, picks the best epoch by validation ROC-AUC, evaluates it on test, and exports it.
 
@@ -230,7 +292,9 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
         config.model, image_size=image_size, weights=config.weights_arg, dropout=config.dropout,
         horizontal_flip=config.horizontal_flip, augment_strength=config.augment_strength, equalize=config.equalize,
         cnn_filters=config.cnn_filters, cnn_depth=config.cnn_depth, seed=config.seed)
-    optimizers = {phase: make_optimizer(config.optimizer, learning_rates[phase], loss_scale) for phase in PHASES}
+    optimizers = {phase: make_optimizer(config.optimizer, learning_rates[phase], loss_scale,
+                                        weight_decay=config.weight_decay, clipnorm=config.clipnorm)
+                  for phase in PHASES}
     # Both optimizers are built up front, each on its phase's variables, so a checkpoint taken in either phase
     # restores into objects that already exist.
     for phase in PHASES:
@@ -249,6 +313,9 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   checkpoint = tf.train.Checkpoint(model=model, epoch=epoch_var, best_auc=best_auc, best_threshold=best_threshold,
                                    best_epoch=best_epoch, random_states=_seed_states(model),
                                    **{f'{phase}_optimizer': optimizers[phase] for phase in PHASES})
+  control = PhaseControl(config.early_stopping_patience,
+                         (config.plateau_factor, config.plateau_patience, config.plateau_min_lr)
+                         if config.lr_schedule == 'plateau' else None)
   # max_to_keep=2: the one before the latest is the fallback when the latest cannot be read.
   manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, 'checkpoints'), max_to_keep=2)
   # The best epoch's weights, in TF's format like the checkpoints: written and committed the same way.
@@ -258,13 +325,19 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   # deleted at the end of a run, and workers resuming at different epochs would run different numbers of steps and
   # wait on each other's collectives forever.
   restored = _restore(checkpoint, os.path.join(config.model_dir, 'checkpoints'))
+  # Tracked after the restore, and restored on its own: a checkpoint from before the counters existed still resumes.
+  checkpoint.phase_control = control
   if restored:
+    _restore_counters(control, restored, int(epoch_var))
     logging.info('Resuming from %s after epoch %d.', restored, int(epoch_var))
     # The flags' learning rates, not the checkpoint's: a run stopped by a NaN loss goes on with a lower one. (A
     # schedule is not in the checkpoint: the optimizer already has the flags' one, at the restored step.)
     for phase in PHASES:
       if not isinstance(learning_rates[phase], keras.optimizers.schedules.LearningRateSchedule):
         optimizers[phase].learning_rate = learning_rates[phase]
+    if control.plateau:  # The restored phase's plateau reductions, applied to the flags' rate.
+      resumed_phase = PHASES[int(epoch_var) >= config.epochs]
+      optimizers[resumed_phase].learning_rate = control.learning_rate(learning_rates[resumed_phase])
     if int(best_epoch) == int(epoch_var):
       # The run may have stopped between the checkpoint that names this epoch the best and the best's own save.
       _save(best_manager, int(best_epoch))
@@ -272,7 +345,7 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   train_ds = strategy.distribute_datasets_from_function(lambda ctx: data.train_dataset(
       builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
       cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx,
-      skip_steps=int(epoch_var) * steps_per_epoch))
+      skip_steps=int(control.trained_epochs) * steps_per_epoch))
   iterator = iter(train_ds)
   val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
   predict = evaluate.make_predict(model)  # Once: a function traced anew every epoch would retrace every epoch.
@@ -294,7 +367,14 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   profile = (-1, -1)
   if chief and config.profile_steps:
     profile = (config.profile_steps[0], min(config.profile_steps[1], total_epochs * steps_per_epoch))
-  for epoch in range(int(epoch_var), total_epochs):
+  epoch = int(epoch_var)
+  while epoch < total_epochs:
+    if epoch in (0, config.epochs):  # The phase's first epoch (a resumed run may be there too, with nothing done).
+      control.start_phase()
+      if epoch and config.early_stopping_patience:
+        _restore_best(model, best_manager, config.model_dir)
+      if control.plateau:
+        optimizers[PHASES[epoch >= config.epochs]].learning_rate = learning_rates[PHASES[epoch >= config.epochs]]
     if phase != PHASES[epoch >= config.epochs]:
       phase = PHASES[epoch >= config.epochs]
       trainable = models.set_trainable(model, phase, _unfreeze(config, phase))
@@ -351,12 +431,14 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       best_auc.assign(val['auc'])
       best_threshold.assign(val_threshold)
       best_epoch.assign(epoch + 1)
-    epoch_var.assign(epoch + 1)
+    next_epoch = _control_phase(control, val['auc'], epoch, phase, config, optimizers[phase], learning_rates[phase])
+    epoch_var.assign(next_epoch)
     _save(manager, epoch + 1)
     if improved:
       # After the checkpoint, which is the commit point: a kill in between is repaired on resume (above).
       _save(best_manager, epoch + 1)
     progress.epoch_done(epoch, phase, time.time() - start, train, val)
+    epoch = next_epoch
 
   for writer in writers.values():
     writer.flush()
@@ -370,6 +452,40 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   return finish(config, model, builder, image_size, threshold=float(best_threshold),
                 best_checkpoint=best_manager.latest_checkpoint,
                 best={'epoch': int(best_epoch), 'validation_roc_auc': float(best_auc)})
+
+
+def _control_phase(control: PhaseControl, auc: float, epoch: int, phase: str, config: Config, optimizer,
+                   peak: float) -> int:
+  """Counts the epoch for early stopping and the plateau; returns the next epoch to run (a phase's end skips)."""
+  stop, reduced = control.end_epoch(auc)
+  if reduced:
+    optimizer.learning_rate = control.learning_rate(peak)
+    logging.info('Validation ROC-AUC flat for %d epochs: %s learning rate now %.3g.', config.plateau_patience, phase,
+                 control.learning_rate(peak))
+  phase_end = config.epochs if phase == 'head' else config.epochs + config.fine_tune_epochs
+  if stop and epoch + 1 < phase_end:
+    logging.info('Early stopping: no better validation ROC-AUC in %d epochs; the %s phase ends after epoch %d of %d.',
+                 config.early_stopping_patience, phase, epoch + 1, phase_end)
+    return phase_end
+  return epoch + 1
+
+
+def _restore_counters(control: PhaseControl, path: str, epoch: int) -> None:
+  """Restores the early-stopping and plateau counters from checkpoint `path`; fresh ones if it has none."""
+  try:
+    tf.train.Checkpoint(phase_control=control).restore(path).assert_existing_objects_matched()
+  except AssertionError:
+    logging.warning('%s has no early-stopping or plateau counters (it predates them): they start again.', path)
+    control.trained_epochs.assign(epoch)  # Such a run never skipped an epoch.
+
+
+def _restore_best(model: keras.Model, best_manager: tf.train.CheckpointManager, model_dir: str) -> None:
+  """Loads the best epoch so far into `model`: the worker's own copy, which it has finished writing, else the
+  chief's (a worker that joined a resumed run has none of its own)."""
+  path = best_manager.latest_checkpoint or tf.train.latest_checkpoint(os.path.join(model_dir, 'best'))
+  if path:
+    logging.info('The next phase starts from the best epoch so far, %s.', path)
+    tf.train.Checkpoint(model=model).restore(path).assert_existing_objects_matched()
 
 
 def _log_augmented_images(model, builder, image_size, writer) -> None:
