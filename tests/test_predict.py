@@ -257,7 +257,8 @@ def test_cli(run, test_images, tmp_path):
   assert done.returncode == 1, done.stderr
   lines = [json.loads(line) for line in done.stdout.splitlines()]
   assert [line['file'] for line in lines] == [*good, str(tmp_path / 'broken.jpeg')]
-  assert set(lines[0]) == {'file', 'label', 'probability', 'threshold', 'threshold_rule', 'gradcam'}
+  assert set(lines[0]) == {'file', 'label', 'probability', 'threshold', 'threshold_rule', 'gradcam', 'warning'}
+  assert all(line['warning'].startswith('trained on chest_xray_pneumonia/synthetic') for line in lines[:2])
   assert (lines[0]['threshold'], lines[0]['threshold_rule']) == (run.threshold, 'youden')
   assert os.path.isfile(lines[0]['gradcam']) and 'error' in lines[2]
   assert 'error: 1 of 3 files could not be read' in done.stderr

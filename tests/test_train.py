@@ -11,6 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorboard.backend.event_processing import event_accumulator
 
+from trainer import config as config_lib
 from trainer import data
 from trainer import train
 from trainer.config import Config
@@ -52,6 +53,9 @@ def test_run_learns_and_reports(trained):
   assert on_disk['ranking']['roc_auc'] > 0.85
   assert on_disk['n_images'] == sum(np.ravel(on_disk['at_0.5']['confusion_matrix']))
   run = json.load(open(os.path.join(config.model_dir, 'run.json')))
+  # A model of the procedural images says so wherever it is read.
+  assert on_disk['warning'] == run['warning'] == config_lib.data_warning('chest_xray_pneumonia/synthetic')
+  assert on_disk['warning'] in open(os.path.join(config.model_dir, 'report.md')).read()
   assert on_disk['at_val_threshold']['threshold'] == pytest.approx(run['threshold'])
 
 

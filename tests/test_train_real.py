@@ -22,3 +22,4 @@ def test_cnn_trains_on_real_images_and_reports(real_data, real_224_data_dir, tmp
   assert on_disk == json.loads(json.dumps(report))
   assert on_disk['n_images'] == sum(1 for path in (real_data / 'test').glob('*/*') if not path.name.startswith('.'))
   assert on_disk['ranking']['roc_auc'] > 0.75
+  assert 'warning' not in on_disk and 'warning' not in json.load(open(os.path.join(config.model_dir, 'run.json')))

@@ -51,6 +51,18 @@ FIXED_ON_RESUME = ('model', 'dataset', 'image_size', 'unfreeze', 'optimizer', 'h
                    'equalize', 'cnn_filters', 'cnn_depth')
 
 
+SYNTHETIC_DATASET = 'chest_xray_pneumonia/synthetic'
+
+
+def data_warning(dataset: str | None) -> str | None:
+  """What every output of a run trained (or evaluated) on the procedural images says, so that nobody mistakes its
+  model for a chest X-ray classifier; None for real data."""
+  if dataset != SYNTHETIC_DATASET:
+    return None
+  return (f'trained on {SYNTHETIC_DATASET}: procedural images, not chest X-rays. This model shows the pipeline '
+          'working; it cannot classify real radiographs.')
+
+
 class ConfigError(ValueError):
   """A bad setting. `main` prints its message on one line and exits non-zero."""
 

@@ -30,6 +30,7 @@ from sklearn import metrics as sk_metrics
 import tensorflow as tf
 
 from trainer import cli
+from trainer import config as config_lib
 from trainer import data
 from trainer import export
 
@@ -270,6 +271,8 @@ def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resam
     json.dumps(extra, allow_nan=False)
   except (TypeError, ValueError) as e:
     raise ValueError(f'extra must be JSON-serialisable (plain str/int/float/list/dict, no NaN): {e}') from None
+  if warning := config_lib.data_warning(extra.get('dataset')):
+    report['warning'] = warning
   return {**report, **extra}
 
 
@@ -330,6 +333,7 @@ def report_markdown(report: dict, *, figures=()) -> str:
   lines = [
       '# Test report',
       '',
+      *([f"**Warning: {report['warning']}**", ''] if report.get('warning') else []),
       f"{report['n_images']} images of {report['n_patients']} patients, {report['positives']} with pneumonia.",
       '',
       f"Thresholds: 0.5 and the validation threshold {val['threshold']:.4f}. {report['threshold_rule']}",

@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import cli
+from trainer import config as config_lib
 from trainer import data
 from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in a .keras file)
 
@@ -364,6 +365,8 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
                        threshold=threshold)
     run = {**run_info, 'image_size': image_size, 'threshold': threshold, 'threshold_rule': threshold_rule,
            'versions': versions()}
+    if warning := config_lib.data_warning(extra.get('dataset')):
+      run['warning'] = warning
     with open(os.path.join(folder, 'run.json'), 'w') as f:
       json.dump(run, f, indent=2)
     with open(os.path.join(folder, MODEL_CARD), 'w') as f:

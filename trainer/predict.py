@@ -45,6 +45,7 @@ from PIL import Image
 import tensorflow as tf
 
 from trainer import cli
+from trainer import config as config_lib
 from trainer import data
 from trainer import evaluate
 from trainer import export
@@ -326,6 +327,7 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[evaluate.Tra
   root = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in files
                              if isinstance(path, str) and os.path.isfile(path)] or [os.getcwd()])
   sizes = sorted({run.image_size for run in runs})
+  warning = next(filter(None, (config_lib.data_warning(run.config.get('dataset')) for run in runs)), None)
   for start in range(0, len(files), batch_size):
     chunk, results, images = files[start:start + batch_size], {}, collections.defaultdict(list)
     for i, path in enumerate(chunk):
@@ -351,6 +353,8 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[evaluate.Tra
                       threshold=float(threshold))
         if threshold_rule:
           result['threshold_rule'] = threshold_rule
+        if warning:
+          result['warning'] = warning
         if len(runs) > 1:
           result['member_probabilities'] = member_probs[:, j].tolist()
         if gradcam:
