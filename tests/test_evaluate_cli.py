@@ -121,3 +121,30 @@ def test_cli_reports_an_ensemble_at_its_own_validation_threshold(model_dir, untr
   assert report['ensemble']['members'] == [str(model_dir), str(other_dir)]
   assert report['ensemble']['member_thresholds'] == [0.5, 0.7]
   assert report['image_sizes'] == [SIZE, 48] and report['n_images'] == 120
+
+
+def test_cli_reports_at_the_runs_stored_threshold_and_on_another_config(untrained_run, synthetic_data_dir,
+                                                                        real_224_data_dir, real_data):
+  builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
+  probe = evaluate.load_run(str(untrained_run(SIZE, seed=3)))
+  test = evaluate.predict_runs([probe], builder, 'test')
+  threshold = float(np.median(test['probs']))  # Where 0.5 would label the split differently.
+  expected = evaluate.metrics_at(test['labels'], test['probs'], threshold)['confusion_matrix']
+  assert expected != evaluate.metrics_at(test['labels'], test['probs'], 0.5)['confusion_matrix']
+  model_dir = untrained_run(SIZE, seed=3, threshold=threshold)  # The same weights: the same seed.
+
+  done = _evaluate(f'--model_dir={model_dir}', '--n_resamples=50')
+  assert done.returncode == 0, done.stderr
+  report = json.loads((model_dir / 'eval_test' / 'report.json').read_text())
+  assert report['at_val_threshold']['threshold'] == pytest.approx(threshold)
+  assert report['at_val_threshold']['confusion_matrix'] == expected
+
+  # --dataset: the real test folder, stored at 224 px, resized to the run's 32 px input.
+  done = _evaluate(f'--model_dir={model_dir}', '--dataset=chest_xray_pneumonia/224', f'--data_dir={real_224_data_dir}',
+                   f'--out_dir={model_dir / "real"}', '--n_resamples=50')
+  assert done.returncode == 0, done.stderr
+  real = json.loads((model_dir / 'real' / 'report.json').read_text())
+  assert real['dataset'] == 'chest_xray_pneumonia/224' and real['image_size'] == SIZE
+  assert real['n_images'] == sum(1 for path in (real_data / 'test').glob('*/*') if not path.name.startswith('.'))
+  # Scored on real images, the model is still one of the synthetic images, and says so.
+  assert real['trained_on'] == 'chest_xray_pneumonia/synthetic' and real['warning'].startswith('trained on')

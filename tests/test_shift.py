@@ -110,3 +110,23 @@ def test_threshold_with_shifts_weighs_the_unshifted_split_as_much_as_all_shifts(
                          '--threshold_rule=youden_with_shifts'], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
   assert json.loads((tmp_path / 's.json').read_text())['threshold'] == pytest.approx(threshold)
+
+
+def test_cli_holds_the_runs_stored_threshold(untrained_run, synthetic_data_dir, tmp_path):
+  # A stored threshold at the median validation probability, where 0.5 would label the split differently.
+  builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
+  probe = evaluate.load_run(str(untrained_run(SIZE, seed=3)))
+  plain = evaluate.predict_runs([probe], builder, 'validation')
+  threshold = float(np.median(plain['probs']))
+  at_stored = evaluate.metrics_at(plain['labels'], plain['probs'], threshold)
+  assert at_stored['confusion_matrix'] != evaluate.metrics_at(plain['labels'], plain['probs'], 0.5)['confusion_matrix']
+  model_dir = untrained_run(SIZE, seed=3, threshold=threshold)  # The same weights: the same seed.
+
+  out = tmp_path / 'shift.json'
+  done = subprocess.run([sys.executable, '-m', 'trainer.shift', f'--model_dir={model_dir}', f'--out={out}'],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  result = json.loads(out.read_text())
+  assert result['threshold'] == pytest.approx(threshold)
+  assert result['shifts']['none']['specificity'] == pytest.approx(at_stored['specificity'])
+  assert result['shifts']['none']['sensitivity'] == pytest.approx(at_stored['sensitivity'])

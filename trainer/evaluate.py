@@ -271,7 +271,8 @@ def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resam
     json.dumps(extra, allow_nan=False)
   except (TypeError, ValueError) as e:
     raise ValueError(f'extra must be JSON-serialisable (plain str/int/float/list/dict, no NaN): {e}') from None
-  if warning := config_lib.data_warning(extra.get('dataset')):
+  # A model of the procedural images is one whatever split it is scored on.
+  if warning := config_lib.data_warning(extra.get('trained_on', extra.get('dataset'))):
     report['warning'] = warning
   return {**report, **extra}
 
@@ -845,7 +846,8 @@ def main(argv):
   operating = {'threshold': threshold, 'threshold_rule': point['threshold_rule'], 'chosen': point['chosen']}
   report = report_predictions(predictions, threshold=threshold, out_dir=out_dir, tensorboard_dir=out_dir,
                               n_resamples=FLAGS.n_resamples,
-                              extra={**extra, 'dataset': dataset, 'split': FLAGS.split, 'operating_point': operating},
+                              extra={**extra, 'dataset': dataset, 'trained_on': run_dataset(runs), 'split': FLAGS.split,
+                                     'operating_point': operating},
                               threshold_rule=rule_text(point['threshold_rule']))
   at = report['at_val_threshold']
   logging.info('%s at the threshold %.3f (%s, %s): ROC AUC %.3f, sensitivity %.3f, specificity %.3f. Report: %s',
