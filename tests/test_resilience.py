@@ -6,6 +6,7 @@ killed and started again ends with the same model as one that never stopped, to 
 exact. A user error must end in exactly one `error:` line and exit code 1, and leave nothing half-written behind.
 """
 
+import errno
 import glob
 import hashlib
 import json
@@ -611,3 +612,65 @@ def test_verbosity_1_adds_the_traceback_to_a_users_error(tmp_path):
   assert result.returncode == 1
   assert 'Traceback (most recent call last)' in result.stderr and 'FileNotFoundError' in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith('error: The manual dir ')
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 64 MB tmpfs of its own, so that a test can fill it and get the real ENOSPC (RLIMIT_FSIZE gives EFBIG)."""
+  if os.geteuid() != 0:
+    pytest.skip('needs root, to mount a small tmpfs')
+  mount_point = tmp_path / 'small'
+  mount_point.mkdir()
+  subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(mount_point)], check=True)
+  yield mount_point
+  subprocess.run(['umount', '-l', str(mount_point)], check=True)
+
+
+def _fill(folder):
+  """Writes a filler file until the disk under `folder` is full."""
+  with open(os.path.join(folder, 'filler'), 'wb') as f:
+    try:
+      while True:
+        f.write(b'\0' * (1 << 20))
+        f.flush()
+    except OSError as e:
+      assert e.errno == errno.ENOSPC, e
+
+
+def test_a_disk_that_fills_during_the_final_report_and_exports_keeps_the_previous_export(
+    reference, synthetic_data_dir, small_disk, capsys, monkeypatch):
+  model_dir = str(small_disk / 'run')
+  shutil.copytree(reference, model_dir, symlinks=True)
+  before = _digests(export.current_dir(model_dir))
+  write_export = export.write_export
+
+  def after_filling_the_disk(*args, **kwargs):
+    _fill(small_disk)  # The epoch's checkpoint is saved; the test report and the exports are what meet the full disk.
+    return write_export(*args, **kwargs)
+
+  monkeypatch.setattr(export, 'write_export', after_filling_the_disk)
+  flags_32px = [f for f in RUN_FLAGS if f not in ('--deterministic', '--fine_tune_epochs=1')]
+  code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}', *flags_32px,
+                            '--fine_tune_epochs=2')
+  assert code == 1
+  [line] = _error_lines(stderr)
+  assert 'Cannot write an export' in line and 'No space left on device' in line, line
+  # The previous export is current and whole, so predict and the report still agree on one threshold.
+  assert _digests(export.current_dir(model_dir)) == before
+  run = json.loads(pathlib.Path(model_dir, 'run.json').read_text())
+  report = json.loads(pathlib.Path(model_dir, 'report.json').read_text())
+  assert run['threshold'] == report['at_val_threshold']['threshold'] and run['best']['epoch'] <= 3
+  assert not glob.glob(os.path.join(model_dir, 'exports', '*.partial'))
+  assert _latest_checkpoint_epoch(model_dir) == 4  # The epoch trained before the disk filled is kept.
+
+  # Room made, the same command exports the extended run and trains nothing again.
+  os.remove(small_disk / 'filler')
+  monkeypatch.setattr(export, 'write_export', write_export)
+  code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}', *flags_32px,
+                            '--fine_tune_epochs=2')
+  assert not code, stderr[-3000:]  # SystemExit(None): absl's app.run after a main that returned.
+  assert [step for step, _ in _scalars(os.path.join(model_dir, 'validation'), 'auc')] == [1, 2, 3, 4]  # None twice.
+  run = json.loads(pathlib.Path(model_dir, 'run.json').read_text())
+  report = json.loads(pathlib.Path(model_dir, 'report.json').read_text())
+  assert run['threshold'] == report['at_val_threshold']['threshold']
+  assert export.current_dir(model_dir) != before and len(os.listdir(os.path.join(model_dir, 'exports'))) == 1
