@@ -106,6 +106,10 @@ def _digests(model_dir):
   return digests
 
 
+def _checkpoint_digests(model_dir):
+  return {name: digest for name, digest in _digests(model_dir).items() if name.startswith('checkpoints/ckpt-')}
+
+
 def _config(data_dir, model_dir, **changes):
   """The Config that RUN_FLAGS give, for runs in this process (without --deterministic, which cannot be undone)."""
   settings = dict(dataset='chest_xray_pneumonia/synthetic', data_dir=data_dir, model_dir=model_dir, image_size=32,
@@ -206,6 +210,28 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(reference,
   reader = tf.train.load_checkpoint(os.path.join(model_dir, 'checkpoints', 'ckpt-3'))
   assert reader.get_tensor('epoch/.ATTRIBUTES/VARIABLE_VALUE') == 3
   assert _latest_checkpoint_epoch(model_dir) == 3
+
+
+@pytest.mark.parametrize('damage', ['deleted', 'garbled', 'empty'])
+def test_a_lost_state_file_resumes_from_the_checkpoint_files(damage, reference, synthetic_data_dir, tmp_path, caplog):
+  caplog.set_level('INFO', logger='absl')
+  model_dir = _copy(reference, tmp_path, damage)
+  state = os.path.join(model_dir, 'checkpoints', 'checkpoint')
+  if damage == 'deleted':
+    os.remove(state)
+  else:
+    with open(state, 'w') as f:
+      f.write('model_checkpoint_path: {{ \x00 garbage' if damage == 'garbled' else '')
+  checkpoints = _checkpoint_digests(model_dir)
+
+  report = _train_here(_config(synthetic_data_dir, model_dir))
+
+  assert re.search(r'state file \S+checkpoint is missing, unreadable or incomplete', caplog.text)
+  assert re.search(r'Resuming from \S+ckpt-3 after epoch 3\.', caplog.text)
+  # Nothing was trained again or overwritten, and the state file names the checkpoints again.
+  assert _checkpoint_digests(model_dir) == checkpoints
+  assert _latest_checkpoint_epoch(model_dir) == 3
+  assert report == _metrics(reference)[0]
 
 
 def test_no_readable_checkpoint_is_one_line(reference, synthetic_data_dir, tmp_path, capsys):

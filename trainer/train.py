@@ -244,15 +244,16 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   checkpoint = tf.train.Checkpoint(model=model, epoch=epoch_var, best_auc=best_auc, best_threshold=best_threshold,
                                    best_epoch=best_epoch, random_states=_seed_states(model),
                                    **{f'{phase}_optimizer': optimizers[phase] for phase in PHASES})
-  # max_to_keep=2: the one before the latest is the fallback when the latest cannot be read.
-  manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, 'checkpoints'), max_to_keep=2)
   # The best epoch's weights, in TF's format like the checkpoints: written and committed the same way.
   best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), os.path.join(write_dir, 'best'),
                                             max_to_keep=1)
   # Every worker resumes from the chief's checkpoint, as in the TF multi-worker tutorial: a non-chief's own folder is
   # deleted at the end of a run, and workers resuming at different epochs would run different numbers of steps and
   # wait on each other's collectives forever.
-  restored = _restore(checkpoint, os.path.join(config.model_dir, 'checkpoints'))
+  restored = _restore(checkpoint, os.path.join(config.model_dir, 'checkpoints'), repair=chief)
+  # After the restore, which may rewrite a lost state file: the manager reads it to know which checkpoints it keeps.
+  # max_to_keep=2: the one before the latest is the fallback when the latest cannot be read.
+  manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, 'checkpoints'), max_to_keep=2)
   if restored:
     logging.info('Resuming from %s after epoch %d.', restored, int(epoch_var))
     # The flags' learning rates, not the checkpoint's: a run stopped by a NaN loss goes on with a lower one. (A
@@ -406,31 +407,70 @@ def _check_model_dir(config: Config, image_size: int) -> None:
                      'with the same model: give this one a new --model_dir.')
 
 
-def _restore(checkpoint: tf.train.Checkpoint, directory: str) -> str | None:
+def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = False) -> str | None:
   """Restores the newest checkpoint in `directory` that can be read; returns its path, or None for a new run.
 
   CheckpointManager commits a checkpoint by rewriting the `checkpoint` state file after the checkpoint's own files,
   so a kill in the middle of a save leaves the previous checkpoint in charge. A file damaged afterwards (a disk
   error, a copy cut short) fails the bundle's checksums or lengths; that checkpoint is skipped, with a warning, for
-  the one before it.
+  the one before it. The checkpoints are found by their files as well as by the state file: a state file lost or
+  garbled would otherwise start the run over and overwrite checkpoints it never looked at.
+
+  Args:
+    checkpoint: the run's checkpoint object.
+    directory: the chief's checkpoint folder.
+    repair: rewrite a lost or garbled state file to name the checkpoints found (the chief's job: the others only
+      read), so that CheckpointManager keeps and trims them as usual.
 
   Raises:
     ValueError: the checkpoints are of another model, or none of them can be read.
   """
-  state = tf.train.get_checkpoint_state(directory)
-  if state is None:
+  paths, state_ok = _checkpoint_paths(directory)
+  if not paths:
     return None
-  for path in reversed(state.all_model_checkpoint_paths):
+  if not state_ok:
+    logging.warning('The state file %s is missing, unreadable or incomplete; looking for a checkpoint among the '
+                    'files found: %s',
+                    os.path.join(directory, 'checkpoint'), ', '.join(os.path.basename(p) for p in paths))
+  for path in reversed(paths):
     try:
       checkpoint.restore(path).assert_existing_objects_matched()
-      return path
     except (tf.errors.OpError, IndexError) as e:  # IndexError: TF's reader on a data file cut short.
       logging.warning('Skipping checkpoint %s, which cannot be read: %s', path, export.error_reason(e))
+      continue
     except (AssertionError, ValueError) as e:
       raise ValueError(f'The checkpoint {path} is of another model ({str(e).splitlines()[0]}): give this run a new '
                        '--model_dir.') from e
+    if repair and not state_ok:
+      # Relative names, as CheckpointManager writes them, so that the folder can be moved.
+      tf.compat.v1.train.update_checkpoint_state(
+          directory, os.path.basename(path),
+          all_model_checkpoint_paths=[os.path.basename(p) for p in paths[:paths.index(path) + 1]])
+    return path
   raise ValueError(f'No checkpoint in {directory} can be read (see the warnings above): move the folder away to '
                    'start over, or give this run a new --model_dir.')
+
+
+def _checkpoint_paths(directory: str) -> tuple[list[str], bool]:
+  """The checkpoint prefixes in `directory`, oldest first, and whether the state file lists every one of them.
+
+  A prefix counts when its .index file exists (TF writes it last); the state file's own list is kept too, so that a
+  listed checkpoint whose files are gone is reported as unreadable rather than ignored.
+  """
+  try:
+    state = tf.train.get_checkpoint_state(directory)
+  except ValueError:  # An empty or truncated state file: TF's parser rejects it.
+    state = None
+  listed = list(state.all_model_checkpoint_paths) if state else []
+  found = [path[:-len('.index')] for path in tf.io.gfile.glob(os.path.join(directory, 'ckpt-*.index'))]
+  listed_names = {os.path.basename(p) for p in listed}
+  paths = listed + [p for p in found if os.path.basename(p) not in listed_names]
+
+  def number(path):
+    tail = os.path.basename(path).rsplit('-', 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+  return sorted(paths, key=number), state is not None and {os.path.basename(p) for p in found} <= listed_names
 
 
 def _save(manager: tf.train.CheckpointManager, epoch: int) -> None:
