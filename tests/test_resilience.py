@@ -28,6 +28,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from trainer import data
 from trainer import evaluate
 from trainer import export
+from trainer import lock
 from trainer import main
 from trainer import train
 from trainer.config import Config
@@ -248,6 +249,19 @@ def test_no_readable_checkpoint_is_one_line(reference, synthetic_data_dir, tmp_p
   [line] = _error_lines(stderr)
   assert 'No checkpoint in' in line and 'can be read' in line and '--model_dir' in line
   assert _digests(model_dir) == before
+
+
+def test_a_second_run_on_a_model_dir_in_use_is_one_line_and_changes_nothing(reference, synthetic_data_dir, tmp_path,
+                                                                            capsys):
+  model_dir = _copy(reference, tmp_path, 'in_use')
+  before = _digests(model_dir)
+  with lock.hold(model_dir):
+    code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
+                              *[f for f in RUN_FLAGS if f != '--deterministic'])
+    assert code == 1
+    [line] = _error_lines(stderr)
+    assert f'is in use by another training run (pid {os.getpid()} on ' in line, line
+    assert {k: v for k, v in _digests(model_dir).items() if k != lock.LOCK_NAME} == before
 
 
 # NaN and infinite losses.

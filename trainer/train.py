@@ -26,6 +26,7 @@ from trainer import distribute
 from trainer import evaluate
 from trainer import export
 from trainer import figures
+from trainer import lock
 from trainer import models
 from trainer.config import Config
 
@@ -186,7 +187,8 @@ class _Progress:
 def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   """Trains, picks the best epoch by validation ROC-AUC, evaluates it on test, and exports it.
 
-  Resumes from the last completed epoch when `config.model_dir` holds a checkpoint of the same run.
+  Resumes from the last completed epoch when `config.model_dir` holds a checkpoint of the same run. The chief holds
+  the model dir's lock (`trainer.lock`) throughout, so a second run on the same model dir is refused.
 
   Args:
     config: a validated Config.
@@ -194,8 +196,17 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
 
   Returns:
     The test report (also written to model_dir/report.json on the chief).
+
+  Raises:
+    trainer.lock.LockedError: another run holds the model dir.
   """
   chief = distribute.is_chief(strategy)
+  os.makedirs(config.model_dir, exist_ok=True)
+  with lock.hold(config.model_dir) if chief else contextlib.nullcontext():
+    return _run(config, strategy, chief)
+
+
+def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool) -> dict:
   write_dir = distribute.worker_dir(config.model_dir, strategy)
   os.makedirs(write_dir, exist_ok=True)
 
