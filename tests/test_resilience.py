@@ -264,6 +264,17 @@ def test_a_second_run_on_a_model_dir_in_use_is_one_line_and_changes_nothing(refe
     assert {k: v for k, v in _digests(model_dir).items() if k != lock.LOCK_NAME} == before
 
 
+def test_a_split_without_a_class_is_refused_before_training(synthetic_data_dir, tmp_path, monkeypatch):
+  # A dataset built before the builder refused such splits: every normal image of train skipped.
+  class_counts = data.class_counts
+  monkeypatch.setattr(data, 'class_counts', lambda builder, split: (
+      class_counts(builder, split) * np.array([0, 1]) if split == 'train' else class_counts(builder, split)))
+  with pytest.raises(ValueError, match=r'The train split of \S+ has no normal image \(\{.normal.: 0, '
+                                       r'.pneumonia.: 405\}\)'):
+    _train_here(_config(synthetic_data_dir, str(tmp_path / 'run')))
+  assert not glob.glob(str(tmp_path / 'run' / 'checkpoints' / '*'))
+
+
 # NaN and infinite losses.
 
 

@@ -215,6 +215,7 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool) -> dict:
   if chief:
     _check_model_dir(config, image_size)
   counts = data.class_counts(builder, 'train')
+  _check_classes(builder, {'train': counts, 'validation': data.class_counts(builder, 'validation')})
   class_weights = (counts.sum() / (len(counts) * counts) if config.class_weight == 'balanced'
                    else np.ones(len(counts)))
   steps_per_epoch = int(counts.sum()) // config.batch_size
@@ -394,6 +395,22 @@ def _seed_states(model: keras.Model) -> list:
   """The model's random-seed states: Keras counts them among `variables` but not `weights`."""
   weights = {id(weight) for weight in model.weights}
   return [variable for variable in model.variables if id(variable) not in weights]
+
+
+def _check_classes(builder, counts: dict[str, np.ndarray]) -> None:
+  """Refuses splits that lack a class: its class weight would be infinite and its validation ROC undefined.
+
+  Raises:
+    ValueError: naming the split and the class.
+  """
+  names = builder.info.features['label'].names
+  for split, split_counts in counts.items():
+    for name, count in zip(names, split_counts):
+      if count == 0:
+        per_class = dict(zip(names, split_counts.tolist()))
+        raise ValueError(f'The {split} split of {builder.info.full_name} has no {name} image ({per_class}): nothing '
+                         'can learn or be checked on it. Rebuild the dataset '
+                         'from a complete download (python -m cxr_tfds.build names the files it skips).')
 
 
 def _check_model_dir(config: Config, image_size: int) -> None:
