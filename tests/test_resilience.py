@@ -275,6 +275,32 @@ def test_a_split_without_a_class_is_refused_before_training(synthetic_data_dir, 
   assert not glob.glob(str(tmp_path / 'run' / 'checkpoints' / '*'))
 
 
+@pytest.mark.parametrize('content, reason', [('[]', 'JSON list, not an object'), ('null', 'JSON NoneType'),
+                                             ('{"model": "cnn", ', 'Expecting')])
+def test_a_config_json_that_is_not_settings_is_one_line_naming_it(content, reason, synthetic_data_dir, tmp_path,
+                                                                   capsys):
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir()
+  (model_dir / 'config.json').write_text(content)
+  code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
+                            *[f for f in RUN_FLAGS if f != '--deterministic'])
+  assert code == 1
+  [line] = _error_lines(stderr)
+  assert f'{model_dir / "config.json"} is not the settings of a run' in line and reason in line, line
+  assert (model_dir / 'config.json').read_text() == content
+
+
+def test_a_run_that_fails_to_build_its_model_leaves_no_config_json(synthetic_data_dir, tmp_path, capsys):
+  model_dir = tmp_path / 'run'
+  # Ten 2x2 poolings do not fit in 32 pixels.
+  code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
+                            *[f for f in RUN_FLAGS if f not in ('--deterministic', '--cnn_depth=3')], '--cnn_depth=10')
+  assert code == 1, stderr[-2000:]
+  assert not (model_dir / 'config.json').exists()
+  # So the corrected command is not refused as "a run of --cnn_depth=10".
+  assert train._check_model_dir(_config(synthetic_data_dir, str(model_dir)), 32) is not None
+
+
 # NaN and infinite losses.
 
 
@@ -309,7 +335,9 @@ def test_a_diverged_run_stops_at_once_keeps_the_last_good_checkpoint_and_resumes
     (['--model=vit'], 'flag --model=vit: value should be one of <cnn|resnet50|vgg16>'),
     (['--epochs=two'], 'flag --epochs=two'),
     (['--image_size=16'], '--image_size must be between 32 and 2048 pixels, got 16'),
-    (['--learning_rate=0'], '--learning_rate must be positive, got 0.0'),
+    (['--learning_rate=0'], '--learning_rate must be positive and finite, got 0.0'),
+    (['--fine_tune_learning_rate=inf'], '--fine_tune_learning_rate must be positive and finite, got inf'),
+    (['--learning_rate=nan'], '--learning_rate must be positive and finite, got nan'),
     (['--deterministic'], '--deterministic needs --seed'),
     (['cnn'], 'Unexpected arguments cnn'),
 ])

@@ -736,7 +736,7 @@ def _define_flags():
                       'run\'s).')
   flags.DEFINE_string('out_dir', None, 'Where the report, the PNGs and their TensorBoard event file go (default for '
                       'one run: MODEL_DIR/eval_SPLIT; required for an ensemble).')
-  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
   flags.DEFINE_integer('n_resamples', 1000, 'Bootstrap resamples (of patients) for the 95% intervals.')
   flags.DEFINE_enum('threshold_rule', 'youden', THRESHOLD_RULES, 'youden: the run\'s threshold '
                     '(or the ensemble\'s), Youden\'s J on validation. youden_with_shifts: Youden\'s J on validation '

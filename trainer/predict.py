@@ -368,7 +368,7 @@ def _define_flags():
   flags.DEFINE_string('data_dir', None, 'For --ensemble: where TFDS keeps the built dataset (default: the first '
                       'member\'s --data_dir).')
   flags.DEFINE_string('manual_dir', None, 'For --ensemble: the downloaded data, if the dataset is not built yet.')
-  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
 
 
 def main(argv):

@@ -181,7 +181,7 @@ def _define_flags():
                     required=True)
   flags.DEFINE_string('split', 'validation', 'The split to shift: validation (to choose) or test (to report).')
   flags.DEFINE_string('out', None, 'Also write the result here as JSON.')
-  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
   flags.DEFINE_enum('threshold_rule', 'youden', evaluate.THRESHOLD_RULES, 'The threshold to hold: the '
                     'run\'s (or the ensemble\'s) Youden threshold, or THRESHOLD_RULE\'s.')
 

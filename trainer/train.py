@@ -212,8 +212,7 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool) -> dict:
 
   builder = data.prepare(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
   image_size = config.image_size or data.stored_image_size(builder) or 224
-  if chief:
-    _check_model_dir(config, image_size)
+  new_settings = _check_model_dir(config, image_size) if chief else None
   counts = data.class_counts(builder, 'train')
   _check_classes(builder, {'train': counts, 'validation': data.class_counts(builder, 'validation')})
   class_weights = (counts.sum() / (len(counts) * counts) if config.class_weight == 'balanced'
@@ -244,6 +243,8 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool) -> dict:
       models.set_trainable(model, phase, _unfreeze(config, phase))
       optimizers[phase].build(model.trainable_variables)
     metrics = train_metrics()
+  if new_settings:
+    _write_json(os.path.join(config.model_dir, 'config.json'), new_settings)
   # The loop's bookkeeping, outside the strategy scope: Python reads it on the host, and a MirroredVariable has no
   # __int__ or __float__ (int(epoch) fails under MirroredStrategy).
   epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
@@ -413,19 +414,29 @@ def _check_classes(builder, counts: dict[str, np.ndarray]) -> None:
                          'from a complete download (python -m cxr_tfds.build names the files it skips).')
 
 
-def _check_model_dir(config: Config, image_size: int) -> None:
-  """Keeps the run's settings in model_dir/config.json, and refuses to resume a run of another model.
+def _check_model_dir(config: Config, image_size: int) -> dict | None:
+  """Refuses to resume a run of another model; returns the settings to keep in model_dir/config.json, if new.
+
+  The caller writes them once the model is built: a run that fails before (a bad --cnn_depth for the image size)
+  trained nothing, and must not make its model dir refuse the corrected command.
 
   Raises:
-    ValueError: model_dir holds a run whose FIXED_ON_RESUME settings differ from this one's.
+    ValueError: model_dir holds a run whose FIXED_ON_RESUME settings differ from this one's, or a config.json that
+      is not a run's settings.
   """
   path = os.path.join(config.model_dir, 'config.json')
   settings = {**dataclasses.asdict(config), 'image_size': image_size}
   if not os.path.exists(path):
-    _write_json(path, settings)
-    return
-  with open(path) as f:
-    stored = json.load(f)
+    return settings
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except ValueError as e:  # UnicodeDecodeError too.
+    stored = e
+  if not isinstance(stored, dict):
+    reason = stored if isinstance(stored, ValueError) else f'JSON {type(stored).__name__}, not an object'
+    raise ValueError(f'{path} is not the settings of a run ({reason}): restore it, or move it away if this model '
+                     'dir holds no training.')
   # A setting newer than the stored run had its default there.
   defaults = dataclasses.asdict(Config())
   changed = [f'--{name}={stored.get(name, defaults[name])} (this run: {settings[name]})'
@@ -433,6 +444,7 @@ def _check_model_dir(config: Config, image_size: int) -> None:
   if changed:
     raise ValueError(f'--model_dir={config.model_dir} holds a run of {", ".join(changed)}, and a run resumes only '
                      'with the same model: give this one a new --model_dir.')
+  return None
 
 
 def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = False) -> str | None:
