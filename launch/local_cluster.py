@@ -16,6 +16,8 @@ see every GPU would each try to take all of their memory.
 import argparse
 import contextlib
 import ctypes
+import errno
+import functools
 import json
 import os
 import signal
@@ -56,6 +58,22 @@ def free_ports(n: int) -> list[int]:
     for s in sockets:
       s.bind(('localhost', 0))
     return [s.getsockname()[1] for s in sockets]
+
+
+def check_ports_free(ports: list[int], host: str = 'localhost') -> None:
+  """Raises a one-line ValueError if a port is taken, e.g. by another local cluster started with the same ports.
+
+  Otherwise that worker fails after TensorFlow has started, with "Could not start gRPC server".
+  """
+  for port in ports:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+      try:
+        s.bind((host, port))
+      except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+          raise
+        raise ValueError(f'Port {port} on {host} is in use (another local cluster, or another program): choose '
+                         'another --port_base, or leave it out to get free ports.') from None
 
 
 def make_tf_configs(ports: list[int], host: str = 'localhost') -> list[dict]:
@@ -136,11 +154,15 @@ def supervise(commands: list[list[str]], envs: list[dict], *, out=None) -> int:
   """
   out = out or sys.stdout
   lock = threading.Lock()
+  # Once a worker has failed, the others' lines are its consequences (each collective's 60-line UnavailableError):
+  # only the failed worker's own are still shown, with one line naming it.
+  shown = set(range(len(commands)))
 
-  def emit(line):
+  def emit(line, worker=None):
     with lock:
-      out.write(line)
-      out.flush()
+      if worker is None or worker in shown:
+        out.write(line)
+        out.flush()
 
   procs = []
   threads = []
@@ -151,15 +173,20 @@ def supervise(commands: list[list[str]], envs: list[dict], *, out=None) -> int:
                                     errors='replace', start_new_session=True, preexec_fn=_die_with_parent))
       emit(f'[local_cluster] worker {i}: pid {procs[-1].pid}\n')
     for i, proc in enumerate(procs):
-      threads.append(threading.Thread(target=_forward, args=(proc.stdout, f'[worker {i}] ', emit), daemon=True))
+      threads.append(threading.Thread(target=_forward, args=(proc.stdout, f'[worker {i}] ',
+                                                             functools.partial(emit, worker=i)), daemon=True))
       threads[-1].start()
     while True:
       codes = [proc.poll() for proc in procs]
       failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
       if failed:
         i, code = failed[0]
+        with lock:
+          shown.intersection_update({i})
         threads[i].join(timeout=5)  # its last lines, usually the error, come before the verdict
-        emit(f'[local_cluster] worker {i} failed with exit code {code}; stopping the others.\n')
+        how = f' (killed by {signal.Signals(-code).name})' if code < 0 else ''
+        emit(f'[local_cluster] worker {i} failed with exit code {code}{how}; stopping the others (their output is '
+             'not shown from here on).\n')
         return code if code > 0 else 128 - code
       if all(code == 0 for code in codes):
         emit(f'[local_cluster] all {len(procs)} workers finished.\n')
@@ -210,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
              else list(range(args.port_base, args.port_base + args.workers)))
     command = worker_command(trainer_flags)
     envs = worker_envs(make_tf_configs(ports), args.gpus_per_worker)
+    if args.port_base is not None:
+      check_ports_free(ports)
   except ValueError as e:
     parser.error(str(e))
 

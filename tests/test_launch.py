@@ -40,10 +40,17 @@ FAKE_MAIN = '''
 import json, os, sys, time
 flags = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--') and '=' in a)
 task = json.loads(os.environ['TF_CONFIG'])['task']['index']
-mode = flags['fake'] if flags.get('fake_worker', str(task)) == str(task) else 'sleep'
+mode = flags['fake'] if flags.get('fake_worker', str(task)) == str(task) else flags.get('fake_others', 'sleep')
 print('argv', sys.argv[1:], 'task', task, 'gpus', repr(os.environ['CUDA_VISIBLE_DEVICES']), flush=True)
 if mode == 'fail':
   sys.exit(3)
+if mode == 'fail_later':
+  time.sleep(2)
+  sys.exit(3)
+if mode == 'noisy':  # What a chief does when a peer dies: line after line of a collective's error.
+  while True:
+    print('noise', flush=True)
+    time.sleep(0.01)
 if mode == 'sleep':
   print('sleeping', flush=True)
   time.sleep(600)
@@ -159,6 +166,29 @@ def test_a_failed_worker_stops_the_others_and_sets_the_exit_code(fake_trainer):
   pids = _worker_pids(output)
   assert len(pids) == 2
   assert all(_wait_gone(pid) for pid in pids)
+
+
+def test_after_a_worker_fails_one_line_names_it_and_the_others_are_not_shown(fake_trainer):
+  proc = _launch(fake_trainer, '--workers=2', '--', '--fake=fail_later', '--fake_worker=1', '--fake_others=noisy')
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 3, output
+  lines = output.splitlines()
+  [verdict] = [n for n, line in enumerate(lines) if 'failed with exit code' in line]
+  assert lines[verdict].startswith('[local_cluster] worker 1 failed with exit code 3; stopping the others')
+  assert '[worker 0] noise' in lines[:verdict]
+  assert not [line for line in lines[verdict:] if line.startswith('[worker 0]')], lines[verdict:]
+
+
+def test_a_port_in_use_is_one_line_before_any_worker_starts(fake_trainer):
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+    taken.bind(('localhost', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    proc = _launch(fake_trainer, '--workers=2', f'--port_base={port}', '--', '--fake=ok')
+    output, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 2
+  assert f'Port {port} on localhost is in use' in output and '--port_base' in output
+  assert not _worker_pids(output)
 
 
 @pytest.mark.parametrize('sig, code', [(signal.SIGINT, 130), (signal.SIGKILL, -signal.SIGKILL)])

@@ -24,9 +24,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
   errors = (ValueError, OSError, FloatingPointError, AssertionError)
   if 'tensorflow' in sys.modules:  # The commands import it only once their flags are good.
     tf = sys.modules['tensorflow']
-    # Files missing, unreadable or corrupt in --data_dir or --cache_dir; out of memory (a smaller --batch_size).
+    # Files missing, unreadable or corrupt in --data_dir or --cache_dir; out of memory (a smaller --batch_size); a
+    # peer of a multi-worker job that died or cannot be reached (its message names the task, whose log says why).
     errors += (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.DataLossError,
-               tf.errors.ResourceExhaustedError)
+               tf.errors.ResourceExhaustedError, tf.errors.UnavailableError)
   return errors
 
 
