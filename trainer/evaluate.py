@@ -639,6 +639,8 @@ def load_run(model_dir: str) -> TrainedRun:
     with open(paths['run.json']) as f:
       run = json.load(f)
     image_size, threshold, config = int(run['image_size']), float(run['threshold']), dict(run['config'])
+    if not 0 <= threshold <= 1:  # NaN too, which would label every image normal.
+      raise ValueError(f'its threshold {threshold} is not a probability')
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f'{paths["run.json"]} is not a run.json written by the trainer ({type(e).__name__}: {e}).'
                      ) from None
