@@ -30,6 +30,7 @@ from trainer import evaluate
 from trainer import export
 from trainer import lock
 from trainer import main
+from trainer import preemption
 from trainer import train
 from trainer.config import Config
 
@@ -47,8 +48,8 @@ def _command(data_dir, model_dir, *extra):
           *extra]
 
 
-def _run(command, *, kill_in_epoch=None):
-  """Runs a trainer; with kill_in_epoch=N, SIGKILLs it in the middle of the N-th epoch it runs (counted from 1).
+def _run(command, *, kill_in_epoch=None, sig=signal.SIGKILL):
+  """Runs a trainer; with kill_in_epoch=N, sends `sig` in the middle of the N-th epoch it runs (counted from 1).
 
   Returns:
     (exit code, stderr).
@@ -65,7 +66,8 @@ def _run(command, *, kill_in_epoch=None):
       last_step = step
       # Steps done, with some left: the kill lands before the epoch's checkpoint.
       if epoch == kill_in_epoch and 3 <= step <= steps - 4 and process.poll() is None:
-        process.send_signal(signal.SIGKILL)
+        process.send_signal(sig)
+        kill_in_epoch = None  # Once.
   returncode = process.wait(timeout=600)
   reader.join()
   return returncode, stderr[0].decode(errors='replace')
@@ -192,6 +194,28 @@ def test_killed_runs_resume_where_they_stopped_and_end_the_same(reference, synth
 
   # Same data order, augmentation draws, optimizer state, best epoch and threshold: the same model, exactly.
   assert _metrics(model_dir) == _metrics(reference)
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preempted_run_saves_at_a_step_and_resumes_there_exactly(sig, reference, synthetic_data_dir, tmp_path):
+  model_dir = str(tmp_path / 'run')
+  command = _command(synthetic_data_dir, model_dir)
+  returncode, stderr = _run(command, kill_in_epoch=2, sig=sig)
+  assert returncode == preemption.REQUEUE_EXIT_CODE, stderr[-3000:]
+  [line] = [line for line in stderr.splitlines() if 'Stopped by' in line]
+  step = int(re.search(rf'Stopped by {sig.name} after step (\d+) of epoch 2: saved \S+preempted/ckpt-(\d+)\.',
+                       line).group(1))
+  assert 10 <= step < 16 and _latest_checkpoint_epoch(model_dir) == 1
+  assert tf.train.latest_checkpoint(os.path.join(model_dir, 'checkpoints', 'preempted')).endswith(f'-{16 + step}')
+
+  returncode, stderr = _run(command)
+  assert returncode == 0, stderr[-3000:]
+  assert f'Resuming at step {step} of epoch 2 (global step {16 + step}), where a preempted run stopped.' in stderr
+  assert not os.path.exists(os.path.join(model_dir, 'checkpoints', 'preempted'))
+  # The same batches, augmentation draws and optimizer steps: the same model, and the same training curves (the
+  # interrupted epoch's metrics went on from their checkpointed state).
+  assert _metrics(model_dir) == _metrics(reference)
+  assert _scalars(os.path.join(model_dir, 'train'), 'loss') == _scalars(os.path.join(reference, 'train'), 'loss')
 
 
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(reference, synthetic_data_dir, tmp_path, caplog):

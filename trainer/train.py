@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 
 from absl import logging
@@ -28,6 +29,7 @@ from trainer import export
 from trainer import figures
 from trainer import lock
 from trainer import models
+from trainer import preemption
 from trainer.config import Config
 
 PHASES = models.PHASES
@@ -187,8 +189,10 @@ class _Progress:
 def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   """Trains, picks the best epoch by validation ROC-AUC, evaluates it on test, and exports it.
 
-  Resumes from the last completed epoch when `config.model_dir` holds a checkpoint of the same run. The chief holds
-  the model dir's lock (`trainer.lock`) throughout, so a second run on the same model dir is refused.
+  Resumes from the last completed epoch when `config.model_dir` holds a checkpoint of the same run, or from the step
+  where a preempted run stopped. The chief holds the model dir's lock (`trainer.lock`) throughout, so a second run on
+  the same model dir is refused. SIGTERM or SIGUSR1 stops every worker at a step boundary with a checkpoint and exits
+  with `preemption.REQUEUE_EXIT_CODE`.
 
   Args:
     config: a validated Config.
@@ -202,11 +206,11 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   """
   chief = distribute.is_chief(strategy)
   os.makedirs(config.model_dir, exist_ok=True)
-  with lock.hold(config.model_dir) if chief else contextlib.nullcontext():
-    return _run(config, strategy, chief)
+  with lock.hold(config.model_dir) if chief else contextlib.nullcontext(), preemption.Watcher(strategy) as stop:
+    return _run(config, strategy, chief, stop)
 
 
-def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool) -> dict:
+def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: preemption.Watcher) -> dict:
   write_dir = distribute.worker_dir(config.model_dir, strategy)
   os.makedirs(write_dir, exist_ok=True)
 
@@ -251,6 +255,7 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool) -> dict:
   best_auc = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='best_validation_auc')
   best_threshold = tf.Variable(0.5, dtype=tf.float64, trainable=False, name='best_threshold')
   best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='best_epoch')
+  global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
 
   # random_states: the seed states of the augmentation and dropout layers, which Keras leaves out of the model's
   # checkpoint. Without them a resumed run draws other augmentations than an uninterrupted one.
@@ -260,6 +265,13 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool) -> dict:
   # The best epoch's weights, in TF's format like the checkpoints: written and committed the same way.
   best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), os.path.join(write_dir, 'best'),
                                             max_to_keep=1)
+  # A preempted run's checkpoint, taken between two steps: the epoch checkpoint's state plus the step and the partial
+  # epoch's training metrics. Kept apart, so the epoch checkpoints stay one per epoch, and removed once the resumed
+  # run has committed the next epoch.
+  preempted_checkpoint = tf.train.Checkpoint(run=checkpoint, global_step=global_step,
+                                             metrics=[v for metric in metrics.values() for v in metric.variables])
+  preempted_manager = tf.train.CheckpointManager(
+      preempted_checkpoint, os.path.join(write_dir, 'checkpoints', 'preempted'), max_to_keep=1)
   # Every worker resumes from the chief's checkpoint, as in the TF multi-worker tutorial: a non-chief's own folder is
   # deleted at the end of a run, and workers resuming at different epochs would run different numbers of steps and
   # wait on each other's collectives forever.
@@ -277,18 +289,24 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool) -> dict:
     if int(best_epoch) == int(epoch_var):
       # The run may have stopped between the checkpoint that names this epoch the best and the best's own save.
       _save(best_manager, int(best_epoch))
+  global_step.assign(int(epoch_var) * steps_per_epoch)
+  if _restore_preempted(preempted_checkpoint, os.path.join(config.model_dir, 'checkpoints', 'preempted'),
+                        epoch=int(epoch_var), fallback=(checkpoint, restored)):
+    logging.info('Resuming at step %d of epoch %d (global step %d), where a preempted run stopped.',
+                 int(global_step) - int(epoch_var) * steps_per_epoch, int(epoch_var) + 1, int(global_step))
+  first_step = int(global_step) - int(epoch_var) * steps_per_epoch
 
   train_ds = strategy.distribute_datasets_from_function(lambda ctx: data.train_dataset(
       builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
       cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx,
-      skip_steps=int(epoch_var) * steps_per_epoch))
+      skip_steps=int(global_step)))
   iterator = iter(train_ds)
   val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
   predict = evaluate.make_predict(model)  # Once: a function traced anew every epoch would retrace every epoch.
 
   writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
                     else tf.summary.create_noop_writer()) for name in ('train', 'validation')}
-  if chief and int(epoch_var) == 0:
+  if chief and int(global_step) == 0:
     _log_augmented_images(model, builder, image_size, writers['train'])
     with tf.summary.create_file_writer(config.model_dir).as_default():
       # At the run's root, so the HParams plugin sees train/ and validation/ as this session's metric groups.
@@ -313,16 +331,24 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool) -> dict:
                                    global_batch=config.batch_size, label_smoothing=config.label_smoothing)
       sync_statistics = make_statistics_sync(model, strategy)
     start = time.time()
-    for metric in metrics.values():
-      metric.reset_state()
+    if not first_step:  # A preempted epoch goes on with its restored metrics.
+      for metric in metrics.values():
+        metric.reset_state()
     bar = progress.bar()
-    for step in range(steps_per_epoch):
-      global_step = epoch * steps_per_epoch + step + 1
-      if global_step == profile[0]:
+    for step in range(first_step, steps_per_epoch):
+      done = epoch * steps_per_epoch + step + 1
+      if done == profile[0]:
         tf.profiler.experimental.start(os.path.join(config.model_dir, 'train'))
       train_step(iterator)
-      if global_step == profile[1]:
+      if done == profile[1]:
         tf.profiler.experimental.stop()
+      if stop.requested(sync_point=(step + 1) % LOG_EVERY == 0 or step + 1 == steps_per_epoch):
+        global_step.assign(done)
+        _save(preempted_manager, done)
+        logging.warning('Stopped by %s after step %d of epoch %d: saved %s. Run the same command to resume from '
+                        'there (exit code %d: requeue).', stop.signal_name, step + 1, epoch + 1,
+                        preempted_manager.latest_checkpoint, preemption.REQUEUE_EXIT_CODE)
+        sys.exit(preemption.REQUEUE_EXIT_CODE)
       if (step + 1) % LOG_EVERY and step + 1 < steps_per_epoch:
         continue
       # Reading a metric waits for the step and, across workers, is an all-reduce: so every LOG_EVERY steps, for the
@@ -335,15 +361,15 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool) -> dict:
       sync_statistics()
     train = {name: float(metric.result()) for name, metric in metrics.items()}
 
+    first_step = 0
     val_pred = evaluate.predict_split(model, val_ds, predict=predict)
     val = split_scalars(val_pred['labels'], val_pred['probs'])
-    global_step = (epoch + 1) * steps_per_epoch
     with writers['train'].as_default():
       for name, value in train.items():
         tf.summary.scalar(name, value, step=epoch + 1)
       # .numpy(): a Keras variable created in a strategy scope wraps a MirroredVariable, which float() rejects.
       tf.summary.scalar('learning_rate', float(optimizers[phase].learning_rate.numpy()), step=epoch + 1)
-      tf.summary.scalar('global_step', global_step, step=epoch + 1)
+      tf.summary.scalar('global_step', (epoch + 1) * steps_per_epoch, step=epoch + 1)
     with writers['validation'].as_default():
       for name, value in val.items():
         tf.summary.scalar(name, value, step=epoch + 1)
@@ -358,6 +384,8 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool) -> dict:
       best_epoch.assign(epoch + 1)
     epoch_var.assign(epoch + 1)
     _save(manager, epoch + 1)
+    if chief:  # Older than the checkpoint just committed.
+      shutil.rmtree(os.path.join(write_dir, 'checkpoints', 'preempted'), ignore_errors=True)
     if improved:
       # After the checkpoint, which is the commit point: a kill in between is repaired on resume (above).
       _save(best_manager, epoch + 1)
@@ -511,6 +539,34 @@ def _checkpoint_paths(directory: str) -> tuple[list[str], bool]:
     return int(tail) if tail.isdigit() else -1
 
   return sorted(paths, key=number), state is not None and {os.path.basename(p) for p in found} <= listed_names
+
+
+def _restore_preempted(checkpoint: tf.train.Checkpoint, directory: str, *, epoch: int, fallback) -> bool:
+  """Restores a preempted run's checkpoint if it is newer than the epoch checkpoint restored; True if it did.
+
+  Args:
+    checkpoint: the preempted-checkpoint object (the run's checkpoint as its `run` child).
+    directory: the chief's folder of preempted checkpoints.
+    epoch: the epochs the restored epoch checkpoint has done.
+    fallback: (the run's checkpoint, the path restored or None), restored again when the preempted one is torn.
+  """
+  path = tf.train.latest_checkpoint(directory)
+  if path is None:
+    return False
+  try:
+    if int(tf.train.load_checkpoint(path).get_tensor('run/epoch/.ATTRIBUTES/VARIABLE_VALUE')) < epoch:
+      return False  # Left by a kill between the next epoch's commit and its removal.
+    checkpoint.restore(path).assert_existing_objects_matched()
+    return True
+  except (tf.errors.OpError, IndexError, AssertionError, ValueError) as e:
+    logging.warning('Skipping the preempted run\'s checkpoint %s, which cannot be read: %s', path,
+                    export.error_reason(e) if isinstance(e, tf.errors.OpError) else e)
+    run_checkpoint, restored = fallback
+    if not restored:  # Nothing to restore over what the failed restore may have assigned.
+      raise ValueError(f'The preempted run\'s checkpoint {path} cannot be read (see the warning above): move it away '
+                       'to start over, or give this run a new --model_dir.') from e
+    run_checkpoint.restore(restored).assert_existing_objects_matched()
+    return False
 
 
 def _save(manager: tf.train.CheckpointManager, epoch: int) -> None:
