@@ -5,8 +5,9 @@
 
 Everything after `--` goes to `python -m trainer.main --strategy=multi_worker` unchanged. Worker 0 is the chief.
 Each worker's output is printed with a `[worker i]` prefix. If a worker fails, the others are stopped (they would
-otherwise wait forever in a collective) and the launcher exits with the failed worker's code; Ctrl-C or SIGTERM stops
-them all too.
+otherwise wait forever in a collective) and the launcher exits with the failed worker's code; Ctrl-C stops them all
+too. SIGTERM (or SIGTERM/SIGUSR1 to one worker) preempts the job: every worker saves a checkpoint at the same step
+and exits with 143, and so does the launcher; the same command resumes from that step.
 
 This exercises the MultiWorkerMirroredStrategy code path (TF_CONFIG, collectives, chief-only writes) without a
 cluster. GPUs are hidden from the workers unless --gpus_per_worker says how to share them: N processes that each
@@ -27,8 +28,11 @@ import sys
 import threading
 import time
 
-# Seconds a worker gets to exit after SIGTERM before it is killed.
-GRACE_SECONDS = 10
+# Seconds a worker gets to exit after SIGTERM before it is killed: time to reach a step boundary and save there.
+GRACE_SECONDS = 30
+# trainer.preemption.REQUEUE_EXIT_CODE: a worker stopped by SIGTERM or SIGUSR1 after saving its step (the launcher
+# runs without importing the trainer).
+REQUEUE_EXIT_CODE = 143
 
 if sys.platform == 'linux':
   _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded up front: the child must not load libraries after fork
@@ -176,9 +180,21 @@ def supervise(commands: list[list[str]], envs: list[dict], *, out=None) -> int:
       threads.append(threading.Thread(target=_forward, args=(proc.stdout, f'[worker {i}] ',
                                                              functools.partial(emit, worker=i)), daemon=True))
       threads[-1].start()
+    requeue_deadline = None
     while True:
       codes = [proc.poll() for proc in procs]
       failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+      if failed and failed[0][1] == REQUEUE_EXIT_CODE:
+        # Preempted: every worker saves at the same step and exits so; their lines say where.
+        if requeue_deadline is None:
+          emit(f'[local_cluster] worker {failed[0][0]} stopped for a requeue (exit code {REQUEUE_EXIT_CODE}); '
+               'waiting for the others to save.\n')
+          requeue_deadline = time.monotonic() + GRACE_SECONDS
+        if all(code is not None for code in codes) or time.monotonic() > requeue_deadline:
+          emit('[local_cluster] stopped at a checkpoint: run the same command again to resume.\n')
+          return REQUEUE_EXIT_CODE
+        time.sleep(0.2)
+        continue
       if failed:
         i, code = failed[0]
         with lock:

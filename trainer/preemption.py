@@ -36,10 +36,14 @@ class Watcher:
     resolver = strategy.cluster_resolver
     self._multi_worker = bool(resolver and resolver.cluster_spec().jobs)
     if self._multi_worker:
+      def count(flag):
+        # tf.identity places the flag on the replica's device: MultiWorkerMirroredStrategy's all-reduce rejects a
+        # tensor without one ("destinations can not be empty").
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(flag))
+
       @tf.function
       def any_worker(flag):
-        return strategy.experimental_local_results(strategy.run(
-            lambda: tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MAX, flag)))[0]
+        return strategy.experimental_local_results(strategy.run(count, args=(flag,)))[0]
       self._any_worker = any_worker
 
   def __enter__(self):

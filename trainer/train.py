@@ -290,7 +290,12 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
       # The run may have stopped between the checkpoint that names this epoch the best and the best's own save.
       _save(best_manager, int(best_epoch))
   global_step.assign(int(epoch_var) * steps_per_epoch)
-  if _restore_preempted(preempted_checkpoint, os.path.join(config.model_dir, 'checkpoints', 'preempted'),
+  # Each worker's own: between two epochs' syncs the replicas' BatchNormalization statistics differ (see
+  # make_statistics_sync), and a worker resumed with the chief's would end the epoch with other ones. The chief's
+  # serves a worker that has none (a job resumed with more workers).
+  preempted_dirs = [os.path.join(d, 'checkpoints', 'preempted') for d in (write_dir, config.model_dir)]
+  if _restore_preempted(preempted_checkpoint, next((d for d in preempted_dirs if tf.io.gfile.exists(d)),
+                                                   preempted_dirs[-1]),
                         epoch=int(epoch_var), fallback=(checkpoint, restored)):
     logging.info('Resuming at step %d of epoch %d (global step %d), where a preempted run stopped.',
                  int(global_step) - int(epoch_var) * steps_per_epoch, int(epoch_var) + 1, int(global_step))
@@ -384,8 +389,8 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
       best_epoch.assign(epoch + 1)
     epoch_var.assign(epoch + 1)
     _save(manager, epoch + 1)
-    if chief:  # Older than the checkpoint just committed.
-      shutil.rmtree(os.path.join(write_dir, 'checkpoints', 'preempted'), ignore_errors=True)
+    # Older than the checkpoint just committed.
+    shutil.rmtree(os.path.join(write_dir, 'checkpoints', 'preempted'), ignore_errors=True)
     if improved:
       # After the checkpoint, which is the commit point: a kill in between is repaired on resume (above).
       _save(best_manager, epoch + 1)
