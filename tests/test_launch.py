@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import distribute
+from trainer import preemption
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / 'launch'
@@ -239,7 +240,8 @@ def test_slurm_script_is_valid_bash_and_asks_for_one_task_per_node():
   assert f'port {distribute.SLURM_PORT}' in text
 
 
-def test_slurm_script_runs_one_multi_worker_trainer_per_node(tmp_path):
+def _fake_slurm(tmp_path, srun_exit=0):
+  """Stand-ins for srun (records its argv and environment, exits with `srun_exit`) and scontrol (records argv)."""
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   record = tmp_path / 'srun.json'
@@ -248,8 +250,32 @@ def test_slurm_script_runs_one_multi_worker_trainer_per_node(tmp_path):
       import json, os, sys
       json.dump({{'argv': sys.argv[1:], 'TF_CONFIG': os.environ.get('TF_CONFIG'),
                  'SRUN_CPUS_PER_TASK': os.environ.get('SRUN_CPUS_PER_TASK')}}, open({str(record)!r}, 'w'))
+      sys.exit({srun_exit})
   '''))
-  (bin_dir / 'srun').chmod(0o755)
+  (bin_dir / 'scontrol').write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.txt"}\n')
+  for tool in ('srun', 'scontrol'):
+    (bin_dir / tool).chmod(0o755)
+  return bin_dir, record
+
+
+def test_slurm_script_signals_and_requeues_a_preempted_job(tmp_path):
+  sbatch = [line.split('#')[1].split()[1] for line in SBATCH.read_text().splitlines() if line.startswith('#SBATCH')]
+  assert '--signal=USR1@120' in sbatch and '--requeue' in sbatch
+  bin_dir, _ = _fake_slurm(tmp_path, srun_exit=preemption.REQUEUE_EXIT_CODE)
+  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'HOME': str(tmp_path), 'SLURM_JOB_ID': '77',
+         'SLURM_JOB_NAME': 'cxr'}
+  done = subprocess.run(['bash', str(SBATCH)], env=env, cwd=REPO, capture_output=True, text=True)
+  assert done.returncode == preemption.REQUEUE_EXIT_CODE, done.stderr
+  assert (tmp_path / 'scontrol.txt').read_text().split() == ['requeue', '77']
+  # Any other failure is not requeued.
+  (tmp_path / 'scontrol.txt').unlink()
+  (tmp_path / 'bin' / 'srun').write_text('#!/bin/sh\nexit 1\n')
+  assert subprocess.run(['bash', str(SBATCH)], env=env, cwd=REPO, capture_output=True).returncode == 1
+  assert not (tmp_path / 'scontrol.txt').exists()
+
+
+def test_slurm_script_runs_one_multi_worker_trainer_per_node(tmp_path):
+  bin_dir, record = _fake_slurm(tmp_path)
   env = {k: v for k, v in os.environ.items() if k not in ('MODEL_DIR', 'DATA_DIR')}
   env.update(PATH=f'{bin_dir}:{os.environ["PATH"]}', HOME=str(tmp_path), SLURM_JOB_ID='77',
               SLURM_JOB_NAME='cxr', SLURM_CPUS_PER_TASK='16', TF_CONFIG='{"cluster": {}}')
@@ -309,6 +335,9 @@ def test_tfjob_manifest_runs_multi_worker_trainers():
   assert container['name'] == 'tensorflow'
   assert container['command'][:4] == ['python', '-m', 'trainer.main', '--strategy=multi_worker']
   assert 'REPLACE_ME' in container['image']
+  # Preemption: time to save a step, and the requeue code restarts the pods.
+  assert specs['Worker']['template']['spec']['terminationGracePeriodSeconds'] >= 60
+  assert specs['Worker']['restartPolicy'] == 'ExitCode' and 128 <= preemption.REQUEUE_EXIT_CODE <= 255
 
 
 def test_indexed_job_manifest_is_consistent_with_its_service_and_entrypoint():
@@ -328,6 +357,10 @@ def test_indexed_job_manifest_is_consistent_with_its_service_and_entrypoint():
   assert command[:3] == ['python', 'launch/kubernetes/tf_config_from_index.py', '--']
   assert (REPO / command[1]).is_file()
   assert command[3:7] == ['python', '-m', 'trainer.main', '--strategy=multi_worker']
+  assert pod['terminationGracePeriodSeconds'] >= 60
+  [requeue] = [rule for rule in spec['podFailurePolicy']['rules'] if 'onExitCodes' in rule]
+  assert requeue['action'] == 'Ignore' and requeue['onExitCodes']['values'] == [preemption.REQUEUE_EXIT_CODE]
+  assert requeue['onExitCodes']['containerName'] == container['name']
 
 
 def test_tf_config_from_index():

@@ -293,10 +293,9 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
   # Each worker's own: between two epochs' syncs the replicas' BatchNormalization statistics differ (see
   # make_statistics_sync), and a worker resumed with the chief's would end the epoch with other ones. The chief's
   # serves a worker that has none (a job resumed with more workers).
-  preempted_dirs = [os.path.join(d, 'checkpoints', 'preempted') for d in (write_dir, config.model_dir)]
-  if _restore_preempted(preempted_checkpoint, next((d for d in preempted_dirs if tf.io.gfile.exists(d)),
-                                                   preempted_dirs[-1]),
-                        epoch=int(epoch_var), fallback=(checkpoint, restored)):
+  preempted_dirs = dict.fromkeys(os.path.join(d, 'checkpoints', 'preempted') for d in (write_dir, config.model_dir))
+  if _restore_preempted(preempted_checkpoint, list(preempted_dirs), epoch=int(epoch_var),
+                        fallback=(checkpoint, restored)):
     logging.info('Resuming at step %d of epoch %d (global step %d), where a preempted run stopped.',
                  int(global_step) - int(epoch_var) * steps_per_epoch, int(epoch_var) + 1, int(global_step))
   first_step = int(global_step) - int(epoch_var) * steps_per_epoch
@@ -546,32 +545,36 @@ def _checkpoint_paths(directory: str) -> tuple[list[str], bool]:
   return sorted(paths, key=number), state is not None and {os.path.basename(p) for p in found} <= listed_names
 
 
-def _restore_preempted(checkpoint: tf.train.Checkpoint, directory: str, *, epoch: int, fallback) -> bool:
+def _restore_preempted(checkpoint: tf.train.Checkpoint, directories: list[str], *, epoch: int, fallback) -> bool:
   """Restores a preempted run's checkpoint if it is newer than the epoch checkpoint restored; True if it did.
 
   Args:
     checkpoint: the preempted-checkpoint object (the run's checkpoint as its `run` child).
-    directory: the chief's folder of preempted checkpoints.
+    directories: the folders of preempted checkpoints to try in turn (this worker's own, then the chief's).
     epoch: the epochs the restored epoch checkpoint has done.
-    fallback: (the run's checkpoint, the path restored or None), restored again when the preempted one is torn.
+    fallback: (the run's checkpoint, the path restored or None), restored again when every preempted one is torn.
+
+  Raises:
+    ValueError: a preempted checkpoint exists, none can be read, and there is no epoch checkpoint to go back to.
   """
-  path = tf.train.latest_checkpoint(directory)
-  if path is None:
+  paths = [path for path in map(tf.train.latest_checkpoint, directories) if path]
+  for path in paths:
+    try:
+      if int(tf.train.load_checkpoint(path).get_tensor('run/epoch/.ATTRIBUTES/VARIABLE_VALUE')) < epoch:
+        return False  # Left by a kill between the next epoch's commit and its removal.
+      checkpoint.restore(path).assert_existing_objects_matched()
+      return True
+    except (tf.errors.OpError, IndexError, AssertionError, ValueError) as e:
+      logging.warning('Skipping the preempted run\'s checkpoint %s, which cannot be read: %s', path,
+                      export.error_reason(e) if isinstance(e, tf.errors.OpError) else e)
+  if not paths:
     return False
-  try:
-    if int(tf.train.load_checkpoint(path).get_tensor('run/epoch/.ATTRIBUTES/VARIABLE_VALUE')) < epoch:
-      return False  # Left by a kill between the next epoch's commit and its removal.
-    checkpoint.restore(path).assert_existing_objects_matched()
-    return True
-  except (tf.errors.OpError, IndexError, AssertionError, ValueError) as e:
-    logging.warning('Skipping the preempted run\'s checkpoint %s, which cannot be read: %s', path,
-                    export.error_reason(e) if isinstance(e, tf.errors.OpError) else e)
-    run_checkpoint, restored = fallback
-    if not restored:  # Nothing to restore over what the failed restore may have assigned.
-      raise ValueError(f'The preempted run\'s checkpoint {path} cannot be read (see the warning above): move it away '
-                       'to start over, or give this run a new --model_dir.') from e
-    run_checkpoint.restore(restored).assert_existing_objects_matched()
-    return False
+  run_checkpoint, restored = fallback
+  if not restored:  # Nothing to restore over what a failed restore may have assigned.
+    raise ValueError(f'The preempted run\'s checkpoint {paths[-1]} cannot be read (see the warnings above): move it '
+                     'away to start over, or give this run a new --model_dir.')
+  run_checkpoint.restore(restored).assert_existing_objects_matched()
+  return False
 
 
 def _save(manager: tf.train.CheckpointManager, epoch: int) -> None:
