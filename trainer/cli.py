@@ -3,6 +3,7 @@
 `trainer.main`, `trainer.evaluate` and `trainer.predict` all run through `run`.
 """
 
+import re
 import sys
 
 from absl import app
@@ -31,6 +32,20 @@ def _user_errors() -> tuple[type[Exception], ...]:
   return errors
 
 
+# Where TensorFlow names the peer behind an UnavailableError of a multi-worker job: the gRPC target that reset the
+# connection, the task that reported the error, or the tasks that stopped sending heartbeats.
+_PEER = re.compile(r'(?:remote target|Error reported from|unhealthy[^/]*?)\s*/job:(\w+)/(?:replica:\d+/)?task:(\d+)')
+
+
+def peer_message(error: Exception) -> str | None:
+  """One line for a multi-worker job whose peer died: TF's message is a 'Graph execution error:' and 60 lines."""
+  match = _PEER.search(getattr(error, 'message', '') or str(error))
+  if not match:
+    return None
+  return (f'{match.group(1)} {match.group(2)} of this multi-worker job stopped or cannot be reached: see its log for '
+          'why, then start the job again to resume from its last checkpoint.')
+
+
 def run(main) -> None:
   """Runs an absl `main`; the user's errors end in one `error:` line on stderr and exit code 1."""
   try:
@@ -42,7 +57,7 @@ def run(main) -> None:
     logging.debug('Traceback of the error below:', exc_info=True)
     if 'tensorflow' in sys.modules and isinstance(e, sys.modules['tensorflow'].errors.OpError):
       from trainer import export  # pylint: disable=import-outside-toplevel  (TensorFlow is loaded by now)
-      message = export.error_message(e)
+      message = peer_message(e) or export.error_message(e)
     else:
       message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f'error: {message}', file=sys.stderr)
