@@ -24,7 +24,8 @@ def test_a_batch_size_below_one_is_one_line(program, value, tmp_path):
 @pytest.mark.parametrize('message', [
     # A peer killed mid-collective (seen on the 2-worker local cluster).
     'Graph execution error:\n\nDetected at node CollectiveReduceV2\nrecvmsg:Connection reset by peer\nAdditional GRPC '
-    'error information from remote target /job:worker/replica:0/task:1 while calling /tensorflow.WorkerService/RecvBuf:',
+    'error information from remote target /job:worker/replica:0/task:1 while calling '
+    '/tensorflow.WorkerService/RecvBuf:',
     # A peer that stopped sending heartbeats.
     'Collective ops is aborted by: Error reported from /job:worker/task:1: The following tasks are unhealthy (stopped '
     'sending heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have crashed.',

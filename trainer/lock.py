@@ -3,10 +3,10 @@
 Two runs writing one model dir interleave their checkpoints (one run's ckpt-2 beside the other's ckpt-3) and lose a
 report. The lock is an flock on `model_dir/.lock` where the filesystem has one: the kernel releases it when its
 process dies, however it dies, so a lock left by a killed run is never in the way. Where flock is not supported (some
-network and FUSE filesystems), `model_dir/.lock.lease` is a lease instead: created exclusively, naming its owner's host and
-pid, and refreshed every LEASE_REFRESH_SECONDS. A lease is stale when its owner is a dead process on this host, or
-when it has not been refreshed for LEASE_STALE_SECONDS (an owner on another host that died); a stale lease is taken
-over with a warning.
+network and FUSE filesystems), `model_dir/.lock.lease` is a lease instead: created exclusively, naming its owner's
+host and pid, and refreshed every LEASE_REFRESH_SECONDS. A lease is stale when its owner is a dead process on this
+host, or when it has not been refreshed for LEASE_STALE_SECONDS (an owner on another host that died); a stale lease
+is taken over with a warning.
 
 Only the chief of a multi-worker job takes the lock: the other workers write nothing in model_dir itself.
 """
