@@ -218,6 +218,25 @@ def test_a_preempted_run_saves_at_a_step_and_resumes_there_exactly(sig, referenc
   assert _scalars(os.path.join(model_dir, 'train'), 'loss') == _scalars(os.path.join(reference, 'train'), 'loss')
 
 
+def test_an_unreadable_preempted_checkpoint_falls_back_to_the_epoch_checkpoint(reference, synthetic_data_dir, tmp_path,
+                                                                                caplog):
+  caplog.set_level('INFO', logger='absl')
+  model_dir = _copy(reference, tmp_path, 'torn_preempted')
+  preempted = os.path.join(model_dir, 'checkpoints', 'preempted')
+  os.makedirs(preempted)
+  for name in ('ckpt-40.index', 'ckpt-40.data-00000-of-00001'):
+    with open(os.path.join(preempted, name), 'wb') as f:
+      f.write(b'cut short')
+  with open(os.path.join(preempted, 'checkpoint'), 'w') as f:
+    f.write('model_checkpoint_path: "ckpt-40"\nall_model_checkpoint_paths: "ckpt-40"\n')
+
+  report = _train_here(_config(synthetic_data_dir, model_dir))
+
+  assert re.search(r"Skipping the preempted run's checkpoint \S+ckpt-40, which cannot be read", caplog.text)
+  assert 'Resuming at step' not in caplog.text
+  assert report == _metrics(reference)[0]
+
+
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(reference, synthetic_data_dir, tmp_path, caplog):
   # On absl's logger too: an earlier in-process run's unparse_flags() leaves absl's verbosity at WARNING.
   caplog.set_level('INFO', logger='absl')
