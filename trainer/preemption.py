@@ -56,7 +56,8 @@ class Watcher:
 
   def __exit__(self, *exc):
     for sig, previous in self._previous.items():
-      signal.signal(sig, previous)
+      if previous is not None:  # None: a handler installed outside Python, which cannot be put back.
+        signal.signal(sig, previous)
     self._previous.clear()
 
   def _handle(self, signum, frame):
