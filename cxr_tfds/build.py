@@ -33,15 +33,20 @@ def _define_flags():
   flags.DEFINE_string('data_dir', None, 'Where to write the dataset; TFDS default (~/tensorflow_datasets) if unset.')
   flags.DEFINE_string('manual_dir', None, 'Folder holding the Kaggle or Mendeley zip, or the folder extracted from '
                       'it (see BUILD.md); TFDS default (<data_dir>/downloads/manual) if unset.')
+  flags.DEFINE_integer('max_skipped_files', None, 'Stop when more files than this cannot be used (undecodable, '
+                       'unlabelled); default: 1% of the release, and at least '
+                       f'{builder_lib.MIN_MAX_SKIPPED_FILES}.', lower_bound=0)
 
 
-def build(config: str, data_dir: str | None = None, manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
+def build(config: str, data_dir: str | None = None, manual_dir: str | None = None, *,
+          max_skipped_files: int | None = None) -> tfds.core.DatasetBuilder:
   """Builds one config of chest_xray_pneumonia, unless it is built already.
 
   Args:
     config: a config name: 'original', '224', '512' or 'synthetic'.
     data_dir: where to write the dataset; None for the TFDS default.
     manual_dir: where the downloaded data is; None for the TFDS default.
+    max_skipped_files: how many unusable files the build accepts; None for the builder's default.
 
   Returns:
     The builder, prepared.
@@ -49,11 +54,12 @@ def build(config: str, data_dir: str | None = None, manual_dir: str | None = Non
   Raises:
     ValueError: for an unknown config.
     FileNotFoundError: if the manual dir holds no complete release (the message says what to download).
+    ValueError: more files are unusable than `max_skipped_files`, or a split would have no image of a class.
   """
   names = [c.name for c in builder_lib.Builder.BUILDER_CONFIGS]
   if config not in names:
     raise ValueError(f'Unknown config {config!r}: use one of {names}.')
-  builder = tfds.builder(f'{_NAME}/{config}', data_dir=data_dir)
+  builder = tfds.builder(f'{_NAME}/{config}', data_dir=data_dir, max_skipped_files=max_skipped_files)
   if builder.is_prepared():
     logging.info('Already built: %s', builder.data_dir)
     return builder
@@ -82,7 +88,7 @@ def main(argv):
   del argv  # Unused.
   logging.set_verbosity(logging.INFO)
   data_dir, manual_dir = (os.path.expanduser(d) if d else None for d in (FLAGS.data_dir, FLAGS.manual_dir))
-  print(summary(build(FLAGS.config, data_dir, manual_dir)))
+  print(summary(build(FLAGS.config, data_dir, manual_dir, max_skipped_files=FLAGS.max_skipped_files)))
 
 
 if __name__ == '__main__':

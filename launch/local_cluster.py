@@ -5,8 +5,9 @@
 
 Everything after `--` goes to `python -m trainer.main --strategy=multi_worker` unchanged. Worker 0 is the chief.
 Each worker's output is printed with a `[worker i]` prefix. If a worker fails, the others are stopped (they would
-otherwise wait forever in a collective) and the launcher exits with the failed worker's code; Ctrl-C or SIGTERM stops
-them all too.
+otherwise wait forever in a collective) and the launcher exits with the failed worker's code; Ctrl-C stops them all
+too. SIGTERM (or SIGTERM/SIGUSR1 to one worker) preempts the job: every worker saves a checkpoint at the same step
+and exits with 143, and so does the launcher; the same command resumes from that step.
 
 This exercises the MultiWorkerMirroredStrategy code path (TF_CONFIG, collectives, chief-only writes) without a
 cluster. GPUs are hidden from the workers unless --gpus_per_worker says how to share them: N processes that each
@@ -16,6 +17,8 @@ see every GPU would each try to take all of their memory.
 import argparse
 import contextlib
 import ctypes
+import errno
+import functools
 import json
 import os
 import signal
@@ -25,8 +28,11 @@ import sys
 import threading
 import time
 
-# Seconds a worker gets to exit after SIGTERM before it is killed.
-GRACE_SECONDS = 10
+# Seconds a worker gets to exit after SIGTERM before it is killed: time to reach a step boundary and save there.
+GRACE_SECONDS = 30
+# trainer.preemption.REQUEUE_EXIT_CODE: a worker stopped by SIGTERM or SIGUSR1 after saving its step (the launcher
+# runs without importing the trainer).
+REQUEUE_EXIT_CODE = 143
 
 if sys.platform == 'linux':
   _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded up front: the child must not load libraries after fork
@@ -56,6 +62,22 @@ def free_ports(n: int) -> list[int]:
     for s in sockets:
       s.bind(('localhost', 0))
     return [s.getsockname()[1] for s in sockets]
+
+
+def check_ports_free(ports: list[int], host: str = 'localhost') -> None:
+  """Raises a one-line ValueError if a port is taken, e.g. by another local cluster started with the same ports.
+
+  Otherwise that worker fails after TensorFlow has started, with "Could not start gRPC server".
+  """
+  for port in ports:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+      try:
+        s.bind((host, port))
+      except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+          raise
+        raise ValueError(f'Port {port} on {host} is in use (another local cluster, or another program): choose '
+                         'another --port_base, or leave it out to get free ports.') from None
 
 
 def make_tf_configs(ports: list[int], host: str = 'localhost') -> list[dict]:
@@ -136,11 +158,15 @@ def supervise(commands: list[list[str]], envs: list[dict], *, out=None) -> int:
   """
   out = out or sys.stdout
   lock = threading.Lock()
+  # Once a worker has failed, the others' lines are its consequences (each collective's 60-line UnavailableError):
+  # only the failed worker's own are still shown, with one line naming it.
+  shown = set(range(len(commands)))
 
-  def emit(line):
+  def emit(line, worker=None):
     with lock:
-      out.write(line)
-      out.flush()
+      if worker is None or worker in shown:
+        out.write(line)
+        out.flush()
 
   procs = []
   threads = []
@@ -151,15 +177,32 @@ def supervise(commands: list[list[str]], envs: list[dict], *, out=None) -> int:
                                     errors='replace', start_new_session=True, preexec_fn=_die_with_parent))
       emit(f'[local_cluster] worker {i}: pid {procs[-1].pid}\n')
     for i, proc in enumerate(procs):
-      threads.append(threading.Thread(target=_forward, args=(proc.stdout, f'[worker {i}] ', emit), daemon=True))
+      threads.append(threading.Thread(target=_forward, args=(proc.stdout, f'[worker {i}] ',
+                                                             functools.partial(emit, worker=i)), daemon=True))
       threads[-1].start()
+    requeue_deadline = None
     while True:
       codes = [proc.poll() for proc in procs]
       failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+      if failed and failed[0][1] == REQUEUE_EXIT_CODE:
+        # Preempted: every worker saves at the same step and exits so; their lines say where.
+        if requeue_deadline is None:
+          emit(f'[local_cluster] worker {failed[0][0]} stopped for a requeue (exit code {REQUEUE_EXIT_CODE}); '
+               'waiting for the others to save.\n')
+          requeue_deadline = time.monotonic() + GRACE_SECONDS
+        if all(code is not None for code in codes) or time.monotonic() > requeue_deadline:
+          emit('[local_cluster] stopped at a checkpoint: run the same command again to resume.\n')
+          return REQUEUE_EXIT_CODE
+        time.sleep(0.2)
+        continue
       if failed:
         i, code = failed[0]
+        with lock:
+          shown.intersection_update({i})
         threads[i].join(timeout=5)  # its last lines, usually the error, come before the verdict
-        emit(f'[local_cluster] worker {i} failed with exit code {code}; stopping the others.\n')
+        how = f' (killed by {signal.Signals(-code).name})' if code < 0 else ''
+        emit(f'[local_cluster] worker {i} failed with exit code {code}{how}; stopping the others (their output is '
+             'not shown from here on).\n')
         return code if code > 0 else 128 - code
       if all(code == 0 for code in codes):
         emit(f'[local_cluster] all {len(procs)} workers finished.\n')
@@ -210,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
              else list(range(args.port_base, args.port_base + args.workers)))
     command = worker_command(trainer_flags)
     envs = worker_envs(make_tf_configs(ports), args.gpus_per_worker)
+    if args.port_base is not None:
+      check_ports_free(ports)
   except ValueError as e:
     parser.error(str(e))
 

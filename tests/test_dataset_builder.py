@@ -1,6 +1,8 @@
 """The chest_xray_pneumonia builder on the dummy data: TFDS's own checks, both forms, splits, shards, CLI."""
 
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -127,3 +129,47 @@ def test_build_command(tmp_path):
   assert 'test           4 examples in  4 shards' in result.stdout
   assert 'images/s' in result.stderr and 'Skipping train/NORMAL/IM-0900-0001.jpeg' in result.stderr
   assert (tmp_path / 'chest_xray_pneumonia' / '224' / '1.0.0' / 'metadata.json').exists()
+
+
+def _damaged_copy(tmp_path, folder):
+  """The Mendeley dummy release with every image of `folder` cut to 100 bytes; returns (manual dir, count cut)."""
+  manual_dir = tmp_path / 'manual'
+  shutil.copytree(DUMMY / 'mendeley', manual_dir)
+  images = sorted((manual_dir / 'chest_xray' / folder).glob('*.jpeg'))
+  for image in images:
+    image.write_bytes(image.read_bytes()[:100])
+  return manual_dir, len(images)
+
+
+def test_a_class_emptied_by_unreadable_files_is_refused_naming_it(tmp_path):
+  manual_dir, _ = _damaged_copy(tmp_path, 'train/NORMAL')
+  with pytest.raises(ValueError, match=r'The (train|validation) split has no normal image: ([1-9]\d*) of its normal '
+                                       r'files could not be used') as error:
+    _build('224', manual_dir, tmp_path / 'data')
+  # The count is that split's own: the normal images the patient split gave it, all of them unreadable.
+  split, count = re.search(r'The (\w+) split has no normal image: (\d+)', str(error.value)).groups()
+  assert int(count) == {'train': 6, 'validation': 1}[split]
+  assert not tfds.builder('chest_xray_pneumonia/224', data_dir=str(tmp_path / 'data')).is_prepared()
+
+
+def test_the_skipped_files_are_bounded(tmp_path):
+  with pytest.raises(ValueError, match=r'More than 1 files could not be used \(the last: \S+\.jpeg: .*'
+                                       r'--max_skipped_files'):
+    build_lib.build('224', str(tmp_path), str(DUMMY / 'mendeley'), max_skipped_files=1)
+  assert not tfds.builder('chest_xray_pneumonia/224', data_dir=str(tmp_path)).is_prepared()
+  assert build_lib.build('224', str(tmp_path), str(DUMMY / 'mendeley'), max_skipped_files=2).is_prepared()
+
+
+@pytest.mark.parametrize('damaged, flag, message', [
+    ('train/PNEUMONIA', None, 'split has no pneumonia image'),
+    (None, '--max_skipped_files=0', 'More than 0 files could not be used'),
+])
+def test_build_command_refuses_a_damaged_release_on_one_line(damaged, flag, message, tmp_path):
+  manual_dir = _damaged_copy(tmp_path, damaged)[0] if damaged else DUMMY / 'mendeley'
+  result = subprocess.run(
+      [sys.executable, '-m', 'cxr_tfds.build', '--config', '224', '--data_dir', str(tmp_path / 'data'),
+       '--manual_dir', str(manual_dir), *([flag] if flag else [])],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 1, result.stderr[-2000:]
+  [line] = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert message in line and 'Traceback' not in result.stderr, result.stderr[-2000:]

@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import distribute
+from trainer import preemption
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / 'launch'
@@ -40,10 +41,17 @@ FAKE_MAIN = '''
 import json, os, sys, time
 flags = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--') and '=' in a)
 task = json.loads(os.environ['TF_CONFIG'])['task']['index']
-mode = flags['fake'] if flags.get('fake_worker', str(task)) == str(task) else 'sleep'
+mode = flags['fake'] if flags.get('fake_worker', str(task)) == str(task) else flags.get('fake_others', 'sleep')
 print('argv', sys.argv[1:], 'task', task, 'gpus', repr(os.environ['CUDA_VISIBLE_DEVICES']), flush=True)
 if mode == 'fail':
   sys.exit(3)
+if mode == 'fail_later':
+  time.sleep(2)
+  sys.exit(3)
+if mode == 'noisy':  # What a chief does when a peer dies: line after line of a collective's error.
+  while True:
+    print('noise', flush=True)
+    time.sleep(0.01)
 if mode == 'sleep':
   print('sleeping', flush=True)
   time.sleep(600)
@@ -161,6 +169,29 @@ def test_a_failed_worker_stops_the_others_and_sets_the_exit_code(fake_trainer):
   assert all(_wait_gone(pid) for pid in pids)
 
 
+def test_after_a_worker_fails_one_line_names_it_and_the_others_are_not_shown(fake_trainer):
+  proc = _launch(fake_trainer, '--workers=2', '--', '--fake=fail_later', '--fake_worker=1', '--fake_others=noisy')
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 3, output
+  lines = output.splitlines()
+  [verdict] = [n for n, line in enumerate(lines) if 'failed with exit code' in line]
+  assert lines[verdict].startswith('[local_cluster] worker 1 failed with exit code 3; stopping the others')
+  assert '[worker 0] noise' in lines[:verdict]
+  assert not [line for line in lines[verdict:] if line.startswith('[worker 0]')], lines[verdict:]
+
+
+def test_a_port_in_use_is_one_line_before_any_worker_starts(fake_trainer):
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+    taken.bind(('localhost', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    proc = _launch(fake_trainer, '--workers=2', f'--port_base={port}', '--', '--fake=ok')
+    output, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 2
+  assert f'Port {port} on localhost is in use' in output and '--port_base' in output
+  assert not _worker_pids(output)
+
+
 @pytest.mark.parametrize('sig, code', [(signal.SIGINT, 130), (signal.SIGKILL, -signal.SIGKILL)])
 def test_no_worker_outlives_the_launcher(fake_trainer, sig, code):
   proc = _launch(fake_trainer, '--workers=2', '--', '--fake=sleep')
@@ -209,7 +240,8 @@ def test_slurm_script_is_valid_bash_and_asks_for_one_task_per_node():
   assert f'port {distribute.SLURM_PORT}' in text
 
 
-def test_slurm_script_runs_one_multi_worker_trainer_per_node(tmp_path):
+def _fake_slurm(tmp_path, srun_exit=0):
+  """Stand-ins for srun (records its argv and environment, exits with `srun_exit`) and scontrol (records argv)."""
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   record = tmp_path / 'srun.json'
@@ -218,8 +250,32 @@ def test_slurm_script_runs_one_multi_worker_trainer_per_node(tmp_path):
       import json, os, sys
       json.dump({{'argv': sys.argv[1:], 'TF_CONFIG': os.environ.get('TF_CONFIG'),
                  'SRUN_CPUS_PER_TASK': os.environ.get('SRUN_CPUS_PER_TASK')}}, open({str(record)!r}, 'w'))
+      sys.exit({srun_exit})
   '''))
-  (bin_dir / 'srun').chmod(0o755)
+  (bin_dir / 'scontrol').write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.txt"}\n')
+  for tool in ('srun', 'scontrol'):
+    (bin_dir / tool).chmod(0o755)
+  return bin_dir, record
+
+
+def test_slurm_script_signals_and_requeues_a_preempted_job(tmp_path):
+  sbatch = [line.split('#')[1].split()[1] for line in SBATCH.read_text().splitlines() if line.startswith('#SBATCH')]
+  assert '--signal=USR1@120' in sbatch and '--requeue' in sbatch
+  bin_dir, _ = _fake_slurm(tmp_path, srun_exit=preemption.REQUEUE_EXIT_CODE)
+  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'HOME': str(tmp_path), 'SLURM_JOB_ID': '77',
+         'SLURM_JOB_NAME': 'cxr'}
+  done = subprocess.run(['bash', str(SBATCH)], env=env, cwd=REPO, capture_output=True, text=True)
+  assert done.returncode == preemption.REQUEUE_EXIT_CODE, done.stderr
+  assert (tmp_path / 'scontrol.txt').read_text().split() == ['requeue', '77']
+  # Any other failure is not requeued.
+  (tmp_path / 'scontrol.txt').unlink()
+  (tmp_path / 'bin' / 'srun').write_text('#!/bin/sh\nexit 1\n')
+  assert subprocess.run(['bash', str(SBATCH)], env=env, cwd=REPO, capture_output=True).returncode == 1
+  assert not (tmp_path / 'scontrol.txt').exists()
+
+
+def test_slurm_script_runs_one_multi_worker_trainer_per_node(tmp_path):
+  bin_dir, record = _fake_slurm(tmp_path)
   env = {k: v for k, v in os.environ.items() if k not in ('MODEL_DIR', 'DATA_DIR')}
   env.update(PATH=f'{bin_dir}:{os.environ["PATH"]}', HOME=str(tmp_path), SLURM_JOB_ID='77',
               SLURM_JOB_NAME='cxr', SLURM_CPUS_PER_TASK='16', TF_CONFIG='{"cluster": {}}')
@@ -279,6 +335,9 @@ def test_tfjob_manifest_runs_multi_worker_trainers():
   assert container['name'] == 'tensorflow'
   assert container['command'][:4] == ['python', '-m', 'trainer.main', '--strategy=multi_worker']
   assert 'REPLACE_ME' in container['image']
+  # Preemption: time to save a step, and the requeue code restarts the pods.
+  assert specs['Worker']['template']['spec']['terminationGracePeriodSeconds'] >= 60
+  assert specs['Worker']['restartPolicy'] == 'ExitCode' and 128 <= preemption.REQUEUE_EXIT_CODE <= 255
 
 
 def test_indexed_job_manifest_is_consistent_with_its_service_and_entrypoint():
@@ -298,6 +357,10 @@ def test_indexed_job_manifest_is_consistent_with_its_service_and_entrypoint():
   assert command[:3] == ['python', 'launch/kubernetes/tf_config_from_index.py', '--']
   assert (REPO / command[1]).is_file()
   assert command[3:7] == ['python', '-m', 'trainer.main', '--strategy=multi_worker']
+  assert pod['terminationGracePeriodSeconds'] >= 60
+  [requeue] = [rule for rule in spec['podFailurePolicy']['rules'] if 'onExitCodes' in rule]
+  assert requeue['action'] == 'Ignore' and requeue['onExitCodes']['values'] == [preemption.REQUEUE_EXIT_CODE]
+  assert requeue['onExitCodes']['containerName'] == container['name']
 
 
 def test_tf_config_from_index():

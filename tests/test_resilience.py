@@ -32,7 +32,9 @@ from trainer import data
 from trainer import evaluate
 from trainer import config as config_lib
 from trainer import export
+from trainer import lock
 from trainer import main
+from trainer import preemption
 from trainer import train
 from trainer.config import Config
 
@@ -50,8 +52,8 @@ def _command(data_dir, model_dir, *extra):
           *extra]
 
 
-def _run(command, *, kill_in_epoch=None):
-  """Runs a trainer; with kill_in_epoch=N, SIGKILLs it in the middle of the N-th epoch it runs (counted from 1).
+def _run(command, *, kill_in_epoch=None, sig=signal.SIGKILL):
+  """Runs a trainer; with kill_in_epoch=N, sends `sig` in the middle of the N-th epoch it runs (counted from 1).
 
   Returns:
     (exit code, stderr).
@@ -71,7 +73,8 @@ def _run(command, *, kill_in_epoch=None):
       last_step = step
       # Steps done, with some left: the kill lands before the epoch's checkpoint.
       if epoch == kill_in_epoch and 3 <= step <= steps - 4 and process.poll() is None:
-        process.send_signal(signal.SIGKILL)
+        process.send_signal(sig)
+        kill_in_epoch = None  # Once.
   returncode = process.wait(timeout=600)
   os.close(terminal)
   reader.join()
@@ -119,6 +122,10 @@ def _digests(model_dir):
       with open(path, 'rb') as f:
         digests[os.path.relpath(path, model_dir)] = hashlib.sha256(f.read()).hexdigest()
   return digests
+
+
+def _checkpoint_digests(model_dir):
+  return {name: digest for name, digest in _digests(model_dir).items() if name.startswith('checkpoints/ckpt-')}
 
 
 def _config(data_dir, model_dir, **changes):
@@ -237,6 +244,48 @@ def test_early_stopping_and_plateau_keep_their_counters_across_a_kill(synthetic_
       os.path.join(reference, 'train'), 'learning_rate')[-5:]
 
 
+def test_a_preempted_run_saves_at_a_step_and_resumes_there_exactly(reference, synthetic_data_dir, tmp_path):
+  # SIGTERM; SIGUSR1 takes the same path (tests/test_preemption.py), and each end-to-end run costs a minute here.
+  sig = signal.SIGTERM
+  model_dir = str(tmp_path / 'run')
+  command = _command(synthetic_data_dir, model_dir)
+  returncode, stderr = _run(command, kill_in_epoch=2, sig=sig)
+  assert returncode == preemption.REQUEUE_EXIT_CODE, stderr[-3000:]
+  [line] = [line for line in stderr.splitlines() if 'Stopped by' in line]
+  step = int(re.search(rf'Stopped by {sig.name} after step (\d+) of epoch 2: saved \S+preempted/ckpt-(\d+)\.',
+                       line).group(1))
+  assert 10 <= step < 16 and _latest_checkpoint_epoch(model_dir) == 1
+  assert tf.train.latest_checkpoint(os.path.join(model_dir, 'checkpoints', 'preempted')).endswith(f'-{16 + step}')
+
+  returncode, stderr = _run(command)
+  assert returncode == 0, stderr[-3000:]
+  assert f'Resuming at step {step} of epoch 2 (global step {16 + step}), where a preempted run stopped.' in stderr
+  assert not os.path.exists(os.path.join(model_dir, 'checkpoints', 'preempted'))
+  # The same batches, augmentation draws and optimizer steps: the same model, and the same training curves (the
+  # interrupted epoch's metrics went on from their checkpointed state).
+  assert _metrics(model_dir) == _metrics(reference)
+  assert _scalars(os.path.join(model_dir, 'train'), 'loss') == _scalars(os.path.join(reference, 'train'), 'loss')
+
+
+def test_an_unreadable_preempted_checkpoint_falls_back_to_the_epoch_checkpoint(reference, synthetic_data_dir, tmp_path,
+                                                                                caplog):
+  caplog.set_level('INFO', logger='absl')
+  model_dir = _copy(reference, tmp_path, 'torn_preempted')
+  preempted = os.path.join(model_dir, 'checkpoints', 'preempted')
+  os.makedirs(preempted)
+  for name in ('ckpt-40.index', 'ckpt-40.data-00000-of-00001'):
+    with open(os.path.join(preempted, name), 'wb') as f:
+      f.write(b'cut short')
+  with open(os.path.join(preempted, 'checkpoint'), 'w') as f:
+    f.write('model_checkpoint_path: "ckpt-40"\nall_model_checkpoint_paths: "ckpt-40"\n')
+
+  report = _train_here(_config(synthetic_data_dir, model_dir))
+
+  assert re.search(r"Skipping the preempted run's checkpoint \S+ckpt-40, which cannot be read", caplog.text)
+  assert 'Resuming at step' not in caplog.text
+  assert report == _metrics(reference)[0]
+
+
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(reference, synthetic_data_dir, tmp_path, caplog):
   # On absl's logger too: an earlier in-process run's unparse_flags() leaves absl's verbosity at WARNING.
   caplog.set_level('INFO', logger='absl')
@@ -256,6 +305,28 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(reference,
   assert _latest_checkpoint_epoch(model_dir) == 3
 
 
+@pytest.mark.parametrize('damage', ['deleted', 'garbled', 'empty'])
+def test_a_lost_state_file_resumes_from_the_checkpoint_files(damage, reference, synthetic_data_dir, tmp_path, caplog):
+  caplog.set_level('INFO', logger='absl')
+  model_dir = _copy(reference, tmp_path, damage)
+  state = os.path.join(model_dir, 'checkpoints', 'checkpoint')
+  if damage == 'deleted':
+    os.remove(state)
+  else:
+    with open(state, 'w') as f:
+      f.write('model_checkpoint_path: {{ \x00 garbage' if damage == 'garbled' else '')
+  checkpoints = _checkpoint_digests(model_dir)
+
+  report = _train_here(_config(synthetic_data_dir, model_dir))
+
+  assert re.search(r'state file \S+checkpoint is missing, unreadable or incomplete', caplog.text)
+  assert re.search(r'Resuming from \S+ckpt-3 after epoch 3\.', caplog.text)
+  # Nothing was trained again or overwritten, and the state file names the checkpoints again.
+  assert _checkpoint_digests(model_dir) == checkpoints
+  assert _latest_checkpoint_epoch(model_dir) == 3
+  assert report == _metrics(reference)[0]
+
+
 def test_no_readable_checkpoint_is_one_line(reference, synthetic_data_dir, tmp_path, capsys):
   model_dir = _copy(reference, tmp_path, 'all_torn')
   for index in glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-*.index')):
@@ -270,6 +341,56 @@ def test_no_readable_checkpoint_is_one_line(reference, synthetic_data_dir, tmp_p
   [line] = _error_lines(stderr)
   assert 'No checkpoint in' in line and 'can be read' in line and '--model_dir' in line
   assert _digests(model_dir) == before
+
+
+def test_a_second_run_on_a_model_dir_in_use_is_one_line_and_changes_nothing(reference, synthetic_data_dir, tmp_path,
+                                                                            capsys):
+  model_dir = _copy(reference, tmp_path, 'in_use')
+  before = _digests(model_dir)
+  with lock.hold(model_dir):
+    code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
+                              *[f for f in RUN_FLAGS if f != '--deterministic'])
+    assert code == 1
+    [line] = _error_lines(stderr)
+    assert f'is in use by another training run (pid {os.getpid()} on ' in line, line
+    assert {k: v for k, v in _digests(model_dir).items() if k != lock.LOCK_NAME} == before
+
+
+def test_a_split_without_a_class_is_refused_before_training(synthetic_data_dir, tmp_path, monkeypatch):
+  # A dataset built before the builder refused such splits: every normal image of train skipped.
+  class_counts = data.class_counts
+  monkeypatch.setattr(data, 'class_counts', lambda builder, split: (
+      class_counts(builder, split) * np.array([0, 1]) if split == 'train' else class_counts(builder, split)))
+  with pytest.raises(ValueError, match=r'The train split of \S+ has no normal image \(\{.normal.: 0, '
+                                       r'.pneumonia.: 405\}\)'):
+    _train_here(_config(synthetic_data_dir, str(tmp_path / 'run')))
+  assert not glob.glob(str(tmp_path / 'run' / 'checkpoints' / '*'))
+
+
+@pytest.mark.parametrize('content, reason', [('[]', 'JSON list, not an object'), ('null', 'JSON NoneType'),
+                                             ('{"model": "cnn", ', 'Expecting')])
+def test_a_config_json_that_is_not_settings_is_one_line_naming_it(content, reason, synthetic_data_dir, tmp_path,
+                                                                   capsys):
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir()
+  (model_dir / 'config.json').write_text(content)
+  code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
+                            *[f for f in RUN_FLAGS if f != '--deterministic'])
+  assert code == 1
+  [line] = _error_lines(stderr)
+  assert f'{model_dir / "config.json"} is not the settings of a run' in line and reason in line, line
+  assert (model_dir / 'config.json').read_text() == content
+
+
+def test_a_run_that_fails_to_build_its_model_leaves_no_config_json(synthetic_data_dir, tmp_path, capsys):
+  model_dir = tmp_path / 'run'
+  # Ten 2x2 poolings do not fit in 32 pixels.
+  code, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
+                            *[f for f in RUN_FLAGS if f not in ('--deterministic', '--cnn_depth=3')], '--cnn_depth=10')
+  assert code == 1, stderr[-2000:]
+  assert not (model_dir / 'config.json').exists()
+  # So the corrected command is not refused as "a run of --cnn_depth=10".
+  assert train._check_model_dir(_config(synthetic_data_dir, str(model_dir)), 32) is not None
 
 
 # NaN and infinite losses.
@@ -311,7 +432,9 @@ def test_a_diverged_run_stops_at_once_keeps_the_last_good_checkpoint_and_resumes
     (['--weight_decay=-0.1'], '--weight_decay must be zero or more, got -0.1'),
     (['--epochs=two'], 'flag --epochs=two'),
     (['--image_size=16'], '--image_size must be between 32 and 2048 pixels, got 16'),
-    (['--learning_rate=0'], '--learning_rate must be positive, got 0.0'),
+    (['--learning_rate=0'], '--learning_rate must be positive and finite, got 0.0'),
+    (['--fine_tune_learning_rate=inf'], '--fine_tune_learning_rate must be positive and finite, got inf'),
+    (['--learning_rate=nan'], '--learning_rate must be positive and finite, got nan'),
     (['--deterministic'], '--deterministic needs --seed'),
     (['cnn'], 'Unexpected arguments cnn'),
 ])

@@ -9,6 +9,8 @@ import glob
 import json
 import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
 
@@ -22,6 +24,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import data
 from trainer import distribute
+from trainer import preemption
 from trainer import train
 from trainer.config import Config
 
@@ -263,6 +266,48 @@ def test_multi_worker_matches_one_worker_and_resumes(synthetic_data_dir, tmp_pat
   two_auc, one_auc = _report(model_dir)['ranking']['roc_auc'], _report(one_dir)['ranking']['roc_auc']
   assert two_auc > 0.8 and one_auc > 0.8
   assert two_auc == pytest.approx(one_auc, abs=0.15)
+
+
+def test_a_preempted_multi_worker_job_stops_every_worker_at_one_step_and_resumes_there_exactly(synthetic_data_dir,
+                                                                                                  tmp_path):
+  """SIGTERM to worker 1 alone, as a pod eviction sends: both workers save the same step and exit for a requeue."""
+  def launch(model_dir):
+    return [sys.executable, str(REPO / 'launch' / 'local_cluster.py'), '--workers=2', '--',
+            f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}', '--deterministic',
+            *_flags(epochs=2, image_size=32, cnn_depth=3)]
+
+  reference = _run(launch(tmp_path / 'reference'))
+  assert reference.returncode == 0, reference.stdout[-3000:]
+
+  env = {k: v for k, v in os.environ.items() if k not in ('TF_CONFIG', 'SLURM_JOB_ID')}
+  proc = subprocess.Popen(launch(tmp_path / 'run'), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines, pids = [], {}
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith('[local_cluster] worker') and ': pid ' in line:
+      pids[int(line.split()[2].rstrip(':'))] = int(line.rsplit(' ', 1)[1])
+    if line.startswith('[worker 0]') and 'epoch 1/2' in line:  # Epoch 1 committed: preempt early in epoch 2.
+      os.kill(pids[1], signal.SIGTERM)
+  assert proc.wait(timeout=TIMEOUT) == preemption.REQUEUE_EXIT_CODE, ''.join(lines[-60:])
+  output = ''.join(lines)
+  stopped = {worker: re.search(rf'\[worker {worker}\] .*Stopped by ([^\n]+?) after step (\d+) of epoch 2', output)
+             for worker in (0, 1)}
+  assert stopped[0] and stopped[1], output[-3000:]
+  assert stopped[1].group(1) == 'SIGTERM' and stopped[0].group(1) == 'a signal to another worker'
+  step = int(stopped[0].group(2))
+  assert int(stopped[1].group(2)) == step and 0 < step < 16  # The same step boundary, inside the epoch.
+  assert 'Traceback' not in output
+
+  resumed = _run(launch(tmp_path / 'run'))
+  assert resumed.returncode == 0, resumed.stdout[-3000:]
+  for worker in (0, 1):
+    assert (f'[worker {worker}]' in resumed.stdout and
+            re.search(rf'\[worker {worker}\] .*Resuming at step {step} of epoch 2 \(global step {16 + step}\)',
+                      resumed.stdout)), resumed.stdout[-3000:]
+  assert _report(tmp_path / 'run') == _report(tmp_path / 'reference')
+  assert (_scalars(str(tmp_path / 'run' / 'validation'), 'auc') ==
+          _scalars(str(tmp_path / 'reference' / 'validation'), 'auc'))
 
 
 def test_multi_worker_without_a_cluster_is_a_one_line_error(tmp_path):

@@ -5,6 +5,7 @@
 
 import logging as py_logging
 import os
+import re
 import sys
 
 from absl import app
@@ -31,9 +32,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
   errors = (ValueError, OSError, FloatingPointError, AssertionError)
   if 'tensorflow' in sys.modules:  # The commands import it only once their flags are good.
     tf = sys.modules['tensorflow']
-    # Files missing, unreadable or corrupt in --data_dir or --cache_dir; out of memory (a smaller --batch_size).
+    # Files missing, unreadable or corrupt in --data_dir or --cache_dir; out of memory (a smaller --batch_size); a
+    # peer of a multi-worker job that died or cannot be reached (its message names the task, whose log says why).
     errors += (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.DataLossError,
-               tf.errors.ResourceExhaustedError)
+               tf.errors.ResourceExhaustedError, tf.errors.UnavailableError)
   return errors
 
 
@@ -53,6 +55,18 @@ def _readable_logs(argv: list[str]) -> list[str]:
     if 'tensorflow_datasets' in sys.modules:
       sys.modules['tensorflow_datasets'].disable_progress_bar()
   return argv
+# Where TensorFlow names the peer behind an UnavailableError of a multi-worker job: the gRPC target that reset the
+# connection, the task that reported the error, or the tasks that stopped sending heartbeats.
+_PEER = re.compile(r'(?:remote target|Error reported from|unhealthy[^/]*?)\s*/job:(\w+)/(?:replica:\d+/)?task:(\d+)')
+
+
+def peer_message(error: Exception) -> str | None:
+  """One line for a multi-worker job whose peer died: TF's message is a 'Graph execution error:' and 60 lines."""
+  match = _PEER.search(getattr(error, 'message', '') or str(error))
+  if not match:
+    return None
+  return (f'{match.group(1)} {match.group(2)} of this multi-worker job stopped or cannot be reached: see its log for '
+          'why, then start the job again to resume from its last checkpoint.')
 
 
 def run(main) -> None:
@@ -66,7 +80,7 @@ def run(main) -> None:
     logging.debug('Traceback of the error below:', exc_info=True)
     if 'tensorflow' in sys.modules and isinstance(e, sys.modules['tensorflow'].errors.OpError):
       from trainer import export  # pylint: disable=import-outside-toplevel  (TensorFlow is loaded by now)
-      message = export.error_message(e)
+      message = peer_message(e) or export.error_message(e)
     else:
       message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f'error: {message}', file=sys.stderr)

@@ -5,6 +5,7 @@ test or a notebook. `Config.validate` is where bad values become one-line errors
 """
 
 import dataclasses
+import math
 import os
 
 
@@ -148,8 +149,8 @@ class Config:
     if self.image_size is not None and not 32 <= self.image_size <= 2048:
       raise ConfigError(f'--image_size must be between 32 and 2048 pixels, got {self.image_size}.')
     for name in ('learning_rate', 'fine_tune_learning_rate'):
-      if not getattr(self, name) > 0:
-        raise ConfigError(f'--{name} must be positive, got {getattr(self, name)}.')
+      if not 0 < getattr(self, name) < math.inf:
+        raise ConfigError(f'--{name} must be positive and finite, got {getattr(self, name)}.')
     if self.model in BACKBONES and self.unfreeze > BACKBONES[self.model].convolutions:
       raise ConfigError(f'--unfreeze={self.unfreeze} is more than the {BACKBONES[self.model].convolutions} '
                         f'convolutional layers of {self.model}.')

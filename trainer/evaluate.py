@@ -668,6 +668,8 @@ def load_run(model_dir: str) -> TrainedRun:
     with open(paths['run.json']) as f:
       run = json.load(f)
     image_size, threshold, config = int(run['image_size']), float(run['threshold']), dict(run['config'])
+    if not 0 <= threshold <= 1:  # NaN too, which would label every image normal.
+      raise ValueError(f'its threshold {threshold} is not a probability')
     # Runs written before the rule was stored were all chosen by the training rule.
     rule = str(run.get('threshold_rule', TRAINING_RULE))
   except (ValueError, KeyError, TypeError) as e:
@@ -805,7 +807,7 @@ def _define_flags():
                       'run\'s).')
   flags.DEFINE_string('out_dir', None, 'Where the report, the PNGs and their TensorBoard event file go (default for '
                       'one run: MODEL_DIR/eval_SPLIT; required for an ensemble).')
-  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
   flags.DEFINE_integer('n_resamples', 1000, 'Bootstrap resamples (of patients) for the 95% intervals.')
   define_threshold_rule_flag()
 

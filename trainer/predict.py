@@ -60,6 +60,9 @@ IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.dcm', '.dicom')
 # PIL's own warning limit (89 Mpx), so PIL stays quiet.
 MAX_SIDE = 20_000
 MAX_PIXELS = 50_000_000
+# A side under 16 pixels is an icon, a tracking pixel or a broken header, not a radiograph (the trainer's smallest
+# input is 32 pixels: anything smaller is blown up from almost nothing).
+MIN_SIDE = 16
 ENSEMBLE_FILE = 'ensemble.json'
 # Grad-CAM overlay: the heat map's colours cover the X-ray in proportion to the heat, up to this opacity.
 _OVERLAY_OPACITY = 0.5
@@ -94,8 +97,12 @@ def find_images(paths: Sequence[str]) -> list[str]:
     if not os.path.isdir(path):
       files.append(path)
       continue
-    for folder, subfolders, names in os.walk(path):
-      subfolders[:] = sorted(name for name in subfolders if not name.startswith('.') and name != '__MACOSX')
+    # Symlinked folders are followed (a scan archive linked in), each real folder once, so a link loop ends.
+    seen = set()
+    for folder, subfolders, names in os.walk(path, followlinks=True):
+      seen.add(os.path.realpath(folder))
+      subfolders[:] = sorted(name for name in subfolders if not name.startswith('.') and name != '__MACOSX'
+                             and os.path.realpath(os.path.join(folder, name)) not in seen)
       files += [os.path.join(folder, name) for name in sorted(names)
                 if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)]
   if not files:
@@ -114,8 +121,8 @@ def read_image(path: str, image_sizes: Iterable[int]) -> dict[int, np.ndarray]:
     {size: uint8 array of shape (size, size, 1)}.
 
   Raises:
-    BadImageError: if the file is empty, not a JPEG, PNG or DICOM image, truncated, too large (MAX_SIDE, MAX_PIXELS)
-      or, for DICOM, pydicom is missing.
+    BadImageError: if the file is empty, not a JPEG, PNG or DICOM image, a CMYK JPEG, truncated, too large
+      (MAX_SIDE, MAX_PIXELS) or too small (MIN_SIDE), or, for DICOM, pydicom is missing.
     OSError: if the file cannot be read (missing, permissions).
   """
   with open(path, 'rb') as f:
@@ -127,13 +134,15 @@ def read_image(path: str, image_sizes: Iterable[int]) -> dict[int, np.ndarray]:
     return {size: data.resize_uint8(pixels, size).numpy() for size in image_sizes}
   try:
     with Image.open(io.BytesIO(raw)) as image:  # Reads the header only.
-      image_format, (width, height) = image.format, image.size
+      image_format, mode, (width, height) = image.format, image.mode, image.size
   except Image.UnidentifiedImageError:
     raise BadImageError('not a JPEG, PNG or DICOM image') from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise BadImageError(f'unreadable image header: {e}') from None
   if image_format not in ('JPEG', 'PNG'):
     raise BadImageError(f'a {image_format} image; JPEG, PNG and DICOM are read')
+  if mode == 'CMYK':  # TensorFlow's JPEG decoder, the training pipeline's, has no CMYK.
+    raise BadImageError('a CMYK JPEG (a print colour space); save it as grayscale or RGB')
   _check_size(width, height)
   try:
     return {size: data.decode_image(raw, size).numpy() for size in image_sizes}
@@ -146,6 +155,8 @@ def _check_size(width, height):
   if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
     raise BadImageError(f'{width}x{height} pixels is beyond what is read ({MAX_SIDE} a side, '
                         f'{MAX_PIXELS // 1_000_000} Mpx): a corrupt header or a decompression bomb')
+  if min(width, height) < MIN_SIDE:
+    raise BadImageError(f'{width}x{height} pixels is too small for a chest X-ray (at least {MIN_SIDE} a side)')
 
 
 def _dicom_pixels(raw: bytes) -> tf.Tensor:
@@ -438,7 +449,7 @@ def _define_flags():
   flags.DEFINE_string('data_dir', None, 'For several runs: where TFDS keeps the built dataset (default: the first '
                       'member\'s --data_dir).')
   flags.DEFINE_string('manual_dir', None, 'For several runs: the downloaded data, if the dataset is not built yet.')
-  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
 
 
 def main(argv):

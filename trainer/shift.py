@@ -183,7 +183,7 @@ def _define_flags():
                     required=True)
   flags.DEFINE_string('split', 'validation', 'The split to shift: validation (to choose) or test (to report).')
   flags.DEFINE_string('out', None, 'Also write the result here as JSON.')
-  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
   evaluate.define_threshold_rule_flag()
 
 

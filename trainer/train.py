@@ -28,7 +28,9 @@ from trainer import distribute
 from trainer import evaluate
 from trainer import export
 from trainer import figures
+from trainer import lock
 from trainer import models
+from trainer import preemption
 from trainer.config import Config
 
 PHASES = models.PHASES
@@ -253,7 +255,10 @@ class PhaseControl(tf.Module):
 def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   """Trains, picks the best epoch by validation ROC-AUC, evaluates it on test, and exports it.
 
-  Resumes from the last completed epoch when `config.model_dir` holds a checkpoint of the same run.
+  Resumes from the last completed epoch when `config.model_dir` holds a checkpoint of the same run, or from the step
+  where a preempted run stopped. The chief holds the model dir's lock (`trainer.lock`) throughout, so a second run on
+  the same model dir is refused. SIGTERM or SIGUSR1 stops every worker at a step boundary with a checkpoint and exits
+  with `preemption.REQUEUE_EXIT_CODE`.
 
   Args:
     config: a validated Config.
@@ -261,16 +266,25 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
 
   Returns:
     The test report (also written to model_dir/report.json on the chief).
+
+  Raises:
+    trainer.lock.LockedError: another run holds the model dir.
   """
   chief = distribute.is_chief(strategy)
+  os.makedirs(config.model_dir, exist_ok=True)
+  with lock.hold(config.model_dir) if chief else contextlib.nullcontext(), preemption.Watcher(strategy) as stop:
+    return _run(config, strategy, chief, stop)
+
+
+def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: preemption.Watcher) -> dict:
   write_dir = distribute.worker_dir(config.model_dir, strategy)
   os.makedirs(write_dir, exist_ok=True)
 
   builder = data.prepare(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
   image_size = config.image_size or data.stored_image_size(builder) or 224
-  if chief:
-    _check_model_dir(config, image_size)
+  new_settings = _check_model_dir(config, image_size) if chief else None
   counts = data.class_counts(builder, 'train')
+  _check_classes(builder, {'train': counts, 'validation': data.class_counts(builder, 'validation')})
   class_weights = (counts.sum() / (len(counts) * counts) if config.class_weight == 'balanced'
                    else np.ones(len(counts)))
   steps_per_epoch = int(counts.sum()) // config.batch_size
@@ -301,12 +315,15 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       models.set_trainable(model, phase, _unfreeze(config, phase))
       optimizers[phase].build(model.trainable_variables)
     metrics = train_metrics()
+  if new_settings:
+    _write_json(os.path.join(config.model_dir, 'config.json'), new_settings)
   # The loop's bookkeeping, outside the strategy scope: Python reads it on the host, and a MirroredVariable has no
   # __int__ or __float__ (int(epoch) fails under MirroredStrategy).
   epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
   best_auc = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='best_validation_auc')
   best_threshold = tf.Variable(0.5, dtype=tf.float64, trainable=False, name='best_threshold')
   best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='best_epoch')
+  global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
 
   # random_states: the seed states of the augmentation and dropout layers, which Keras leaves out of the model's
   # checkpoint. Without them a resumed run draws other augmentations than an uninterrupted one.
@@ -316,17 +333,25 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
   control = PhaseControl(config.early_stopping_patience,
                          (config.plateau_factor, config.plateau_patience, config.plateau_min_lr)
                          if config.lr_schedule == 'plateau' else None)
-  # max_to_keep=2: the one before the latest is the fallback when the latest cannot be read.
-  manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, 'checkpoints'), max_to_keep=2)
   # The best epoch's weights, in TF's format like the checkpoints: written and committed the same way.
   best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), os.path.join(write_dir, 'best'),
                                             max_to_keep=1)
+  # A preempted run's checkpoint, taken between two steps: the epoch checkpoint's state plus the step and the partial
+  # epoch's training metrics. Kept apart, so the epoch checkpoints stay one per epoch, and removed once the resumed
+  # run has committed the next epoch.
+  preempted_checkpoint = tf.train.Checkpoint(run=checkpoint, global_step=global_step,
+                                             metrics=[v for metric in metrics.values() for v in metric.variables])
+  preempted_manager = tf.train.CheckpointManager(
+      preempted_checkpoint, os.path.join(write_dir, 'checkpoints', 'preempted'), max_to_keep=1)
   # Every worker resumes from the chief's checkpoint, as in the TF multi-worker tutorial: a non-chief's own folder is
   # deleted at the end of a run, and workers resuming at different epochs would run different numbers of steps and
   # wait on each other's collectives forever.
-  restored = _restore(checkpoint, os.path.join(config.model_dir, 'checkpoints'))
+  restored = _restore(checkpoint, os.path.join(config.model_dir, 'checkpoints'), repair=chief)
   # Tracked after the restore, and restored on its own: a checkpoint from before the counters existed still resumes.
   checkpoint.phase_control = control
+  # After the restore, which may rewrite a lost state file: the manager reads it to know which checkpoints it keeps.
+  # max_to_keep=2: the one before the latest is the fallback when the latest cannot be read.
+  manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, 'checkpoints'), max_to_keep=2)
   if restored:
     _restore_counters(control, restored, int(epoch_var))
     logging.info('Resuming from %s after epoch %d.', restored, int(epoch_var))
@@ -341,18 +366,29 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
     if int(best_epoch) == int(epoch_var):
       # The run may have stopped between the checkpoint that names this epoch the best and the best's own save.
       _save(best_manager, int(best_epoch))
+  global_step.assign(int(epoch_var) * steps_per_epoch)
+  # Each worker's own: between two epochs' syncs the replicas' BatchNormalization statistics differ (see
+  # make_statistics_sync), and a worker resumed with the chief's would end the epoch with other ones. The chief's
+  # serves a worker that has none (a job resumed with more workers).
+  preempted_dirs = dict.fromkeys(os.path.join(d, 'checkpoints', 'preempted') for d in (write_dir, config.model_dir))
+  if _restore_preempted(preempted_checkpoint, list(preempted_dirs), epoch=int(epoch_var),
+                        fallback=(checkpoint, restored)):
+    logging.info('Resuming at step %d of epoch %d (global step %d), where a preempted run stopped.',
+                 int(global_step) - int(epoch_var) * steps_per_epoch, int(epoch_var) + 1, int(global_step))
+  first_step = int(global_step) - int(epoch_var) * steps_per_epoch
 
   train_ds = strategy.distribute_datasets_from_function(lambda ctx: data.train_dataset(
       builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
       cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx,
-      skip_steps=int(control.trained_epochs) * steps_per_epoch))
+      # The steps trained so far, not the epoch counter's: an early-stopped phase skips epochs it never read.
+      skip_steps=int(control.trained_epochs) * steps_per_epoch + first_step))
   iterator = iter(train_ds)
   val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
   predict = evaluate.make_predict(model)  # Once: a function traced anew every epoch would retrace every epoch.
 
   writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
                     else tf.summary.create_noop_writer()) for name in ('train', 'validation')}
-  if chief and int(epoch_var) == 0:
+  if chief and int(global_step) == 0:
     _log_augmented_images(model, builder, image_size, writers['train'])
     with tf.summary.create_file_writer(config.model_dir).as_default():
       # At the run's root, so the HParams plugin sees train/ and validation/ as this session's metric groups.
@@ -384,16 +420,24 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
                                    global_batch=config.batch_size, label_smoothing=config.label_smoothing)
       sync_statistics = make_statistics_sync(model, strategy)
     start = time.time()
-    for metric in metrics.values():
-      metric.reset_state()
+    if not first_step:  # A preempted epoch goes on with its restored metrics.
+      for metric in metrics.values():
+        metric.reset_state()
     bar = progress.bar()
-    for step in range(steps_per_epoch):
-      global_step = epoch * steps_per_epoch + step + 1
-      if global_step == profile[0]:
+    for step in range(first_step, steps_per_epoch):
+      done = epoch * steps_per_epoch + step + 1
+      if done == profile[0]:
         tf.profiler.experimental.start(os.path.join(config.model_dir, 'train'))
       train_step(iterator)
-      if global_step == profile[1]:
+      if done == profile[1]:
         tf.profiler.experimental.stop()
+      if stop.requested(sync_point=(step + 1) % LOG_EVERY == 0 or step + 1 == steps_per_epoch):
+        global_step.assign(done)
+        _save(preempted_manager, done)
+        logging.warning('Stopped by %s after step %d of epoch %d: saved %s. Run the same command to resume from '
+                        'there (exit code %d: requeue).', stop.signal_name, step + 1, epoch + 1,
+                        preempted_manager.latest_checkpoint, preemption.REQUEUE_EXIT_CODE)
+        sys.exit(preemption.REQUEUE_EXIT_CODE)
       if (step + 1) % LOG_EVERY and step + 1 < steps_per_epoch:
         continue
       # Reading a metric waits for the step and, across workers, is an all-reduce: so every LOG_EVERY steps, for the
@@ -406,15 +450,15 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
       sync_statistics()
     train = {name: float(metric.result()) for name, metric in metrics.items()}
 
+    first_step = 0
     val_pred = evaluate.predict_split(model, val_ds, predict=predict)
     val = split_scalars(val_pred['labels'], val_pred['probs'])
-    global_step = (epoch + 1) * steps_per_epoch
     with writers['train'].as_default():
       for name, value in train.items():
         tf.summary.scalar(name, value, step=epoch + 1)
       # .numpy(): a Keras variable created in a strategy scope wraps a MirroredVariable, which float() rejects.
       tf.summary.scalar('learning_rate', float(optimizers[phase].learning_rate.numpy()), step=epoch + 1)
-      tf.summary.scalar('global_step', global_step, step=epoch + 1)
+      tf.summary.scalar('global_step', (epoch + 1) * steps_per_epoch, step=epoch + 1)
     with writers['validation'].as_default():
       for name, value in val.items():
         tf.summary.scalar(name, value, step=epoch + 1)
@@ -434,6 +478,8 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
     next_epoch = _control_phase(control, val['auc'], epoch, phase, config, optimizers[phase], learning_rates[phase])
     epoch_var.assign(next_epoch)
     _save(manager, epoch + 1)
+    # Older than the checkpoint just committed.
+    shutil.rmtree(os.path.join(write_dir, 'checkpoints', 'preempted'), ignore_errors=True)
     if improved:
       # After the checkpoint, which is the commit point: a kill in between is repaired on resume (above).
       _save(best_manager, epoch + 1)
@@ -509,19 +555,45 @@ def _seed_states(model: keras.Model) -> list:
   return [variable for variable in model.variables if id(variable) not in weights]
 
 
-def _check_model_dir(config: Config, image_size: int) -> None:
-  """Keeps the run's settings in model_dir/config.json, and refuses to resume a run of another model.
+def _check_classes(builder, counts: dict[str, np.ndarray]) -> None:
+  """Refuses splits that lack a class: its class weight would be infinite and its validation ROC undefined.
 
   Raises:
-    ValueError: model_dir holds a run whose FIXED_ON_RESUME settings differ from this one's.
+    ValueError: naming the split and the class.
+  """
+  names = builder.info.features['label'].names
+  for split, split_counts in counts.items():
+    for name, count in zip(names, split_counts):
+      if count == 0:
+        per_class = dict(zip(names, split_counts.tolist()))
+        raise ValueError(f'The {split} split of {builder.info.full_name} has no {name} image ({per_class}): nothing '
+                         'can learn or be checked on it. Rebuild the dataset '
+                         'from a complete download (python -m cxr_tfds.build names the files it skips).')
+
+
+def _check_model_dir(config: Config, image_size: int) -> dict | None:
+  """Refuses to resume a run of another model; returns the settings to keep in model_dir/config.json, if new.
+
+  The caller writes them once the model is built: a run that fails before (a bad --cnn_depth for the image size)
+  trained nothing, and must not make its model dir refuse the corrected command.
+
+  Raises:
+    ValueError: model_dir holds a run whose FIXED_ON_RESUME settings differ from this one's, or a config.json that
+      is not a run's settings.
   """
   path = os.path.join(config.model_dir, 'config.json')
   settings = {**dataclasses.asdict(config), 'image_size': image_size}
   if not os.path.exists(path):
-    _write_json(path, settings)
-    return
-  with open(path) as f:
-    stored = json.load(f)
+    return settings
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except ValueError as e:  # UnicodeDecodeError too.
+    stored = e
+  if not isinstance(stored, dict):
+    reason = stored if isinstance(stored, ValueError) else f'JSON {type(stored).__name__}, not an object'
+    raise ValueError(f'{path} is not the settings of a run ({reason}): restore it, or move it away if this model '
+                     'dir holds no training.')
   # A setting newer than the stored run had its default there.
   defaults = dataclasses.asdict(Config())
   changed = [f'--{name}={stored.get(name, defaults[name])} (this run: {settings[name]})'
@@ -529,33 +601,105 @@ def _check_model_dir(config: Config, image_size: int) -> None:
   if changed:
     raise ValueError(f'--model_dir={config.model_dir} holds a run of {", ".join(changed)}, and a run resumes only '
                      'with the same model: give this one a new --model_dir.')
+  return None
 
 
-def _restore(checkpoint: tf.train.Checkpoint, directory: str) -> str | None:
+def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = False) -> str | None:
   """Restores the newest checkpoint in `directory` that can be read; returns its path, or None for a new run.
 
   CheckpointManager commits a checkpoint by rewriting the `checkpoint` state file after the checkpoint's own files,
   so a kill in the middle of a save leaves the previous checkpoint in charge. A file damaged afterwards (a disk
   error, a copy cut short) fails the bundle's checksums or lengths; that checkpoint is skipped, with a warning, for
-  the one before it.
+  the one before it. The checkpoints are found by their files as well as by the state file: a state file lost or
+  garbled would otherwise start the run over and overwrite checkpoints it never looked at.
+
+  Args:
+    checkpoint: the run's checkpoint object.
+    directory: the chief's checkpoint folder.
+    repair: rewrite a lost or garbled state file to name the checkpoints found (the chief's job: the others only
+      read), so that CheckpointManager keeps and trims them as usual.
 
   Raises:
     ValueError: the checkpoints are of another model, or none of them can be read.
   """
-  state = tf.train.get_checkpoint_state(directory)
-  if state is None:
+  paths, state_ok = _checkpoint_paths(directory)
+  if not paths:
     return None
-  for path in reversed(state.all_model_checkpoint_paths):
+  if not state_ok:
+    logging.warning('The state file %s is missing, unreadable or incomplete; looking for a checkpoint among the '
+                    'files found: %s',
+                    os.path.join(directory, 'checkpoint'), ', '.join(os.path.basename(p) for p in paths))
+  for path in reversed(paths):
     try:
       checkpoint.restore(path).assert_existing_objects_matched()
-      return path
     except (tf.errors.OpError, IndexError) as e:  # IndexError: TF's reader on a data file cut short.
       logging.warning('Skipping checkpoint %s, which cannot be read: %s', path, export.error_reason(e))
+      continue
     except (AssertionError, ValueError) as e:
       raise ValueError(f'The checkpoint {path} is of another model ({str(e).splitlines()[0]}): give this run a new '
                        '--model_dir.') from e
+    if repair and not state_ok:
+      # Relative names, as CheckpointManager writes them, so that the folder can be moved.
+      tf.compat.v1.train.update_checkpoint_state(
+          directory, os.path.basename(path),
+          all_model_checkpoint_paths=[os.path.basename(p) for p in paths[:paths.index(path) + 1]])
+    return path
   raise ValueError(f'No checkpoint in {directory} can be read (see the warnings above): move the folder away to '
                    'start over, or give this run a new --model_dir.')
+
+
+def _checkpoint_paths(directory: str) -> tuple[list[str], bool]:
+  """The checkpoint prefixes in `directory`, oldest first, and whether the state file lists every one of them.
+
+  A prefix counts when its .index file exists (TF writes it last); the state file's own list is kept too, so that a
+  listed checkpoint whose files are gone is reported as unreadable rather than ignored.
+  """
+  try:
+    state = tf.train.get_checkpoint_state(directory)
+  except ValueError:  # An empty or truncated state file: TF's parser rejects it.
+    state = None
+  listed = list(state.all_model_checkpoint_paths) if state else []
+  found = [path[:-len('.index')] for path in tf.io.gfile.glob(os.path.join(directory, 'ckpt-*.index'))]
+  listed_names = {os.path.basename(p) for p in listed}
+  paths = listed + [p for p in found if os.path.basename(p) not in listed_names]
+
+  def number(path):
+    tail = os.path.basename(path).rsplit('-', 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+  return sorted(paths, key=number), state is not None and {os.path.basename(p) for p in found} <= listed_names
+
+
+def _restore_preempted(checkpoint: tf.train.Checkpoint, directories: list[str], *, epoch: int, fallback) -> bool:
+  """Restores a preempted run's checkpoint if it is newer than the epoch checkpoint restored; True if it did.
+
+  Args:
+    checkpoint: the preempted-checkpoint object (the run's checkpoint as its `run` child).
+    directories: the folders of preempted checkpoints to try in turn (this worker's own, then the chief's).
+    epoch: the epochs the restored epoch checkpoint has done.
+    fallback: (the run's checkpoint, the path restored or None), restored again when every preempted one is torn.
+
+  Raises:
+    ValueError: a preempted checkpoint exists, none can be read, and there is no epoch checkpoint to go back to.
+  """
+  paths = [path for path in map(tf.train.latest_checkpoint, directories) if path]
+  for path in paths:
+    try:
+      if int(tf.train.load_checkpoint(path).get_tensor('run/epoch/.ATTRIBUTES/VARIABLE_VALUE')) < epoch:
+        return False  # Left by a kill between the next epoch's commit and its removal.
+      checkpoint.restore(path).assert_existing_objects_matched()
+      return True
+    except (tf.errors.OpError, IndexError, AssertionError, ValueError) as e:
+      logging.warning('Skipping the preempted run\'s checkpoint %s, which cannot be read: %s', path,
+                      export.error_reason(e) if isinstance(e, tf.errors.OpError) else e)
+  if not paths:
+    return False
+  run_checkpoint, restored = fallback
+  if not restored:  # Nothing to restore over what a failed restore may have assigned.
+    raise ValueError(f'The preempted run\'s checkpoint {paths[-1]} cannot be read (see the warnings above): move it '
+                     'away to start over, or give this run a new --model_dir.')
+  run_checkpoint.restore(restored).assert_existing_objects_matched()
+  return False
 
 
 def _save(manager: tf.train.CheckpointManager, epoch: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 
 from absl import logging
 import tensorflow_datasets.public_api as tfds
@@ -17,6 +18,9 @@ from cxr_tfds.chest_xray_pneumonia import synthetic
 # which would write the 224 config's ~80 MB train split as one file. DownloadConfig's min_shard_size
 # cannot lower that: TFDS 4.9.10 reads it from the ShardConfig class, not the instance.
 MIN_SHARDS = 8
+# The unusable files a build accepts by default: 1% of the release, and at least this many. More means a damaged
+# download, not a few bad scans.
+MIN_MAX_SKIPPED_FILES = 10
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,6 +50,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   # A bare `tfds.load('chest_xray_pneumonia')` means the real images, as for TFDS's other manual-download datasets;
   # without the download it fails, naming the manual dir and the synthetic config.
   DEFAULT_BUILDER_CONFIG_NAME = '224'
+
+  def __init__(self, *, max_skipped_files: int | None = None, **kwargs):
+    """As every TFDS builder, plus:
+
+    Args:
+      max_skipped_files: how many unusable files (undecodable, unlabelled) a build accepts before it stops; None
+        for 1% of the release's files, and at least MIN_MAX_SKIPPED_FILES.
+      **kwargs: for tfds.core.GeneratorBasedBuilder.
+    """
+    super().__init__(**kwargs)
+    if max_skipped_files is not None and max_skipped_files < 0:
+      raise ValueError(f'max_skipped_files must be zero or more, got {max_skipped_files}.')
+    self._max_skipped_files = max_skipped_files
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
@@ -78,25 +95,32 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self.info.metadata.update(
         sources=source.locations, source_counts=sources.folder_counts(source.images), release=release,
         skipped_files={}, counts={})
+    self._skip_limit = (self._max_skipped_files if self._max_skipped_files is not None
+                        else max(MIN_MAX_SKIPPED_FILES, math.ceil(0.01 * len(source.images))))
     splits = sources.assign_splits(source.images)
     return {split: self._generate_examples(source, split, images) for split, images in splits.items()}
 
   def _generate_examples(
       self, source: sources.ManualSource | synthetic.Source, split: str, images: list[sources.SourceImage]):
-    """Yields (file name, example); skips unusable files, naming them in the log and the metadata."""
+    """Yields (file name, example); skips unusable files, naming them in the log and the metadata.
+
+    Raises:
+      ValueError: more files were skipped than the build accepts, or the split ends with a class empty.
+    """
     labelled = []
     for image in images:
       if image.finding:
         labelled.append(image)
       else:
         self._skip(image, 'a pneumonia image whose name has neither _bacteria_ nor _virus_')
-    findings = collections.Counter()
+    findings, labels = collections.Counter(), collections.Counter()
     with source.open() as read:
       for image, jpeg in imaging.encode_all(labelled, read, self.builder_config.image_size):
         if isinstance(jpeg, imaging.BadImageError):
           self._skip(image, str(jpeg))
           continue
         findings[image.finding] += 1
+        labels[image.label] += 1
         yield image.file_name, {
             'image': jpeg,
             'label': image.label,
@@ -105,6 +129,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             'file_name': image.file_name,
         }
     self.info.metadata['counts'][split] = dict(sorted(findings.items()))
+    # A split without one class builds, then fails a training an epoch in (class weights [inf, ...], no ROC).
+    for label in sources.LABELS:
+      if not labels[label]:
+        skipped = sum(i.label == label and i.file_name in self.info.metadata['skipped_files'] for i in images)
+        raise ValueError(f'The {split} split has no {label} image: {skipped} of its {label} files could not be used '
+                         '(see the warnings above), so nothing can train or be evaluated on it. Check or download '
+                         'the data again.')
     logging.info('%s: %d examples, %s.', split, sum(findings.values()), dict(sorted(findings.items())))
 
   @staticmethod
@@ -115,6 +146,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _skip(self, image: sources.SourceImage, reason: str) -> None:
     logging.warning('Skipping %s: %s', image.file_name, reason)
     self.info.metadata['skipped_files'][image.file_name] = reason
+    if len(self.info.metadata['skipped_files']) > self._skip_limit:
+      raise ValueError(f'More than {self._skip_limit} files could not be used (the last: {image.file_name}: '
+                       f'{reason}): the data looks damaged. Check or download it again, or allow more with '
+                       '--max_skipped_files.')
 
   def _download_and_prepare(self, dl_manager, download_config):
     super()._download_and_prepare(dl_manager, _MinShardsDownloadConfig.of(download_config))

@@ -1,0 +1,37 @@
+"""Bad values of the programs' shared flags end in one `error:` line, before anything runs."""
+
+import subprocess
+import sys
+
+import pytest
+
+from trainer import cli
+
+
+@pytest.mark.parametrize('program, value', [('trainer.evaluate', 0), ('trainer.shift', 0), ('trainer.predict', -1)])
+def test_a_batch_size_below_one_is_one_line(program, value, tmp_path):
+  done = subprocess.run([sys.executable, '-m', program, f'--model_dir={tmp_path}', f'--batch_size={value}',
+                         *(['image.jpeg'] if program == 'trainer.predict' else [])],
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1
+  assert done.stdout == ''
+  # TensorFlow's start-up lines may come first.
+  [line] = [line for line in done.stderr.splitlines() if line.startswith('error:')]
+  assert 'Traceback' not in done.stderr and done.stderr.strip().endswith(line)
+  assert line.startswith(f'error: flag --batch_size={value}: ') and 'is not a positive integer' in line, done.stderr
+
+
+@pytest.mark.parametrize('message', [
+    # A peer killed mid-collective (seen on the 2-worker local cluster).
+    'Graph execution error:\n\nDetected at node CollectiveReduceV2\nrecvmsg:Connection reset by peer\nAdditional GRPC '
+    'error information from remote target /job:worker/replica:0/task:1 while calling '
+    '/tensorflow.WorkerService/RecvBuf:',
+    # A peer that stopped sending heartbeats.
+    'Collective ops is aborted by: Error reported from /job:worker/task:1: The following tasks are unhealthy (stopped '
+    'sending heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have crashed.',
+])
+def test_a_dead_peer_is_named_on_one_line(message):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  line = cli.peer_message(tf.errors.UnavailableError(None, None, message))
+  assert line.startswith('worker 1 of this multi-worker job stopped or cannot be reached') and '\n' not in line
+  assert cli.peer_message(tf.errors.UnavailableError(None, None, 'Socket closed')) is None
