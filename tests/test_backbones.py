@@ -32,7 +32,7 @@ def test_a_new_backbone_trains_evaluates_exports_and_serves(name, synthetic_data
 
   model = keras.saving.load_model(os.path.join(model_dir, 'model.keras'), safe_mode=True)
   assert model.name == name
-  served = tf.saved_model.load(os.path.join(model_dir, 'saved_model')).signatures[export.SERVING_ENDPOINT]
+  served = tf.saved_model.load(export.saved_model_path(model_dir)).signatures[export.SERVING_ENDPOINT]
   builder = tfds.builder('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir)
   encoded = [ex['image'] for ex in builder.as_dataset('test', decoders={'image': tfds.decode.SkipDecoding()}).take(4)]
   images = tf.stack([data.decode_image(b, 32) for b in encoded])
