@@ -22,11 +22,11 @@ def test_a_new_backbone_trains_evaluates_exports_and_serves(name, synthetic_data
   model_dir = str(tmp_path / name)
   # 32 px and one epoch a phase: these backbones are slow on a CPU; the whole last stage fine-tunes.
   config = Config(model=name, dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
-                  model_dir=model_dir, image_size=32, epochs=1, fine_tune_epochs=1, batch_size=128,
+                  model_dir=model_dir, image_size=32, epochs=1, fine_tune_epochs=1, batch_size=256,
                   unfreeze=config_lib.BACKBONES[name].last_stage, weights='none', seed=1).validate()
   keras.utils.set_random_seed(config.seed)
   report = train.run(config, tf.distribute.OneDeviceStrategy('/cpu:0'))
-  assert report['model'] == name and 0 <= report['ranking']['roc_auc'] <= 1
+  assert report['model'] == name and report['n_images'] == 120  # The synthetic test split.
   with open(os.path.join(model_dir, 'report.json')) as f:
     assert json.load(f)['n_images'] == report['n_images'] > 0
 
