@@ -797,3 +797,12 @@ def test_a_disk_that_fills_during_the_final_report_and_exports_keeps_the_previou
   report = json.loads(pathlib.Path(model_dir, 'report.json').read_text())
   assert run['threshold'] == report['at_val_threshold']['threshold']
   assert export.current_dir(model_dir) != before and len(os.listdir(os.path.join(model_dir, 'exports'))) == 1
+
+
+def test_a_model_file_cut_short_is_named_as_such(reference, tmp_path):
+  whole = pathlib.Path(reference, 'model.keras').read_bytes()
+  cut = tmp_path / 'model.keras'
+  cut.write_bytes(whole[:len(whole) // 2])
+  message = r'model\.keras is damaged or cut short \(\d+ bytes, not a whole .keras archive\)'
+  with pytest.raises(ValueError, match=message):
+    export.load_model(str(cut))

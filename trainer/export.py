@@ -155,12 +155,16 @@ def load_model(path: str) -> keras.Model:
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: not a `.keras` file, or one that safe mode refuses (the message says why).
+    ValueError: not a `.keras` file, one cut short, or one that safe mode refuses (the message says why).
   """
   if not path.endswith('.keras'):
     raise ValueError(f'{path} is not a .keras file; only .keras models are loaded (they load in Keras\'s safe mode).')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such model file.')
+  # A .keras file is a zip archive; one cut short has no central directory, and Keras then says "File not found".
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f'{path} is damaged or cut short ({os.path.getsize(path)} bytes, not a whole .keras archive): '
+                     'export it again, or copy it again from where it was made.')
   try:
     return keras.saving.load_model(path, compile=False, safe_mode=True)
   except TypeError as e:
