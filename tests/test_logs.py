@@ -23,6 +23,11 @@ def test_a_run_outside_a_terminal_logs_plain_lines_one_per_epoch(tmp_path):
     assert control not in log, repr(control)
   assert [line.split('] ', 1)[1].split(' (')[0] for line in log.splitlines() if '] epoch ' in line] == [
       'epoch 1/3', 'epoch 2/3', 'epoch 3/3']
+  # The log's line of class weights is the one place they show: --class_weight=balanced (the default) is
+  # n / (2 * n_class), on the synthetic train split's 129 normal and 405 pneumonia images.
+  counts = re.search(r'training images per class \[129, 405\], class weights \[([\d.]+), ([\d.]+)\]', log)
+  assert counts, log[-3000:]
+  assert [float(weight) for weight in counts.groups()] == [round(534 / (2 * 129), 3), round(534 / (2 * 405), 3)]
   files = [match.group(1) for match in map(LOG_LINE.match, log.splitlines()) if match]
   ours = [name for name in files if name in PROJECT_FILES]
   theirs = [name for name in files if name not in PROJECT_FILES]

@@ -299,7 +299,10 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(reference,
   assert re.search(r'Skipping checkpoint \S+ckpt-3, which cannot be read', caplog.text)
   assert re.search(r'Resuming from \S+ckpt-2 after epoch 2\.', caplog.text)
   assert report['n_images'] == 120
-  # Epoch 3 was trained again and its checkpoint replaced the torn one.
+  # Epoch 3 was trained again; the torn files were moved aside first, not overwritten.
+  torn = os.path.join(model_dir, 'checkpoints', 'unreadable', os.path.basename(data_file))
+  assert os.path.getsize(torn) == os.path.getsize(os.path.join(reference, 'checkpoints',
+                                                               os.path.basename(data_file))) // 2
   reader = tf.train.load_checkpoint(os.path.join(model_dir, 'checkpoints', 'ckpt-3'))
   assert reader.get_tensor('epoch/.ATTRIBUTES/VARIABLE_VALUE') == 3
   assert _latest_checkpoint_epoch(model_dir) == 3

@@ -8,6 +8,7 @@ on several GPUs and on several machines.
 
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -629,16 +630,22 @@ def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = 
     logging.warning('The state file %s is missing, unreadable or incomplete; looking for a checkpoint among the '
                     'files found: %s',
                     os.path.join(directory, 'checkpoint'), ', '.join(os.path.basename(p) for p in paths))
+  skipped = []
   for path in reversed(paths):
     try:
       checkpoint.restore(path).assert_existing_objects_matched()
     except (tf.errors.OpError, IndexError) as e:  # IndexError: TF's reader on a data file cut short.
       logging.warning('Skipping checkpoint %s, which cannot be read: %s', path, export.error_reason(e))
+      skipped.append(path)
       continue
     except (AssertionError, ValueError) as e:
       raise ValueError(f'The checkpoint {path} is of another model ({str(e).splitlines()[0]}): give this run a new '
                        '--model_dir.') from e
-    if repair and not state_ok:
+    if repair:
+      # Only now that the run goes on from an older checkpoint: a run that stops changes nothing.
+      for unreadable in skipped:
+        _move_aside(unreadable)
+    if repair and (skipped or not state_ok):
       # Relative names, as CheckpointManager writes them, so that the folder can be moved.
       tf.compat.v1.train.update_checkpoint_state(
           directory, os.path.basename(path),
@@ -646,6 +653,16 @@ def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = 
     return path
   raise ValueError(f'No checkpoint in {directory} can be read (see the warnings above): move the folder away to '
                    'start over, or give this run a new --model_dir.')
+
+
+def _move_aside(prefix: str) -> None:
+  """Moves an unreadable checkpoint's files into checkpoints/unreadable/: the epoch trained again would save under
+  the same name, and a file a disk error damaged may still hold what someone wants to recover."""
+  folder = os.path.join(os.path.dirname(prefix), 'unreadable')
+  tf.io.gfile.makedirs(folder)
+  for name in tf.io.gfile.glob(glob.escape(prefix) + '.*'):
+    tf.io.gfile.rename(name, os.path.join(folder, os.path.basename(name)), overwrite=True)
+  logging.warning('Moved the files of %s to %s.', os.path.basename(prefix), folder)
 
 
 def _checkpoint_paths(directory: str) -> tuple[list[str], bool]:
