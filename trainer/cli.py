@@ -1,6 +1,6 @@
 """How the project's commands end: a user's error in one line and exit code 1, a bug with its traceback.
 
-`trainer.main`, `trainer.evaluate` and `trainer.predict` all run through `run`.
+`trainer.main`, `trainer.evaluate`, `trainer.predict`, `trainer.shift` and `trainer.export` all run through `run`.
 """
 
 import logging as py_logging
