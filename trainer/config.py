@@ -35,7 +35,7 @@ BACKBONES = {
 }
 MODELS = ('cnn', *BACKBONES)
 OPTIMIZERS = ('adam', 'nadam', 'sgd')
-CLASS_WEIGHTS = ('balanced', 'none')
+CLASS_WEIGHTS = ('balanced', 'none', 'resample')
 LR_SCALING = ('none', 'linear', 'sqrt')
 LR_SCHEDULES = ('constant', 'cosine', 'plateau')
 EQUALIZE = ('none', 'histogram', 'clahe')

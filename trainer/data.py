@@ -145,7 +145,8 @@ def _clear_unfinished_cache(prefix: str) -> None:
 
 def train_dataset(builder: tfds.core.DatasetBuilder, *, image_size: int, global_batch: int,
                   seed: int | None = None, cache_dir: str | None = None, shuffle_buffer: int = 2048,
-                  input_context: tf.distribute.InputContext | None = None, skip_steps: int = 0) -> tf.data.Dataset:
+                  input_context: tf.distribute.InputContext | None = None, skip_steps: int = 0,
+                  balanced: bool = False) -> tf.data.Dataset:
   """The training split, repeated forever, as (uint8 images, int labels) batches for one replica.
 
   The caller runs a fixed number of steps per epoch, so that every worker of a multi-worker job runs the same
@@ -161,13 +162,25 @@ def train_dataset(builder: tfds.core.DatasetBuilder, *, image_size: int, global_
     input_context: from `strategy.distribute_datasets_from_function`, or None for a single pipeline.
     skip_steps: global training steps already taken (a resumed run). With a seed, the run then reads exactly the
       batches an uninterrupted run would read next, so a preempted run ends with the same model.
+    balanced: draw each class with probability 1/2 (`tf.data.Dataset.sample_from_datasets` over one shuffled,
+      repeated stream per class) instead of in the split's proportions: the alternative to class weights.
   """
   batch = input_context.get_per_replica_batch_size(global_batch) if input_context else global_batch
   pipeline = input_context.input_pipeline_id if input_context else 0
   ds = _read(builder, 'train', image_size=image_size, shuffle_files=True, seed=seed, input_context=input_context)
   ds = ds.map(lambda ex: (ex['image'], ex['label']), num_parallel_calls=AUTOTUNE)
   ds = _cache(ds, cache_dir, f'{builder.info.full_name.replace("/", "_")}_train_{image_size}px_{pipeline}')
-  ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+  if balanced:
+    # One stream per class, each filtered from the same cache: a pass over the cache costs twice the reads, which
+    # the cached pipeline can spare (BENCHMARKS.md). Each stream repeats on its own, so the minority class's images
+    # come round more often rather than the majority's less.
+    num_classes = builder.info.features['label'].num_classes
+    streams = [ds.filter(lambda image, label, c=c: label == c)
+               .shuffle(shuffle_buffer, seed=None if seed is None else seed + c, reshuffle_each_iteration=True)
+               .repeat() for c in range(num_classes)]
+    ds = tf.data.Dataset.sample_from_datasets(streams, weights=[1 / num_classes] * num_classes, seed=seed)
+  else:
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
   # Skipped before batching, so that no batch is assembled only to be dropped: a resumed run pays one pass of the
   # shuffle over the cached images per epoch done, a fraction of a second each.
   pipelines = input_context.num_input_pipelines if input_context else 1

@@ -62,8 +62,10 @@ flags.DEFINE_float('clipnorm', 0.0, 'Clip each variable\'s gradient to this L2 n
                    'clipping.')
 flags.DEFINE_float('label_smoothing', 0.0, 'Train towards 1 - s/2 and s/2 instead of 1 and 0 (Szegedy et al. 2016).')
 flags.DEFINE_float('dropout', 0.3, 'Dropout rate before the classifier.')
-flags.DEFINE_enum('class_weight', 'balanced', config_lib.CLASS_WEIGHTS, 'balanced weighs each class by '
-                  'n_images / (2 * n_class_images), counted on the training split.')
+flags.DEFINE_enum('class_weight', 'balanced', config_lib.CLASS_WEIGHTS, 'How the classes are balanced in '
+                  'training: balanced weighs each class\'s loss by n_images / (2 * n_class_images), counted on the '
+                  'training split; resample weighs none and draws each class with probability 1/2 in tf.data '
+                  '(each class\'s images repeat on their own); none does neither.')
 flags.DEFINE_bool('horizontal_flip', False, 'Also flip images left-right in augmentation. Off by default: a chest '
                   'X-ray has a fixed left and right (the heart is on the left).')
 flags.DEFINE_float('augment_strength', 1.0, 'Scales every augmentation range: at 1, rotation 10 degrees, zoom and '

@@ -382,7 +382,8 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
       builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
       cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx,
       # The steps trained so far, not the epoch counter's: an early-stopped phase skips epochs it never read.
-      skip_steps=int(control.trained_epochs) * steps_per_epoch + first_step))
+      skip_steps=int(control.trained_epochs) * steps_per_epoch + first_step,
+      balanced=config.class_weight == 'resample'))
   iterator = iter(train_ds)
   val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
   predict = evaluate.make_predict(model)  # Once: a function traced anew every epoch would retrace every epoch.
