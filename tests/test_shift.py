@@ -130,3 +130,61 @@ def test_cli_holds_the_runs_stored_threshold(untrained_run, synthetic_data_dir, 
   assert result['threshold'] == pytest.approx(threshold)
   assert result['shifts']['none']['specificity'] == pytest.approx(at_stored['specificity'])
   assert result['shifts']['none']['sensitivity'] == pytest.approx(at_stored['sensitivity'])
+
+
+def _without(untrained_run, folder, family, *, trained_on=None, seed=0):
+  """A run in folder/without-FAMILY whose config.json says it trained on every family but FAMILY (or `trained_on`)."""
+  run_dir = untrained_run(SIZE, seed=seed)
+  run = json.loads((run_dir / 'run.json').read_text())
+  run['config']['augment_families'] = trained_on or [f for f in shift.FAMILIES if f != family]
+  (run_dir / 'run.json').write_text(json.dumps(run))
+  target = folder / f'without-{family}'
+  run_dir.rename(target)
+  return target
+
+
+def test_leave_one_family_out_scores_each_family_with_the_run_that_never_saw_it(untrained_run, model_dir,
+                                                                                  synthetic_data_dir, tmp_path):
+  folder = tmp_path / 'lofo'
+  folder.mkdir()
+  # A different model per family, so that each family's number can only come from its own run.
+  dirs = {family: _without(untrained_run, folder, family, seed=i) for i, family in enumerate(shift.FAMILIES)}
+  out = tmp_path / 'shift.json'
+  done = subprocess.run([sys.executable, '-m', 'trainer.shift', f'--model_dir={model_dir}', f'--out={out}',
+                         f'--leave_one_out={folder}'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  lofo = json.loads(out.read_text())['leave_one_out']
+  assert list(lofo['families']) == list(shift.FAMILIES)
+  assert sorted(name for row in lofo['families'].values() for name in row['shifts']) == sorted(shift.SHIFT_FAMILIES)
+
+  builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
+  family = 'gamma'
+  run = evaluate.load_run(str(dirs[family]))
+  aucs = []
+  for name in ('darker (gamma 1.5)', 'brighter (gamma 0.67)'):
+    predictions = evaluate.predict_runs([run], builder, 'validation',
+                                        transform=lambda images, name=name: shift.apply(name, images))
+    aucs.append(evaluate.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc'])
+  assert lofo['families'][family]['roc_auc'] == pytest.approx(min(aucs))
+  assert lofo['families'][family]['members'] == [str(dirs[family])]
+  rows = {name: row['roc_auc'] for name, row in lofo['families'].items()}
+  assert len(set(rows.values())) > 1  # Other runs, other numbers.
+  assert lofo['worst'] == {'family': min(rows, key=rows.get), 'roc_auc': min(rows.values())}
+  assert lofo['mean_roc_auc'] == pytest.approx(np.mean(list(rows.values())))
+  assert f'| **worst: {lofo["worst"]["family"]}** |' in done.stdout
+
+
+def test_leave_one_family_out_refuses_a_missing_family_or_a_run_that_saw_its_family(untrained_run, tmp_path):
+  folder = tmp_path / 'lofo'
+  folder.mkdir()
+  for family in shift.FAMILIES[1:]:
+    _without(untrained_run, folder, family)
+  # Both are refused before anything is predicted, so no builder is needed to see it.
+  with pytest.raises(ValueError) as missing:
+    shift.leave_one_family_out(shift._runs_without(str(folder)), None, 'validation')  # pylint: disable=protected-access
+  assert str(missing.value) == (
+      f'Leave-one-family-out needs runs trained without each of {", ".join(shift.FAMILIES)}; none without '
+      f'{shift.FAMILIES[0]}.')
+  saw = _without(untrained_run, folder, shift.FAMILIES[0], trained_on=list(shift.FAMILIES))
+  with pytest.raises(ValueError, match=f'^{saw} trained with the {shift.FAMILIES[0]} augmentation'):
+    shift.leave_one_family_out(shift._runs_without(str(folder)), None, 'validation')  # pylint: disable=protected-access

@@ -92,6 +92,23 @@ SHIFTS = {
 }
 
 
+# Each shift's family: the --augment_families name of the training augmentation that simulates it. A model trained
+# without a family and scored on that family's shifts predicts how it meets a shift it was never shown
+# (`leave_one_family_out`); scored on shifts it trained on, the stress test would partly confirm its own augmentation.
+SHIFT_FAMILIES = {
+    'darker (gamma 1.5)': 'gamma',
+    'brighter (gamma 0.67)': 'gamma',
+    'low contrast (x0.7)': 'contrast',
+    'high contrast (x1.3)': 'contrast',
+    'blur (sigma 1/128 side)': 'blur',
+    'noise (sigma 8 grey levels)': 'noise',
+    'jpeg quality 20': 'jpeg',
+    'zoom out (x0.85, black border)': 'fov',
+    'zoom in (x1.15, cropped)': 'fov',
+}
+FAMILIES = tuple(dict.fromkeys(SHIFT_FAMILIES.values()))
+
+
 def apply(name: str, images: tf.Tensor) -> tf.Tensor:
   """Shifts a batch of uint8 images (batch, side, side, 1) by SHIFTS[name]; returns uint8 of the same shape."""
   shifted = SHIFTS[name](tf.cast(images, tf.float32))
@@ -164,6 +181,46 @@ def stress(shifted: dict[str, dict], *, threshold: float, split: str) -> dict:
           'worst': {metric: min(row[metric] for row in rows.values()) for metric in metrics}}
 
 
+def leave_one_family_out(runs_without: dict[str, list], builder, split: str, *, batch_size: int = 32) -> dict:
+  """Each shift family scored by the runs trained without it: the stress test as a prediction, not a confirmation.
+
+  Args:
+    runs_without: {family: runs (from `trainer.evaluate.load_run`; several are an ensemble) trained with that family
+      left out of --augment_families}, for every family of FAMILIES.
+    builder: their dataset, from `trainer.data.prepare`.
+    split: the split to shift (validation, to choose between recipes).
+    batch_size: images per prediction batch.
+
+  Returns:
+    {'split', 'families': {family: {'roc_auc': the lowest over its shifts, 'shifts': {name: ROC-AUC},
+    'members': [model_dir]}}, 'worst': {'family', 'roc_auc'}, 'mean_roc_auc': over the families}.
+
+  Raises:
+    ValueError: a family has no runs, or a run trained with the family it is meant to have left out.
+  """
+  missing = [family for family in FAMILIES if not runs_without.get(family)]
+  if missing:
+    raise ValueError(f'Leave-one-family-out needs runs trained without each of {", ".join(FAMILIES)}; none without '
+                     f'{", ".join(missing)}.')
+  for family in FAMILIES:
+    for run in runs_without[family]:
+      if family in run.config.get('augment_families', FAMILIES):
+        raise ValueError(f'{run.model_dir} trained with the {family} augmentation, so it cannot score the {family} '
+                         'shifts as unseen: train it with --augment_families without it.')
+  families = {}
+  for family in FAMILIES:
+    runs = runs_without[family]
+    shifts = {}
+    for name in (name for name, of in SHIFT_FAMILIES.items() if of == family):
+      predictions = evaluate.predict_runs(runs, builder, split, batch_size=batch_size,
+                                          transform=lambda images, name=name: apply(name, images))
+      shifts[name] = evaluate.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc']
+    families[family] = {'roc_auc': min(shifts.values()), 'shifts': shifts, 'members': [run.model_dir for run in runs]}
+  worst = min(families, key=lambda family: families[family]['roc_auc'])
+  return {'split': split, 'families': families, 'worst': {'family': worst, 'roc_auc': families[worst]['roc_auc']},
+          'mean_roc_auc': float(np.mean([row['roc_auc'] for row in families.values()]))}
+
+
 def markdown(result: dict) -> str:
   """The stress test as a Markdown table, one row per shift, then the worst of each column."""
   rule = f' ({result["threshold_rule"]})' if result.get('threshold_rule') else ''
@@ -175,6 +232,14 @@ def markdown(result: dict) -> str:
   worst = result['worst']
   lines.append(f'| **worst** | {worst["roc_auc"]:.4f} | {worst["accuracy"]:.3f} | {worst["sensitivity"]:.3f} | '
                f'{worst["specificity"]:.3f} | |')
+  if 'leave_one_out' in result:
+    lofo = result['leave_one_out']
+    lines += ['', f'Leave-one-family-out, {lofo["split"]} split: each family scored by a run trained without it',
+              '', '| family | ROC-AUC (its worst shift) | run |', '|---|---|---|']
+    lines += [f'| {family} | {row["roc_auc"]:.4f} | {", ".join(row["members"])} |'
+              for family, row in lofo['families'].items()]
+    lines.append(f'| **worst: {lofo["worst"]["family"]}** | {lofo["worst"]["roc_auc"]:.4f} | |')
+    lines.append(f'| mean | {lofo["mean_roc_auc"]:.4f} | |')
   return '\n'.join(lines)
 
 
@@ -184,6 +249,9 @@ def _define_flags():
   flags.DEFINE_string('split', 'validation', 'The split to shift: validation (to choose) or test (to report).')
   flags.DEFINE_string('out', None, 'Also write the result here as JSON.')
   flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
+  flags.DEFINE_string('leave_one_out', None, 'Also score each shift family with a run trained without it: a folder '
+                      'holding without-FAMILY/, the --model_dir of such a run, for every family of '
+                      f'{", ".join(FAMILIES)} (launch/lofo.sh trains them).')
   evaluate.define_threshold_rule_flag()
 
 
@@ -203,11 +271,21 @@ def main(argv):
                                    shifted=shifted if FLAGS.split == 'validation' else None)
   result = {**stress(shifted, threshold=point['threshold'], split=FLAGS.split), 'members': FLAGS.model_dir,
             'threshold_rule': point['threshold_rule'], 'threshold_chosen': point['chosen']}
+  if FLAGS.leave_one_out:
+    result['leave_one_out'] = leave_one_family_out(_runs_without(os.path.expanduser(FLAGS.leave_one_out)), builder,
+                                                   FLAGS.split, batch_size=FLAGS.batch_size)
   print(markdown(result))
   if FLAGS.out:
     with open(os.path.expanduser(FLAGS.out), 'w') as f:
       json.dump(result, f, indent=2)
     logging.info('Wrote %s.', FLAGS.out)
+
+
+def _runs_without(folder: str) -> dict[str, list]:
+  if not os.path.isdir(folder):
+    raise ValueError(f'--leave_one_out={folder}: no such folder.')
+  return {family: [evaluate.load_run(os.path.join(folder, f'without-{family}'))] for family in FAMILIES
+          if os.path.isdir(os.path.join(folder, f'without-{family}'))}
 
 
 if __name__ == '__main__':
