@@ -227,3 +227,56 @@ def test_recipe_model_forward_and_backward_compile_with_xla():
     return tape.gradient(loss, model.trainable_variables)
 
   assert all(np.all(np.isfinite(g)) for g in gradients(images))
+
+
+def test_families_flag_is_checked_and_spelled_one_way(tmp_path):
+  from absl import flags
+  from trainer import main  # pylint: disable=import-outside-toplevel  # Defines the flags.
+  try:
+    flags.FLAGS(['trainer.main', '--augment_families=noise, gamma,rotation', '--augment_gamma=0.5'])
+    settings = main.config_from_flags()
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert settings.augment_families == 'rotation,gamma,noise' and settings.families == ('rotation', 'gamma', 'noise')
+  assert settings.augment_ranges['gamma'] == 0.5
+  with pytest.raises(config.ConfigError, match='--augment_families: sharpen is not a family'):
+    config.Config(augment_families='gamma,sharpen').validate()
+  with pytest.raises(config.ConfigError, match='--augment_fov=0.3 times --augment_strength=4.0'):
+    config.Config(augment_fov=0.3, augment_strength=4.0).validate()
+  with pytest.raises(config.ConfigError, match="--edge_channel='canny' is not one of none, sobel"):
+    config.Config(edge_channel='canny').validate()
+  done = subprocess.run([sys.executable, '-m', 'trainer.main', f'--model_dir={tmp_path}', '--augment_jpeg=0'],
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+      'error: --augment_jpeg must be a JPEG quality in [1, 100], got 0.0.'), done.stderr[-2000:]
+  for name in ('augment_families', 'augment_gamma', 'augment_jpeg', 'edge_channel'):
+    assert name in config.FIXED_ON_RESUME
+
+
+def test_train_export_and_load_with_every_family_and_the_edge_channel(synthetic_data_dir, tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from trainer import data, train  # pylint: disable=import-outside-toplevel
+  settings = config.Config(
+      model='cnn', weights='none', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
+      model_dir=str(tmp_path / 'run'), image_size=32, epochs=1, fine_tune_epochs=0, batch_size=64, cnn_filters=4,
+      cnn_depth=2, seed=2, equalize='clahe', edge_channel='sobel', augment_families=','.join(config.FAMILIES),
+      augment_contrast=0.3, augment_noise=8.0).validate()
+  train.run(settings, tf.distribute.OneDeviceStrategy('/cpu:0'))
+  stored = json.load(open(tmp_path / 'run' / 'config.json'))
+  assert stored['augment_families'] == ','.join(config.FAMILIES) and stored['edge_channel'] == 'sobel'
+  assert stored['augment_contrast'] == 0.3
+  model = keras.saving.load_model(str(tmp_path / 'run' / 'model.keras'), safe_mode=True)
+  assert model.get_layer('backbone').input.shape[-1] == 2
+  assert [l.name for l in model.get_layer('augmentation').layers][-1] == 'jpeg'
+  served = tf.saved_model.load(str(tmp_path / 'run' / 'saved_model' / '1')).signatures['serve']
+  builder = tfds.builder('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir)
+  encoded = [ex['image'] for ex in builder.as_dataset('test', decoders={'image': tfds.decode.SkipDecoding()}).take(4)]
+  images = tf.stack([data.decode_image(b, 32) for b in encoded])
+  np.testing.assert_allclose(served(image_bytes=tf.stack(encoded))['probability'].numpy(),
+                             model(images, training=False).numpy()[:, 0], atol=1e-5)
+  # The families are part of the model: a resume without one is refused, naming it.
+  with pytest.raises(ValueError, match='--augment_families=rotation,fov,.*jpeg \\(this run: rotation,fov'):
+    train.run(dataclasses.replace(settings, augment_families=','.join(config.FAMILIES[:-1]), epochs=2),
+              tf.distribute.OneDeviceStrategy('/cpu:0'))
