@@ -280,3 +280,14 @@ def test_train_export_and_load_with_every_family_and_the_edge_channel(synthetic_
   with pytest.raises(ValueError, match='--augment_families=rotation,fov,.*jpeg \\(this run: rotation,fov'):
     train.run(dataclasses.replace(settings, augment_families=','.join(config.FAMILIES[:-1]), epochs=2),
               tf.distribute.OneDeviceStrategy('/cpu:0'))
+
+
+def test_a_model_saved_with_the_old_keras_layers_still_loads(tmp_path):
+  old = benchmark._recipe_model('keras_layers', seed=0, image_size=32)  # pylint: disable=protected-access
+  assert [l.name for l in old.get_layer('augmentation').layers][:3] == ['rotation', 'zoom', 'translation']
+  path = str(tmp_path / 'old.keras')
+  old.save(path)
+  loaded = keras.saving.load_model(path, safe_mode=True)
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1)).astype(np.uint8)
+  np.testing.assert_allclose(loaded(images, training=False), old(images, training=False), rtol=1e-5)
+  assert loaded(images, training=True).shape == (2, 1)

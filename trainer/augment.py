@@ -49,10 +49,10 @@ from trainer.config import FAMILIES  # pylint: disable=g-importing-member
 def compiled(function):
   """`function` as a tf.function compiled with XLA (jit_compile=True), for a layer to call inside any model.
 
-  Measured on this project's 2-core CPU (batch 32, 128 pixels, one run, /tmp/aug/layers.py): the fused warp 2.4 ms
+  Measured on this project's 2-core CPU (batch 32, 128 pixels, one run of each layer alone): the fused warp 2.4 ms
   compiled against 8.7 ms without, gamma 4.1 against 7.9, CLAHE 5.0 against 16.7. XLA is not always faster: its
-  random normals took 130 ms against 0.6 and the per-image blur 76 against 3, so those layers stay uncompiled. The whole training step compiled is slower (XLA's CPU convolutions are not oneDNN's: 1.4 s
-  against 0.9 s, trainer.benchmark's train_step_recipe_model), so only these layers compile.
+  random normals took 130 ms against 0.6 and the per-image blur 76 against 3, so those layers stay uncompiled. The whole training step compiled is slower (XLA's CPU convolutions are not oneDNN's: 1.17 s
+  against 0.66 s a step in one run of trainer.benchmark's train_step_recipe_model), so only these layers compile.
   """
   return tf.function(function, jit_compile=True, autograph=False)
 
