@@ -84,6 +84,16 @@ def test_training_lines_compare_the_two_input_sources(lines):
     assert line['ratio'] > 0 and line['images_per_s'] > 0 and line['in_memory_images_per_s'] > 0
 
 
+def test_recipe_step_line_times_old_and_new_layers_in_both_precisions(lines, setup):
+  line = next(line for line in lines if line['name'] == 'train_step_recipe_model')
+  assert set(line['step_ms']) == {'keras_layers_float32', 'fused_float32', 'keras_layers_mixed_bfloat16',
+                                  'fused_mixed_bfloat16', 'fused_float32_xla'}
+  assert all(ms > 0 for ms in line['step_ms'].values())
+  assert line['fastest'].startswith('fused') and line['model']['image_size'] == setup.image_size
+  assert line['ratio'] == pytest.approx(line['step_ms']['keras_layers_float32'] / line['step_ms'][line['fastest']],
+                                        rel=1e-2)
+
+
 def test_targets_line_of_a_full_run_has_every_ratio_and_check(lines):
   summary = benchmark.targets(lines)
   assert summary['name'] == 'targets'

@@ -211,8 +211,8 @@ def test_set_trainable_cnn_and_bad_arguments():
 def test_augmentation_only_in_training():
   model = models.build_model('vgg16', image_size=SIZE, dropout=0.0, seed=3)
   augmentation = model.get_layer('augmentation')
-  assert [l.name for l in augmentation.layers] == ['rotation', 'zoom', 'translation', 'contrast', 'brightness',
-                                                   'noise']
+  # Rotation, zoom and translation in one warp (trainer/augment.py), then today's photometric families.
+  assert [l.name for l in augmentation.layers] == ['affine', 'contrast', 'brightness', 'noise']
   images = _images(8)
 
   np.testing.assert_array_equal(augmentation(images, training=False), images)
@@ -238,11 +238,12 @@ def test_augment_strength_scales_every_transform():
     return models.build_model('cnn', image_size=64, seed=5, augment_strength=strength).get_layer('augmentation')
 
   weak, strong = augmentation(0.5), augmentation(3.0)
-  assert strong.get_layer('zoom').height_factor == pytest.approx(0.3)
-  assert weak.get_layer('zoom').height_factor == pytest.approx(0.05)
-  assert strong.get_layer('rotation').factor == pytest.approx((-30 / 360, 30 / 360))
-  # (0.3, 0.3): the contrast factor is drawn from [0.7, 1.3] (a single 0.3 gives Keras's [1, 1.3]).
-  assert tuple(strong.get_layer('contrast').factor) == pytest.approx((0.3, 0.3))
+  assert strong.get_layer('affine').zoom == pytest.approx(0.3)
+  assert weak.get_layer('affine').zoom == pytest.approx(0.05)
+  assert strong.get_layer('affine').rotation == pytest.approx(30)
+  assert strong.get_layer('affine').translation == pytest.approx(0.15)
+  # The contrast factor is drawn from [0.7, 1.3].
+  assert strong.get_layer('contrast').factor == pytest.approx(0.3)
   assert strong.get_layer('noise').stddev == pytest.approx(12)
   # A smooth image (a radial gradient), so that the geometric transforms move pixel values and not just noise.
   yy, xx = np.mgrid[:64, :64]

@@ -19,6 +19,8 @@ What is measured, on the same images:
   decode_224/512/2048          one core's JPEG decode cost at each stored resolution (2048 stands for the originals).
   train_<model>                trainer.train.make_train_step fed by the pipeline against one batch held in memory, for
                                the cnn and every backbone (head phase: the backbone frozen).
+  train_step_recipe_model      launch/recipe.sh's model, one held batch: its step with Keras's old augmentation layers
+                               against trainer/augment.py's, in float32 and mixed_bfloat16, and compiled with XLA.
 
 Each pipeline is timed in several runs and the fastest is kept. A measurement and the bound or peer its target
 compares it with (GROUPS) are timed in one process, their runs alternating, so that other processes on the machine
@@ -391,6 +393,105 @@ def _train(setup: Setup, *, model_name: str) -> dict:
           'device': 'host CPU, float32', 'pipeline_pass': 'cold: the first steps of the first pass'}
 
 
+def keras_layers_augmentation(strength: float, seed: int | None) -> keras.Sequential:
+  """The augmentation block as it was before trainer/augment.py: Keras's three geometric layers, each resampling.
+
+  Kept for the old-against-new step measurement below and tests/test_augment.py's comparison of their
+  distributions, nowhere else.
+  """
+  seeds = iter(range(seed, seed + 8)) if seed is not None else iter([None] * 8)
+  geometric = dict(fill_mode='constant', dtype='float32')
+  return keras.Sequential([
+      keras.layers.RandomRotation(strength * 10 / 360, seed=next(seeds), name='rotation', **geometric),
+      keras.layers.RandomZoom(strength * 0.1, seed=next(seeds), name='zoom', **geometric),
+      keras.layers.RandomTranslation(strength * 0.05, strength * 0.05, seed=next(seeds), name='translation',
+                                     **geometric),
+      keras.layers.RandomContrast((strength * 0.1, strength * 0.1), seed=next(seeds), dtype='float32',
+                                  name='contrast'),
+      keras.layers.RandomBrightness(strength * 0.1, seed=next(seeds), dtype='float32', name='brightness'),
+      models.PixelNoise(strength * 4, seed=next(seeds), dtype='float32', name='noise'),
+  ], name='augmentation')
+
+
+# launch/recipe.sh's model: the cnn from scratch at 128 pixels, 16 filters, 4 blocks, CLAHE.
+RECIPE_MODEL = dict(image_size=128, cnn_filters=16, cnn_depth=4, equalize='clahe')
+
+
+def _recipe_model(augmentation: str, seed: int, image_size: int) -> keras.Model:
+  model = models.build_model('cnn', seed=seed, **{**RECIPE_MODEL, 'image_size': image_size})
+  if augmentation == 'fused':
+    return model
+
+  # The same model as before: the old block in place of the new one, and CLAHE uncompiled.
+  def old(layer):
+    if layer.name == 'augmentation':
+      return keras_layers_augmentation(1.0, seed)
+    clone = layer.__class__.from_config(layer.get_config())
+    if isinstance(clone, models.Equalize):
+      clone._compiled = clone._equalize  # pylint: disable=protected-access
+    return clone
+
+  return keras.models.clone_model(model, clone_function=old)
+
+
+def train_step_recipe_model(setup: Setup, batches: int) -> dict:
+  """The recipe's model: trainer.train.make_train_step with the old augmentation against the fused one, in float32
+  and mixed_bfloat16, and the fused model's forward and backward pass compiled with XLA; one held batch, the
+  variants taking turns step by step. At the recipe's 128 pixels, or --image_size if smaller (the tests' tiny
+  images)."""
+  del batches
+  size, batch = min(RECIPE_MODEL['image_size'], setup.image_size), setup.batch_size
+  images = tf.constant(np.random.default_rng(setup.seed).integers(0, 256, (batch, size, size, 1), np.uint8))
+  labels = tf.constant(np.arange(batch) % 2, tf.int64)
+  strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+  steps = {}
+  for augmentation, policy in (('keras_layers', 'float32'), ('fused', 'float32'), ('keras_layers', 'mixed_bfloat16'),
+                               ('fused', 'mixed_bfloat16')):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+      with strategy.scope():
+        model = _recipe_model(augmentation, setup.seed, size)
+        optimizer = train.make_optimizer('adam', 1e-3, loss_scale=False)
+        metrics = train.train_metrics()
+    finally:
+      keras.mixed_precision.set_global_policy('float32')
+    step = train.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0], global_batch=batch)
+    iterator = iter(strategy.distribute_datasets_from_function(
+        lambda _: tf.data.Dataset.from_tensors((images, labels)).repeat()))
+    steps[f'{augmentation}_{policy}'] = (lambda step=step, iterator=iterator, metrics=metrics:
+                                         (step(iterator), metrics['loss'].result().numpy()))
+  # XLA: train.make_train_step has no jit_compile switch, so the same forward, backward and update, without the
+  # metrics, as one compiled function.
+  model = _recipe_model('fused', setup.seed, size)
+  optimizer = train.make_optimizer('adam', 1e-3, loss_scale=False)
+  optimizer.build(model.trainable_variables)
+
+  @tf.function(jit_compile=True)
+  def xla_step(images, labels):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(keras.losses.binary_crossentropy(tf.cast(labels, tf.float32)[:, None],
+                                                             model(images, training=True)))
+    optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+    return loss
+
+  steps['fused_float32_xla'] = lambda: xla_step(images, labels).numpy()
+  for run in steps.values():  # Traces (and compiles) each.
+    run()
+  seconds = {name: [] for name in steps}
+  for _ in range(setup.train_steps):
+    for name, run in steps.items():
+      start = time.perf_counter()
+      run()
+      seconds[name].append(time.perf_counter() - start)
+  step_ms = {name: round(1000 * float(np.median(s)), 1) for name, s in seconds.items()}
+  best = min((name for name in step_ms if name.startswith('fused')), key=step_ms.get)
+  return {'images': setup.train_steps * batch, 'seconds': round(sum(seconds['fused_float32']), 6),
+          'images_per_s': round(1000 * batch / step_ms['fused_float32'], 1), 'step_ms': step_ms,
+          'fastest': best, 'ratio': round(step_ms['keras_layers_float32'] / step_ms[best], 3),
+          'model': {'name': 'cnn', **RECIPE_MODEL, 'image_size': size, 'batch_size': batch},
+          'device': 'host CPU', 'note': 'ratio: the old layers in float32 (the trainer before) over the fastest fused variant'}
+
+
 def train_cnn(setup: Setup, batches: int) -> dict:
   del batches  # Steps come from setup.train_steps.
   return _train(setup, model_name='cnn')
@@ -444,6 +545,7 @@ MEASUREMENTS = {
     'train_resnet50': (train_resnet50, None),
     'train_efficientnetb0': (train_efficientnetb0, None),
     'train_densenet121': (train_densenet121, None),
+    'train_step_recipe_model': (train_step_recipe_model, None),
 }
 
 # Timed together, in one process, taking turns: each target's two sides (TARGETS).
@@ -472,6 +574,8 @@ TARGETS = (
      'the cold pass also fills the cache and the shuffle buffer; the bound does neither'),
     ('cnn step throughput, pipeline-fed / in-memory-fed', 'train_cnn', None, 0.95, None),
     ('resnet50 step throughput, pipeline-fed / in-memory-fed', 'train_resnet50', None, 0.95, None),
+    ("the recipe's model: step with the old augmentation layers / the fastest new step", 'train_step_recipe_model',
+     None, 1.5, None),
     ('augmentation (host CPU, batched) / Keras layers in tf.data', 'ours_warm_augmented',
      'peer_dataset_from_directory', 10.0,
      'ours runs in the model, so on an accelerator the host does none; here the same Keras layers run on the host'),

@@ -41,6 +41,25 @@ LR_SCHEDULES = ('constant', 'cosine', 'plateau')
 EQUALIZE = ('none', 'histogram', 'clahe')
 # At 5 the zoom reaches 50% and the rotation 50 degrees: beyond that the transforms stop looking like radiographs.
 MAX_AUGMENT_STRENGTH = 5.0
+# The augmentation's acquisition-shift families, in the order the model applies them (trainer/augment.py has their
+# ranges). DEFAULT_FAMILIES is the set every run had before the families were flags.
+FAMILIES = ('rotation', 'fov', 'translation', 'gamma', 'contrast', 'brightness', 'blur', 'noise', 'jpeg')
+DEFAULT_FAMILIES = ('rotation', 'fov', 'translation', 'contrast', 'brightness', 'noise')
+# Each of trainer.shift's stress-test shifts and the family that trains against it: a model trained without that
+# family (leave-one-family-out) is what scores the shift honestly. tests/test_augment.py checks the keys are
+# trainer.shift.SHIFTS'.
+SHIFT_FAMILIES = {
+    'darker (gamma 1.5)': 'gamma',
+    'brighter (gamma 0.67)': 'gamma',
+    'low contrast (x0.7)': 'contrast',
+    'high contrast (x1.3)': 'contrast',
+    'blur (sigma 1/128 side)': 'blur',
+    'noise (sigma 8 grey levels)': 'noise',
+    'jpeg quality 20': 'jpeg',
+    'zoom out (x0.85, black border)': 'fov',
+    'zoom in (x1.15, cropped)': 'fov',
+}
+EDGE_CHANNELS = ('none', 'sobel')
 # Kept here rather than in trainer.distribute, so flags can be checked before TensorFlow is imported.
 STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
@@ -49,7 +68,9 @@ PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
 # So may the early-stopping and plateau settings (their counters are in the checkpoint whatever they are) and
 # weight_decay and clipnorm: AdamW keeps the same variables as Adam, and clipping keeps none.
 FIXED_ON_RESUME = ('model', 'dataset', 'image_size', 'unfreeze', 'optimizer', 'horizontal_flip', 'augment_strength',
-                   'equalize', 'cnn_filters', 'cnn_depth')
+                   'augment_families', 'augment_fov', 'augment_gamma', 'augment_contrast', 'augment_brightness',
+                   'augment_blur', 'augment_noise', 'augment_jpeg', 'edge_channel', 'equalize', 'cnn_filters',
+                   'cnn_depth')
 
 
 SYNTHETIC_DATASET = 'chest_xray_pneumonia/synthetic'
@@ -100,6 +121,16 @@ class Config:
   class_weight: str = 'balanced'
   horizontal_flip: bool = False
   augment_strength: float = 1.0
+  # Comma-separated, in FAMILIES' order (main puts them so): a string, so that config.json compares as it stores.
+  augment_families: str = ','.join(DEFAULT_FAMILIES)
+  augment_fov: float = 0.1
+  augment_gamma: float = 0.6
+  augment_contrast: float = 0.1
+  augment_brightness: float = 0.1
+  augment_blur: float = 1.5
+  augment_noise: float = 4.0
+  augment_jpeg: float = 20.0
+  edge_channel: str = 'none'
   equalize: str = 'none'
   cnn_filters: int = 32
   cnn_depth: int = 4
@@ -115,6 +146,17 @@ class Config:
   def weights_arg(self) -> str | None:
     """`weights` as keras.applications takes it; the cnn is always trained from scratch."""
     return None if self.weights == 'none' or self.model == 'cnn' else self.weights
+
+  @property
+  def augment_ranges(self) -> dict[str, float]:
+    """The families' ranges at strength 1, as trainer.augment.augmentation takes them."""
+    return {name: getattr(self, f'augment_{name}') for name in ('fov', 'gamma', 'contrast', 'brightness', 'blur',
+                                                                'noise', 'jpeg')}
+
+  @property
+  def families(self) -> tuple[str, ...]:
+    """augment_families as a tuple of names."""
+    return tuple(name for name in self.augment_families.split(',') if name)
 
   def validate(self) -> 'Config':
     """Checks every value that can be checked before TensorFlow starts.
@@ -168,6 +210,19 @@ class Config:
       raise ConfigError(f'--label_smoothing must be in [0, 0.5), got {self.label_smoothing}.')
     if not 0 <= self.augment_strength <= MAX_AUGMENT_STRENGTH:
       raise ConfigError(f'--augment_strength must be in [0, {MAX_AUGMENT_STRENGTH}], got {self.augment_strength}.')
+    unknown = [name for name in self.families if name not in FAMILIES]
+    if unknown:
+      raise ConfigError(f'--augment_families: {", ".join(unknown)} is not a family; choose from {", ".join(FAMILIES)}.')
+    _one_of('edge_channel', self.edge_channel, EDGE_CHANNELS)
+    for name in ('augment_gamma', 'augment_blur', 'augment_noise'):
+      if not 0 <= getattr(self, name) < math.inf:
+        raise ConfigError(f'--{name} must be zero or more, got {getattr(self, name)}.')
+    for name in ('augment_fov', 'augment_contrast', 'augment_brightness'):
+      if not 0 <= getattr(self, name) * self.augment_strength < 1:
+        raise ConfigError(f'--{name}={getattr(self, name)} times --augment_strength={self.augment_strength} must be '
+                          'in [0, 1).')
+    if not 1 <= self.augment_jpeg <= 100:
+      raise ConfigError(f'--augment_jpeg must be a JPEG quality in [1, 100], got {self.augment_jpeg}.')
     if self.model == 'cnn' and self.weights not in ('none', 'imagenet'):
       raise ConfigError('--weights=PATH loads a pretrained backbone; the cnn model has none. Use --weights=none.')
     if self.weights not in ('imagenet', 'none') and not os.path.isfile(self.weights):
@@ -180,3 +235,7 @@ class Config:
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
   if value not in allowed:
     raise ConfigError(f'--{name}={value!r} is not one of {", ".join(allowed)}.')
+
+
+# The flags' defaults: trainer/main.py defines each flag with DEFAULTS.<field>, so the two cannot drift apart.
+DEFAULTS = Config()

@@ -71,6 +71,29 @@ flags.DEFINE_bool('horizontal_flip', False, 'Also flip images left-right in augm
 flags.DEFINE_float('augment_strength', 1.0, 'Scales every augmentation range: at 1, rotation 10 degrees, zoom and '
                    'contrast 10%, translation 5%, brightness 10% of the pixel range, noise of 4 grey levels; 0 turns '
                    'augmentation off.')
+flags.DEFINE_list('augment_families', config_lib.DEFAULTS.augment_families, 'The augmentation\'s families '
+                  '(trainer/augment.py), any of ' + ', '.join(config_lib.FAMILIES) + '; leave one out by name (each '
+                  'of trainer.shift\'s shifts belongs to one: config.SHIFT_FAMILIES). The default is the set before '
+                  'families were flags. Every range below is at --augment_strength=1 and scales with it.')
+flags.DEFINE_float('augment_fov', config_lib.DEFAULTS.augment_fov, 'fov: zoom factor uniform in [1 - f, 1 + f]; '
+                   'out into a black border (a wider field of view) or in, cropped. The stress test\'s x0.85 and '
+                   'x1.15 need 0.15.')
+flags.DEFINE_float('augment_gamma', config_lib.DEFAULTS.augment_gamma, 'gamma: 255 (x / 255) ** g with log g '
+                   'uniform in +-log(1 + value): 0.6 gives g in [0.625, 1.6] (the stress test: 0.67 and 1.5).')
+flags.DEFINE_float('augment_contrast', config_lib.DEFAULTS.augment_contrast, 'contrast: (x - mean) c + mean, c '
+                   'uniform in [1 - value, 1 + value]. The stress test\'s x0.7 and x1.3 need 0.3.')
+flags.DEFINE_float('augment_brightness', config_lib.DEFAULTS.augment_brightness, 'brightness: plus b * 255, b '
+                   'uniform in +-value.')
+flags.DEFINE_float('augment_blur', config_lib.DEFAULTS.augment_blur, 'blur: Gaussian, sigma uniform in [0, value] '
+                   'pixels per 128 pixels of side (the stress test: 1).')
+flags.DEFINE_float('augment_noise', config_lib.DEFAULTS.augment_noise, 'noise: Gaussian, this many grey levels '
+                   '(the stress test: 8).')
+flags.DEFINE_float('augment_jpeg', config_lib.DEFAULTS.augment_jpeg, 'jpeg: re-encoded at a quality uniform in '
+                   '[100 - (100 - value) * strength, 100] (the stress test: 20). Not XLA-compilable.')
+flags.DEFINE_enum('edge_channel', config_lib.DEFAULTS.edge_channel, config_lib.EDGE_CHANNELS, 'sobel: the Sobel '
+                  'gradient magnitude, computed inside the model after --equalize, goes in beside the image: a '
+                  'second input channel of the cnn; for an ImageNet backbone, its third (blue) channel instead of a '
+                  'third grey copy.')
 flags.DEFINE_enum('equalize', 'none', config_lib.EQUALIZE, 'Contrast equalization inside the model (so training, '
                   'evaluation, prediction and the export all apply it): none, histogram, or clahe.')
 flags.DEFINE_integer('cnn_filters', 32, 'Filters of the CNN\'s first block; each block doubles them.')
@@ -103,6 +126,11 @@ def config_from_flags() -> config_lib.Config:
       raise config_lib.ConfigError(
           f'--profile_steps={",".join(values["profile_steps"])} must be two integers FIRST,LAST.') from None
     values['profile_steps'] = (first, last)
+  if values.get('augment_families') is not None:
+    # One spelling per set of families, so that config.json tells a resumed run's families apart by comparing strings.
+    given = [name.strip() for name in values['augment_families']]
+    values['augment_families'] = ','.join([name for name in config_lib.FAMILIES if name in given] +
+                                          [name for name in given if name not in config_lib.FAMILIES])
   if values.get('weights') not in (None, 'imagenet', 'none'):
     values['weights'] = os.path.expanduser(values['weights'])
   return config_lib.Config(**values).validate()

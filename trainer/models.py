@@ -6,8 +6,9 @@ keras.applications constructor and preprocessing module, the layer Grad-CAM read
 Every model reads the dataset's own images and answers one question:
 
     image (uint8, image_size x image_size x 1)
-      -> augmentation   Keras random layers, active only with training=True
+      -> augmentation   random acquisition-shift families (trainer/augment.py), active only with training=True
       -> equalize       optional: histogram equalization or CLAHE, per image (`Equalize`)
+      -> edges          optional: the Sobel magnitude beside the image (`augment.SobelEdges`)
       -> preprocess     cnn: rescale to [0, 1]; backbones: gray -> 3 channels, then the
                         backbone's own `keras.applications.<module>.preprocess_input`: caffe
                         style for ResNet50 and VGG16 (BGR, ImageNet means subtracted), torch
@@ -20,9 +21,14 @@ Every model reads the dataset's own images and answers one question:
 Augmentation and preprocessing run in float32 under any mixed-precision policy, and so does the
 output layer, as the Keras mixed-precision guide advises; the convolutions run in the policy's
 compute dtype. Everything is a Keras layer, so the model builds inside any tf.distribute scope.
-One caveat measured under MirroredStrategy: the augmentation layers' seed state is mirrored, so
-the i-th image of every replica gets the same random transform in a step. The images differ, so
-this only narrows the variety within a global batch.
+Under MirroredStrategy each replica draws its own augmentation: the layers' seed state is mirrored,
+so every draw folds in the replica's id (trainer/augment.py), and the i-th images of two replicas
+get different transforms in a step.
+
+Edge channel. edge_channel='sobel' adds the Sobel gradient magnitude of the (equalized) image: the
+cnn takes it as a second input channel; an ImageNet backbone, which takes three, gets it as its
+third (blue) channel in place of a third grey copy, so its first convolution keeps its ImageNet
+weights and still sees the grey image in two channels.
 
 Fine-tuning unit. `unfreeze=N` makes the backbone's last N convolutional layers (Conv2D and
 DepthwiseConv2D, counted from the output) trainable. ResNet50 has 53: N=3 is its last bottleneck
@@ -41,14 +47,17 @@ inference mode whatever `training` says, so freezing it is what keeps the ImageN
 """
 
 import functools
-import itertools
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import augment
 # Defined in trainer.config, which main checks before it imports TensorFlow.
-from trainer.config import BACKBONES, EQUALIZE, MODELS  # pylint: disable=g-importing-member
+from trainer.config import BACKBONES, DEFAULT_FAMILIES, EDGE_CHANNELS, EQUALIZE, MODELS  # pylint: disable=g-importing-member
+
+# Registered by trainer.augment, and loaded by this name from the .keras files written before that module existed.
+PixelNoise = augment.PixelNoise
 
 PHASES = ('head', 'fine_tune')
 
@@ -72,7 +81,7 @@ _CNN_SPATIAL_DROPOUT = 0.1
 class BackbonePreprocess(keras.layers.Layer):
   """Turns one-channel [0, 255] images into the input an ImageNet backbone was trained on.
 
-  Replicates the gray channel to RGB, then applies the backbone's own
+  Replicates the gray channel to RGB (or, given grey and edges, puts the edges in blue), then applies the backbone's own
   `keras.applications.<module>.preprocess_input`.
   """
 
@@ -84,35 +93,14 @@ class BackbonePreprocess(keras.layers.Layer):
 
   def call(self, images):
     images = keras.ops.cast(images, self.compute_dtype)
-    images = keras.ops.repeat(images, 3, axis=-1)
+    if images.shape[-1] == 2:  # grey and edges: grey in red and green, edges in blue.
+      images = keras.ops.concatenate([images[..., :1], images], axis=-1)
+    else:
+      images = keras.ops.repeat(images, 3, axis=-1)
     return preprocess_input(self.backbone)(images)
 
   def get_config(self):
     return {**super().get_config(), 'backbone': self.backbone}
-
-
-@keras.saving.register_keras_serializable(package='cxr_trainer')
-class PixelNoise(keras.layers.Layer):
-  """Adds Gaussian noise of `stddev` grey levels to [0, 255] images, in training only.
-
-  keras.layers.GaussianNoise does the same but refuses a stddev above 1 (it expects inputs in [0, 1]).
-  """
-
-  def __init__(self, stddev, seed=None, **kwargs):
-    super().__init__(**kwargs)
-    if not stddev >= 0:
-      raise ValueError(f'stddev={stddev!r} must be zero or more.')
-    self.stddev, self.seed = float(stddev), seed
-    self.seed_generator = keras.random.SeedGenerator(seed)
-
-  def call(self, images, training=False):
-    if not training or not self.stddev:
-      return images
-    return images + keras.random.normal(keras.ops.shape(images), stddev=self.stddev, dtype=images.dtype,
-                                        seed=self.seed_generator)
-
-  def get_config(self):
-    return {**super().get_config(), 'stddev': self.stddev, 'seed': self.seed}
 
 
 @keras.saving.register_keras_serializable(package='cxr_trainer')
@@ -149,8 +137,14 @@ class Equalize(keras.layers.Layer):
     if not clip_limit > 0:
       raise ValueError(f'clip_limit={clip_limit!r} must be positive (2 to 4 is usual for CLAHE).')
     self.method, self.tiles, self.clip_limit = method, tiles, float(clip_limit)
+    self._compiled = augment.compiled(self._equalize)
 
-  def call(self, images):
+  def call(self, images, training=False):
+    # Compiled with XLA in training, where it is 3x faster (augment.compiled); evaluation and the SavedModel run the
+    # same ops uncompiled, so that a server needs no XLA.
+    return self._compiled(images) if training else self._equalize(images)
+
+  def _equalize(self, images):
     images = tf.cast(images, tf.float32)
     if self.method == 'histogram':
       tiles, clip_limit = 1, None
@@ -216,6 +210,9 @@ def build_model(name,
                 cnn_filters=32,
                 cnn_depth=4,
                 augment_strength=1.0,
+                augment_families=DEFAULT_FAMILIES,
+                augment_ranges=None,
+                edge_channel='none',
                 seed=None):
   """Builds one of the pneumonia classifiers.
 
@@ -239,6 +236,11 @@ def build_model(name,
     augment_strength: scales the ranges of every random transform (1: rotation 10 degrees, zoom and contrast 10%,
       translation 5%, brightness 10% of the pixel range, Gaussian noise of 4 grey levels); 0 leaves the
       augmentation block out.
+    augment_families: the augmentation's families (trainer.config.FAMILIES; trainer/augment.py has their ranges);
+      empty leaves the block out.
+    augment_ranges: each family's range at strength 1, keyword arguments of `augment.augmentation` (fov, gamma,
+      contrast, brightness, blur, noise, jpeg); None for its defaults.
+    edge_channel: one of EDGE_CHANNELS: 'sobel' puts the Sobel magnitude beside the image (module docstring).
     seed: seed of the augmentation layers and the head's dropout; None for fresh random
       seeds. Other random layers follow `keras.utils.set_random_seed`.
 
@@ -260,19 +262,25 @@ def build_model(name,
 
   images = keras.Input((image_size, image_size, 1), dtype='uint8', name='image')
   x = images
-  if augment_strength:
-    x = _augmentation(augment_strength, horizontal_flip, seed)(x)
+  if edge_channel not in EDGE_CHANNELS:
+    raise ValueError(f'edge_channel={edge_channel!r} is not one of {EDGE_CHANNELS}.')
+  if augment_strength and (augment_families or horizontal_flip):
+    x = augment.augmentation(augment_strength, families=augment_families, horizontal_flip=horizontal_flip,
+                             seed=seed, **(augment_ranges or {}))(x)
   if equalize != 'none':
     # After the augmentation, so that in training too the backbone only ever sees equalized images. Equalization
     # undoes most of the brightness and contrast jitter; the geometric transforms still vary the images.
     x = Equalize(equalize, dtype='float32', name='equalize')(x)
+  if edge_channel == 'sobel':
+    # After equalization: the edges of the image the backbone sees, at the contrast it sees.
+    x = augment.SobelEdges(name='edges')(x)
   if name == 'cnn':
     if weights is not None:
       raise ValueError(f'weights={weights!r}: the cnn is trained from scratch, so weights '
                        f'must be None (pretrained weights exist only for {", ".join(BACKBONES)}).')
     # float32 whatever the policy: the conv layers cast to their compute dtype themselves.
     x = keras.layers.Rescaling(1 / 255, dtype='float32', name='rescale')(x)
-    x = _cnn_backbone(image_size, cnn_filters, cnn_depth)(x)
+    x = _cnn_backbone(image_size, cnn_filters, cnn_depth, channels=x.shape[-1])(x)
   else:
     if weights not in (None, 'imagenet') and not tf.io.gfile.exists(weights):
       raise FileNotFoundError(f'weights={weights!r}: no such file; give None, \'imagenet\' '
@@ -317,32 +325,7 @@ def _normalize_like_imagenet_weights(backbone):
     normalization.finalize_state()  # The layer computes with copies of its variables, made here.
 
 
-def _augmentation(strength, horizontal_flip, seed):
-  """The random transforms, on [0, 255] pixels, their ranges scaled by `strength`; identity unless training."""
-  # One seed per layer: layers given the same seed would draw correlated transforms.
-  seeds = itertools.count(seed) if seed is not None else itertools.repeat(None)
-  # Black fill, like the film border: 'reflect' (the default) would mirror anatomy into the
-  # corners. float32: under mixed_bfloat16 the interpolation would otherwise round pixels.
-  geometric = dict(fill_mode='constant', dtype='float32')
-  layers = [
-      keras.layers.RandomRotation(strength * 10 / 360, seed=next(seeds), name='rotation', **geometric),
-      keras.layers.RandomZoom(strength * 0.1, seed=next(seeds), name='zoom', **geometric),
-      keras.layers.RandomTranslation(strength * 0.05, strength * 0.05, seed=next(seeds), name='translation',
-                                     **geometric),
-      # Both bounds given: Keras 3.15 turns a single RandomContrast factor f into [1, 1 + f] (its lower bound is
-      # clipped at 0), so contrast would only ever rise, not the documented [1 - f, 1 + f].
-      keras.layers.RandomContrast((strength * 0.1, strength * 0.1), seed=next(seeds), dtype='float32',
-                                  name='contrast'),
-      keras.layers.RandomBrightness(strength * 0.1, seed=next(seeds), dtype='float32', name='brightness'),
-      # Sensor and quantum noise differ between machines, and --equalize=clahe amplifies it in flat regions.
-      PixelNoise(strength * 4, seed=next(seeds), dtype='float32', name='noise'),
-  ]
-  if horizontal_flip:
-    layers.append(keras.layers.RandomFlip('horizontal', seed=next(seeds), dtype='float32', name='flip'))
-  return keras.Sequential(layers, name='augmentation')
-
-
-def _cnn_backbone(image_size, filters, depth):
+def _cnn_backbone(image_size, filters, depth, channels=1):
   """`depth` blocks of (Conv2D 3x3 -> BatchNorm -> ReLU) x 2 -> MaxPool -> SpatialDropout."""
   if filters < 1 or depth < 1:
     raise ValueError(f'cnn_filters={filters} and cnn_depth={depth} must both be >= 1.')
@@ -368,7 +351,7 @@ def _cnn_backbone(image_size, filters, depth):
     ]
   # Functional, not Sequential: a Sequential reloaded from .keras keeps each layer's `.output` from a stale build,
   # and Grad-CAM's sub-model of the last feature maps then gets no gradient.
-  images = x = keras.Input((image_size, image_size, 1))
+  images = x = keras.Input((image_size, image_size, channels))
   for layer in layers:
     x = layer(x)
   return keras.Model(images, x, name='backbone')
