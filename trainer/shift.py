@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import cli
+from trainer import config as config_lib
 from trainer import data
 from trainer import evaluate
 
@@ -92,21 +93,10 @@ SHIFTS = {
 }
 
 
-# Each shift's family: the --augment_families name of the training augmentation that simulates it. A model trained
-# without a family and scored on that family's shifts predicts how it meets a shift it was never shown
-# (`leave_one_family_out`); scored on shifts it trained on, the stress test would partly confirm its own augmentation.
-SHIFT_FAMILIES = {
-    'darker (gamma 1.5)': 'gamma',
-    'brighter (gamma 0.67)': 'gamma',
-    'low contrast (x0.7)': 'contrast',
-    'high contrast (x1.3)': 'contrast',
-    'blur (sigma 1/128 side)': 'blur',
-    'noise (sigma 8 grey levels)': 'noise',
-    'jpeg quality 20': 'jpeg',
-    'zoom out (x0.85, black border)': 'fov',
-    'zoom in (x1.15, cropped)': 'fov',
-}
-FAMILIES = tuple(dict.fromkeys(SHIFT_FAMILIES.values()))
+# A model trained without a family and scored on that family's shifts (config.SHIFT_FAMILIES) predicts how it meets
+# a shift it was never shown (`leave_one_family_out`); scored on shifts it trained on, the stress test would partly
+# confirm its own augmentation. These are the families the shifts cover, in SHIFTS' order.
+FAMILIES = tuple(dict.fromkeys(config_lib.SHIFT_FAMILIES.values()))
 
 
 def apply(name: str, images: tf.Tensor) -> tf.Tensor:
@@ -204,14 +194,15 @@ def leave_one_family_out(runs_without: dict[str, list], builder, split: str, *, 
                      f'{", ".join(missing)}.')
   for family in FAMILIES:
     for run in runs_without[family]:
-      if family in run.config.get('augment_families', FAMILIES):
+      # Runs from before the families were flags trained on the default set.
+      if family in run.config.get('augment_families', ','.join(config_lib.DEFAULT_FAMILIES)).split(','):
         raise ValueError(f'{run.model_dir} trained with the {family} augmentation, so it cannot score the {family} '
                          'shifts as unseen: train it with --augment_families without it.')
   families = {}
   for family in FAMILIES:
     runs = runs_without[family]
     shifts = {}
-    for name in (name for name, of in SHIFT_FAMILIES.items() if of == family):
+    for name in (name for name, of in config_lib.SHIFT_FAMILIES.items() if of == family):
       predictions = evaluate.predict_runs(runs, builder, split, batch_size=batch_size,
                                           transform=lambda images, name=name: apply(name, images))
       shifts[name] = evaluate.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc']
