@@ -110,6 +110,7 @@ class Config:
   logical_devices: int = 0
   profile_steps: tuple[int, int] | None = None  # (first, last) global step of a TensorBoard profile.
   deterministic: bool = False
+  steps_per_loop: int = 1  # Training steps per tf.function call.
 
   @property
   def weights_arg(self) -> str | None:
@@ -133,7 +134,7 @@ class Config:
     _one_of('equalize', self.equalize, EQUALIZE)
     _one_of('strategy', self.strategy, STRATEGIES)
     _one_of('precision', self.precision, PRECISIONS)
-    for name in ('batch_size', 'cnn_filters', 'cnn_depth', 'shuffle_buffer'):
+    for name in ('batch_size', 'cnn_filters', 'cnn_depth', 'shuffle_buffer', 'steps_per_loop'):
       if getattr(self, name) <= 0:
         raise ConfigError(f'--{name} must be positive, got {getattr(self, name)}.')
     for name in ('epochs', 'fine_tune_epochs', 'unfreeze', 'logical_devices', 'early_stopping_patience',
@@ -175,6 +176,9 @@ class Config:
     if self.manual_dir is not None and not os.path.isdir(self.manual_dir):
       raise ConfigError(f'--manual_dir={self.manual_dir}: no such folder.')
     return self
+
+
+DEFAULTS = Config()
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

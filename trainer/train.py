@@ -91,7 +91,7 @@ def train_metrics() -> dict[str, keras.metrics.Metric]:
 
 
 def make_train_step(model, optimizer, metrics, strategy, *, class_weights, global_batch, label_smoothing=0.0):
-  """A `tf.function` that runs one step on every replica.
+  """A `tf.function` that runs `steps` steps (default 1) on every replica: `train_step(iterator, steps)`.
 
   The loss is summed over the replica's examples and divided by the GLOBAL batch, so that the all-reduced
   gradient is the same as one device would compute on the whole batch (tf.nn.compute_average_loss).
@@ -113,8 +113,11 @@ def make_train_step(model, optimizer, metrics, strategy, *, class_weights, globa
       metrics[name].update_state(targets, probs)
 
   @tf.function
-  def train_step(iterator):
-    strategy.run(step, args=next(iterator))
+  def train_step(iterator, steps=1):
+    # A loop inside the function, as Orbit's use_tf_while_loop and Keras's steps_per_execution: one call from Python
+    # for `steps` steps. A tensor `steps` traces once for every count (AutoGraph makes this a tf.while_loop).
+    for _ in tf.range(steps):
+      strategy.run(step, args=next(iterator))
 
   return train_step
 
@@ -555,7 +558,7 @@ def train_epoch(state: TrainState, train_step, iterator, *, epoch: int, first_st
     FloatingPointError: the training loss stopped being finite; the epoch is not saved.
     SystemExit: preempted (`preemption.REQUEUE_EXIT_CODE`), after the step's checkpoint is saved.
   """
-  steps_per_epoch, per_loop = state.steps_per_epoch, 1
+  steps_per_epoch, per_loop = state.steps_per_epoch, state.config.steps_per_loop
   if not first_step:  # A preempted epoch goes on with its restored metrics.
     for metric in state.metrics.values():
       metric.reset_state()
@@ -566,7 +569,7 @@ def train_epoch(state: TrainState, train_step, iterator, *, epoch: int, first_st
     first_done, last_done = epoch * steps_per_epoch + step + 1, epoch * steps_per_epoch + end
     if first_done <= profile[0] <= last_done:
       tf.profiler.experimental.start(os.path.join(state.config.model_dir, 'train'))
-    train_step(iterator)
+    train_step(iterator, tf.constant(end - step))
     if first_done <= profile[1] <= last_done:
       tf.profiler.experimental.stop()
     # Reading a metric waits for the steps and, across workers, is an all-reduce: so every LOG_EVERY steps (at the
