@@ -267,6 +267,34 @@ def test_a_preempted_run_saves_at_a_step_and_resumes_there_exactly(reference, sy
   assert _scalars(os.path.join(model_dir, 'train'), 'loss') == _scalars(os.path.join(reference, 'train'), 'loss')
 
 
+def test_steps_per_loop_is_killed_and_preempted_at_loop_boundaries_and_resumes_exactly(reference, synthetic_data_dir,
+                                                                                      tmp_path):
+  """3 steps a tf.function call: an epoch's 16 steps are five loops and a last one of 1. Killed in epoch 2, preempted
+  in epoch 3, resumed at 4 steps a call (not fixed on resume), it ends with the model of the uninterrupted run at 1
+  step a call, to the bit."""
+  model_dir = str(tmp_path / 'looped')
+  command = _command(synthetic_data_dir, model_dir, '--steps_per_loop=3')
+  returncode, stderr = _run(command, kill_in_epoch=2)
+  assert returncode == -signal.SIGKILL, stderr[-3000:]
+  assert _latest_checkpoint_epoch(model_dir) == 1
+
+  # The progress bar is drawn after the loop that passes step 10 (at 12): the signal stops the loop after it, at 15.
+  returncode, stderr = _run(command, kill_in_epoch=2, sig=signal.SIGTERM)
+  assert returncode == preemption.REQUEUE_EXIT_CODE, stderr[-3000:]
+  assert _resumed_after(stderr) == 1
+  [line] = [line for line in stderr.splitlines() if 'Stopped by' in line]
+  step = int(re.search(r'after step (\d+) of epoch 3', line).group(1))
+  assert step % 3 == 0 and 12 <= step < 16, line
+
+  returncode, stderr = _run(_command(synthetic_data_dir, model_dir, '--steps_per_loop=4'))
+  assert returncode == 0, stderr[-3000:]
+  assert f'Resuming at step {step} of epoch 3' in stderr
+  assert _metrics(model_dir) == _metrics(reference)
+  assert _scalars(os.path.join(model_dir, 'train'), 'loss') == _scalars(os.path.join(reference, 'train'), 'loss')
+  with open(os.path.join(model_dir, 'config.json')) as f:
+    assert json.load(f)['steps_per_loop'] == 3  # The run's first settings; the resumed run's differ and may.
+
+
 def test_an_unreadable_preempted_checkpoint_falls_back_to_the_epoch_checkpoint(reference, synthetic_data_dir, tmp_path,
                                                                                 caplog):
   caplog.set_level('INFO', logger='absl')
@@ -439,6 +467,7 @@ def test_a_diverged_run_stops_at_once_keeps_the_last_good_checkpoint_and_resumes
     (['--fine_tune_learning_rate=inf'], '--fine_tune_learning_rate must be positive and finite, got inf'),
     (['--learning_rate=nan'], '--learning_rate must be positive and finite, got nan'),
     (['--deterministic'], '--deterministic needs --seed'),
+    (['--steps_per_loop=0'], '--steps_per_loop must be positive, got 0'),
     (['cnn'], 'Unexpected arguments cnn'),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(argv, message, tmp_path):

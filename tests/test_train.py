@@ -359,3 +359,42 @@ def test_a_checkpoint_without_counters_resumes_with_fresh_ones(tmp_path, caplog)
   again = train.PhaseControl(patience=2, plateau=None)
   train._restore_counters(again, new, 5)
   assert int(again.trained_epochs) == 5 and int(again.stale) == 1 and float(again.best_auc) == 0.5
+
+
+def _looped_weights(steps_per_call):
+  """A seeded model trained for 7 steps, `steps_per_call` steps a call (the last call takes what is left)."""
+  keras.utils.set_random_seed(3)
+  strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+  model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization(),
+                            keras.layers.Flatten(), keras.layers.Dropout(0.5, seed=3),
+                            keras.layers.Dense(1, activation='sigmoid')])
+  optimizer = keras.optimizers.Adam(1e-2)
+  optimizer.build(model.trainable_variables)
+  metrics = train.train_metrics()
+  step = train.make_train_step(model, optimizer, metrics, strategy, class_weights=[2.0, 0.5], global_batch=4)
+  initial = [w.numpy() for w in model.weights]
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0, 255, (28, 8, 8, 1)).astype(np.float32)
+  labels = rng.integers(0, 2, 28)
+  iterator = iter(strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)))
+  done = 0
+  while done < 7:
+    steps = min(steps_per_call, 7 - done)
+    step(iterator, tf.constant(steps))
+    done += steps
+  return (initial, [w.numpy() for w in model.weights], int(optimizer.iterations.numpy()),
+          {name: float(m.result()) for name, m in metrics.items()})
+
+
+def test_steps_per_loop_trains_the_same_steps_as_one_step_a_call():
+  """4 steps a call (a loop inside the tf.function, then a last call of 3) give one step a call's weights, optimizer
+  step count, metrics and dropout draws, to the bit: the loop runs the same step function."""
+  initial, one_weights, one_iterations, one_metrics = _looped_weights(1)
+  _, loop_weights, loop_iterations, loop_metrics = _looped_weights(4)
+  assert one_iterations == loop_iterations == 7
+  assert loop_metrics == one_metrics
+  assert len(one_weights) == len(loop_weights) == 8  # Conv2D, BatchNormalization with its statistics, Dense.
+  for before, one, loop in zip(initial, one_weights, loop_weights):
+    assert not np.array_equal(one, before)  # Every weight trained: the comparison is not of untouched ones.
+    np.testing.assert_array_equal(loop, one)

@@ -21,6 +21,8 @@ What is measured, on the same images:
                                the cnn and every backbone (head phase: the backbone frozen).
   train_step_recipe_model      launch/recipe.sh's model, one held batch: its step with Keras's old augmentation layers
                                against trainer/augment.py's, in float32 and mixed_bfloat16, and compiled with XLA.
+  train_loop_tiny              steps/s of trainer.train's loop at 32 steps a call (--steps_per_loop=32) against
+                               Keras fit(steps_per_execution=32), on a tiny model where dispatch dominates.
 
 Each pipeline is timed in several runs and the fastest is kept. A measurement and the bound or peer its target
 compares it with (GROUPS) are timed in one process, their runs alternating, so that other processes on the machine
@@ -62,6 +64,9 @@ SHUFFLE_BUFFER = 2048
 # NVIDIA's TensorFlow ResNet50 (mixed precision, XLA) on one A100, images/s: the rate one GPU consumes.
 A100_IMAGES_PER_S = 2400
 
+
+# The side of train_loop_tiny's images: small enough that a step costs less than its dispatch.
+TINY_SIDE = 8
 
 # Source files sampled for the decode-cost measurements.
 _DECODE_SAMPLE = 32
@@ -512,6 +517,65 @@ def train_densenet121(setup: Setup, batches: int) -> dict:
   return _train(setup, model_name='densenet121')
 
 
+def _tiny_model(seed: int) -> keras.Model:
+  keras.utils.set_random_seed(seed)
+  return keras.Sequential([keras.Input((TINY_SIDE, TINY_SIDE, 1)), keras.layers.Flatten(),
+                           keras.layers.Dense(1, activation='sigmoid')])
+
+
+def train_loop_tiny(setup: Setup, batches: int) -> dict:
+  """Steps per second of the trainer's loop at --steps_per_loop=32 against Keras's fit(steps_per_execution=32), on a
+  model so small that the host's dispatch of each call is what is timed: the same model, optimizer, metrics, class
+  weights and batches held in memory, timed in turns."""
+  del batches
+  per_loop, loops = 32, 64
+  rng = np.random.default_rng(setup.seed)
+  images = rng.uniform(0, 255, (8 * setup.batch_size, TINY_SIDE, TINY_SIDE, 1)).astype(np.float32)
+  labels = rng.integers(0, 2, len(images)).astype(np.int32)
+  dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(setup.batch_size, drop_remainder=True).cache()
+  dataset = dataset.repeat()
+
+  strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+  with strategy.scope():
+    ours_model = _tiny_model(setup.seed)
+    optimizer = train.make_optimizer('adam', 1e-3, loss_scale=False)
+    optimizer.build(ours_model.trainable_variables)
+    metrics = train.train_metrics()
+  step = train.make_train_step(ours_model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
+                               global_batch=setup.batch_size)
+  iterator = iter(strategy.experimental_distribute_dataset(dataset))
+  steps = tf.constant(per_loop)
+
+  def ours():
+    for _ in range(loops):
+      step(iterator, steps)
+    metrics['loss'].result().numpy()  # Waits for the steps.
+
+  keras_model = _tiny_model(setup.seed)
+  keras_model.compile(optimizer=keras.optimizers.Adam(1e-3), loss='binary_crossentropy',
+                      metrics=[metric for name, metric in train.train_metrics().items() if name != 'loss'],
+                      steps_per_execution=per_loop)
+
+  def keras_fit():
+    keras_model.fit(dataset, steps_per_epoch=per_loop * loops, epochs=1, verbose=0, class_weight={0: 1.0, 1: 1.0})
+
+  seconds = {'ours': [], 'keras_fit': []}
+  for timed in (ours, keras_fit):  # Traces, and warms the cache.
+    timed()
+  for _ in range(setup.repeats):
+    for name, timed in (('ours', ours), ('keras_fit', keras_fit)):
+      start = time.perf_counter()
+      timed()
+      seconds[name].append(time.perf_counter() - start)
+  steps_per_s = {name: per_loop * loops / min(s) for name, s in seconds.items()}
+  return {'images': per_loop * loops * setup.batch_size, 'seconds': round(min(seconds['ours']), 6),
+          'images_per_s': round(steps_per_s['ours'] * setup.batch_size, 1),
+          'steps_per_s': round(steps_per_s['ours'], 1), 'keras_fit_steps_per_s': round(steps_per_s['keras_fit'], 1),
+          'ratio': round(steps_per_s['ours'] / steps_per_s['keras_fit'], 3), 'steps_per_loop': per_loop,
+          'model': f'Flatten + Dense(1) on {TINY_SIDE}x{TINY_SIDE}x1, Adam, the trainer\'s six metrics',
+          'device': 'host CPU, float32'}
+
+
 def decode_224(setup: Setup, batches: int) -> _Timed:
   return _decode(setup, batches, size=224, resize=False)
 
@@ -546,6 +610,7 @@ MEASUREMENTS = {
     'train_efficientnetb0': (train_efficientnetb0, None),
     'train_densenet121': (train_densenet121, None),
     'train_step_recipe_model': (train_step_recipe_model, None),
+    'train_loop_tiny': (train_loop_tiny, None),
 }
 
 # Timed together, in one process, taking turns: each target's two sides (TARGETS).
@@ -576,6 +641,8 @@ TARGETS = (
     ('resnet50 step throughput, pipeline-fed / in-memory-fed', 'train_resnet50', None, 0.95, None),
     ("the recipe's model: step with the old augmentation layers / the fastest new step", 'train_step_recipe_model',
      None, 1.5, None),
+    ('steps/s at --steps_per_loop=32 / Keras fit(steps_per_execution=32), tiny model', 'train_loop_tiny', None, 1.0,
+     'a model this small times the host\'s dispatch per call, which many steps per call amortise'),
     ('augmentation (host CPU, batched) / Keras layers in tf.data', 'ours_warm_augmented',
      'peer_dataset_from_directory', 10.0,
      'ours runs in the model, so on an accelerator the host does none; here the same Keras layers run on the host'),

@@ -141,6 +141,7 @@ class Config:
   logical_devices: int = 0
   profile_steps: tuple[int, int] | None = None  # (first, last) global step of a TensorBoard profile.
   deterministic: bool = False
+  steps_per_loop: int = 1  # Training steps per tf.function call.
 
   @property
   def weights_arg(self) -> str | None:
@@ -175,7 +176,7 @@ class Config:
     _one_of('equalize', self.equalize, EQUALIZE)
     _one_of('strategy', self.strategy, STRATEGIES)
     _one_of('precision', self.precision, PRECISIONS)
-    for name in ('batch_size', 'cnn_filters', 'cnn_depth', 'shuffle_buffer'):
+    for name in ('batch_size', 'cnn_filters', 'cnn_depth', 'shuffle_buffer', 'steps_per_loop'):
       if getattr(self, name) <= 0:
         raise ConfigError(f'--{name} must be positive, got {getattr(self, name)}.')
     for name in ('epochs', 'fine_tune_epochs', 'unfreeze', 'logical_devices', 'early_stopping_patience',

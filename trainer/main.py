@@ -109,6 +109,10 @@ flags.DEFINE_list('profile_steps', None, 'FIRST,LAST: record a TensorBoard profi
                   '(open the Profile tab; its input-pipeline analysis says whether the steps wait for data).')
 flags.DEFINE_bool('deterministic', False, 'With --seed: make TensorFlow ops deterministic, so two runs give the '
                   'same metrics. Slower; see README.')
+flags.DEFINE_integer('steps_per_loop', config_lib.DEFAULTS.steps_per_loop, 'Training steps run by one call of '
+                     'the compiled training function (a loop inside it, as Keras\'s steps_per_execution): more cut the '
+                     'host\'s overhead per step when steps are short (small models, GPUs). The progress bar, the '
+                     'divergence check and preemption act between loops; the last loop of an epoch is cut short.')
 flags.DEFINE_integer('logical_devices', 0, 'Split the host CPU into this many logical devices, so that '
                      '--strategy=mirrored runs on a machine without GPUs (tests, laptops).')
 

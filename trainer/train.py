@@ -91,7 +91,7 @@ def train_metrics() -> dict[str, keras.metrics.Metric]:
 
 
 def make_train_step(model, optimizer, metrics, strategy, *, class_weights, global_batch, label_smoothing=0.0):
-  """A `tf.function` that runs one step on every replica.
+  """A `tf.function` that runs `steps` steps (default 1) on every replica: `train_step(iterator, steps)`.
 
   The loss is summed over the replica's examples and divided by the GLOBAL batch, so that the all-reduced
   gradient is the same as one device would compute on the whole batch (tf.nn.compute_average_loss).
@@ -113,8 +113,11 @@ def make_train_step(model, optimizer, metrics, strategy, *, class_weights, globa
       metrics[name].update_state(targets, probs)
 
   @tf.function
-  def train_step(iterator):
-    strategy.run(step, args=next(iterator))
+  def train_step(iterator, steps=1):
+    # A loop inside the function, as Orbit's use_tf_while_loop and Keras's steps_per_execution: one call from Python
+    # for `steps` steps. A tensor `steps` traces once for every count (AutoGraph makes this a tf.while_loop).
+    for _ in tf.range(steps):
+      strategy.run(step, args=next(iterator))
 
   return train_step
 
@@ -277,13 +280,367 @@ def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
     return _run(config, strategy, chief, stop)
 
 
+class BestEpoch(tf.Module):
+  """The best validation ROC-AUC so far, with its epoch and threshold: Orbit's NewBestMetric (higher is better).
+
+  `test` only compares, `commit` records: the decision is made once, at the end of an epoch, and what it records
+  commits with that epoch's checkpoint (the variables are in it) rather than in a file of its own, so a kill can
+  never leave the best epoch's record and the run's position disagreeing.
+  """
+
+  def __init__(self):
+    super().__init__(name='best_epoch')
+    self.auc = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='best_validation_auc')
+    self.threshold = tf.Variable(0.5, dtype=tf.float64, trainable=False, name='best_threshold')
+    self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='best_epoch')
+
+  def test(self, auc: float) -> bool:
+    """Whether `auc` is better than the best so far; changes nothing."""
+    return auc > float(self.auc)
+
+  def commit(self, auc: float, threshold: float, epoch: int) -> None:
+    self.auc.assign(auc)
+    self.threshold.assign(threshold)
+    self.epoch.assign(epoch)
+
+  def as_dict(self) -> dict:
+    return {'epoch': int(self.epoch), 'validation_roc_auc': float(self.auc)}
+
+
+class TrainState:
+  """Everything a run resumes from, and the protocol that commits it, in Orbit's trainer shape.
+
+  It owns the model, both phases' optimizers, the training metrics, the early-stopping and plateau counters
+  (PhaseControl), the bookkeeping variables (epoch, best epoch, global step) and three checkpoint managers:
+  checkpoints/ (one per epoch, the commit point; the two newest are kept), best/ (the best epoch's weights) and
+  checkpoints/preempted/ (a preempted run's step). An epoch commits in this order (`commit`): the epoch checkpoint,
+  the removal of the preempted checkpoint it supersedes, then the best epoch's weights. `resume` repairs what a kill
+  between two of them leaves, and a lost state file or an unreadable checkpoint (see `_restore`).
+
+  Args:
+    config: the run's Config.
+    strategy: the run's strategy.
+    model, optimizers ({phase: optimizer}, each built on its phase's variables), learning_rates ({phase: the flags'
+      rate or schedule}), metrics (`train_metrics()`): made in the strategy's scope, as `build` makes them.
+    steps_per_epoch: training steps in an epoch.
+    write_dir: this worker's folder (`distribute.worker_dir`): the chief's is the model dir.
+  """
+
+  def __init__(self, config: Config, strategy: tf.distribute.Strategy, *, model: keras.Model, optimizers: dict,
+               learning_rates: dict, metrics: dict, steps_per_epoch: int, write_dir: str):
+    self.config, self.strategy, self.model = config, strategy, model
+    self.optimizers, self.learning_rates, self.metrics = optimizers, learning_rates, metrics
+    self.steps_per_epoch, self.write_dir = steps_per_epoch, write_dir
+    # The loop's bookkeeping, outside the strategy scope: Python reads it on the host, and a MirroredVariable has no
+    # __int__ or __float__ (int(epoch) fails under MirroredStrategy).
+    self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
+    self.best = BestEpoch()
+    self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
+    self.control = PhaseControl(config.early_stopping_patience,
+                                (config.plateau_factor, config.plateau_patience, config.plateau_min_lr)
+                                if config.lr_schedule == 'plateau' else None)
+    # random_states: the seed states of the augmentation and dropout layers, which Keras leaves out of the model's
+    # checkpoint. Without them a resumed run draws other augmentations than an uninterrupted one.
+    self.checkpoint = tf.train.Checkpoint(model=model, epoch=self.epoch, best_auc=self.best.auc,
+                                          best_threshold=self.best.threshold, best_epoch=self.best.epoch,
+                                          random_states=_seed_states(model),
+                                          **{f'{phase}_optimizer': optimizers[phase] for phase in PHASES})
+    # The best epoch's weights, in TF's format like the checkpoints: written and committed the same way.
+    self.best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), os.path.join(write_dir, 'best'),
+                                                   max_to_keep=1)
+    # A preempted run's checkpoint, taken between two steps: the epoch checkpoint's state plus the step and the
+    # partial epoch's training metrics. Kept apart, so the epoch checkpoints stay one per epoch, and removed once the
+    # resumed run has committed the next epoch.
+    self.preempted_checkpoint = tf.train.Checkpoint(
+        run=self.checkpoint, global_step=self.global_step,
+        metrics=[v for metric in metrics.values() for v in metric.variables])
+    self.preempted_manager = tf.train.CheckpointManager(
+        self.preempted_checkpoint, os.path.join(write_dir, 'checkpoints', 'preempted'), max_to_keep=1)
+    self.manager = None  # Made by `resume`, which may first repair the state file it reads.
+
+  @classmethod
+  def build(cls, config: Config, strategy: tf.distribute.Strategy, *, image_size: int, steps_per_epoch: int,
+            write_dir: str) -> 'TrainState':
+    """Builds the model, the optimizers and the metrics in the strategy's scope, and the state around them."""
+    loss_scale = keras.mixed_precision.dtype_policy().name == 'mixed_float16'
+    learning_rates = {
+        phase: learning_rate_schedule(
+            distribute.scaled_learning_rate(lr, config.batch_size, rule=config.lr_scaling), config.lr_schedule,
+            steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+        for phase, lr, epochs in zip(PHASES, (config.learning_rate, config.fine_tune_learning_rate),
+                                     (config.epochs, config.fine_tune_epochs))}
+    with strategy.scope():
+      model = models.build_model(
+          config.model, image_size=image_size, weights=config.weights_arg, dropout=config.dropout,
+          horizontal_flip=config.horizontal_flip, augment_strength=config.augment_strength,
+          equalize=config.equalize, cnn_filters=config.cnn_filters, cnn_depth=config.cnn_depth, seed=config.seed,
+          augment_families=config.families, augment_ranges=config.augment_ranges, edge_channel=config.edge_channel)
+      optimizers = {phase: make_optimizer(config.optimizer, learning_rates[phase], loss_scale,
+                                          weight_decay=config.weight_decay, clipnorm=config.clipnorm)
+                    for phase in PHASES}
+      # Both optimizers are built up front, each on its phase's variables, so a checkpoint taken in either phase
+      # restores into objects that already exist.
+      for phase in PHASES:
+        models.set_trainable(model, phase, _unfreeze(config, phase))
+        optimizers[phase].build(model.trainable_variables)
+      metrics = train_metrics()
+    return cls(config, strategy, model=model, optimizers=optimizers, learning_rates=learning_rates, metrics=metrics,
+               steps_per_epoch=steps_per_epoch, write_dir=write_dir)
+
+  def phase_of(self, epoch: int) -> str:
+    return PHASES[epoch >= self.config.epochs]
+
+  def resume(self, *, chief: bool) -> int:
+    """Restores the newest readable epoch checkpoint, then a preempted run's step if it is newer.
+
+    Every worker resumes from the chief's checkpoint, as in the TF multi-worker tutorial: a non-chief's own folder is
+    deleted at the end of a run, and workers resuming at different epochs would run different numbers of steps and
+    wait on each other's collectives forever. The chief alone repairs (`_restore`'s `repair`).
+
+    Returns:
+      The step within epoch `int(self.epoch)` to go on from: 0 unless a preempted run stopped inside it.
+
+    Raises:
+      ValueError: as `_restore` and `_restore_preempted`.
+    """
+    config, steps_per_epoch = self.config, self.steps_per_epoch
+    restored = _restore(self.checkpoint, os.path.join(config.model_dir, 'checkpoints'), repair=chief)
+    # Tracked after the restore, and restored on its own: a checkpoint from before the counters existed still resumes.
+    self.checkpoint.phase_control = self.control
+    # After the restore, which may rewrite a lost state file: the manager reads it to know which checkpoints it keeps.
+    # max_to_keep=2: the one before the latest is the fallback when the latest cannot be read.
+    self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(self.write_dir, 'checkpoints'),
+                                              max_to_keep=2)
+    epoch = int(self.epoch)
+    if restored:
+      _restore_counters(self.control, restored, epoch)
+      logging.info('Resuming from %s after epoch %d.', restored, epoch)
+      # The flags' learning rates, not the checkpoint's: a run stopped by a NaN loss goes on with a lower one. (A
+      # schedule is not in the checkpoint: the optimizer already has the flags' one, at the restored step.)
+      for phase in PHASES:
+        if not isinstance(self.learning_rates[phase], keras.optimizers.schedules.LearningRateSchedule):
+          self.optimizers[phase].learning_rate = self.learning_rates[phase]
+      if self.control.plateau:  # The restored phase's plateau reductions, applied to the flags' rate.
+        phase = self.phase_of(epoch)
+        self.optimizers[phase].learning_rate = self.control.learning_rate(self.learning_rates[phase])
+      if int(self.best.epoch) == epoch:
+        # The run may have stopped between the checkpoint that names this epoch the best and the best's own save.
+        _save(self.best_manager, epoch)
+    self.global_step.assign(epoch * steps_per_epoch)
+    # Each worker's own: between two epochs' syncs the replicas' BatchNormalization statistics differ (see
+    # make_statistics_sync), and a worker resumed with the chief's would end the epoch with other ones. The chief's
+    # serves a worker that has none (a job resumed with more workers).
+    preempted_dirs = dict.fromkeys(os.path.join(d, 'checkpoints', 'preempted')
+                                   for d in (self.write_dir, config.model_dir))
+    if _restore_preempted(self.preempted_checkpoint, list(preempted_dirs), epoch=epoch,
+                          fallback=(self.checkpoint, restored)):
+      logging.info('Resuming at step %d of epoch %d (global step %d), where a preempted run stopped.',
+                   int(self.global_step) - epoch * steps_per_epoch, epoch + 1, int(self.global_step))
+    return int(self.global_step) - epoch * steps_per_epoch
+
+  def steps_trained(self, first_step: int) -> int:
+    """The training batches read so far: the data pipeline's position, which an early-stopped phase's skipped epochs
+    do not move."""
+    return int(self.control.trained_epochs) * self.steps_per_epoch + first_step
+
+  def start_phase(self, epoch: int) -> None:
+    """A phase's first epoch (a resumed run may be there too, with nothing done): fresh counters and learning rate,
+    and after an early stop the best weights so far."""
+    self.control.start_phase()
+    if epoch and self.config.early_stopping_patience:
+      _restore_best(self.model, self.best_manager, self.config.model_dir)
+    if self.control.plateau:
+      phase = self.phase_of(epoch)
+      self.optimizers[phase].learning_rate = self.learning_rates[phase]
+
+  def enter_phase(self, phase: str, class_weights: np.ndarray):
+    """Sets the phase's trainable layers; returns its training step and BatchNormalization sync (or None)."""
+    trainable = models.set_trainable(self.model, phase, _unfreeze(self.config, phase))
+    logging.info('Phase %s: %d trainable variables, backbone layers trained: %s', phase,
+                 len(self.model.trainable_variables), trainable or 'none')
+    train_step = make_train_step(self.model, self.optimizers[phase], self.metrics, self.strategy,
+                                 class_weights=class_weights, global_batch=self.config.batch_size,
+                                 label_smoothing=self.config.label_smoothing)
+    return train_step, make_statistics_sync(self.model, self.strategy)
+
+  def save_preempted(self, global_step: int) -> str:
+    """Saves the run at a step boundary inside an epoch; returns the checkpoint's path."""
+    self.global_step.assign(global_step)
+    _save(self.preempted_manager, global_step)
+    return self.preempted_manager.latest_checkpoint
+
+  def commit(self, epochs_done: int, improved: bool) -> None:
+    """Commits an epoch whose bookkeeping is assigned: its checkpoint, then the rest in an order resume repairs.
+
+    Raises:
+      OSError: a checkpoint could not be written (`_save`); what was committed before stays in charge.
+    """
+    _save(self.manager, epochs_done)
+    # Older than the checkpoint just committed; a kill before this is repaired by `_restore_preempted`'s epoch check.
+    shutil.rmtree(os.path.join(self.write_dir, 'checkpoints', 'preempted'), ignore_errors=True)
+    if improved:
+      # After the checkpoint, which is the commit point: a kill in between is repaired on resume.
+      _save(self.best_manager, epochs_done)
+
+
 def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: preemption.Watcher) -> dict:
+  """The recipe: data and state, resume, then epochs of training, validation and commit; the chief reports."""
   write_dir = distribute.worker_dir(config.model_dir, strategy)
   os.makedirs(write_dir, exist_ok=True)
-
   builder = data.prepare(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
   image_size = config.image_size or data.stored_image_size(builder) or 224
   new_settings = _check_model_dir(config, image_size) if chief else None
+  class_weights, steps_per_epoch = _class_weights_and_steps(config, builder, strategy)
+
+  state = TrainState.build(config, strategy, image_size=image_size, steps_per_epoch=steps_per_epoch,
+                           write_dir=write_dir)
+  if new_settings:
+    _write_json(os.path.join(config.model_dir, 'config.json'), new_settings)
+  first_step = state.resume(chief=chief)
+
+  skip_steps = state.steps_trained(first_step)
+  iterator = iter(strategy.distribute_datasets_from_function(lambda ctx: data.train_dataset(
+      builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
+      cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx, skip_steps=skip_steps,
+      balanced=config.class_weight == 'resample')))
+  val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
+  predict = evaluate.make_predict(state.model)  # Once: a function traced anew every epoch would retrace every epoch.
+  writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
+                    else tf.summary.create_noop_writer()) for name in ('train', 'validation')}
+  if chief and int(state.global_step) == 0:
+    _log_run_start(config, state.model, builder, image_size, writers['train'])
+
+  total_epochs = config.epochs + config.fine_tune_epochs
+  progress = _Progress(total_epochs, steps_per_epoch, verbose=chief)
+  # The global steps to profile, cut to the run's length so that a started profile is always stopped.
+  profile = (-1, -1)
+  if chief and config.profile_steps:
+    profile = (config.profile_steps[0], min(config.profile_steps[1], total_epochs * steps_per_epoch))
+  phase, epoch = None, int(state.epoch)
+  while epoch < total_epochs:
+    if epoch in (0, config.epochs):
+      state.start_phase(epoch)
+    if phase != state.phase_of(epoch):
+      phase = state.phase_of(epoch)
+      train_step, sync_statistics = state.enter_phase(phase, class_weights)
+    start = time.time()
+    train = train_epoch(state, train_step, iterator, epoch=epoch, first_step=first_step, phase=phase, stop=stop,
+                        bar=progress.bar(), profile=profile, sync_statistics=sync_statistics)
+    first_step = 0
+    val_pred = evaluate.predict_split(state.model, val_ds, predict=predict)
+    next_epoch, val = end_epoch(state, epoch=epoch, phase=phase, train=train, val_pred=val_pred, writers=writers)
+    progress.epoch_done(epoch, phase, time.time() - start, train, val)
+    epoch = next_epoch
+
+  for writer in writers.values():
+    writer.flush()
+  if not chief:
+    _remove_worker_dir(write_dir)
+    return {}
+  return finish(config, state.model, builder, image_size, threshold=float(state.best.threshold),
+                best_checkpoint=state.best_manager.latest_checkpoint, best=state.best.as_dict())
+
+
+def train_epoch(state: TrainState, train_step, iterator, *, epoch: int, first_step: int, phase: str,
+                stop: preemption.Watcher, bar: keras.utils.Progbar, profile: tuple[int, int],
+                sync_statistics=None) -> dict[str, float]:
+  """Trains epoch `epoch` from step `first_step`; returns its training metrics.
+
+  Args:
+    state: the run's state.
+    train_step: the phase's `make_train_step`.
+    iterator: the distributed training iterator, at the epoch's `first_step`.
+    epoch, first_step, phase: where the run is.
+    stop: the preemption watcher: a stop saves the step (`TrainState.save_preempted`) and exits.
+    bar: the epoch's progress bar.
+    profile: the first and last global step to profile ((-1, -1): none).
+    sync_statistics: `make_statistics_sync`'s function, called once the epoch's steps are done.
+
+  Raises:
+    FloatingPointError: the training loss stopped being finite; the epoch is not saved.
+    SystemExit: preempted (`preemption.REQUEUE_EXIT_CODE`), after the step's checkpoint is saved.
+  """
+  steps_per_epoch, per_loop = state.steps_per_epoch, state.config.steps_per_loop
+  if not first_step:  # A preempted epoch goes on with its restored metrics.
+    for metric in state.metrics.values():
+      metric.reset_state()
+  step = first_step
+  while step < steps_per_epoch:
+    # Loops end at multiples of steps_per_loop within the epoch, and the last one of an epoch is cut short.
+    end = min((step // per_loop + 1) * per_loop, steps_per_epoch)
+    first_done, last_done = epoch * steps_per_epoch + step + 1, epoch * steps_per_epoch + end
+    if first_done <= profile[0] <= last_done:
+      tf.profiler.experimental.start(os.path.join(state.config.model_dir, 'train'))
+    train_step(iterator, tf.constant(end - step))
+    if first_done <= profile[1] <= last_done:
+      tf.profiler.experimental.stop()
+    # Reading a metric waits for the steps and, across workers, is an all-reduce: so every LOG_EVERY steps (at the
+    # loop boundary after them), for the progress bar and to stop a diverged run within a few steps of going bad.
+    read = end // LOG_EVERY > step // LOG_EVERY or end == steps_per_epoch
+    step = end
+    if stop.requested(sync_point=read):
+      path = state.save_preempted(last_done)
+      logging.warning('Stopped by %s after step %d of epoch %d: saved %s. Run the same command to resume from '
+                      'there (exit code %d: requeue).', stop.signal_name, step, epoch + 1, path,
+                      preemption.REQUEUE_EXIT_CODE)
+      sys.exit(preemption.REQUEUE_EXIT_CODE)
+    if not read:
+      continue
+    loss = float(state.metrics['loss'].result())
+    if not math.isfinite(loss):
+      raise FloatingPointError(_diverged_message(loss, epoch, step - 1, phase))
+    bar.update(step, [('loss', loss), ('auc', float(state.metrics['auc'].result()))])
+  if sync_statistics:
+    sync_statistics()
+  return {name: float(metric.result()) for name, metric in state.metrics.items()}
+
+
+def end_epoch(state: TrainState, *, epoch: int, phase: str, train: dict[str, float],
+              val_pred: dict[str, np.ndarray], writers: dict) -> tuple[int, dict[str, float]]:
+  """The end of an epoch: summaries, the best-epoch test and commit, early stopping and plateau, the checkpoint.
+
+  Returns:
+    (the next epoch to train, the validation scalars).
+  """
+  val = split_scalars(val_pred['labels'], val_pred['probs'])
+  # This epoch's own threshold, the one the run keeps if the epoch is its best.
+  threshold = evaluate.choose_threshold(val_pred['labels'], val_pred['probs'])
+  _write_summaries(state, epoch=epoch, phase=phase, train=train, val=val, val_pred=val_pred, threshold=threshold,
+                   writers=writers)
+  improved = state.best.test(val['auc'])
+  if improved:
+    state.best.commit(val['auc'], threshold, epoch + 1)
+  next_epoch = _control_phase(state.control, val['auc'], epoch, phase, state.config, state.optimizers[phase],
+                              state.learning_rates[phase])
+  state.epoch.assign(next_epoch)
+  state.commit(epoch + 1, improved)
+  return next_epoch, val
+
+
+def _write_summaries(state: TrainState, *, epoch: int, phase: str, train: dict, val: dict, val_pred: dict,
+                     threshold: float, writers: dict) -> None:
+  with writers['train'].as_default():
+    for name, value in train.items():
+      tf.summary.scalar(name, value, step=epoch + 1)
+    # .numpy(): a Keras variable created in a strategy scope wraps a MirroredVariable, which float() rejects.
+    tf.summary.scalar('learning_rate', float(state.optimizers[phase].learning_rate.numpy()), step=epoch + 1)
+    tf.summary.scalar('global_step', (epoch + 1) * state.steps_per_epoch, step=epoch + 1)
+  with writers['validation'].as_default():
+    for name, value in val.items():
+      tf.summary.scalar(name, value, step=epoch + 1)
+    # At this epoch's own threshold: test's matrix, beside it in TensorBoard, is drawn at the kept one.
+    cm = evaluate.metrics_at(val_pred['labels'], val_pred['probs'], threshold)['confusion_matrix']
+    title = f'Validation, epoch {epoch + 1}, threshold {threshold:.3f} ({evaluate.TRAINING_RULE})'
+    _png_summary('confusion_matrix', figures.confusion_matrix_png(cm, title=title), epoch + 1)
+    _png_summary('roc_curve', figures.roc_curve_png(val_pred['labels'], val_pred['probs']), epoch + 1)
+
+
+def _class_weights_and_steps(config: Config, builder, strategy) -> tuple[np.ndarray, int]:
+  """The class weights (from the training split's counts) and the training steps of an epoch.
+
+  Raises:
+    ValueError: a split lacks a class, or the batch is larger than the training split.
+  """
   counts = data.class_counts(builder, 'train')
   _check_classes(builder, {'train': counts, 'validation': data.class_counts(builder, 'validation')})
   class_weights = (counts.sum() / (len(counts) * counts) if config.class_weight == 'balanced'
@@ -294,213 +651,25 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
   logging.info('%s: %d training images per class %s, class weights %s, %d steps of %d per epoch, %d replicas.',
                config.dataset, counts.sum(), counts.tolist(), np.round(class_weights, 3).tolist(),
                steps_per_epoch, config.batch_size, strategy.num_replicas_in_sync)
+  return class_weights, steps_per_epoch
 
-  loss_scale = keras.mixed_precision.dtype_policy().name == 'mixed_float16'
-  learning_rates = {
-      phase: learning_rate_schedule(
-          distribute.scaled_learning_rate(lr, config.batch_size, rule=config.lr_scaling), config.lr_schedule,
-          steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
-      for phase, lr, epochs in zip(PHASES, (config.learning_rate, config.fine_tune_learning_rate),
-                                   (config.epochs, config.fine_tune_epochs))}
-  with strategy.scope():
-    model = models.build_model(
-        config.model, image_size=image_size, weights=config.weights_arg, dropout=config.dropout,
-        horizontal_flip=config.horizontal_flip, augment_strength=config.augment_strength, equalize=config.equalize,
-        cnn_filters=config.cnn_filters, cnn_depth=config.cnn_depth, seed=config.seed,
-        augment_families=config.families, augment_ranges=config.augment_ranges, edge_channel=config.edge_channel)
-    optimizers = {phase: make_optimizer(config.optimizer, learning_rates[phase], loss_scale,
-                                        weight_decay=config.weight_decay, clipnorm=config.clipnorm)
-                  for phase in PHASES}
-    # Both optimizers are built up front, each on its phase's variables, so a checkpoint taken in either phase
-    # restores into objects that already exist.
-    for phase in PHASES:
-      models.set_trainable(model, phase, _unfreeze(config, phase))
-      optimizers[phase].build(model.trainable_variables)
-    metrics = train_metrics()
-  if new_settings:
-    _write_json(os.path.join(config.model_dir, 'config.json'), new_settings)
-  # The loop's bookkeeping, outside the strategy scope: Python reads it on the host, and a MirroredVariable has no
-  # __int__ or __float__ (int(epoch) fails under MirroredStrategy).
-  epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
-  best_auc = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='best_validation_auc')
-  best_threshold = tf.Variable(0.5, dtype=tf.float64, trainable=False, name='best_threshold')
-  best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='best_epoch')
-  global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step')
 
-  # random_states: the seed states of the augmentation and dropout layers, which Keras leaves out of the model's
-  # checkpoint. Without them a resumed run draws other augmentations than an uninterrupted one.
-  checkpoint = tf.train.Checkpoint(model=model, epoch=epoch_var, best_auc=best_auc, best_threshold=best_threshold,
-                                   best_epoch=best_epoch, random_states=_seed_states(model),
-                                   **{f'{phase}_optimizer': optimizers[phase] for phase in PHASES})
-  control = PhaseControl(config.early_stopping_patience,
-                         (config.plateau_factor, config.plateau_patience, config.plateau_min_lr)
-                         if config.lr_schedule == 'plateau' else None)
-  # The best epoch's weights, in TF's format like the checkpoints: written and committed the same way.
-  best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), os.path.join(write_dir, 'best'),
-                                            max_to_keep=1)
-  # A preempted run's checkpoint, taken between two steps: the epoch checkpoint's state plus the step and the partial
-  # epoch's training metrics. Kept apart, so the epoch checkpoints stay one per epoch, and removed once the resumed
-  # run has committed the next epoch.
-  preempted_checkpoint = tf.train.Checkpoint(run=checkpoint, global_step=global_step,
-                                             metrics=[v for metric in metrics.values() for v in metric.variables])
-  preempted_manager = tf.train.CheckpointManager(
-      preempted_checkpoint, os.path.join(write_dir, 'checkpoints', 'preempted'), max_to_keep=1)
-  # Every worker resumes from the chief's checkpoint, as in the TF multi-worker tutorial: a non-chief's own folder is
-  # deleted at the end of a run, and workers resuming at different epochs would run different numbers of steps and
-  # wait on each other's collectives forever.
-  restored = _restore(checkpoint, os.path.join(config.model_dir, 'checkpoints'), repair=chief)
-  # Tracked after the restore, and restored on its own: a checkpoint from before the counters existed still resumes.
-  checkpoint.phase_control = control
-  # After the restore, which may rewrite a lost state file: the manager reads it to know which checkpoints it keeps.
-  # max_to_keep=2: the one before the latest is the fallback when the latest cannot be read.
-  manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, 'checkpoints'), max_to_keep=2)
-  if restored:
-    _restore_counters(control, restored, int(epoch_var))
-    logging.info('Resuming from %s after epoch %d.', restored, int(epoch_var))
-    # The flags' learning rates, not the checkpoint's: a run stopped by a NaN loss goes on with a lower one. (A
-    # schedule is not in the checkpoint: the optimizer already has the flags' one, at the restored step.)
-    for phase in PHASES:
-      if not isinstance(learning_rates[phase], keras.optimizers.schedules.LearningRateSchedule):
-        optimizers[phase].learning_rate = learning_rates[phase]
-    if control.plateau:  # The restored phase's plateau reductions, applied to the flags' rate.
-      resumed_phase = PHASES[int(epoch_var) >= config.epochs]
-      optimizers[resumed_phase].learning_rate = control.learning_rate(learning_rates[resumed_phase])
-    if int(best_epoch) == int(epoch_var):
-      # The run may have stopped between the checkpoint that names this epoch the best and the best's own save.
-      _save(best_manager, int(best_epoch))
-  global_step.assign(int(epoch_var) * steps_per_epoch)
-  # Each worker's own: between two epochs' syncs the replicas' BatchNormalization statistics differ (see
-  # make_statistics_sync), and a worker resumed with the chief's would end the epoch with other ones. The chief's
-  # serves a worker that has none (a job resumed with more workers).
-  preempted_dirs = dict.fromkeys(os.path.join(d, 'checkpoints', 'preempted') for d in (write_dir, config.model_dir))
-  if _restore_preempted(preempted_checkpoint, list(preempted_dirs), epoch=int(epoch_var),
-                        fallback=(checkpoint, restored)):
-    logging.info('Resuming at step %d of epoch %d (global step %d), where a preempted run stopped.',
-                 int(global_step) - int(epoch_var) * steps_per_epoch, int(epoch_var) + 1, int(global_step))
-  first_step = int(global_step) - int(epoch_var) * steps_per_epoch
+def _log_run_start(config: Config, model, builder, image_size: int, train_writer) -> None:
+  """A new run's augmented images, and its HParams at the run's root, so the HParams plugin sees train/ and
+  validation/ as this session's metric groups."""
+  _log_augmented_images(model, builder, image_size, train_writer)
+  with tf.summary.create_file_writer(config.model_dir).as_default():
+    hp.hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                for k, v in dataclasses.asdict(config).items()},
+               trial_id=os.path.basename(os.path.abspath(config.model_dir)))
 
-  train_ds = strategy.distribute_datasets_from_function(lambda ctx: data.train_dataset(
-      builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
-      cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx,
-      # The steps trained so far, not the epoch counter's: an early-stopped phase skips epochs it never read.
-      skip_steps=int(control.trained_epochs) * steps_per_epoch + first_step,
-      balanced=config.class_weight == 'resample'))
-  iterator = iter(train_ds)
-  val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
-  predict = evaluate.make_predict(model)  # Once: a function traced anew every epoch would retrace every epoch.
 
-  writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
-                    else tf.summary.create_noop_writer()) for name in ('train', 'validation')}
-  if chief and int(global_step) == 0:
-    _log_augmented_images(model, builder, image_size, writers['train'])
-    with tf.summary.create_file_writer(config.model_dir).as_default():
-      # At the run's root, so the HParams plugin sees train/ and validation/ as this session's metric groups.
-      hp.hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
-                  for k, v in dataclasses.asdict(config).items()},
-                 trial_id=os.path.basename(os.path.abspath(config.model_dir)))
-
-  total_epochs = config.epochs + config.fine_tune_epochs
-  progress = _Progress(total_epochs, steps_per_epoch, verbose=chief)
-  phase, train_step = None, None
-  # The global steps to profile, cut to the run's length so that a started profile is always stopped.
-  profile = (-1, -1)
-  if chief and config.profile_steps:
-    profile = (config.profile_steps[0], min(config.profile_steps[1], total_epochs * steps_per_epoch))
-  epoch = int(epoch_var)
-  while epoch < total_epochs:
-    if epoch in (0, config.epochs):  # The phase's first epoch (a resumed run may be there too, with nothing done).
-      control.start_phase()
-      if epoch and config.early_stopping_patience:
-        _restore_best(model, best_manager, config.model_dir)
-      if control.plateau:
-        optimizers[PHASES[epoch >= config.epochs]].learning_rate = learning_rates[PHASES[epoch >= config.epochs]]
-    if phase != PHASES[epoch >= config.epochs]:
-      phase = PHASES[epoch >= config.epochs]
-      trainable = models.set_trainable(model, phase, _unfreeze(config, phase))
-      logging.info('Phase %s: %d trainable variables, backbone layers trained: %s', phase,
-                   len(model.trainable_variables), trainable or 'none')
-      train_step = make_train_step(model, optimizers[phase], metrics, strategy, class_weights=class_weights,
-                                   global_batch=config.batch_size, label_smoothing=config.label_smoothing)
-      sync_statistics = make_statistics_sync(model, strategy)
-    start = time.time()
-    if not first_step:  # A preempted epoch goes on with its restored metrics.
-      for metric in metrics.values():
-        metric.reset_state()
-    bar = progress.bar()
-    for step in range(first_step, steps_per_epoch):
-      done = epoch * steps_per_epoch + step + 1
-      if done == profile[0]:
-        tf.profiler.experimental.start(os.path.join(config.model_dir, 'train'))
-      train_step(iterator)
-      if done == profile[1]:
-        tf.profiler.experimental.stop()
-      if stop.requested(sync_point=(step + 1) % LOG_EVERY == 0 or step + 1 == steps_per_epoch):
-        global_step.assign(done)
-        _save(preempted_manager, done)
-        logging.warning('Stopped by %s after step %d of epoch %d: saved %s. Run the same command to resume from '
-                        'there (exit code %d: requeue).', stop.signal_name, step + 1, epoch + 1,
-                        preempted_manager.latest_checkpoint, preemption.REQUEUE_EXIT_CODE)
-        sys.exit(preemption.REQUEUE_EXIT_CODE)
-      if (step + 1) % LOG_EVERY and step + 1 < steps_per_epoch:
-        continue
-      # Reading a metric waits for the step and, across workers, is an all-reduce: so every LOG_EVERY steps, for the
-      # progress bar and to stop a diverged run within a few steps of going bad.
-      loss = float(metrics['loss'].result())
-      if not math.isfinite(loss):
-        raise FloatingPointError(_diverged_message(loss, epoch, step, phase))
-      bar.update(step + 1, [('loss', loss), ('auc', float(metrics['auc'].result()))])
-    if sync_statistics:
-      sync_statistics()
-    train = {name: float(metric.result()) for name, metric in metrics.items()}
-
-    first_step = 0
-    val_pred = evaluate.predict_split(model, val_ds, predict=predict)
-    val = split_scalars(val_pred['labels'], val_pred['probs'])
-    with writers['train'].as_default():
-      for name, value in train.items():
-        tf.summary.scalar(name, value, step=epoch + 1)
-      # .numpy(): a Keras variable created in a strategy scope wraps a MirroredVariable, which float() rejects.
-      tf.summary.scalar('learning_rate', float(optimizers[phase].learning_rate.numpy()), step=epoch + 1)
-      tf.summary.scalar('global_step', (epoch + 1) * steps_per_epoch, step=epoch + 1)
-    with writers['validation'].as_default():
-      for name, value in val.items():
-        tf.summary.scalar(name, value, step=epoch + 1)
-      # At this epoch's own threshold, the one the run keeps if the epoch is its best: test's matrix, beside it in
-      # TensorBoard, is drawn at the kept one.
-      val_threshold = evaluate.choose_threshold(val_pred['labels'], val_pred['probs'])
-      cm = evaluate.metrics_at(val_pred['labels'], val_pred['probs'], val_threshold)['confusion_matrix']
-      title = f'Validation, epoch {epoch + 1}, threshold {val_threshold:.3f} ({evaluate.TRAINING_RULE})'
-      _png_summary('confusion_matrix', figures.confusion_matrix_png(cm, title=title), epoch + 1)
-      _png_summary('roc_curve', figures.roc_curve_png(val_pred['labels'], val_pred['probs']), epoch + 1)
-
-    improved = val['auc'] > float(best_auc)
-    if improved:
-      best_auc.assign(val['auc'])
-      best_threshold.assign(val_threshold)
-      best_epoch.assign(epoch + 1)
-    next_epoch = _control_phase(control, val['auc'], epoch, phase, config, optimizers[phase], learning_rates[phase])
-    epoch_var.assign(next_epoch)
-    _save(manager, epoch + 1)
-    # Older than the checkpoint just committed.
-    shutil.rmtree(os.path.join(write_dir, 'checkpoints', 'preempted'), ignore_errors=True)
-    if improved:
-      # After the checkpoint, which is the commit point: a kill in between is repaired on resume (above).
-      _save(best_manager, epoch + 1)
-    progress.epoch_done(epoch, phase, time.time() - start, train, val)
-    epoch = next_epoch
-
-  for writer in writers.values():
-    writer.flush()
-  if not chief:
-    shutil.rmtree(write_dir, ignore_errors=True)
-    # The shared .workers folder too, once the last non-chief is done with it, so model_dir holds the chief's
-    # outputs alone.
-    with contextlib.suppress(OSError):
-      os.rmdir(os.path.dirname(write_dir))
-    return {}
-  return finish(config, model, builder, image_size, threshold=float(best_threshold),
-                best_checkpoint=best_manager.latest_checkpoint,
-                best={'epoch': int(best_epoch), 'validation_roc_auc': float(best_auc)})
+def _remove_worker_dir(write_dir: str) -> None:
+  """A non-chief's folder, and the shared .workers folder once the last non-chief is done with it, so model_dir
+  holds the chief's outputs alone."""
+  shutil.rmtree(write_dir, ignore_errors=True)
+  with contextlib.suppress(OSError):
+    os.rmdir(os.path.dirname(write_dir))
 
 
 def _control_phase(control: PhaseControl, auc: float, epoch: int, phase: str, config: Config, optimizer,
@@ -648,13 +817,23 @@ def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = 
       for unreadable in skipped:
         _move_aside(unreadable)
     if repair and (skipped or not state_ok):
-      # Relative names, as CheckpointManager writes them, so that the folder can be moved.
+      # Relative names, as CheckpointManager writes them, so that the folder can be moved. With their times: a
+      # CheckpointManager counts a listed checkpoint without one as preserved for ever, and would never trim it.
+      kept = paths[:paths.index(path) + 1]
       tf.compat.v1.train.update_checkpoint_state(
-          directory, os.path.basename(path),
-          all_model_checkpoint_paths=[os.path.basename(p) for p in paths[:paths.index(path) + 1]])
+          directory, os.path.basename(path), all_model_checkpoint_paths=[os.path.basename(p) for p in kept],
+          all_model_checkpoint_timestamps=[_written_at(p) for p in kept], last_preserved_timestamp=0.0)
     return path
   raise ValueError(f'No checkpoint in {directory} can be read (see the warnings above): move the folder away to '
                    'start over, or give this run a new --model_dir.')
+
+
+def _written_at(prefix: str) -> float:
+  """When a checkpoint's .index file (written last) was written, in seconds since the epoch; 0 if it is gone."""
+  try:
+    return tf.io.gfile.stat(prefix + '.index').mtime_nsec / 1e9
+  except tf.errors.NotFoundError:
+    return 0.0
 
 
 def _move_aside(prefix: str) -> None:
