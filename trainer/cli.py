@@ -12,6 +12,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from trainer import errors
+
 # INFO lines are shown from these folders only (the project's own); other libraries' INFO lines (TFDS's "Constructing
 # tf.data.Dataset", TF's saver) are kept for --verbosity=1. Their warnings and errors always show.
 _PROJECT_DIRS = tuple(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + name + os.sep
@@ -78,10 +80,6 @@ def run(main) -> None:
       raise
     # --verbosity=1 adds the traceback, for bug reports.
     logging.debug('Traceback of the error below:', exc_info=True)
-    if 'tensorflow' in sys.modules and isinstance(e, sys.modules['tensorflow'].errors.OpError):
-      from trainer import export  # pylint: disable=import-outside-toplevel  (TensorFlow is loaded by now)
-      message = peer_message(e) or export.error_message(e)
-    else:
-      message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    message = peer_message(e) or errors.error_message(e)
     print(f'error: {message}', file=sys.stderr)
     sys.exit(1)

@@ -232,7 +232,8 @@ def worker_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
   (`tf.io.gfile.rmtree`).
 
   Args:
-    model_dir: the run's output folder (a local path or any tf.io.gfile URL, e.g. gs://).
+    model_dir: the run's output folder, on a local or mounted disk (exports, checkpoint repair and the run lock need
+      symlinks, fsync and file locks, which gs:// has not).
     strategy: the run's strategy.
 
   Returns:

@@ -26,12 +26,14 @@ from tensorboard.plugins.hparams import api as hp
 from trainer import config as config_lib
 from trainer import data
 from trainer import distribute
-from trainer import evaluate
 from trainer import export
+from trainer import files
 from trainer import figures
 from trainer import lock
+from trainer import metrics as metrics_lib
 from trainer import models
 from trainer import preemption
+from trainer import runs
 from trainer.config import Config
 
 PHASES = models.PHASES
@@ -164,8 +166,8 @@ def make_statistics_sync(model, strategy):
 
 def split_scalars(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
   """The SCALARS for a split's predictions, at threshold 0.5, with the unweighted log loss."""
-  at_half = evaluate.metrics_at(labels, probs, 0.5)
-  ranking = evaluate.ranking_metrics(labels, probs)
+  at_half = metrics_lib.metrics_at(labels, probs, 0.5)
+  ranking = metrics_lib.ranking_metrics(labels, probs)
   clipped = np.clip(probs, 1e-7, 1 - 1e-7)
   loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
   return {'loss': float(loss), 'accuracy': at_half['accuracy'], 'precision': at_half['precision'],
@@ -174,11 +176,6 @@ def split_scalars(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 
 def _png_summary(name: str, png: bytes, step: int) -> None:
   tf.summary.image(name, tf.image.decode_png(png)[None], step=step)
-
-
-def _write_json(path: str, payload: dict) -> None:
-  with export.replacing(path) as partial, open(partial, 'w') as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
 
 
 class _Progress:
@@ -317,7 +314,8 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
       optimizers[phase].build(model.trainable_variables)
     metrics = train_metrics()
   if new_settings:
-    _write_json(os.path.join(config.model_dir, 'config.json'), new_settings)
+    files.write_atomic(os.path.join(config.model_dir, 'config.json'),
+                       json.dumps(new_settings, indent=2, sort_keys=True))
   # The loop's bookkeeping, outside the strategy scope: Python reads it on the host, and a MirroredVariable has no
   # __int__ or __float__ (int(epoch) fails under MirroredStrategy).
   epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
@@ -385,7 +383,7 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
       skip_steps=int(control.trained_epochs) * steps_per_epoch + first_step))
   iterator = iter(train_ds)
   val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
-  predict = evaluate.make_predict(model)  # Once: a function traced anew every epoch would retrace every epoch.
+  predict = runs.make_predict(model)  # Once: a function traced anew every epoch would retrace every epoch.
 
   writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
                     else tf.summary.create_noop_writer()) for name in ('train', 'validation')}
@@ -452,7 +450,7 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
     train = {name: float(metric.result()) for name, metric in metrics.items()}
 
     first_step = 0
-    val_pred = evaluate.predict_split(model, val_ds, predict=predict)
+    val_pred = runs.predict_split(model, val_ds, predict=predict)
     val = split_scalars(val_pred['labels'], val_pred['probs'])
     with writers['train'].as_default():
       for name, value in train.items():
@@ -465,9 +463,9 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
         tf.summary.scalar(name, value, step=epoch + 1)
       # At this epoch's own threshold, the one the run keeps if the epoch is its best: test's matrix, beside it in
       # TensorBoard, is drawn at the kept one.
-      val_threshold = evaluate.choose_threshold(val_pred['labels'], val_pred['probs'])
-      cm = evaluate.metrics_at(val_pred['labels'], val_pred['probs'], val_threshold)['confusion_matrix']
-      title = f'Validation, epoch {epoch + 1}, threshold {val_threshold:.3f} ({evaluate.TRAINING_RULE})'
+      val_threshold = metrics_lib.choose_threshold(val_pred['labels'], val_pred['probs'])
+      cm = metrics_lib.metrics_at(val_pred['labels'], val_pred['probs'], val_threshold)['confusion_matrix']
+      title = f'Validation, epoch {epoch + 1}, threshold {val_threshold:.3f} ({metrics_lib.TRAINING_RULE})'
       _png_summary('confusion_matrix', figures.confusion_matrix_png(cm, title=title), epoch + 1)
       _png_summary('roc_curve', figures.roc_curve_png(val_pred['labels'], val_pred['probs']), epoch + 1)
 
@@ -758,8 +756,8 @@ def finish(config: Config, model: keras.Model, builder, image_size: int, *, thre
   # One export (trainer.export.write_export): the report, model, weights, SavedModel, run.json and model card at this
   # threshold are made current together, so a kill or a full disk never pairs this model with an older threshold.
   report = export.write_export(
-      config.model_dir, model, image_size=image_size, threshold=threshold, threshold_rule=evaluate.TRAINING_RULE,
-      test_predictions=evaluate.predict_split(model, test), tensorboard_dir=os.path.join(config.model_dir, 'test'),
+      config.model_dir, model, image_size=image_size, threshold=threshold, threshold_rule=metrics_lib.TRAINING_RULE,
+      test_predictions=runs.predict_split(model, test), tensorboard_dir=os.path.join(config.model_dir, 'test'),
       run_info={'config': dataclasses.asdict(config), 'best': best,
                 # The process's own arguments: trainer.main's, when it runs as the program.
                 'command': ' '.join(['python -m trainer.main', *map(shlex.quote, sys.argv[1:])])},

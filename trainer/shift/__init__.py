@@ -16,20 +16,10 @@ A recipe that loses less here is not proven better on the official test: these s
 difference, not measurements of it. They rank candidates that validation alone cannot tell apart.
 """
 
-import json
-import os
-
-from absl import app
-from absl import flags
-from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from trainer import cli
-from trainer import data
-from trainer import evaluate
-
-FLAGS = flags.FLAGS
+from trainer import metrics
 
 
 def _gamma(g):
@@ -105,37 +95,17 @@ THRESHOLD_RULE = (
     'called pneumonia when its probability is at or above the threshold.')
 
 
-def predict_shifted(runs, builder, split: str, *, batch_size: int = 32) -> dict[str, dict]:
-  """One run's (or an ensemble's mean) predictions on a split under every shift: {name: `predict_runs`'s result}."""
-  return {name: evaluate.predict_runs(runs, builder, split, batch_size=batch_size,
-                                      transform=lambda images, name=name: apply(name, images))
-          for name in SHIFTS}
-
-
-def threshold_with_shifts(runs, builder, *, batch_size: int = 32) -> float:
-  """THRESHOLD_RULE: a threshold for images that may come from the training data's machines or from others.
+def pooled_threshold(shifted: dict[str, dict]) -> float:
+  """THRESHOLD_RULE on the validation split's predictions under every shift (`trainer.runs.predict_shifted`).
 
   Youden's J on the validation split alone puts the threshold just above its normal images; every shift in SHIFTS
   pushes normal images' probabilities up (measured in EXPERIMENTS.md), so that threshold loses specificity first
   on shifted data. Pooling the shifted copies moves it up, and weighting the unshifted copy as much as all shifted
   ones keeps the sensitivity on unshifted images from paying for all of it.
-
-  Args:
-    runs: from `trainer.evaluate.load_run`; several are an ensemble (the mean probability).
-    builder: their dataset, from `trainer.data.prepare`; its validation split is used.
-    batch_size: images per prediction batch.
-
-  Returns:
-    The threshold, as `trainer.evaluate.choose_threshold` picks it on the pooled predictions.
   """
-  return pooled_threshold(predict_shifted(runs, builder, 'validation', batch_size=batch_size))
-
-
-def pooled_threshold(shifted: dict[str, dict]) -> float:
-  """`threshold_with_shifts` on the validation split's `predict_shifted` predictions, already made."""
   copies = len(shifted) - 1  # The unshifted copy weighs as much as all shifted ones.
   weighted = [shifted['none']] * copies + [split for name, split in shifted.items() if name != 'none']
-  return evaluate.choose_threshold(np.concatenate([split['labels'] for split in weighted]),
+  return metrics.choose_threshold(np.concatenate([split['labels'] for split in weighted]),
                                    np.concatenate([split['probs'] for split in weighted]))
 
 
@@ -143,7 +113,7 @@ def stress(shifted: dict[str, dict], *, threshold: float, split: str) -> dict:
   """Every shift's metrics for one run or an ensemble (the mean probability) on one split.
 
   Args:
-    shifted: the split's predictions under every shift, from `predict_shifted`.
+    shifted: the split's predictions under every shift, from `trainer.runs.predict_shifted`.
     threshold: the decision threshold, chosen on the validation split.
     split: the split's name, for the result.
 
@@ -154,14 +124,14 @@ def stress(shifted: dict[str, dict], *, threshold: float, split: str) -> dict:
   rows = {}
   for name, predictions in shifted.items():
     labels, probs = predictions['labels'], predictions['probs']
-    at = evaluate.metrics_at(labels, probs, threshold)
-    rows[name] = {'roc_auc': evaluate.ranking_metrics(labels, probs)['roc_auc'], 'accuracy': at['accuracy'],
+    at = metrics.metrics_at(labels, probs, threshold)
+    rows[name] = {'roc_auc': metrics.ranking_metrics(labels, probs)['roc_auc'], 'accuracy': at['accuracy'],
                   'sensitivity': at['sensitivity'], 'specificity': at['specificity'],
                   'mean_probability_normal': float(probs[labels == 0].mean()),
                   'mean_probability_pneumonia': float(probs[labels == 1].mean())}
-  metrics = ('roc_auc', 'accuracy', 'sensitivity', 'specificity')
+  names = ('roc_auc', 'accuracy', 'sensitivity', 'specificity')
   return {'threshold': threshold, 'split': split, 'shifts': rows,
-          'worst': {metric: min(row[metric] for row in rows.values()) for metric in metrics}}
+          'worst': {metric: min(row[metric] for row in rows.values()) for metric in names}}
 
 
 def markdown(result: dict) -> str:
@@ -176,40 +146,3 @@ def markdown(result: dict) -> str:
   lines.append(f'| **worst** | {worst["roc_auc"]:.4f} | {worst["accuracy"]:.3f} | {worst["sensitivity"]:.3f} | '
                f'{worst["specificity"]:.3f} | |')
   return '\n'.join(lines)
-
-
-def _define_flags():
-  flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished run, or several (DIR1,DIR2) for their ensemble.',
-                    required=True)
-  flags.DEFINE_string('split', 'validation', 'The split to shift: validation (to choose) or test (to report).')
-  flags.DEFINE_string('out', None, 'Also write the result here as JSON.')
-  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
-  evaluate.define_threshold_rule_flag()
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  runs = [evaluate.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir]
-  data_dir, manual_dir = runs[0].config.get('data_dir'), runs[0].config.get('manual_dir')
-  builder = data.prepare(evaluate.run_dataset(runs), data_dir=data_dir, manual_dir=manual_dir)
-  if FLAGS.split not in builder.info.splits:
-    raise ValueError(f'--split={FLAGS.split} is not a split of {evaluate.run_dataset(runs)}: choose one of '
-                     f'{", ".join(sorted(builder.info.splits))}.')
-  shifted = predict_shifted(runs, builder, FLAGS.split, batch_size=FLAGS.batch_size)
-  # On validation, the predictions just made are the ones youden_with_shifts pools.
-  point = evaluate.operating_point(runs, FLAGS.threshold_rule, data_dir=data_dir, manual_dir=manual_dir,
-                                   batch_size=FLAGS.batch_size,
-                                   shifted=shifted if FLAGS.split == 'validation' else None)
-  result = {**stress(shifted, threshold=point['threshold'], split=FLAGS.split), 'members': FLAGS.model_dir,
-            'threshold_rule': point['threshold_rule'], 'threshold_chosen': point['chosen']}
-  print(markdown(result))
-  if FLAGS.out:
-    with open(os.path.expanduser(FLAGS.out), 'w') as f:
-      json.dump(result, f, indent=2)
-    logging.info('Wrote %s.', FLAGS.out)
-
-
-if __name__ == '__main__':
-  _define_flags()
-  cli.run(main)
