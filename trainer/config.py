@@ -180,3 +180,7 @@ class Config:
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
   if value not in allowed:
     raise ConfigError(f'--{name}={value!r} is not one of {", ".join(allowed)}.')
+
+
+# The defaults of every setting: trainer/main.py's flags take theirs from here, so they cannot disagree.
+DEFAULTS = Config()
