@@ -2,7 +2,12 @@
 
 `UserError` is raised where the code knows the fault is the user's to fix (a bad flag or setting, a file or folder
 the user named that is missing or unreadable, a full disk while writing the user's outputs, a bad image); each
-program's edge (`trainer.cli.run`) prints it on one line. Any other exception is a bug and keeps its traceback.
+program's edge (`trainer.cli.run`, which every trainer program runs through) prints it on one line. Any other
+exception is a bug and keeps its traceback.
+
+Two other edges keep a one-line policy of their own, on purpose: `python -m cxr_tfds.build`, because cxr_tfds is a
+TFDS dataset package that must not import the trainer (`trainer.data.prepare` turns its errors into UserErrors at the
+boundary); and the launchers in launch/, argparse programs whose `parser.error` is argparse's own one-line form.
 """
 
 import re
@@ -20,6 +25,14 @@ class InvalidValue(UserError, ValueError):
 
 class MissingPath(UserError, FileNotFoundError):
   """A file or folder the user named is not there."""
+
+
+class InUse(UserError, FileExistsError):
+  """Another live process holds a folder or file the user named (a model_dir, a cache)."""
+
+
+class Diverged(UserError, FloatingPointError):
+  """The training loss became NaN or infinite: a lower learning rate (or another setting) is the user's choice."""
 
 
 class WriteFailed(UserError, OSError):

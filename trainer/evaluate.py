@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 
 from trainer import cli
+from trainer import errors
 from trainer import data
 from trainer import report as report_lib
 from trainer import runs as runs_lib
@@ -42,7 +43,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   model_dirs = [os.path.expanduser(d) for d in FLAGS.model_dir]
   if len(model_dirs) > 1 and not FLAGS.out_dir:
-    raise ValueError(f'--model_dir names {len(model_dirs)} runs: give the ensemble\'s report a folder with --out_dir.')
+    raise errors.InvalidValue(f'--model_dir names {len(model_dirs)} runs: give the ensemble\'s report a folder with --out_dir.')
   runs = [runs_lib.load_run(d) for d in model_dirs]
   data_dir = os.path.expanduser(FLAGS.data_dir) if FLAGS.data_dir else runs[0].config.get('data_dir')
   manual_dir = os.path.expanduser(FLAGS.manual_dir) if FLAGS.manual_dir else runs[0].config.get('manual_dir')
@@ -50,7 +51,7 @@ def main(argv):
   dataset = FLAGS.dataset or runs_lib.run_dataset(runs)
   builder = data.prepare(dataset, data_dir=data_dir, manual_dir=manual_dir)
   if FLAGS.split not in builder.info.splits:
-    raise ValueError(f'--split={FLAGS.split} is not a split of {dataset}: choose one of '
+    raise errors.InvalidValue(f'--split={FLAGS.split} is not a split of {dataset}: choose one of '
                      f'{", ".join(sorted(builder.info.splits))}.')
   point = runs_lib.operating_point(runs, FLAGS.threshold_rule, data_dir=data_dir, manual_dir=manual_dir,
                                    batch_size=FLAGS.batch_size)

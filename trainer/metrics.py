@@ -14,6 +14,8 @@ and those images are not independent, so an image-level bootstrap would give int
 import numpy as np
 from sklearn import metrics as sk_metrics
 
+from trainer import errors
+
 THRESHOLD_RULE = (
     'The decision threshold is chosen on the validation split only: the ROC-curve threshold that maximises '
     "Youden's J (sensitivity + specificity - 1), ties going to the threshold closest to 0.5; "
@@ -329,5 +331,5 @@ def require_both_classes(labels, what):
   positives = int(labels.sum())
   if positives in (0, labels.size):
     only = 'pneumonia (1)' if positives else 'normal (0)'
-    raise ValueError(f'{what} needs both classes, but all {labels.size} labels are {only}.')
+    raise errors.InvalidValue(f'{what} needs both classes, but all {labels.size} labels are {only}.')
 

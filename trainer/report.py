@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import config as config_lib
+from trainer import errors
 from trainer import figures as figures_lib
 from trainer import files
 from trainer import metrics
@@ -90,7 +91,7 @@ def rule_text(name: str) -> str:
   if name == 'youden_with_shifts':
     return shift.THRESHOLD_RULE
   if name != 'youden':
-    raise ValueError(f'Unknown threshold rule {name!r}: choose one of {", ".join(metrics.THRESHOLD_RULES)}.')
+    raise errors.InvalidValue(f'Unknown threshold rule {name!r}: choose one of {", ".join(metrics.THRESHOLD_RULES)}.')
   return metrics.THRESHOLD_RULE
 
 

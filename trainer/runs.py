@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import data
+from trainer import errors
 from trainer import export
 from trainer import metrics
 from trainer import report as report_lib
@@ -115,7 +116,7 @@ def load_run(model_dir: str) -> TrainedRun:
   paths = {name: os.path.join(folder, name) for name in ('model.keras', 'run.json')}
   for path in paths.values():
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'{path}: no such file; give the --model_dir of a finished training run '
+      raise errors.MissingPath(f'{path}: no such file; give the --model_dir of a finished training run '
                               '(it holds model.keras and run.json).')
   try:
     with open(paths['run.json']) as f:
@@ -126,7 +127,7 @@ def load_run(model_dir: str) -> TrainedRun:
     # Runs written before the rule was stored were all chosen by the training rule.
     rule = str(run.get('threshold_rule', metrics.TRAINING_RULE))
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'{paths["run.json"]} is not a run.json written by the trainer ({type(e).__name__}: {e}).'
+    raise errors.InvalidValue(f'{paths["run.json"]} is not a run.json written by the trainer ({type(e).__name__}: {e}).'
                      ) from None
   model = export.load_model(paths['model.keras'])
   return TrainedRun(model_dir=model_dir, model=model, image_size=image_size, threshold=threshold, config=config,
@@ -197,7 +198,7 @@ def operating_point(runs: Sequence[TrainedRun], rule: str | None = None, **kwarg
     {'threshold', 'threshold_rule', 'chosen' ('stored' or 'now')}, and `ensemble_threshold`'s entries if chosen now.
   """
   if rule is not None and rule not in metrics.THRESHOLD_RULES:
-    raise ValueError(f'Unknown threshold rule {rule!r}: choose one of {", ".join(metrics.THRESHOLD_RULES)}.')
+    raise errors.InvalidValue(f'Unknown threshold rule {rule!r}: choose one of {", ".join(metrics.THRESHOLD_RULES)}.')
   if len(runs) == 1 and runs[0].threshold_rule is not None and rule in (None, runs[0].threshold_rule):
     return {'threshold': runs[0].threshold, 'threshold_rule': runs[0].threshold_rule, 'chosen': 'stored'}
   return {**ensemble_threshold(runs, rule=rule or metrics.TRAINING_RULE, **kwargs), 'chosen': 'now'}
@@ -261,7 +262,7 @@ def run_dataset(runs: Sequence[TrainedRun]) -> str:
   """
   datasets = sorted({run.config['dataset'] for run in runs})
   if len(datasets) != 1:
-    raise ValueError(f'The runs were trained on different datasets ({", ".join(datasets)}); an ensemble\'s threshold '
+    raise errors.InvalidValue(f'The runs were trained on different datasets ({", ".join(datasets)}); an ensemble\'s threshold '
                      'is chosen on one validation split, so train them on the same one.')
   return datasets[0]
 

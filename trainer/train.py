@@ -26,6 +26,7 @@ from tensorboard.plugins.hparams import api as hp
 from trainer import config as config_lib
 from trainer import data
 from trainer import distribute
+from trainer import errors
 from trainer import export
 from trainer import files
 from trainer import figures
@@ -287,7 +288,7 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
                    else np.ones(len(counts)))
   steps_per_epoch = int(counts.sum()) // config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'--batch_size={config.batch_size} is larger than the {counts.sum()} training images.')
+    raise errors.InvalidValue(f'--batch_size={config.batch_size} is larger than the {counts.sum()} training images.')
   logging.info('%s: %d training images per class %s, class weights %s, %d steps of %d per epoch, %d replicas.',
                config.dataset, counts.sum(), counts.tolist(), np.round(class_weights, 3).tolist(),
                steps_per_epoch, config.batch_size, strategy.num_replicas_in_sync)
@@ -443,7 +444,7 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
       # progress bar and to stop a diverged run within a few steps of going bad.
       loss = float(metrics['loss'].result())
       if not math.isfinite(loss):
-        raise FloatingPointError(_diverged_message(loss, epoch, step, phase))
+        raise errors.Diverged(_diverged_message(loss, epoch, step, phase))
       bar.update(step + 1, [('loss', loss), ('auc', float(metrics['auc'].result()))])
     if sync_statistics:
       sync_statistics()
@@ -565,7 +566,7 @@ def _check_classes(builder, counts: dict[str, np.ndarray]) -> None:
     for name, count in zip(names, split_counts):
       if count == 0:
         per_class = dict(zip(names, split_counts.tolist()))
-        raise ValueError(f'The {split} split of {builder.info.full_name} has no {name} image ({per_class}): nothing '
+        raise errors.InvalidValue(f'The {split} split of {builder.info.full_name} has no {name} image ({per_class}): nothing '
                          'can learn or be checked on it. Rebuild the dataset '
                          'from a complete download (python -m cxr_tfds.build names the files it skips).')
 
@@ -591,14 +592,14 @@ def _check_model_dir(config: Config, image_size: int) -> dict | None:
     stored = e
   if not isinstance(stored, dict):
     reason = stored if isinstance(stored, ValueError) else f'JSON {type(stored).__name__}, not an object'
-    raise ValueError(f'{path} is not the settings of a run ({reason}): restore it, or move it away if this model '
+    raise errors.InvalidValue(f'{path} is not the settings of a run ({reason}): restore it, or move it away if this model '
                      'dir holds no training.')
   # A setting newer than the stored run had its default there.
   defaults = dataclasses.asdict(Config())
   changed = [f'--{name}={stored.get(name, defaults[name])} (this run: {settings[name]})'
              for name in config_lib.FIXED_ON_RESUME if stored.get(name, defaults[name]) != settings[name]]
   if changed:
-    raise ValueError(f'--model_dir={config.model_dir} holds a run of {", ".join(changed)}, and a run resumes only '
+    raise errors.InvalidValue(f'--model_dir={config.model_dir} holds a run of {", ".join(changed)}, and a run resumes only '
                      'with the same model: give this one a new --model_dir.')
   return None
 
@@ -637,7 +638,7 @@ def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = 
       skipped.append(path)
       continue
     except (AssertionError, ValueError) as e:
-      raise ValueError(f'The checkpoint {path} is of another model ({str(e).splitlines()[0]}): give this run a new '
+      raise errors.InvalidValue(f'The checkpoint {path} is of another model ({str(e).splitlines()[0]}): give this run a new '
                        '--model_dir.') from e
     if repair:
       # Only now that the run goes on from an older checkpoint: a run that stops changes nothing.
@@ -649,7 +650,7 @@ def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = 
           directory, os.path.basename(path),
           all_model_checkpoint_paths=[os.path.basename(p) for p in paths[:paths.index(path) + 1]])
     return path
-  raise ValueError(f'No checkpoint in {directory} can be read (see the warnings above): move the folder away to '
+  raise errors.InvalidValue(f'No checkpoint in {directory} can be read (see the warnings above): move the folder away to '
                    'start over, or give this run a new --model_dir.')
 
 
@@ -711,7 +712,7 @@ def _restore_preempted(checkpoint: tf.train.Checkpoint, directories: list[str], 
     return False
   run_checkpoint, restored = fallback
   if not restored:  # Nothing to restore over what a failed restore may have assigned.
-    raise ValueError(f'The preempted run\'s checkpoint {paths[-1]} cannot be read (see the warnings above): move it '
+    raise errors.InvalidValue(f'The preempted run\'s checkpoint {paths[-1]} cannot be read (see the warnings above): move it '
                      'away to start over, or give this run a new --model_dir.')
   run_checkpoint.restore(restored).assert_existing_objects_matched()
   return False
@@ -729,7 +730,7 @@ def _save(manager: tf.train.CheckpointManager, epoch: int) -> None:
     # TF writes a checkpoint into '<prefix>_temp' before renaming it into place.
     for partial in tf.io.gfile.glob(os.path.join(manager.directory, '*_temp')):
       tf.io.gfile.rmtree(partial)
-    raise OSError(f'Cannot write a checkpoint in {manager.directory}: {export.error_reason(e)}. The previous one is '
+    raise errors.WriteFailed(f'Cannot write a checkpoint in {manager.directory}: {export.error_reason(e)}. The previous one is '
                   'kept: make room and run the same command again to resume.') from e
 
 

@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from trainer import config as config_lib
 from trainer import data
+from trainer import errors
 from trainer import files
 from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in a .keras file)
 from trainer import report as report_lib
@@ -98,12 +99,12 @@ def load_model(path: str) -> keras.Model:
     ValueError: not a `.keras` file, one cut short, or one that safe mode refuses (the message says why).
   """
   if not path.endswith('.keras'):
-    raise ValueError(f'{path} is not a .keras file; only .keras models are loaded (they load in Keras\'s safe mode).')
+    raise errors.InvalidValue(f'{path} is not a .keras file; only .keras models are loaded (they load in Keras\'s safe mode).')
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: no such model file.')
+    raise errors.MissingPath(f'{path}: no such model file.')
   # A .keras file is a zip archive; one cut short has no central directory, and Keras then says "File not found".
   if not zipfile.is_zipfile(path):
-    raise ValueError(f'{path} is damaged or cut short ({os.path.getsize(path)} bytes, not a whole .keras archive): '
+    raise errors.InvalidValue(f'{path} is damaged or cut short ({os.path.getsize(path)} bytes, not a whole .keras archive): '
                      'export it again, or copy it again from where it was made.')
   try:
     return keras.saving.load_model(path, compile=False, safe_mode=True)
@@ -111,7 +112,7 @@ def load_model(path: str) -> keras.Model:
     # Keras's message is the whole model config (thousands of characters), with the missing class near its end.
     if not (missing := _MISSING_CLASS.search(str(e))):
       raise
-    raise ValueError(f'{path} uses the layer {missing.group(1)}, which no imported module registers: load it with '
+    raise errors.InvalidValue(f'{path} uses the layer {missing.group(1)}, which no imported module registers: load it with '
                      'trainer.export.load_model or trainer.predict.load (or `import trainer.models` before '
                      'keras.saving.load_model), from a version of the trainer that has it.') from None
 
@@ -190,7 +191,7 @@ def committing(out_dir: str):
   except (OSError, tf.errors.OpError) as e:
     files.remove(partial)
     cause = e.__cause__ if isinstance(e.__cause__, (OSError, tf.errors.OpError)) else e
-    raise OSError(f'Cannot write an export in {out_dir}: {error_reason(cause)}. The previous export, if any, is '
+    raise errors.WriteFailed(f'Cannot write an export in {out_dir}: {error_reason(cause)}. The previous export, if any, is '
                   'kept.') from e
   except BaseException:
     files.remove(partial)
@@ -252,7 +253,7 @@ def saved_model_path(model_dir: str) -> str:
     return folder
   versions = sorted(int(name) for name in (os.listdir(folder) if os.path.isdir(folder) else []) if name.isdigit())
   if not versions:
-    raise FileNotFoundError(f'{folder}: no SavedModel version folder (saved_model/N/saved_model.pb).')
+    raise errors.MissingPath(f'{folder}: no SavedModel version folder (saved_model/N/saved_model.pb).')
   return os.path.join(folder, str(versions[-1]))
 
 
@@ -264,7 +265,7 @@ def ensemble_model(members: list[keras.Model]) -> keras.Model:
   """
   shapes = sorted({tuple(member.inputs[0].shape[1:]) for member in members})
   if len(shapes) != 1:
-    raise ValueError(f'The runs take different input sizes ({", ".join(str(s[0]) for s in shapes)}); an exported '
+    raise errors.InvalidValue(f'The runs take different input sizes ({", ".join(str(s[0]) for s in shapes)}); an exported '
                      'ensemble feeds one image to all of them, so export runs of one --image_size.')
   inputs = keras.Input(shapes[0], dtype='uint8', name='image')
   outputs = []

@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 
 from trainer import cli
+from trainer import errors
 from trainer import data
 from trainer import export
 from trainer import runs as runs_lib
@@ -42,7 +43,7 @@ def main(argv):
   out_dir = os.path.expanduser(FLAGS.out_dir)
   dirs = [os.path.expanduser(d) for d in FLAGS.model_dir]
   if os.path.abspath(out_dir) in {os.path.abspath(d) for d in dirs} and len(dirs) > 1:
-    raise ValueError(f'--out_dir={out_dir} is one of the members: give the ensemble a folder of its own.')
+    raise errors.InvalidValue(f'--out_dir={out_dir} is one of the members: give the ensemble a folder of its own.')
   runs = [runs_lib.load_run(d) for d in dirs]
   run = runs[0]
   if len(runs) > 1:

@@ -71,7 +71,7 @@ _DICOM_MAGIC = b'DICM'  # At byte 128 of a DICOM Part 10 file, after the preambl
 
 
 
-class BadImageError(ValueError):
+class BadImageError(errors.InvalidValue):
   """A file that cannot be read as a chest X-ray; its JSON line says why."""
 
 
@@ -91,7 +91,7 @@ def find_images(paths: Sequence[str]) -> list[str]:
     ValueError: if no path is given, or the folders hold no image file and no file is named.
   """
   if not paths:
-    raise ValueError('Give the images to predict: files or folders after the flags.')
+    raise errors.InvalidValue('Give the images to predict: files or folders after the flags.')
   files = []
   for path in paths:
     if not os.path.isdir(path):
@@ -106,7 +106,7 @@ def find_images(paths: Sequence[str]) -> list[str]:
       files += [os.path.join(folder, name) for name in sorted(names)
                 if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)]
   if not files:
-    raise ValueError(f'No image files ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(paths)}.')
+    raise errors.InvalidValue(f'No image files ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(paths)}.')
   return files
 
 
@@ -327,7 +327,7 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
     ValueError: if gradcam_dir is given for an ensemble.
   """
   if gradcam_dir is not None and len(runs) != 1:
-    raise ValueError('--gradcam_dir needs a single --model_dir: the members of an ensemble look at different '
+    raise errors.InvalidValue('--gradcam_dir needs a single --model_dir: the members of an ensemble look at different '
                      'features, so run predict once per member instead.')
   predicts = predicts or [runs_lib.make_predict(run.model) for run in runs]
   gradcam = make_gradcam(runs[0].model, runs[0].image_size) if gradcam_dir is not None else None
@@ -379,7 +379,7 @@ def _array_inputs(image, sizes) -> dict[int, np.ndarray]:
   """A uint8 grayscale array as the models see it: squashed to each size (Classifier's input contract)."""
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 1):
-    raise ValueError(f'An image array must be uint8 grayscale, (height, width) or (height, width, 1); got '
+    raise errors.InvalidValue(f'An image array must be uint8 grayscale, (height, width) or (height, width, 1); got '
                      f'{image.dtype} of shape {image.shape}.')
   image = image.reshape(image.shape[:2] + (1,))
   return {size: data.resize_uint8(image, size).numpy() for size in sizes}

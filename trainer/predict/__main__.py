@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 
 from trainer import cli
+from trainer import errors
 from trainer import predict
 from trainer import runs as runs_lib
 
@@ -35,9 +36,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   if FLAGS.ensemble is not None:
-    raise ValueError(f'--ensemble is now --model_dir: give --model_dir={",".join(FLAGS.ensemble)}.')
+    raise errors.InvalidValue(f'--ensemble is now --model_dir: give --model_dir={",".join(FLAGS.ensemble)}.')
   if not FLAGS.model_dir:
-    raise ValueError('Give --model_dir=DIR (a run or an export), or --model_dir=DIR1,DIR2,... (several runs).')
+    raise errors.InvalidValue('Give --model_dir=DIR (a run or an export), or --model_dir=DIR1,DIR2,... (several runs).')
   files = predict.find_images(argv[1:])
   runs = [runs_lib.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir]
   kwargs = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, batch_size=FLAGS.batch_size)

@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 
 from trainer import cli
+from trainer import errors
 from trainer import data
 from trainer import files
 from trainer import runs as runs_lib
@@ -36,7 +37,7 @@ def main(argv):
   data_dir, manual_dir = runs[0].config.get('data_dir'), runs[0].config.get('manual_dir')
   builder = data.prepare(runs_lib.run_dataset(runs), data_dir=data_dir, manual_dir=manual_dir)
   if FLAGS.split not in builder.info.splits:
-    raise ValueError(f'--split={FLAGS.split} is not a split of {runs_lib.run_dataset(runs)}: choose one of '
+    raise errors.InvalidValue(f'--split={FLAGS.split} is not a split of {runs_lib.run_dataset(runs)}: choose one of '
                      f'{", ".join(sorted(builder.info.splits))}.')
   shifted = runs_lib.predict_shifted(runs, builder, FLAGS.split, batch_size=FLAGS.batch_size)
   # On validation, the predictions just made are the ones youden_with_shifts pools.
