@@ -50,7 +50,8 @@ def replacing(path: str, partial: str | None = None):
       tf.io.gfile.rename(partial, path, overwrite=True)
   except (OSError, tf.errors.OpError) as e:
     remove(partial)
-    raise errors.WriteFailed(f'Cannot write {path}: {errors.error_reason(e)}. Its previous version, if any, is kept.') from e
+    raise errors.WriteFailed(
+        f'Cannot write {path}: {errors.error_reason(e)}. Its previous version, if any, is kept.') from e
   except BaseException:  # Also a kill (KeyboardInterrupt) during the rename: no partial is left behind.
     remove(partial)
     raise

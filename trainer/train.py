@@ -634,7 +634,7 @@ def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = 
     try:
       checkpoint.restore(path).assert_existing_objects_matched()
     except (tf.errors.OpError, IndexError) as e:  # IndexError: TF's reader on a data file cut short.
-      logging.warning('Skipping checkpoint %s, which cannot be read: %s', path, export.error_reason(e))
+      logging.warning('Skipping checkpoint %s, which cannot be read: %s', path, errors.error_reason(e))
       skipped.append(path)
       continue
     except (AssertionError, ValueError) as e:
@@ -707,7 +707,7 @@ def _restore_preempted(checkpoint: tf.train.Checkpoint, directories: list[str], 
       return True
     except (tf.errors.OpError, IndexError, AssertionError, ValueError) as e:
       logging.warning('Skipping the preempted run\'s checkpoint %s, which cannot be read: %s', path,
-                      export.error_reason(e) if isinstance(e, tf.errors.OpError) else e)
+                      errors.error_reason(e) if isinstance(e, tf.errors.OpError) else e)
   if not paths:
     return False
   run_checkpoint, restored = fallback
@@ -730,8 +730,8 @@ def _save(manager: tf.train.CheckpointManager, epoch: int) -> None:
     # TF writes a checkpoint into '<prefix>_temp' before renaming it into place.
     for partial in tf.io.gfile.glob(os.path.join(manager.directory, '*_temp')):
       tf.io.gfile.rmtree(partial)
-    raise errors.WriteFailed(f'Cannot write a checkpoint in {manager.directory}: {export.error_reason(e)}. The previous one is '
-                  'kept: make room and run the same command again to resume.') from e
+    raise errors.WriteFailed(f'Cannot write a checkpoint in {manager.directory}: {errors.error_reason(e)}. The '
+                             'previous one is kept: make room and run the same command again to resume.') from e
 
 
 def _diverged_message(loss: float, epoch: int, step: int, phase: str) -> str:

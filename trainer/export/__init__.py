@@ -34,6 +34,7 @@ import zipfile
 import keras
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from trainer import config as config_lib
 from trainer import data
@@ -41,8 +42,6 @@ from trainer import errors
 from trainer import files
 from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in a .keras file)
 from trainer import report as report_lib
-# Here for the callers that report a failed write of an export's file (one definition, in trainer.errors).
-from trainer.errors import error_message, error_reason  # noqa: F401  pylint: disable=g-importing-member
 
 SERVING_ENDPOINT = 'serve'
 CURRENT = 'current'  # OUT/current -> exports/N: the export in force.
@@ -191,8 +190,8 @@ def committing(out_dir: str):
   except (OSError, tf.errors.OpError) as e:
     files.remove(partial)
     cause = e.__cause__ if isinstance(e.__cause__, (OSError, tf.errors.OpError)) else e
-    raise errors.WriteFailed(f'Cannot write an export in {out_dir}: {error_reason(cause)}. The previous export, if any, is '
-                  'kept.') from e
+    raise errors.WriteFailed(f'Cannot write an export in {out_dir}: {errors.error_reason(cause)}. The previous '
+                             'export, if any, is kept.') from e
   except BaseException:
     files.remove(partial)
     raise
@@ -317,7 +316,6 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
 
 def versions() -> dict:
   """The versions a model was made with, for run.json and the model card."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   return {'python': platform.python_version(), 'tensorflow': tf.__version__, 'keras': keras.__version__,
           'tensorflow_datasets': tfds.__version__, 'numpy': np.__version__}
 
