@@ -35,3 +35,31 @@ def test_a_dead_peer_is_named_on_one_line(message):
   line = cli.peer_message(tf.errors.UnavailableError(None, None, message))
   assert line.startswith('worker 1 of this multi-worker job stopped or cannot be reached') and '\n' not in line
   assert cli.peer_message(tf.errors.UnavailableError(None, None, 'Socket closed')) is None
+
+
+_PROGRAM = '''
+import sys
+from trainer import cli, errors
+
+def main(argv):
+  if sys.argv[1] == 'user':
+    raise errors.MissingPath('/data/scans: no such folder.')
+  # A bug inside a library raises the same built-in types a user error once did.
+  raise ValueError('Exception encountered when calling layer "dense" (type Dense): shapes mismatch')
+
+cli.run(main)
+'''
+
+
+@pytest.mark.parametrize('kind', ['user', 'bug'])
+def test_a_user_error_is_one_line_and_any_other_exception_keeps_its_traceback(kind, tmp_path):
+  program = tmp_path / 'program.py'
+  program.write_text(_PROGRAM)
+  done = subprocess.run([sys.executable, str(program), kind], capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode == 1
+  if kind == 'user':
+    assert done.stderr.strip() == 'error: /data/scans: no such folder.'
+  else:
+    assert 'Traceback (most recent call last)' in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith('ValueError: Exception encountered when calling layer')
+    assert not [line for line in done.stderr.splitlines() if line.startswith('error:')]

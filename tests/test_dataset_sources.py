@@ -122,6 +122,14 @@ def test_builder_with_empty_manual_dir_fails_with_instructions(tmp_path):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'manual')))
 
 
+def test_a_missing_manual_dir_is_named_in_the_error(tmp_path):
+  # The builder reads the folder's name from TFDS's AssertionError (TFDS has no public error type for it).
+  builder = tfds.builder('chest_xray_pneumonia/224', data_dir=str(tmp_path / 'data'))
+  missing = tmp_path / 'no such folder'
+  with pytest.raises(FileNotFoundError, match=f'^The manual dir {missing} does not exist or is empty'):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(missing)))
+
+
 def _zip_with(path, info, data=b'x', compress_type=zipfile.ZIP_STORED):
   with zipfile.ZipFile(path, 'w') as zf:
     zf.writestr(info, data, compress_type=compress_type)

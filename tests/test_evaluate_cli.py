@@ -12,7 +12,8 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import data
-from trainer import evaluate
+from trainer import metrics
+from trainer import runs as runs_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -47,24 +48,24 @@ def test_cli_writes_the_report_the_figures_and_tensorboard_images(model_dir, syn
   assert set(events.Tags()['tensors']) == set(FIGURES)
 
   # The same numbers as the library function on the same split: the CLI adds nothing of its own.
-  run = evaluate.load_run(str(model_dir))
+  run = runs_lib.load_run(str(model_dir))
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
-  again = evaluate.evaluate_model(run.model, data.eval_dataset(builder, 'test', image_size=SIZE, batch_size=32),
+  again = runs_lib.evaluate_model(run.model, data.eval_dataset(builder, 'test', image_size=SIZE, batch_size=32),
                                   threshold=run.threshold, out_dir=str(model_dir / 'again'), n_resamples=200)
   assert again['ranking'] == report['ranking']
   assert again['at_val_threshold']['confusion_matrix'] == report['at_val_threshold']['confusion_matrix']
 
 
 def test_evaluate_model_on_validation(model_dir, synthetic_data_dir, tmp_path):
-  run = evaluate.load_run(str(model_dir))
+  run = runs_lib.load_run(str(model_dir))
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   dataset = data.eval_dataset(builder, 'validation', image_size=SIZE, batch_size=16)
-  report = evaluate.evaluate_model(run.model, dataset, threshold=0.3, out_dir=str(tmp_path), n_resamples=100,
+  report = runs_lib.evaluate_model(run.model, dataset, threshold=0.3, out_dir=str(tmp_path), n_resamples=100,
                                    extra={'split': 'validation'})
-  predictions = evaluate.predict_split(run.model, dataset)
+  predictions = runs_lib.predict_split(run.model, dataset)
   assert report['n_images'] == predictions['labels'].size == builder.info.splits['validation'].num_examples
   assert report['positives'] == int(predictions['labels'].sum())
-  assert report['ranking']['roc_auc'] == evaluate.ranking_metrics(predictions['labels'],
+  assert report['ranking']['roc_auc'] == metrics.ranking_metrics(predictions['labels'],
                                                                   predictions['probs'])['roc_auc']
   assert report['at_val_threshold']['threshold'] == 0.3
   assert sorted(os.listdir(tmp_path)) == sorted([*(f'{n}.png' for n in FIGURES), 'report.json', 'report.md'])
@@ -83,15 +84,15 @@ def test_cli_errors_are_one_line(model_dir, tmp_path):
 
 
 def test_load_run(model_dir, tmp_path):
-  run = evaluate.load_run(str(model_dir))
+  run = runs_lib.load_run(str(model_dir))
   assert (run.image_size, run.threshold, run.config['model']) == (SIZE, 0.5, 'cnn')
   assert run.model.get_layer('probability').output.shape == (None, 1)
   with pytest.raises(FileNotFoundError, match='model.keras: no such file'):
-    evaluate.load_run(str(tmp_path))
+    runs_lib.load_run(str(tmp_path))
   os.symlink(model_dir / 'model.keras', tmp_path / 'model.keras')
   (tmp_path / 'run.json').write_text('{"threshold": 0.5}')
   with pytest.raises(ValueError, match='is not a run.json written by the trainer'):
-    evaluate.load_run(str(tmp_path))
+    runs_lib.load_run(str(tmp_path))
 
 
 def test_cli_reports_an_ensemble_at_its_own_validation_threshold(model_dir, untrained_run, synthetic_data_dir,
@@ -109,15 +110,15 @@ def test_cli_reports_an_ensemble_at_its_own_validation_threshold(model_dir, untr
   assert done.returncode == 0, done.stderr
   report = json.loads((out / 'report.json').read_text())
 
-  runs = [evaluate.load_run(str(d)) for d in (model_dir, other_dir)]
+  runs = [runs_lib.load_run(str(d)) for d in (model_dir, other_dir)]
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
-  members = [evaluate.predict_runs([run], builder, split)['probs'] for run in runs for split in ('validation', 'test')]
-  labels = {split: evaluate.predict_runs(runs[:1], builder, split)['labels'] for split in ('validation', 'test')}
-  threshold = evaluate.choose_threshold(labels['validation'], (members[0] + members[2]) / 2)
+  members = [runs_lib.predict_runs([run], builder, split)['probs'] for run in runs for split in ('validation', 'test')]
+  labels = {split: runs_lib.predict_runs(runs[:1], builder, split)['labels'] for split in ('validation', 'test')}
+  threshold = metrics.choose_threshold(labels['validation'], (members[0] + members[2]) / 2)
   assert report['at_val_threshold']['threshold'] == pytest.approx(threshold)
   assert threshold not in (0.5, 0.7)  # the ensemble's own, not a member's
   assert report['ranking']['roc_auc'] == pytest.approx(
-      evaluate.ranking_metrics(labels['test'], (members[1] + members[3]) / 2)['roc_auc'])
+      metrics.ranking_metrics(labels['test'], (members[1] + members[3]) / 2)['roc_auc'])
   assert report['ensemble']['members'] == [str(model_dir), str(other_dir)]
   assert report['ensemble']['member_thresholds'] == [0.5, 0.7]
   assert report['image_sizes'] == [SIZE, 48] and report['n_images'] == 120
@@ -126,11 +127,11 @@ def test_cli_reports_an_ensemble_at_its_own_validation_threshold(model_dir, untr
 def test_cli_reports_at_the_runs_stored_threshold_and_on_another_config(untrained_run, synthetic_data_dir,
                                                                         real_224_data_dir, real_data):
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
-  probe = evaluate.load_run(str(untrained_run(SIZE, seed=3)))
-  test = evaluate.predict_runs([probe], builder, 'test')
+  probe = runs_lib.load_run(str(untrained_run(SIZE, seed=3)))
+  test = runs_lib.predict_runs([probe], builder, 'test')
   threshold = float(np.median(test['probs']))  # Where 0.5 would label the split differently.
-  expected = evaluate.metrics_at(test['labels'], test['probs'], threshold)['confusion_matrix']
-  assert expected != evaluate.metrics_at(test['labels'], test['probs'], 0.5)['confusion_matrix']
+  expected = metrics.metrics_at(test['labels'], test['probs'], threshold)['confusion_matrix']
+  assert expected != metrics.metrics_at(test['labels'], test['probs'], 0.5)['confusion_matrix']
   model_dir = untrained_run(SIZE, seed=3, threshold=threshold)  # The same weights: the same seed.
 
   done = _evaluate(f'--model_dir={model_dir}', '--n_resamples=50')

@@ -19,7 +19,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_serving.apis import predict_pb2
 
-from trainer import evaluate
+from trainer import metrics
+from trainer import runs as runs_lib
 from trainer import export
 from trainer import figures
 from trainer import predict
@@ -129,7 +130,7 @@ def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ense
   threshold = run_json['threshold']
   assert run_json['threshold_rule'] == 'youden' and run_json['members'] == runs
   assert report['operating_point'] == {'threshold': threshold, 'threshold_rule': 'youden'}
-  assert report['threshold_rule'] == evaluate.THRESHOLD_RULE
+  assert report['threshold_rule'] == metrics.THRESHOLD_RULE
   assert report['n_images'] == len(files)
   expected = report['at_val_threshold']['confusion_matrix']
 
@@ -149,7 +150,7 @@ def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ense
   probs = np.array([line['probability'] for line in lines])
 
   # The export is the members' mean.
-  members = [evaluate.load_run(d) for d in runs]
+  members = [runs_lib.load_run(d) for d in runs]
   images = np.stack([np.asarray(predict.read_image(f, [SIZE])[SIZE]) for f in files])
   mean = np.mean([m.model(images, training=False).numpy()[:, 0] for m in members], axis=0)
   np.testing.assert_allclose(probs, mean, atol=1e-5)
@@ -171,7 +172,7 @@ def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ense
 
 def test_a_single_run_serves_through_a_predict_request_at_its_threshold(runs, test_files):
   files, _ = test_files
-  run = evaluate.load_run(runs[0])
+  run = runs_lib.load_run(runs[0])
   served = _serve(export.saved_model_path(runs[0]), [pathlib.Path(f).read_bytes() for f in files[:10]])
   results = list(predict.predict_files(files[:10], [run], threshold=run.threshold))
   np.testing.assert_allclose(served['probability'], [r['probability'] for r in results], atol=1e-5)
@@ -228,7 +229,7 @@ def test_model_card(ensemble):
 def _unit(model_dir):
   """What a reader pairs: the model's bytes, the threshold in run.json and in the report, the SavedModel's threshold."""
   folder = export.current_dir(model_dir)
-  run = evaluate.load_run(model_dir)
+  run = runs_lib.load_run(model_dir)
   report = json.loads(pathlib.Path(folder, 'report.json').read_text())
   served = tf.saved_model.load(export.saved_model_path(model_dir)).signatures[export.SERVING_ENDPOINT]
   image = tf.io.encode_png(np.full((SIZE, SIZE, 1), 128, np.uint8))

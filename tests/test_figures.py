@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import evaluate, figures
+from trainer import figures
+from trainer import metrics
 
 
 def _decode(png):
@@ -48,8 +49,8 @@ def test_curves_mark_the_operating_point(draw, scores):
 
 def test_reliability_png_draws_the_calibration(scores):
   labels, probs = scores
-  calibrated = _decode(figures.reliability_png(evaluate.calibration(labels, probs)))
-  overconfident = _decode(figures.reliability_png(evaluate.calibration(labels, np.round(probs))))
+  calibrated = _decode(figures.reliability_png(metrics.calibration(labels, probs)))
+  overconfident = _decode(figures.reliability_png(metrics.calibration(labels, np.round(probs))))
   assert not np.array_equal(calibrated, overconfident)
   with pytest.raises(ValueError, match='lacks'):
     figures.reliability_png({'ece': 0.1})

@@ -18,7 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from trainer import data
-from trainer import evaluate
+from trainer import runs as runs_lib
 from trainer import export
 from trainer import models
 from trainer import predict
@@ -40,7 +40,7 @@ def run(synthetic_data_dir, tmp_path_factory):
                   batch_size=32, cnn_filters=16, cnn_depth=4, learning_rate=1e-3, seed=1, weights='none').validate()
   keras.utils.set_random_seed(config.seed)
   train.run(config, tf.distribute.OneDeviceStrategy('/cpu:0'))
-  return evaluate.load_run(config.model_dir)
+  return runs_lib.load_run(config.model_dir)
 
 
 @pytest.fixture(scope='module')
@@ -216,9 +216,9 @@ def test_ensemble(run, test_images, tmp_path, monkeypatch):
   other_dir.mkdir()
   export.save_keras(other_model, str(other_dir / 'model.keras'))
   (other_dir / 'run.json').write_text(json.dumps({'config': run.config, 'image_size': 32, 'threshold': 0.5}))
-  other = evaluate.load_run(str(other_dir))
+  other = runs_lib.load_run(str(other_dir))
 
-  twice = evaluate.ensemble_threshold([run, run])
+  twice = runs_lib.ensemble_threshold([run, run])
   assert twice['threshold'] == pytest.approx(run.threshold, abs=1e-6)
   assert twice['validation_images'] > 0 and twice['validation_roc_auc'] > 0.9
 
@@ -236,12 +236,12 @@ def test_ensemble(run, test_images, tmp_path, monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError('the cached threshold should have been used')
 
-  monkeypatch.setattr(evaluate, 'ensemble_threshold', fail)
+  monkeypatch.setattr(runs_lib, 'ensemble_threshold', fail)
   assert predict.cached_ensemble_threshold([run, other], str(tmp_path / 'ensemble')) == pair
   monkeypatch.undo()
   other_model.get_layer('probability').bias.assign([3.0])
   export.save_keras(other_model, str(other_dir / 'model.keras'))
-  changed = predict.cached_ensemble_threshold([run, evaluate.load_run(str(other_dir))], str(tmp_path / 'ensemble'))
+  changed = predict.cached_ensemble_threshold([run, runs_lib.load_run(str(other_dir))], str(tmp_path / 'ensemble'))
   assert changed['fingerprints'] != pair['fingerprints']
 
   with pytest.raises(ValueError, match='--gradcam_dir needs a single --model_dir'):

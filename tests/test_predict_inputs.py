@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from trainer import evaluate
+from trainer import runs as runs_lib
 from trainer import predict
 
 
@@ -48,4 +48,4 @@ def test_a_run_json_threshold_that_is_not_a_probability_is_refused(threshold, un
   assert np.isnan(json.loads((model_dir / 'run.json').read_text())['threshold']) == np.isnan(threshold)
   with pytest.raises(ValueError, match=rf'run.json is not a run.json written by the trainer \(ValueError: its '
                                        rf'threshold {threshold} is not a probability\)'):
-    evaluate.load_run(str(model_dir))
+    runs_lib.load_run(str(model_dir))

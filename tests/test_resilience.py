@@ -29,7 +29,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import data
-from trainer import evaluate
+from trainer import runs as runs_lib
 from trainer import config as config_lib
 from trainer import export
 from trainer import lock
@@ -693,35 +693,6 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_outputs(
   assert _latest_checkpoint_epoch(model_dir) == 3
 
 
-def test_a_failed_export_keeps_the_previous_file_and_leaves_no_partial(tmp_path):
-  path = tmp_path / 'model.keras'
-  path.write_bytes(b'the previous model')
-
-  def write_half(partial):
-    with open(partial, 'wb') as f:
-      f.write(b'half of a')
-    raise OSError(28, 'No space left on device')
-
-  with pytest.raises(OSError) as error:
-    with export.replacing(str(path)) as partial:
-      assert partial == str(tmp_path / 'model.partial.keras')
-      write_half(partial)
-  assert str(error.value) == f'Cannot write {path}: No space left on device. Its previous version, if any, is kept.'
-  assert path.read_bytes() == b'the previous model'
-  assert os.listdir(tmp_path) == ['model.keras']
-
-  folder = tmp_path / 'saved_model'
-  folder.mkdir()
-  (folder / 'saved_model.pb').write_bytes(b'previous')
-  with pytest.raises(OSError, match='Cannot write .*saved_model: No space left on device'):
-    with export.replacing(str(folder)) as partial:
-      os.makedirs(os.path.join(partial, 'variables'))
-      raise tf.errors.ResourceExhaustedError(
-          None, None, '{{function_node __wrapped__SaveV2}} /x/part-0.tempstate1; No space left on device [Op:SaveV2]')
-  assert (folder / 'saved_model.pb').read_bytes() == b'previous'
-  assert sorted(os.listdir(tmp_path)) == ['model.keras', 'saved_model']
-
-
 # Loading models safely.
 
 
@@ -738,7 +709,7 @@ def test_load_model_refuses_code_in_a_model_file(reference, tmp_path):
   shutil.copy(path, run_dir / 'model.keras')
   (run_dir / 'run.json').write_text(json.dumps({'image_size': 4, 'threshold': 0.5, 'config': {}}))
   with pytest.raises(ValueError, match='Lambda'):
-    evaluate.load_run(str(run_dir))
+    runs_lib.load_run(str(run_dir))
 
   with pytest.raises(ValueError, match='only .keras models are loaded'):
     export.load_model(str(tmp_path / 'model.h5'))

@@ -10,7 +10,8 @@ import pytest
 
 from trainer import config as config_lib
 from trainer import data
-from trainer import evaluate
+from trainer import metrics
+from trainer import runs as runs_lib
 from trainer import shift
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -68,13 +69,13 @@ def test_cli_reports_every_shift_and_the_unshifted_row_matches_evaluate(model_di
   assert list(result['shifts']) == list(shift.SHIFTS) and result['split'] == 'validation'
   assert all(f'| {name} |' in done.stdout for name in shift.SHIFTS)
 
-  run = evaluate.load_run(str(model_dir))
+  run = runs_lib.load_run(str(model_dir))
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
-  plain = evaluate.predict_runs([run], builder, 'validation')
+  plain = runs_lib.predict_runs([run], builder, 'validation')
   assert result['shifts']['none']['roc_auc'] == pytest.approx(
-      evaluate.ranking_metrics(plain['labels'], plain['probs'])['roc_auc'])
+      metrics.ranking_metrics(plain['labels'], plain['probs'])['roc_auc'])
   assert result['shifts']['none']['specificity'] == pytest.approx(
-      evaluate.metrics_at(plain['labels'], plain['probs'], 0.5)['specificity'])
+      metrics.metrics_at(plain['labels'], plain['probs'], 0.5)['specificity'])
   # The shifted rows are other predictions, and 'worst' is the minimum over all rows.
   assert len({row['mean_probability_normal'] for row in result['shifts'].values()}) == len(shift.SHIFTS)
   assert result['worst']['roc_auc'] == min(row['roc_auc'] for row in result['shifts'].values())
@@ -87,15 +88,15 @@ def test_cli_reports_every_shift_and_the_unshifted_row_matches_evaluate(model_di
 
 def test_threshold_with_shifts_weighs_the_unshifted_split_as_much_as_all_shifts(model_dir, synthetic_data_dir,
                                                                                  tmp_path):
-  run = evaluate.load_run(str(model_dir))
+  run = runs_lib.load_run(str(model_dir))
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
-  threshold = shift.threshold_with_shifts([run], builder)
-  splits = {name: evaluate.predict_runs([run], builder, 'validation',
+  threshold = runs_lib.threshold_with_shifts([run], builder)
+  splits = {name: runs_lib.predict_runs([run], builder, 'validation',
                                         transform=lambda images, name=name: shift.apply(name, images))
             for name in shift.SHIFTS}
   shifted = [split for name, split in splits.items() if name != 'none']
   weighted = [splits['none']] * len(shifted) + shifted
-  assert threshold == pytest.approx(evaluate.choose_threshold(
+  assert threshold == pytest.approx(metrics.choose_threshold(
       np.concatenate([s['labels'] for s in weighted]), np.concatenate([s['probs'] for s in weighted])))
 
   # The evaluate CLI reports at that threshold, names the rule, and the stress test holds the same threshold.
@@ -116,11 +117,11 @@ def test_threshold_with_shifts_weighs_the_unshifted_split_as_much_as_all_shifts(
 def test_cli_holds_the_runs_stored_threshold(untrained_run, synthetic_data_dir, tmp_path):
   # A stored threshold at the median validation probability, where 0.5 would label the split differently.
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
-  probe = evaluate.load_run(str(untrained_run(SIZE, seed=3)))
-  plain = evaluate.predict_runs([probe], builder, 'validation')
+  probe = runs_lib.load_run(str(untrained_run(SIZE, seed=3)))
+  plain = runs_lib.predict_runs([probe], builder, 'validation')
   threshold = float(np.median(plain['probs']))
-  at_stored = evaluate.metrics_at(plain['labels'], plain['probs'], threshold)
-  assert at_stored['confusion_matrix'] != evaluate.metrics_at(plain['labels'], plain['probs'], 0.5)['confusion_matrix']
+  at_stored = metrics.metrics_at(plain['labels'], plain['probs'], threshold)
+  assert at_stored['confusion_matrix'] != metrics.metrics_at(plain['labels'], plain['probs'], 0.5)['confusion_matrix']
   model_dir = untrained_run(SIZE, seed=3, threshold=threshold)  # The same weights: the same seed.
 
   out = tmp_path / 'shift.json'
@@ -161,12 +162,12 @@ def test_leave_one_family_out_scores_each_family_with_the_run_that_never_saw_it(
 
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   family = 'gamma'
-  run = evaluate.load_run(str(dirs[family]))
+  run = runs_lib.load_run(str(dirs[family]))
   aucs = []
   for name in ('darker (gamma 1.5)', 'brighter (gamma 0.67)'):
-    predictions = evaluate.predict_runs([run], builder, 'validation',
+    predictions = runs_lib.predict_runs([run], builder, 'validation',
                                         transform=lambda images, name=name: shift.apply(name, images))
-    aucs.append(evaluate.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc'])
+    aucs.append(metrics.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc'])
   assert lofo['families'][family]['roc_auc'] == pytest.approx(min(aucs))
   assert lofo['families'][family]['members'] == [str(dirs[family])]
   rows = {name: row['roc_auc'] for name, row in lofo['families'].items()}
@@ -183,10 +184,10 @@ def test_leave_one_family_out_refuses_a_missing_family_or_a_run_that_saw_its_fam
     _without(untrained_run, folder, family)
   # Both are refused before anything is predicted, so no builder is needed to see it.
   with pytest.raises(ValueError) as missing:
-    shift.leave_one_family_out(shift._runs_without(str(folder)), None, 'validation')  # pylint: disable=protected-access
+    runs_lib.leave_one_family_out(runs_lib.load_runs_without(str(folder)), None, 'validation')
   assert str(missing.value) == (
       f'Leave-one-family-out needs runs trained without each of {", ".join(shift.FAMILIES)}; none without '
       f'{shift.FAMILIES[0]}.')
   saw = _without(untrained_run, folder, shift.FAMILIES[0], trained_on=list(shift.FAMILIES))
   with pytest.raises(ValueError, match=f'^{saw} trained with the {shift.FAMILIES[0]} augmentation'):
-    shift.leave_one_family_out(shift._runs_without(str(folder)), None, 'validation')  # pylint: disable=protected-access
+    runs_lib.leave_one_family_out(runs_lib.load_runs_without(str(folder)), None, 'validation')

@@ -252,9 +252,10 @@ def test_exports_hold_the_best_epoch_and_its_validation_threshold(trained, tmp_p
   """A run extended by epochs that ruin it keeps exporting its best epoch, with that epoch's threshold."""
   import dataclasses
   import shutil
-  from trainer import evaluate
   from trainer import export
   from trainer import models
+  from trainer import metrics
+  from trainer import runs as runs_lib
   config, _ = trained
   model_dir = str(tmp_path / 'ruined')
   shutil.copytree(config.model_dir, model_dir)
@@ -285,8 +286,8 @@ def test_exports_hold_the_best_epoch_and_its_validation_threshold(trained, tmp_p
   # The threshold is the rule's choice on the exported model's validation predictions.
   builder = data.prepare(config.dataset, data_dir=config.data_dir, manual_dir=None)
   validation = data.eval_dataset(builder, 'validation', image_size=config.image_size, batch_size=32)
-  split = evaluate.predict_split(exported, validation)
-  assert run['threshold'] == pytest.approx(evaluate.choose_threshold(split['labels'], split['probs']), abs=1e-6)
+  split = runs_lib.predict_split(exported, validation)
+  assert run['threshold'] == pytest.approx(metrics.choose_threshold(split['labels'], split['probs']), abs=1e-6)
   assert run['threshold'] != 0.5
 
   # The SavedModel is the same model: same probabilities on the same encoded images, labels at run.json's threshold.

@@ -53,6 +53,8 @@ import tensorflow_datasets as tfds
 
 from cxr_tfds.chest_xray_pneumonia import imaging
 from trainer import data
+from trainer import cli
+from trainer import errors
 from trainer import models
 from trainer import train
 
@@ -658,18 +660,22 @@ def validate(setup: Setup, names: list[str]) -> None:
   """
   unknown = [name for name in names if name not in MEASUREMENTS]
   if unknown or not names:
-    raise ValueError(f'--only={",".join(names)}: unknown measurement(s) {unknown}; choose from {list(MEASUREMENTS)}.')
+    raise errors.InvalidValue(f'--only={",".join(names)}: unknown measurement(s) {unknown}; choose from '
+                              f'{list(MEASUREMENTS)}.')
   for name, value in (('image_size', setup.image_size), ('batch_size', setup.batch_size), ('steps', setup.steps),
                       ('train_steps', setup.train_steps), ('repeats', setup.repeats)):
     if value is not None and value < 1:
-      raise ValueError(f'--{name}={value} must be at least 1.')
+      raise errors.InvalidValue(f'--{name}={value} must be at least 1.')
   try:
     tfds.builder(setup.dataset, data_dir=setup.data_dir)
   # An unknown name raises DatasetNotFoundError; an unknown config of a known name, ValueError.
   except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
-    raise ValueError(f'--dataset={setup.dataset}: {str(e).splitlines()[0]}') from None
+    raise errors.InvalidValue(f'--dataset={setup.dataset}: {str(e).splitlines()[0]}') from None
   if any(name in _READ_FILES for name in names):
-    _train_folder(setup)
+    try:
+      _train_folder(setup)
+    except FileNotFoundError as e:  # A measurement's error line names it so; here it is the command line's.
+      raise errors.MissingPath(str(e)) from None
 
 
 def groups(names: list[str]) -> list[tuple[str, ...]]:
@@ -806,10 +812,7 @@ def main(argv):
                   manual_dir=FLAGS.manual_dir and os.path.expanduser(FLAGS.manual_dir), image_size=FLAGS.image_size,
                   batch_size=FLAGS.batch_size, steps=FLAGS.steps, train_steps=FLAGS.train_steps,
                   repeats=FLAGS.repeats, seed=FLAGS.seed)
-    try:
-      validate(setup, names)
-    except (ValueError, FileNotFoundError) as e:
-      sys.exit(f'trainer.benchmark: {e}')  # One line, no traceback: it is the command line that is wrong.
+    validate(setup, names)
     lines = []
     for line in run(names, setup, isolate=FLAGS.isolate):
       print(json.dumps(line), flush=True)
@@ -823,4 +826,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)

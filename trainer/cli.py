@@ -12,6 +12,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from trainer import errors
+
 # INFO lines are shown from these folders only (the project's own); other libraries' INFO lines (TFDS's "Constructing
 # tf.data.Dataset", TF's saver) are kept for --verbosity=1. Their warnings and errors always show.
 _PROJECT_DIRS = tuple(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + name + os.sep
@@ -23,20 +25,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    raise ValueError(f'{e} (see --helpfull).') from None
+    raise errors.InvalidValue(f'{e} (see --helpfull).') from None
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-  """The errors that are the user's to fix: a bad setting, missing or bad data, a full disk, a diverged run."""
-  # TFDS reports missing manual data with an AssertionError.
-  errors = (ValueError, OSError, FloatingPointError, AssertionError)
+  """The errors that are the user's to fix: `errors.UserError`, raised where the code knows it; and TensorFlow's
+  errors of the machine and the files a run reads, which TF raises from deep inside an op."""
+  user_errors = (errors.UserError,)
   if 'tensorflow' in sys.modules:  # The commands import it only once their flags are good.
     tf = sys.modules['tensorflow']
     # Files missing, unreadable or corrupt in --data_dir or --cache_dir; out of memory (a smaller --batch_size); a
     # peer of a multi-worker job that died or cannot be reached (its message names the task, whose log says why).
-    errors += (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.DataLossError,
-               tf.errors.ResourceExhaustedError, tf.errors.UnavailableError)
-  return errors
+    user_errors += (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.DataLossError,
+                    tf.errors.ResourceExhaustedError, tf.errors.UnavailableError)
+  return user_errors
 
 
 def _quiet_other_libraries(record: py_logging.LogRecord) -> bool:
@@ -70,7 +72,8 @@ def peer_message(error: Exception) -> str | None:
 
 
 def run(main) -> None:
-  """Runs an absl `main`; the user's errors end in one `error:` line on stderr and exit code 1."""
+  """Runs an absl `main`; the user's errors end in one `error:` line on stderr and exit code 1, any other exception
+  (a bug) in its traceback."""
   try:
     app.run(main, flags_parser=_readable_logs)
   except Exception as e:  # pylint: disable=broad-except
@@ -78,10 +81,6 @@ def run(main) -> None:
       raise
     # --verbosity=1 adds the traceback, for bug reports.
     logging.debug('Traceback of the error below:', exc_info=True)
-    if 'tensorflow' in sys.modules and isinstance(e, sys.modules['tensorflow'].errors.OpError):
-      from trainer import export  # pylint: disable=import-outside-toplevel  (TensorFlow is loaded by now)
-      message = peer_message(e) or export.error_message(e)
-    else:
-      message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    message = peer_message(e) or errors.error_message(e)
     print(f'error: {message}', file=sys.stderr)
     sys.exit(1)

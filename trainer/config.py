@@ -8,6 +8,8 @@ import dataclasses
 import math
 import os
 
+from trainer import errors
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +87,7 @@ def data_warning(dataset: str | None) -> str | None:
           'working; it cannot classify real radiographs.')
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.InvalidValue):
   """A bad setting. `main` prints its message on one line and exits non-zero."""
 
 

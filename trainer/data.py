@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import cxr_tfds  # noqa: F401  (registers chest_xray_pneumonia)
+from trainer import errors
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Cache files this process may be filling -> the open file whose flock says so. The OS drops the lock when the
@@ -30,19 +31,25 @@ def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None) -> tf
     manual_dir: where the downloaded Kaggle or Mendeley data is, for configs that need it.
 
   Raises:
-    ValueError: an unknown dataset or config.
-    FileNotFoundError (or TFDS's AssertionError): manual data missing; the message says what to download.
+    errors.InvalidValue: an unknown dataset or config, or manual data the builder refuses (damaged, hostile).
+    errors.MissingPath: manual data missing; the message says what to download.
   """
   try:
     builder = tfds.builder(dataset, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'--dataset={dataset}: {str(e).splitlines()[0]}') from None
+    raise errors.InvalidValue(f'--dataset={dataset}: {str(e).splitlines()[0]}') from None
   except ValueError as e:  # An unknown config: TFDS lists the nearest names over many lines.
-    raise ValueError(f'--dataset={dataset}: no such config; {dataset.split("/")[0]} has '
-                     f'{", ".join(_config_names(dataset))}.') from e
+    raise errors.InvalidValue(f'--dataset={dataset}: no such config; {dataset.split("/")[0]} has '
+                              f'{", ".join(_config_names(dataset))}.') from e
   if not builder.is_prepared():
     logging.info('Building %s into %s (once).', dataset, builder.data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except (FileNotFoundError, ValueError) as e:
+      # The builder's errors are about the download it was given (missing, incomplete, hostile or damaged): the
+      # user's to fix. cxr_tfds is a TFDS package of its own and does not import the trainer, so they become the
+      # trainer's UserError here, at the boundary; --verbosity=1 still shows where they came from.
+      raise (errors.MissingPath if isinstance(e, FileNotFoundError) else errors.InvalidValue)(str(e)) from e
   # TFDS builds into an `incomplete.*` folder beside the version folder and renames it when done. A build that was
   # killed leaves its folder behind: harmless (the next build starts a new one), but as large as the data it wrote.
   leftovers = glob.glob(os.path.join(glob.escape(os.path.dirname(os.fspath(builder.data_dir))), 'incomplete.*'))
@@ -135,8 +142,8 @@ def _clear_unfinished_cache(prefix: str) -> None:
     fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
     owner.close()
-    raise FileExistsError(f'Another running process is filling the cache {prefix} (--cache_dir): let it finish its '
-                          'first epoch, or give this run another --cache_dir.') from None
+    raise errors.InUse(f'Another running process is filling the cache {prefix} (--cache_dir): let it finish its '
+                       'first epoch, or give this run another --cache_dir.') from None
   _CACHE_OWNERS[prefix] = owner
   for leftover in glob.glob(glob.escape(prefix) + '_*.lockfile') + glob.glob(glob.escape(prefix) + '_*.tempstate*'):
     logging.warning('Deleting %s, left by a run that stopped while filling the cache.', leftover)

@@ -16,6 +16,8 @@ import os
 import keras
 import tensorflow as tf
 
+from trainer import errors
+
 # Defined in trainer.config, which main checks before it imports TensorFlow.
 from trainer.config import LR_SCALING, PRECISIONS, STRATEGIES  # pylint: disable=g-importing-member
 
@@ -38,7 +40,7 @@ def configure_logical_devices(n: int) -> None:
       first), because TensorFlow fixes its devices at that moment.
   """
   if n < 0:
-    raise ValueError(f'logical_devices must be zero or more, got {n}.')
+    raise errors.InvalidValue(f'logical_devices must be zero or more, got {n}.')
   if n <= 1:
     return
   cpu = tf.config.list_physical_devices('CPU')[0]
@@ -66,7 +68,7 @@ def resolve_precision(name: str) -> str:
     ValueError: if `name` is not one of PRECISIONS.
   """
   if name not in PRECISIONS:
-    raise ValueError(f'Unknown precision {name!r}; expected one of {", ".join(PRECISIONS)}.')
+    raise errors.InvalidValue(f'Unknown precision {name!r}; expected one of {", ".join(PRECISIONS)}.')
   if name != 'auto':
     return name
   gpus = tf.config.list_physical_devices('GPU')
@@ -139,7 +141,7 @@ def get_strategy(name: str, *, cluster_resolver=None) -> tf.distribute.Strategy:
         cluster_resolver=resolver,
         communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
 
-  raise ValueError(f'Unknown strategy {name!r}; expected one of {", ".join(STRATEGIES)}.')
+  raise errors.InvalidValue(f'Unknown strategy {name!r}; expected one of {", ".join(STRATEGIES)}.')
 
 
 def _one_device(gpus: list) -> tf.distribute.Strategy:
@@ -170,10 +172,10 @@ def _slurm_cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
   """SlurmClusterResolver for one task per node, each task driving all of its node's GPUs."""
   tasks, nodes = os.environ.get('SLURM_STEP_NUM_TASKS'), os.environ.get('SLURM_STEP_NUM_NODES')
   if tasks is None:
-    raise ValueError('SLURM_JOB_ID is set but SLURM_STEP_NUM_TASKS is not: start the workers with srun inside the '
+    raise errors.InvalidValue('SLURM_JOB_ID is set but SLURM_STEP_NUM_TASKS is not: start the workers with srun inside the '
                      'batch script (see launch/slurm_multinode.sbatch).')
   if tasks != nodes:
-    raise ValueError(f'The Slurm step runs {tasks} tasks on {nodes} nodes; run one task per node '
+    raise errors.InvalidValue(f'The Slurm step runs {tasks} tasks on {nodes} nodes; run one task per node '
                      '(#SBATCH --ntasks-per-node=1): each worker mirrors over all GPUs of its node.')
   # The GPU count comes from TensorFlow, not from the resolver's nvidia-smi probe (absent on CPU nodes).
   # auto_set_gpu=False keeps the GPUs Slurm assigned: TF has enumerated them by now, so changing
@@ -193,17 +195,17 @@ def _slurm_cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
 def _check_tf_config(raw: str | None) -> None:
   """Raises a one-line ValueError unless `raw` is a TF_CONFIG naming a task of its own cluster."""
   if not raw:
-    raise ValueError('--strategy=multi_worker needs TF_CONFIG (or a Slurm job step): set TF_CONFIG on every worker, '
+    raise errors.InvalidValue('--strategy=multi_worker needs TF_CONFIG (or a Slurm job step): set TF_CONFIG on every worker, '
                      'e.g. with launch/local_cluster.py; see launch/README.md.')
   try:
     config = json.loads(raw)
     workers = config['cluster']
     task_type, index = config['task']['type'], int(config['task']['index'])
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'TF_CONFIG is not JSON of the form {{"cluster": {{"worker": [...]}}, "task": {{"type": ..., '
+    raise errors.InvalidValue(f'TF_CONFIG is not JSON of the form {{"cluster": {{"worker": [...]}}, "task": {{"type": ..., '
                      f'"index": ...}}}} ({type(e).__name__}: {e}): {raw!r}') from e
   if not isinstance(workers, dict) or not 0 <= index < len(workers.get(task_type, ())):
-    raise ValueError(f'TF_CONFIG task {task_type}:{index} is not in its cluster {workers}.')
+    raise errors.InvalidValue(f'TF_CONFIG task {task_type}:{index} is not in its cluster {workers}.')
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -232,7 +234,8 @@ def worker_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
   (`tf.io.gfile.rmtree`).
 
   Args:
-    model_dir: the run's output folder (a local path or any tf.io.gfile URL, e.g. gs://).
+    model_dir: the run's output folder, on a local or mounted disk (exports, checkpoint repair and the run lock need
+      symlinks, fsync and file locks, which gs:// has not).
     strategy: the run's strategy.
 
   Returns:
@@ -264,9 +267,9 @@ def scaled_learning_rate(base_lr: float, global_batch: int, *, rule: str = 'none
     ValueError: if `rule` is not one of LR_SCALING, or a batch size or the learning rate is not positive.
   """
   if not base_lr > 0:
-    raise ValueError(f'The learning rate must be positive, got {base_lr}.')
+    raise errors.InvalidValue(f'The learning rate must be positive, got {base_lr}.')
   if global_batch <= 0 or reference_batch <= 0:
-    raise ValueError(f'Batch sizes must be positive, got global_batch={global_batch}, '
+    raise errors.InvalidValue(f'Batch sizes must be positive, got global_batch={global_batch}, '
                      f'reference_batch={reference_batch}.')
   ratio = global_batch / reference_batch
   if rule == 'none':
@@ -275,4 +278,4 @@ def scaled_learning_rate(base_lr: float, global_batch: int, *, rule: str = 'none
     return base_lr * ratio
   if rule == 'sqrt':
     return base_lr * math.sqrt(ratio)
-  raise ValueError(f'Unknown learning-rate scaling rule {rule!r}; expected one of {", ".join(LR_SCALING)}.')
+  raise errors.InvalidValue(f'Unknown learning-rate scaling rule {rule!r}; expected one of {", ".join(LR_SCALING)}.')

@@ -14,9 +14,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn import metrics as sk_metrics
 
-from trainer import evaluate
+from cxr_tfds.chest_xray_pneumonia import sources
+from trainer import metrics
 
-CLASS_NAMES = ('normal', 'pneumonia')
+CLASS_NAMES = sources.LABELS  # The dataset's label names, indexed by class id: defined once, by the dataset.
 _INCHES = 4
 _DPI = 100
 
@@ -67,16 +68,16 @@ def roc_curve_png(labels, probs, *, threshold=None) -> bytes:
     PNG bytes.
 
   Raises:
-    ValueError: as `trainer.evaluate.ranking_metrics` and `metrics_at`.
+    ValueError: as `trainer.metrics.ranking_metrics` and `metrics_at`.
   """
-  auc = evaluate.ranking_metrics(labels, probs)['roc_auc']
+  auc = metrics.ranking_metrics(labels, probs)['roc_auc']
   fpr, tpr, _ = sk_metrics.roc_curve(np.ravel(labels), np.ravel(probs))
   fig = _figure()
   ax = fig.add_subplot()
   ax.plot(fpr, tpr, label=f'ROC (AUC {auc:.3f})')
   ax.plot([0, 1], [0, 1], linestyle='--', color='grey', label='chance')
   if threshold is not None:
-    at = evaluate.metrics_at(labels, probs, threshold)
+    at = metrics.metrics_at(labels, probs, threshold)
     ax.plot(1 - at['specificity'], at['sensitivity'], 'o', color='tab:red',
             label=f"threshold {threshold:.3f}: sens {at['sensitivity']:.2f}, spec {at['specificity']:.2f}")
   ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect='equal', xlabel='1 - specificity (false positive rate)',
@@ -97,9 +98,9 @@ def pr_curve_png(labels, probs, *, threshold=None) -> bytes:
     PNG bytes.
 
   Raises:
-    ValueError: as `trainer.evaluate.ranking_metrics` and `metrics_at`.
+    ValueError: as `trainer.metrics.ranking_metrics` and `metrics_at`.
   """
-  ap = evaluate.ranking_metrics(labels, probs)['pr_auc']
+  ap = metrics.ranking_metrics(labels, probs)['pr_auc']
   labels = np.ravel(labels)
   precision, recall, _ = sk_metrics.precision_recall_curve(labels, np.ravel(probs))
   fig = _figure()
@@ -109,7 +110,7 @@ def pr_curve_png(labels, probs, *, threshold=None) -> bytes:
   prevalence = float(np.mean(labels))
   ax.axhline(prevalence, linestyle='--', color='grey', label=f'chance (prevalence {prevalence:.2f})')
   if threshold is not None:
-    at = evaluate.metrics_at(labels, probs, threshold)
+    at = metrics.metrics_at(labels, probs, threshold)
     ax.plot(at['sensitivity'], at['precision'], 'o', color='tab:red',
             label=f"threshold {threshold:.3f}: recall {at['sensitivity']:.2f}, prec {at['precision']:.2f}")
   ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect='equal', xlabel='recall (sensitivity)', ylabel='precision',
@@ -122,7 +123,7 @@ def reliability_png(calibration_dict) -> bytes:
   """The reliability diagram: observed frequency against mean predicted probability per bin, over the bin counts.
 
   Args:
-    calibration_dict: the dict `trainer.evaluate.calibration` returns.
+    calibration_dict: the dict `trainer.metrics.calibration` returns.
 
   Returns:
     PNG bytes.
@@ -132,7 +133,7 @@ def reliability_png(calibration_dict) -> bytes:
   """
   keys = ('ece', 'bin_edges', 'mean_predicted', 'observed_frequency', 'count')
   if missing := [key for key in keys if key not in calibration_dict]:
-    raise ValueError(f'calibration_dict lacks {missing}; pass the dict trainer.evaluate.calibration returns.')
+    raise ValueError(f'calibration_dict lacks {missing}; pass the dict trainer.metrics.calibration returns.')
   edges = np.asarray(calibration_dict['bin_edges'], dtype=np.float64)
   count = np.asarray(calibration_dict['count'])
   filled = count > 0

@@ -22,6 +22,8 @@ import time
 
 from absl import logging
 
+from trainer import errors
+
 LOCK_NAME = '.lock'
 LEASE_REFRESH_SECONDS = 60
 LEASE_STALE_SECONDS = 300
@@ -29,8 +31,8 @@ LEASE_STALE_SECONDS = 300
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
-class LockedError(ValueError):
-  """Another live run holds the model dir. A ValueError, so the commands print it on one line."""
+class LockedError(errors.InvalidValue):
+  """Another live run holds the model dir: the commands print it on one line."""
 
 
 @contextlib.contextmanager

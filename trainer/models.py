@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import augment
+from trainer import errors
 # Defined in trainer.config, which main checks before it imports TensorFlow.
 from trainer.config import BACKBONES, DEFAULT_FAMILIES, EDGE_CHANNELS, EQUALIZE, MODELS  # pylint: disable=g-importing-member
 
@@ -276,14 +277,14 @@ def build_model(name,
     x = augment.SobelEdges(name='edges')(x)
   if name == 'cnn':
     if weights is not None:
-      raise ValueError(f'weights={weights!r}: the cnn is trained from scratch, so weights '
+      raise errors.InvalidValue(f'weights={weights!r}: the cnn is trained from scratch, so weights '
                        f'must be None (pretrained weights exist only for {", ".join(BACKBONES)}).')
     # float32 whatever the policy: the conv layers cast to their compute dtype themselves.
     x = keras.layers.Rescaling(1 / 255, dtype='float32', name='rescale')(x)
     x = _cnn_backbone(image_size, cnn_filters, cnn_depth, channels=x.shape[-1])(x)
   else:
     if weights not in (None, 'imagenet') and not tf.io.gfile.exists(weights):
-      raise FileNotFoundError(f'weights={weights!r}: no such file; give None, \'imagenet\' '
+      raise errors.MissingPath(f'weights={weights!r}: no such file; give None, \'imagenet\' '
                               f'or the path of a {name} notop .h5 or .weights.h5 file.')
     # float32: bfloat16 keeps 8 significant bits, so pixels near 255 minus ImageNet means
     # near 100 would come out rounded to whole grey levels or worse.
@@ -330,7 +331,7 @@ def _cnn_backbone(image_size, filters, depth, channels=1):
   if filters < 1 or depth < 1:
     raise ValueError(f'cnn_filters={filters} and cnn_depth={depth} must both be >= 1.')
   if image_size < 2**depth:
-    raise ValueError(f'image_size={image_size} is too small for cnn_depth={depth}: each block '
+    raise errors.InvalidValue(f'image_size={image_size} is too small for cnn_depth={depth}: each block '
                      f'halves the side, so image_size must be >= {2**depth}.')
   layers = []
   for block in range(1, depth + 1):
@@ -444,7 +445,7 @@ def set_trainable(model, phase, unfreeze=0):
   backbone = model.get_layer('backbone')
   convolutions = _convolutions(backbone) if model.name != 'cnn' else []
   if not 0 <= unfreeze <= len(convolutions):
-    raise ValueError(f'unfreeze={unfreeze} is out of range for {model.name}: give 0 to '
+    raise errors.InvalidValue(f'unfreeze={unfreeze} is out of range for {model.name}: give 0 to '
                      f'{len(convolutions)} (its backbone\'s convolutional layers).')
 
   model.trainable = True

@@ -26,7 +26,10 @@ from tensorboard.plugins.hparams import api as hp
 from trainer import config as config_lib
 from trainer import data
 from trainer import distribute
-from trainer import evaluate
+from trainer import errors
+from trainer import files
+from trainer import metrics as metrics_lib
+from trainer import runs
 from trainer import export
 from trainer import figures
 from trainer import lock
@@ -167,8 +170,8 @@ def make_statistics_sync(model, strategy):
 
 def split_scalars(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
   """The SCALARS for a split's predictions, at threshold 0.5, with the unweighted log loss."""
-  at_half = evaluate.metrics_at(labels, probs, 0.5)
-  ranking = evaluate.ranking_metrics(labels, probs)
+  at_half = metrics_lib.metrics_at(labels, probs, 0.5)
+  ranking = metrics_lib.ranking_metrics(labels, probs)
   clipped = np.clip(probs, 1e-7, 1 - 1e-7)
   loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
   return {'loss': float(loss), 'accuracy': at_half['accuracy'], 'precision': at_half['precision'],
@@ -177,11 +180,6 @@ def split_scalars(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 
 def _png_summary(name: str, png: bytes, step: int) -> None:
   tf.summary.image(name, tf.image.decode_png(png)[None], step=step)
-
-
-def _write_json(path: str, payload: dict) -> None:
-  with export.replacing(path) as partial, open(partial, 'w') as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
 
 
 class _Progress:
@@ -495,7 +493,8 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
   state = TrainState.build(config, strategy, image_size=image_size, steps_per_epoch=steps_per_epoch,
                            write_dir=write_dir)
   if new_settings:
-    _write_json(os.path.join(config.model_dir, 'config.json'), new_settings)
+    files.write_atomic(os.path.join(config.model_dir, 'config.json'),
+                       json.dumps(new_settings, indent=2, sort_keys=True))
   first_step = state.resume(chief=chief)
 
   skip_steps = state.steps_trained(first_step)
@@ -504,7 +503,7 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
       cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx, skip_steps=skip_steps,
       balanced=config.class_weight == 'resample')))
   val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
-  predict = evaluate.make_predict(state.model)  # Once: a function traced anew every epoch would retrace every epoch.
+  predict = runs.make_predict(state.model)  # Once: a function traced anew every epoch would retrace every epoch.
   writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
                     else tf.summary.create_noop_writer()) for name in ('train', 'validation')}
   if chief and int(state.global_step) == 0:
@@ -527,7 +526,7 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
     train = train_epoch(state, train_step, iterator, epoch=epoch, first_step=first_step, phase=phase, stop=stop,
                         bar=progress.bar(), profile=profile, sync_statistics=sync_statistics)
     first_step = 0
-    val_pred = evaluate.predict_split(state.model, val_ds, predict=predict)
+    val_pred = runs.predict_split(state.model, val_ds, predict=predict)
     next_epoch, val = end_epoch(state, epoch=epoch, phase=phase, train=train, val_pred=val_pred, writers=writers)
     progress.epoch_done(epoch, phase, time.time() - start, train, val)
     epoch = next_epoch
@@ -588,7 +587,7 @@ def train_epoch(state: TrainState, train_step, iterator, *, epoch: int, first_st
       continue
     loss = float(state.metrics['loss'].result())
     if not math.isfinite(loss):
-      raise FloatingPointError(_diverged_message(loss, epoch, step - 1, phase))
+      raise errors.Diverged(_diverged_message(loss, epoch, step - 1, phase))
     bar.update(step, [('loss', loss), ('auc', float(state.metrics['auc'].result()))])
   if sync_statistics:
     sync_statistics()
@@ -604,7 +603,7 @@ def end_epoch(state: TrainState, *, epoch: int, phase: str, train: dict[str, flo
   """
   val = split_scalars(val_pred['labels'], val_pred['probs'])
   # This epoch's own threshold, the one the run keeps if the epoch is its best.
-  threshold = evaluate.choose_threshold(val_pred['labels'], val_pred['probs'])
+  threshold = metrics_lib.choose_threshold(val_pred['labels'], val_pred['probs'])
   _write_summaries(state, epoch=epoch, phase=phase, train=train, val=val, val_pred=val_pred, threshold=threshold,
                    writers=writers)
   improved = state.best.test(val['auc'])
@@ -629,8 +628,8 @@ def _write_summaries(state: TrainState, *, epoch: int, phase: str, train: dict, 
     for name, value in val.items():
       tf.summary.scalar(name, value, step=epoch + 1)
     # At this epoch's own threshold: test's matrix, beside it in TensorBoard, is drawn at the kept one.
-    cm = evaluate.metrics_at(val_pred['labels'], val_pred['probs'], threshold)['confusion_matrix']
-    title = f'Validation, epoch {epoch + 1}, threshold {threshold:.3f} ({evaluate.TRAINING_RULE})'
+    cm = metrics_lib.metrics_at(val_pred['labels'], val_pred['probs'], threshold)['confusion_matrix']
+    title = f'Validation, epoch {epoch + 1}, threshold {threshold:.3f} ({metrics_lib.TRAINING_RULE})'
     _png_summary('confusion_matrix', figures.confusion_matrix_png(cm, title=title), epoch + 1)
     _png_summary('roc_curve', figures.roc_curve_png(val_pred['labels'], val_pred['probs']), epoch + 1)
 
@@ -647,7 +646,7 @@ def _class_weights_and_steps(config: Config, builder, strategy) -> tuple[np.ndar
                    else np.ones(len(counts)))
   steps_per_epoch = int(counts.sum()) // config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'--batch_size={config.batch_size} is larger than the {counts.sum()} training images.')
+    raise errors.InvalidValue(f'--batch_size={config.batch_size} is larger than the {counts.sum()} training images.')
   logging.info('%s: %d training images per class %s, class weights %s, %d steps of %d per epoch, %d replicas.',
                config.dataset, counts.sum(), counts.tolist(), np.round(class_weights, 3).tolist(),
                steps_per_epoch, config.batch_size, strategy.num_replicas_in_sync)
@@ -738,7 +737,7 @@ def _check_classes(builder, counts: dict[str, np.ndarray]) -> None:
     for name, count in zip(names, split_counts):
       if count == 0:
         per_class = dict(zip(names, split_counts.tolist()))
-        raise ValueError(f'The {split} split of {builder.info.full_name} has no {name} image ({per_class}): nothing '
+        raise errors.InvalidValue(f'The {split} split of {builder.info.full_name} has no {name} image ({per_class}): nothing '
                          'can learn or be checked on it. Rebuild the dataset '
                          'from a complete download (python -m cxr_tfds.build names the files it skips).')
 
@@ -764,14 +763,14 @@ def _check_model_dir(config: Config, image_size: int) -> dict | None:
     stored = e
   if not isinstance(stored, dict):
     reason = stored if isinstance(stored, ValueError) else f'JSON {type(stored).__name__}, not an object'
-    raise ValueError(f'{path} is not the settings of a run ({reason}): restore it, or move it away if this model '
+    raise errors.InvalidValue(f'{path} is not the settings of a run ({reason}): restore it, or move it away if this model '
                      'dir holds no training.')
   # A setting newer than the stored run had its default there.
   defaults = dataclasses.asdict(Config())
   changed = [f'--{name}={stored.get(name, defaults[name])} (this run: {settings[name]})'
              for name in config_lib.FIXED_ON_RESUME if stored.get(name, defaults[name]) != settings[name]]
   if changed:
-    raise ValueError(f'--model_dir={config.model_dir} holds a run of {", ".join(changed)}, and a run resumes only '
+    raise errors.InvalidValue(f'--model_dir={config.model_dir} holds a run of {", ".join(changed)}, and a run resumes only '
                      'with the same model: give this one a new --model_dir.')
   return None
 
@@ -806,11 +805,11 @@ def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = 
     try:
       checkpoint.restore(path).assert_existing_objects_matched()
     except (tf.errors.OpError, IndexError) as e:  # IndexError: TF's reader on a data file cut short.
-      logging.warning('Skipping checkpoint %s, which cannot be read: %s', path, export.error_reason(e))
+      logging.warning('Skipping checkpoint %s, which cannot be read: %s', path, errors.error_reason(e))
       skipped.append(path)
       continue
     except (AssertionError, ValueError) as e:
-      raise ValueError(f'The checkpoint {path} is of another model ({str(e).splitlines()[0]}): give this run a new '
+      raise errors.InvalidValue(f'The checkpoint {path} is of another model ({str(e).splitlines()[0]}): give this run a new '
                        '--model_dir.') from e
     if repair:
       # Only now that the run goes on from an older checkpoint: a run that stops changes nothing.
@@ -824,7 +823,7 @@ def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = 
           directory, os.path.basename(path), all_model_checkpoint_paths=[os.path.basename(p) for p in kept],
           all_model_checkpoint_timestamps=[_written_at(p) for p in kept], last_preserved_timestamp=0.0)
     return path
-  raise ValueError(f'No checkpoint in {directory} can be read (see the warnings above): move the folder away to '
+  raise errors.InvalidValue(f'No checkpoint in {directory} can be read (see the warnings above): move the folder away to '
                    'start over, or give this run a new --model_dir.')
 
 
@@ -889,12 +888,12 @@ def _restore_preempted(checkpoint: tf.train.Checkpoint, directories: list[str], 
       return True
     except (tf.errors.OpError, IndexError, AssertionError, ValueError) as e:
       logging.warning('Skipping the preempted run\'s checkpoint %s, which cannot be read: %s', path,
-                      export.error_reason(e) if isinstance(e, tf.errors.OpError) else e)
+                      errors.error_reason(e) if isinstance(e, tf.errors.OpError) else e)
   if not paths:
     return False
   run_checkpoint, restored = fallback
   if not restored:  # Nothing to restore over what a failed restore may have assigned.
-    raise ValueError(f'The preempted run\'s checkpoint {paths[-1]} cannot be read (see the warnings above): move it '
+    raise errors.InvalidValue(f'The preempted run\'s checkpoint {paths[-1]} cannot be read (see the warnings above): move it '
                      'away to start over, or give this run a new --model_dir.')
   run_checkpoint.restore(restored).assert_existing_objects_matched()
   return False
@@ -912,8 +911,8 @@ def _save(manager: tf.train.CheckpointManager, epoch: int) -> None:
     # TF writes a checkpoint into '<prefix>_temp' before renaming it into place.
     for partial in tf.io.gfile.glob(os.path.join(manager.directory, '*_temp')):
       tf.io.gfile.rmtree(partial)
-    raise OSError(f'Cannot write a checkpoint in {manager.directory}: {export.error_reason(e)}. The previous one is '
-                  'kept: make room and run the same command again to resume.') from e
+    raise errors.WriteFailed(f'Cannot write a checkpoint in {manager.directory}: {errors.error_reason(e)}. The '
+                             'previous one is kept: make room and run the same command again to resume.') from e
 
 
 def _diverged_message(loss: float, epoch: int, step: int, phase: str) -> str:
@@ -939,8 +938,8 @@ def finish(config: Config, model: keras.Model, builder, image_size: int, *, thre
   # One export (trainer.export.write_export): the report, model, weights, SavedModel, run.json and model card at this
   # threshold are made current together, so a kill or a full disk never pairs this model with an older threshold.
   report = export.write_export(
-      config.model_dir, model, image_size=image_size, threshold=threshold, threshold_rule=evaluate.TRAINING_RULE,
-      test_predictions=evaluate.predict_split(model, test), tensorboard_dir=os.path.join(config.model_dir, 'test'),
+      config.model_dir, model, image_size=image_size, threshold=threshold, threshold_rule=metrics_lib.TRAINING_RULE,
+      test_predictions=runs.predict_split(model, test), tensorboard_dir=os.path.join(config.model_dir, 'test'),
       run_info={'config': dataclasses.asdict(config), 'best': best,
                 # The process's own arguments: trainer.main's, when it runs as the program.
                 'command': ' '.join(['python -m trainer.main', *map(shlex.quote, sys.argv[1:])])},

@@ -1,4 +1,5 @@
-r"""Predictions on new chest X-rays: one JSON line per image, Grad-CAM overlays, ensembles.
+r"""Predictions on new chest X-rays: one JSON line per image, Grad-CAM overlays, ensembles. The program,
+`python -m trainer.predict`, is trainer/predict/__main__.py:
 
     python -m trainer.predict --model_dir=runs/resnet50 scans/ more/IM-0001.jpeg
     python -m trainer.predict --model_dir=runs/resnet50 --gradcam_dir=/tmp/gradcam scans/
@@ -16,7 +17,7 @@ modality and VOI LUTs (the window the file asks for) and are then stretched to 0
 training JPEGs are, before the same resize.
 
 Several runs (--model_dir=DIR1,DIR2) average their probabilities, each at its own input size, and need a threshold of
-their own: `trainer.evaluate.operating_point` chooses it on the validation split by --threshold_rule (youden unless
+their own: `trainer.runs.operating_point` chooses it on the validation split by --threshold_rule (youden unless
 given), as trainer.evaluate and trainer.shift do for the same runs. That costs one pass over the validation split (ten
 with shifts), so with --ensemble_dir the threshold is kept in ENSEMBLE_DIR/ensemble.json, keyed by the rule and the
 members' model.keras contents, and reused until a member changes; `python -m trainer.export` makes them one model
@@ -34,9 +35,7 @@ import hashlib
 import io
 import json
 import os
-import sys
 
-from absl import flags
 from absl import logging
 import keras
 from matplotlib import colormaps
@@ -44,13 +43,15 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-from trainer import cli
 from trainer import config as config_lib
 from trainer import data
-from trainer import evaluate
+from trainer import errors
 from trainer import export
 from trainer import figures
+from trainer import files as files_lib
+from trainer import metrics
 from trainer import models
+from trainer import runs as runs_lib
 
 CLASS_NAMES = figures.CLASS_NAMES  # The printed labels, indexed by class id.
 # Files a folder is searched for (case-insensitive). A file named on the command line is read whatever its name.
@@ -68,10 +69,9 @@ ENSEMBLE_FILE = 'ensemble.json'
 _OVERLAY_OPACITY = 0.5
 _DICOM_MAGIC = b'DICM'  # At byte 128 of a DICOM Part 10 file, after the preamble.
 
-FLAGS = flags.FLAGS
 
 
-class BadImageError(ValueError):
+class BadImageError(errors.InvalidValue):
   """A file that cannot be read as a chest X-ray; its JSON line says why."""
 
 
@@ -91,7 +91,7 @@ def find_images(paths: Sequence[str]) -> list[str]:
     ValueError: if no path is given, or the folders hold no image file and no file is named.
   """
   if not paths:
-    raise ValueError('Give the images to predict: files or folders after the flags.')
+    raise errors.InvalidValue('Give the images to predict: files or folders after the flags.')
   files = []
   for path in paths:
     if not os.path.isdir(path):
@@ -106,7 +106,7 @@ def find_images(paths: Sequence[str]) -> list[str]:
       files += [os.path.join(folder, name) for name in sorted(names)
                 if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)]
   if not files:
-    raise ValueError(f'No image files ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(paths)}.')
+    raise errors.InvalidValue(f'No image files ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(paths)}.')
   return files
 
 
@@ -147,7 +147,7 @@ def read_image(path: str, image_sizes: Iterable[int]) -> dict[int, np.ndarray]:
   try:
     return {size: data.decode_image(raw, size).numpy() for size in image_sizes}
   except tf.errors.InvalidArgumentError as e:
-    reason = export.error_message(e)
+    reason = errors.error_message(e)
     raise BadImageError(f'cannot decode ({reason}); the file may be truncated') from None
 
 
@@ -264,21 +264,21 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray) -> bytes:
   return out.getvalue()
 
 
-def cached_ensemble_threshold(runs: Sequence[evaluate.TrainedRun], ensemble_dir: str, rule: str | None = None,
+def cached_ensemble_threshold(runs: Sequence[runs_lib.TrainedRun], ensemble_dir: str, rule: str | None = None,
                               **kwargs) -> dict:
-  """`trainer.evaluate.operating_point` of several runs, kept in ensemble_dir/ensemble.json while the rule and the
+  """`trainer.runs.operating_point` of several runs, kept in ensemble_dir/ensemble.json while the rule and the
   members' model.keras stay.
 
   Args:
-    runs: the members, from `trainer.evaluate.load_run`.
+    runs: the members, from `trainer.runs.load_run`.
     ensemble_dir: the folder of ensemble.json; created if missing.
     rule: the threshold rule (None: youden).
-    **kwargs: passed to `trainer.evaluate.operating_point` when it runs.
+    **kwargs: passed to `trainer.runs.operating_point` when it runs.
 
   Returns:
-    As `trainer.evaluate.operating_point`, plus 'fingerprints' (the rule, and SHA-256 of each member's model.keras).
+    As `trainer.runs.operating_point`, plus 'fingerprints' (the rule, and SHA-256 of each member's model.keras).
   """
-  fingerprints = [rule or evaluate.TRAINING_RULE] + [
+  fingerprints = [rule or metrics.TRAINING_RULE] + [
       _sha256(os.path.join(export.current_dir(run.model_dir), 'model.keras')) for run in runs]
   path = os.path.join(ensemble_dir, ENSEMBLE_FILE)
   if os.path.exists(path):
@@ -288,12 +288,10 @@ def cached_ensemble_threshold(runs: Sequence[evaluate.TrainedRun], ensemble_dir:
       logging.info('Ensemble threshold %.4f from %s.', cached['threshold'], path)
       return cached
     logging.info('%s is for other members or other weights; choosing the threshold again.', path)
-  result = {**evaluate.operating_point(runs, rule, **kwargs), 'fingerprints': fingerprints}
+  result = {**runs_lib.operating_point(runs, rule, **kwargs), 'fingerprints': fingerprints}
   os.makedirs(ensemble_dir, exist_ok=True)
-  # Written aside and renamed: two predict processes sharing ensemble_dir never read half a file.
-  with open(f'{path}.{os.getpid()}.partial', 'w') as f:
-    json.dump(result, f, indent=2)
-  os.replace(f'{path}.{os.getpid()}.partial', path)
+  # A temporary name of this process's own: two predict processes may share ensemble_dir.
+  files_lib.write_atomic(path, json.dumps(result, indent=2), partial=f'{path}.{os.getpid()}.partial')
   return result
 
 
@@ -305,7 +303,7 @@ def _sha256(path):
   return digest.hexdigest()
 
 
-def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[evaluate.TrainedRun], *, threshold: float,
+def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.TrainedRun], *, threshold: float,
                   gradcam_dir: str | None = None, batch_size: int = 32,
                   threshold_rule: str | None = None, predicts=None) -> Iterator[dict]:
   """Predicts files (or images already in memory) in batches, and yields one result per file, in order.
@@ -314,12 +312,12 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[evaluate.Tra
     files: from `find_images`; or uint8 grayscale arrays (height, width) or (height, width, 1), as `Classifier`
       takes them (their result's 'file' is their index, '<array N>').
     runs: one model, or the members of an ensemble (their probabilities are averaged).
-    threshold: the decision threshold: from `trainer.evaluate.operating_point`.
+    threshold: the decision threshold: from `trainer.runs.operating_point`.
     gradcam_dir: if given (one model only), a Grad-CAM overlay of each image is written there, as
       <path relative to the inputs' common folder>.gradcam.png.
     batch_size: images per batch.
     threshold_rule: the name of the rule that chose the threshold, for the results (left out if None).
-    predicts: `trainer.evaluate.make_predict` of each run, for a caller that predicts many times (made here if None).
+    predicts: `trainer.runs.make_predict` of each run, for a caller that predicts many times (made here if None).
 
   Yields:
     {'file', 'label', 'probability', 'threshold', 'threshold_rule'} (and 'gradcam', the overlay's path, and for an ensemble
@@ -329,9 +327,9 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[evaluate.Tra
     ValueError: if gradcam_dir is given for an ensemble.
   """
   if gradcam_dir is not None and len(runs) != 1:
-    raise ValueError('--gradcam_dir needs a single --model_dir: the members of an ensemble look at different '
+    raise errors.InvalidValue('--gradcam_dir needs a single --model_dir: the members of an ensemble look at different '
                      'features, so run predict once per member instead.')
-  predicts = predicts or [evaluate.make_predict(run.model) for run in runs]
+  predicts = predicts or [runs_lib.make_predict(run.model) for run in runs]
   gradcam = make_gradcam(runs[0].model, runs[0].image_size) if gradcam_dir is not None else None
   # Overlays keep the inputs' folder structure below their common folder (of the files that exist: a wrong path
   # must not move the others' overlays).
@@ -371,8 +369,7 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[evaluate.Tra
         if gradcam:
           out = os.path.join(gradcam_dir, os.path.relpath(os.path.abspath(result['file']), root) + '.gradcam.png')
           os.makedirs(os.path.dirname(out), exist_ok=True)
-          with open(out, 'wb') as f:
-            f.write(overlay_png(batches[runs[0].image_size][j], maps[j]))
+          files_lib.write_atomic(out, overlay_png(batches[runs[0].image_size][j], maps[j]))
           result['gradcam'] = out
     for i in sorted(results):
       yield results[i]
@@ -382,7 +379,7 @@ def _array_inputs(image, sizes) -> dict[int, np.ndarray]:
   """A uint8 grayscale array as the models see it: squashed to each size (Classifier's input contract)."""
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 1):
-    raise ValueError(f'An image array must be uint8 grayscale, (height, width) or (height, width, 1); got '
+    raise errors.InvalidValue(f'An image array must be uint8 grayscale, (height, width) or (height, width, 1); got '
                      f'{image.dtype} of shape {image.shape}.')
   image = image.reshape(image.shape[:2] + (1,))
   return {size: data.resize_uint8(image, size).numpy() for size in sizes}
@@ -401,7 +398,7 @@ class Classifier:
   threshold_rule: str
 
   def __post_init__(self):
-    self._predicts = [evaluate.make_predict(run.model) for run in self.runs]
+    self._predicts = [runs_lib.make_predict(run.model) for run in self.runs]
 
   def classify(self, images: Sequence, *, batch_size: int = 32) -> list[dict]:
     """{'file', 'label', 'probability', 'threshold', 'threshold_rule'} per image, in order; or {'file', 'error'}
@@ -421,62 +418,13 @@ def load(model_dir: str | Sequence[str], *, threshold_rule: str | None = None, *
 
   Args:
     model_dir: a run's --model_dir or an export's folder; or several runs' (their threshold is chosen on validation).
-    threshold_rule: None for the stored threshold, or a rule to choose it again (trainer.evaluate.THRESHOLD_RULES).
-    **kwargs: for `trainer.evaluate.operating_point` (data_dir, manual_dir, batch_size), for several runs.
+    threshold_rule: None for the stored threshold, or a rule to choose it again (trainer.metrics.THRESHOLD_RULES).
+    **kwargs: for `trainer.runs.operating_point` (data_dir, manual_dir, batch_size), for several runs.
 
   Returns:
     A Classifier.
   """
   dirs = [model_dir] if isinstance(model_dir, (str, os.PathLike)) else list(model_dir)
-  runs = [evaluate.load_run(os.path.expanduser(str(d))) for d in dirs]
-  point = evaluate.operating_point(runs, threshold_rule, **kwargs)
+  runs = [runs_lib.load_run(os.path.expanduser(str(d))) for d in dirs]
+  point = runs_lib.operating_point(runs, threshold_rule, **kwargs)
   return Classifier(runs=runs, threshold=point['threshold'], threshold_rule=point['threshold_rule'])
-
-
-def _define_flags():
-  # Defined only when this module runs as the program, so that importing it (tests, notebooks) defines no flag that
-  # could clash with trainer.main's.
-  flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished training run or the --out_dir of '
-                    'trainer.export; or several runs, DIR1,DIR2,..., whose probabilities are averaged, with a '
-                    'threshold chosen on validation for the ensemble.')
-  flags.DEFINE_list('ensemble', None, 'Replaced by --model_dir=DIR1,DIR2,... (as in trainer.evaluate and '
-                    'trainer.shift).')
-  evaluate.define_threshold_rule_flag()
-  flags.DEFINE_string('ensemble_dir', None, f'Keep the ensemble\'s threshold in ENSEMBLE_DIR/{ENSEMBLE_FILE}, and '
-                      'reuse it while the members stay the same (without it, every call runs the members over the '
-                      'validation split again).')
-  flags.DEFINE_string('gradcam_dir', None, 'Write a Grad-CAM overlay PNG of each image here (one --model_dir only).')
-  flags.DEFINE_string('data_dir', None, 'For several runs: where TFDS keeps the built dataset (default: the first '
-                      'member\'s --data_dir).')
-  flags.DEFINE_string('manual_dir', None, 'For several runs: the downloaded data, if the dataset is not built yet.')
-  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
-
-
-def main(argv):
-  if FLAGS.ensemble is not None:
-    raise ValueError(f'--ensemble is now --model_dir: give --model_dir={",".join(FLAGS.ensemble)}.')
-  if not FLAGS.model_dir:
-    raise ValueError('Give --model_dir=DIR (a run or an export), or --model_dir=DIR1,DIR2,... (several runs).')
-  files = find_images(argv[1:])
-  runs = [evaluate.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir]
-  kwargs = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, batch_size=FLAGS.batch_size)
-  if FLAGS.ensemble_dir and len(runs) > 1:
-    point = cached_ensemble_threshold(runs, os.path.expanduser(FLAGS.ensemble_dir), FLAGS.threshold_rule, **kwargs)
-  else:
-    point = evaluate.operating_point(runs, FLAGS.threshold_rule, **kwargs)
-  threshold = point['threshold']
-  logging.info('Threshold %.4f, rule %s (%s).', threshold, point['threshold_rule'],
-               'stored with the model' if point['chosen'] == 'stored' else 'chosen on validation')
-  failed = 0
-  for result in predict_files(files, runs, threshold=threshold, gradcam_dir=FLAGS.gradcam_dir,
-                              batch_size=FLAGS.batch_size, threshold_rule=point['threshold_rule']):
-    failed += 'error' in result
-    print(json.dumps(result), flush=True)
-  if failed:
-    print(f'error: {failed} of {len(files)} files could not be read (see their "error" lines).', file=sys.stderr)
-  return 1 if failed else 0
-
-
-if __name__ == '__main__':
-  _define_flags()
-  cli.run(main)

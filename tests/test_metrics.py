@@ -1,16 +1,12 @@
-"""Tests of trainer.evaluate: hand-computed metrics, the threshold rule, calibration, the patient bootstrap, reports."""
+"""Tests of trainer.metrics: hand-computed metrics, the threshold rule, calibration, the patient bootstrap."""
 
-import io
-import json
-import os
 import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
 from sklearn import metrics as sk_metrics
 
-from trainer import evaluate
+from trainer import metrics
 
 THRESHOLD_METRICS = ('accuracy', 'sensitivity', 'specificity', 'precision', 'f1')
 ALL_METRICS = THRESHOLD_METRICS + ('roc_auc', 'pr_auc')
@@ -47,7 +43,7 @@ def test_metrics_at_matches_hand_computed_confusion_matrix():
   labels = [1, 1, 1, 1, 0, 0, 0, 0, 0, 1]
   probs = [0.9, 0.7, 0.5, 0.2, 0.1, 0.3, 0.6, 0.4, 0.05, 0.8]
   # At 0.5 (>= is positive): tp = {0.9, 0.7, 0.5, 0.8} = 4, fn = {0.2} = 1, fp = {0.6} = 1, tn = 4.
-  m = evaluate.metrics_at(labels, probs, 0.5)
+  m = metrics.metrics_at(labels, probs, 0.5)
   assert m['confusion_matrix'] == [[4, 1], [1, 4]]
   assert all(isinstance(v, int) for row in m['confusion_matrix'] for v in row)
   assert m['accuracy'] == pytest.approx(8 / 10)
@@ -57,7 +53,7 @@ def test_metrics_at_matches_hand_computed_confusion_matrix():
   assert m['f1'] == pytest.approx(4 / 5)
   assert m['threshold'] == 0.5
   # Raising the threshold past 0.5 loses one true positive.
-  m = evaluate.metrics_at(labels, probs, 0.55)
+  m = metrics.metrics_at(labels, probs, 0.55)
   assert m['confusion_matrix'] == [[4, 1], [2, 3]]
   assert m['sensitivity'] == pytest.approx(3 / 5)
   assert m['precision'] == pytest.approx(3 / 4)
@@ -68,11 +64,11 @@ def test_metrics_at_defines_zero_over_zero_as_zero_without_warnings():
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     # Nothing called positive: precision = 0 / 0.
-    m = evaluate.metrics_at([1, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], 0.9)
+    m = metrics.metrics_at([1, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], 0.9)
     assert m['confusion_matrix'] == [[2, 0], [2, 0]]
     assert (m['precision'], m['sensitivity'], m['f1'], m['specificity']) == (0.0, 0.0, 0.0, 1.0)
     # No normal images: specificity = 0 / 0.
-    m = evaluate.metrics_at([1, 1, 1], [0.9, 0.8, 0.2], 0.5)
+    m = metrics.metrics_at([1, 1, 1], [0.9, 0.8, 0.2], 0.5)
     assert m['confusion_matrix'] == [[0, 0], [1, 2]]
     assert m['specificity'] == 0.0
     assert m['sensitivity'] == pytest.approx(2 / 3)
@@ -80,19 +76,19 @@ def test_metrics_at_defines_zero_over_zero_as_zero_without_warnings():
 
 def test_inputs_are_validated_with_one_line_errors():
   with pytest.raises(ValueError, match='same length'):
-    evaluate.metrics_at([0, 1], [0.5], 0.5)
+    metrics.metrics_at([0, 1], [0.5], 0.5)
   with pytest.raises(ValueError, match=r'\[0, 1\].*logits'):
-    evaluate.metrics_at([0, 1], [-2.0, 3.0], 0.5)
+    metrics.metrics_at([0, 1], [-2.0, 3.0], 0.5)
   with pytest.raises(ValueError, match='NaN'):
-    evaluate.metrics_at([0, 1], [0.2, np.nan], 0.5)
+    metrics.metrics_at([0, 1], [0.2, np.nan], 0.5)
   with pytest.raises(ValueError, match='labels must be 0'):
-    evaluate.metrics_at([0, 2], [0.2, 0.3], 0.5)
+    metrics.metrics_at([0, 2], [0.2, 0.3], 0.5)
   with pytest.raises(ValueError, match='threshold'):
-    evaluate.metrics_at([0, 1], [0.2, 0.3], 1.5)
+    metrics.metrics_at([0, 1], [0.2, 0.3], 1.5)
   with pytest.raises(ValueError, match='shape'):
-    evaluate.metrics_at(np.zeros((2, 2)), np.zeros((2, 2)), 0.5)
+    metrics.metrics_at(np.zeros((2, 2)), np.zeros((2, 2)), 0.5)
   # Model outputs of shape (n, 1) are fine.
-  m = evaluate.metrics_at(np.array([[0], [1]]), np.array([[0.2], [0.7]]), 0.5)
+  m = metrics.metrics_at(np.array([[0], [1]]), np.array([[0.2], [0.7]]), 0.5)
   assert m['accuracy'] == 1.0
 
 
@@ -101,19 +97,19 @@ def test_inputs_are_validated_with_one_line_errors():
 
 def test_ranking_metrics_match_sklearn_and_the_extremes():
   labels, probs = _scores(500, 0.2, seed=1)
-  r = evaluate.ranking_metrics(labels, probs)
+  r = metrics.ranking_metrics(labels, probs)
   assert r['roc_auc'] == pytest.approx(sk_metrics.roc_auc_score(labels, probs))
   assert r['pr_auc'] == pytest.approx(sk_metrics.average_precision_score(labels, probs))
   assert 0.6 < r['roc_auc'] < 0.95
-  perfect = evaluate.ranking_metrics(labels, labels * 0.5 + 0.25)
+  perfect = metrics.ranking_metrics(labels, labels * 0.5 + 0.25)
   assert perfect == {'roc_auc': 1.0, 'pr_auc': 1.0}
   rng = np.random.default_rng(2)
   random_labels = rng.integers(0, 2, 20000)
-  chance = evaluate.ranking_metrics(random_labels, rng.random(20000))
+  chance = metrics.ranking_metrics(random_labels, rng.random(20000))
   assert chance['roc_auc'] == pytest.approx(0.5, abs=0.02)
   assert chance['pr_auc'] == pytest.approx(random_labels.mean(), abs=0.02)
   with pytest.raises(ValueError, match='both classes'):
-    evaluate.ranking_metrics([1, 1], [0.2, 0.9])
+    metrics.ranking_metrics([1, 1], [0.2, 0.9])
 
 
 # choose_threshold
@@ -123,17 +119,17 @@ def test_choose_threshold_finds_the_best_cut_on_overlapping_data():
   negatives = [0.1, 0.2, 0.3, 0.45]
   positives = [0.4, 0.6, 0.7, 0.8, 0.9]
   # Cut at 0.6: sensitivity 4/5, specificity 4/4, J = 0.8; at 0.4: J = 5/5 + 3/4 - 1 = 0.75; at 0.45: 0.55.
-  t = evaluate.choose_threshold([0] * 4 + [1] * 5, negatives + positives)
+  t = metrics.choose_threshold([0] * 4 + [1] * 5, negatives + positives)
   assert t == 0.6
 
 
 def test_choose_threshold_maximises_youden_over_every_possible_cut():
   labels, probs = _scores(300, 0.25, seed=3)
-  t = evaluate.choose_threshold(labels, probs)
+  t = metrics.choose_threshold(labels, probs)
   assert t in probs
 
   def youden(cut):
-    m = evaluate.metrics_at(labels, probs, cut)
+    m = metrics.metrics_at(labels, probs, cut)
     return m['sensitivity'] + m['specificity'] - 1
 
   assert youden(t) == pytest.approx(max(youden(cut) for cut in np.unique(probs)))
@@ -147,12 +143,12 @@ def test_choose_threshold_maximises_youden_over_every_possible_cut():
     ([0.1, 0.15, 0.6], [0.2, 0.65, 0.9], 0.65),
 ])
 def test_choose_threshold_ties_go_to_the_threshold_nearest_one_half(negatives, positives, expected):
-  assert evaluate.choose_threshold([0] * 3 + [1] * 3, negatives + positives) == expected
+  assert metrics.choose_threshold([0] * 3 + [1] * 3, negatives + positives) == expected
 
 
 def test_choose_threshold_rejects_a_single_class():
   with pytest.raises(ValueError, match='both classes.*normal'):
-    evaluate.choose_threshold([0, 0, 0], [0.1, 0.5, 0.9])
+    metrics.choose_threshold([0, 0, 0], [0.1, 0.5, 0.9])
 
 
 # calibration
@@ -162,10 +158,10 @@ def test_calibration_small_ece_when_calibrated_large_when_overconfident():
   rng = np.random.default_rng(4)
   truth = rng.random(20000)
   labels = (rng.random(truth.size) < truth).astype(int)
-  calibrated = evaluate.calibration(labels, truth)
+  calibrated = metrics.calibration(labels, truth)
   assert calibrated['ece'] < 0.02
   # Pushing every probability towards 0 or 1 keeps the ranking but claims more certainty than the data has.
-  overconfident = evaluate.calibration(labels, np.clip(0.5 + 3 * (truth - 0.5), 0, 1))
+  overconfident = metrics.calibration(labels, np.clip(0.5 + 3 * (truth - 0.5), 0, 1))
   assert overconfident['ece'] > 0.15
   assert overconfident['brier'] > calibrated['brier']
 
@@ -173,7 +169,7 @@ def test_calibration_small_ece_when_calibrated_large_when_overconfident():
 def test_calibration_bins_by_hand():
   labels = [0, 1, 1, 0, 1]
   probs = [0.05, 0.15, 0.12, 0.95, 1.0]
-  c = evaluate.calibration(labels, probs, n_bins=4)
+  c = metrics.calibration(labels, probs, n_bins=4)
   assert c['bin_edges'] == [0.0, 0.25, 0.5, 0.75, 1.0]
   assert c['count'] == [3, 0, 0, 2]  # 1.0 belongs to the last bin.
   assert c['mean_predicted'][0] == pytest.approx((0.05 + 0.15 + 0.12) / 3)
@@ -182,7 +178,7 @@ def test_calibration_bins_by_hand():
   expected_ece = (3 * abs(0.32 / 3 - 2 / 3) + 2 * abs(0.975 - 0.5)) / 5
   assert c['ece'] == pytest.approx(expected_ece)
   with pytest.raises(ValueError, match='n_bins'):
-    evaluate.calibration(labels, probs, n_bins=0)
+    metrics.calibration(labels, probs, n_bins=0)
 
 
 # bootstrap_ci
@@ -190,21 +186,21 @@ def test_calibration_bins_by_hand():
 
 def test_bootstrap_intervals_contain_the_estimate_and_are_reproducible():
   labels, probs, groups = _patients(150, 3, seed=5)
-  ci = evaluate.bootstrap_ci(labels, probs, groups, 0.5, n_resamples=500)
+  ci = metrics.bootstrap_ci(labels, probs, groups, 0.5, n_resamples=500)
   assert set(ci) == set(ALL_METRICS)
-  point = {**evaluate.metrics_at(labels, probs, 0.5), **evaluate.ranking_metrics(labels, probs)}
+  point = {**metrics.metrics_at(labels, probs, 0.5), **metrics.ranking_metrics(labels, probs)}
   for name in ALL_METRICS:
     low, high = ci[name]
     assert low < point[name] < high, name
-  assert ci == evaluate.bootstrap_ci(labels, probs, groups, 0.5, n_resamples=500)
-  assert ci != evaluate.bootstrap_ci(labels, probs, groups, 0.5, n_resamples=500, seed=1)
-  narrower = evaluate.bootstrap_ci(labels, probs, groups, 0.5, n_resamples=500, confidence=0.5)
+  assert ci == metrics.bootstrap_ci(labels, probs, groups, 0.5, n_resamples=500)
+  assert ci != metrics.bootstrap_ci(labels, probs, groups, 0.5, n_resamples=500, seed=1)
+  narrower = metrics.bootstrap_ci(labels, probs, groups, 0.5, n_resamples=500, confidence=0.5)
   assert _width(narrower['roc_auc']) < _width(ci['roc_auc'])
 
 
 def test_bootstrap_intervals_narrow_as_patients_grow():
-  small = evaluate.bootstrap_ci(*_patients(50, 2, seed=6), 0.5, n_resamples=400)
-  large = evaluate.bootstrap_ci(*_patients(2000, 2, seed=6), 0.5, n_resamples=400)
+  small = metrics.bootstrap_ci(*_patients(50, 2, seed=6), 0.5, n_resamples=400)
+  large = metrics.bootstrap_ci(*_patients(2000, 2, seed=6), 0.5, n_resamples=400)
   for name in ALL_METRICS:
     # sqrt(2000 / 50) ~ 6; ask for a safe 3.
     assert _width(large[name]) * 3 < _width(small[name]), name
@@ -212,14 +208,14 @@ def test_bootstrap_intervals_narrow_as_patients_grow():
 
 def test_bootstrap_resamples_patients_not_images():
   labels, probs, groups = _patients(100, 10, seed=7)
-  by_patient = evaluate.bootstrap_ci(labels, probs, groups, 0.5, n_resamples=500)
-  by_image = evaluate.bootstrap_ci(labels, probs, np.arange(labels.size), 0.5, n_resamples=500)
+  by_patient = metrics.bootstrap_ci(labels, probs, groups, 0.5, n_resamples=500)
+  by_image = metrics.bootstrap_ci(labels, probs, np.arange(labels.size), 0.5, n_resamples=500)
   # Ten near-copies per patient carry the information of about one image, so the honest interval is ~sqrt(10)
   # times wider than one that treats the copies as independent.
   for name in ('accuracy', 'sensitivity', 'roc_auc'):
     assert _width(by_patient[name]) > 2 * _width(by_image[name]), name
   # Patient ids may be strings, as the dataset stores them.
-  as_strings = evaluate.bootstrap_ci(labels, probs, np.char.add('person', groups.astype(str)), 0.5,
+  as_strings = metrics.bootstrap_ci(labels, probs, np.char.add('person', groups.astype(str)), 0.5,
                                      n_resamples=500)
   assert _width(as_strings['accuracy']) > 2 * _width(by_image['accuracy'])
 
@@ -229,7 +225,7 @@ def test_weighted_ranking_matches_sklearn_with_sample_weights():
   labels, probs = _scores(300, 0.2, seed=8)
   probs = probs.round(2)
   weights = np.random.default_rng(9).integers(0, 3, (4, labels.size)).astype(float)
-  roc_auc, average_precision = evaluate._weighted_ranking(weights, labels, probs)
+  roc_auc, average_precision = metrics._weighted_ranking(weights, labels, probs)
   for row, auc, ap in zip(weights, roc_auc, average_precision):
     assert auc == pytest.approx(sk_metrics.roc_auc_score(labels, probs, sample_weight=row))
     assert ap == pytest.approx(sk_metrics.average_precision_score(labels, probs, sample_weight=row))
@@ -238,90 +234,10 @@ def test_weighted_ranking_matches_sklearn_with_sample_weights():
 def test_bootstrap_rejects_bad_groups_and_single_patient_data():
   labels, probs, groups = _patients(20, 2, seed=10)
   with pytest.raises(ValueError, match='one patient id per image'):
-    evaluate.bootstrap_ci(labels, probs, groups[:-1], 0.5)
+    metrics.bootstrap_ci(labels, probs, groups[:-1], 0.5)
   # One patient with both classes: every resample is that patient, fine. Two patients of different classes: most
   # resamples hold one class only.
   with pytest.raises(ValueError, match='hold both classes'):
-    evaluate.bootstrap_ci([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], ['a', 'a', 'b', 'b'], 0.5, n_resamples=200)
+    metrics.bootstrap_ci([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], ['a', 'a', 'b', 'b'], 0.5, n_resamples=200)
   with pytest.raises(ValueError, match='confidence'):
-    evaluate.bootstrap_ci(labels, probs, groups, 0.5, confidence=95)
-
-
-# build_report / write_report
-
-
-def _report(**extra):
-  labels, probs, groups = _patients(120, 3, seed=11)
-  return evaluate.build_report(test_labels=labels, test_probs=probs, test_groups=groups, val_threshold=0.42,
-                               n_resamples=200, extra=extra or None)
-
-
-def test_build_report_has_every_part_and_is_json():
-  report = _report(model='cnn', dataset='chest_xray_pneumonia/synthetic')
-  assert {'n_images', 'n_patients', 'positives', 'ranking', 'calibration', 'at_0.5', 'at_val_threshold',
-          'threshold_rule', 'model', 'dataset'} <= set(report)
-  assert (report['n_images'], report['n_patients']) == (360, 120)
-  assert report['at_0.5']['threshold'] == 0.5 and report['at_val_threshold']['threshold'] == 0.42
-  for part in ('at_0.5', 'at_val_threshold'):
-    assert set(report[part]['ci95']) == set(THRESHOLD_METRICS)
-  assert set(report['ranking']['ci95']) == {'roc_auc', 'pr_auc'}
-  assert report['bootstrap']['unit'] == 'patient'
-  assert json.loads(json.dumps(report, allow_nan=False)) == report
-  with pytest.raises(ValueError, match='reuses report keys'):
-    _report(positives=3)
-  with pytest.raises(ValueError, match='JSON'):
-    _report(array=np.zeros(2))
-
-
-def test_write_report_writes_complete_files_and_figures(tmp_path):
-  report = _report(model='cnn')
-  png = _png(40, 30)
-  out_dir = tmp_path / 'report'
-  json_path, md_path = evaluate.write_report(report, str(out_dir), figures={'roc': png, 'confusion_matrix': png})
-  assert (json_path, md_path) == (str(out_dir / 'report.json'), str(out_dir / 'report.md'))
-  assert sorted(os.listdir(out_dir)) == ['confusion_matrix.png', 'report.json', 'report.md', 'roc.png']
-  with open(json_path) as f:
-    assert json.load(f) == report
-  with open(md_path) as f:
-    markdown = f.read()
-  for name in ALL_METRICS + ('ece', 'brier', 'model'):
-    assert name in markdown, name
-  assert '![roc](roc.png)' in markdown and '0.4200' in markdown
-  for name in ('roc', 'confusion_matrix'):
-    with Image.open(out_dir / f'{name}.png') as image:
-      assert image.size == (40, 30)
-  # Writing again replaces the files and still leaves no temporary file.
-  evaluate.write_report(report, str(out_dir))
-  assert sorted(os.listdir(out_dir)) == ['confusion_matrix.png', 'report.json', 'report.md', 'roc.png']
-
-
-def test_write_report_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
-  report = _report()
-  json_path, _ = evaluate.write_report(report, str(tmp_path))
-  with open(json_path) as f:
-    before = f.read()
-
-  def killed(*args):
-    raise KeyboardInterrupt
-
-  monkeypatch.setattr(evaluate.os, 'replace', killed)
-  with pytest.raises(KeyboardInterrupt):
-    evaluate.write_report({**report, 'positives': -1}, str(tmp_path))
-  with open(json_path) as f:
-    assert f.read() == before
-  assert sorted(os.listdir(tmp_path)) == ['report.json', 'report.md']
-
-
-def test_write_report_rejects_bad_figures(tmp_path):
-  report = _report()
-  with pytest.raises(ValueError, match='plain file name'):
-    evaluate.write_report(report, str(tmp_path), figures={'../roc': _png(4, 4)})
-  with pytest.raises(ValueError, match='PNG bytes'):
-    evaluate.write_report(report, str(tmp_path), figures={'roc': b'not a png'})
-  assert os.listdir(tmp_path) == []
-
-
-def _png(width, height):
-  buffer = io.BytesIO()
-  Image.fromarray(np.arange(width * height, dtype=np.uint8).reshape(height, width)).save(buffer, format='PNG')
-  return buffer.getvalue()
+    metrics.bootstrap_ci(labels, probs, groups, 0.5, confidence=95)

@@ -1,5 +1,6 @@
 r"""Saving and loading the trained model: a `.keras` file, and a SavedModel that TF Serving can serve from encoded
-image bytes; and `python -m trainer.export`, which turns one run or several into one deployable model.
+image bytes; `python -m trainer.export` (trainer/export/__main__.py) turns one run or several into one deployable
+model.
 
 The files that must agree (model.keras, best.weights.h5, run.json with the threshold, the report, the SavedModel and
 the model card) are an export: they are written into a new folder, OUT/exports/N, and made current together by
@@ -18,7 +19,7 @@ is chosen once, on the validation split of the runs' dataset, by the named rule,
 report and the model card are written beside it. `trainer.predict`, `trainer.evaluate` and `trainer.shift` then take
 OUT as they take a run's model_dir.
 
-Every file is written beside its final name and renamed into place (`replacing`), so a kill or a full disk leaves the
+Every file is written beside its final name and renamed into place (`trainer.files`), so a kill or a full disk leaves the
 previous file whole. Loading goes through `load_model`, which never runs code stored in a file.
 """
 
@@ -28,20 +29,19 @@ import os
 import platform
 import re
 import shutil
-import sys
 import zipfile
 
-from absl import app
-from absl import flags
-from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
-from trainer import cli
 from trainer import config as config_lib
 from trainer import data
+from trainer import errors
+from trainer import files
 from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in a .keras file)
+from trainer import report as report_lib
 
 SERVING_ENDPOINT = 'serve'
 CURRENT = 'current'  # OUT/current -> exports/N: the export in force.
@@ -50,70 +50,10 @@ MODEL_CARD = 'model_card.md'
 _MISSING_CLASS = re.compile(r"Could not locate class '([^']+)'")
 _NUMBERED = re.compile(r'(\d+)(\.partial)?')
 
-FLAGS = flags.FLAGS
-# TF wraps an I/O error's reason in the op's and the device's names: '{{function_node ...}} <path>; <reason> [Op:..]'.
-_TF_OP_CONTEXT = re.compile(r'{{.*?}}|\[Op:.*?]')
-
-
-def error_message(error: Exception) -> str:
-  """An error's message on one line, without the op and device names TF wraps around it."""
-  message = error.message if isinstance(error, tf.errors.OpError) else str(error)
-  return _TF_OP_CONTEXT.sub('', message).strip().split('\n', 1)[0]
-
-
-def error_reason(error: Exception) -> str:
-  """What a user acts on in a failed write: 'No space left on device', without the temporary file's name."""
-  if isinstance(error, OSError) and error.strerror:
-    return error.strerror
-  # TF's file errors read '<path>; <reason>'.
-  return error_message(error).rsplit('; ', 1)[-1]
-
-
-@contextlib.contextmanager
-def replacing(path: str):
-  """Yields a temporary path beside `path`, renamed to `path` when the block succeeds and deleted when it fails.
-
-  So a kill or a full disk in the middle of a write leaves the previous file (or folder) whole, and no half-written
-  one beside it. The temporary name keeps `path`'s extensions ('model.partial.keras'), which Keras checks.
-
-  Args:
-    path: the file or folder to write.
-
-  Yields:
-    The path to write to.
-
-  Raises:
-    OSError: the write failed (a full disk, a read-only folder), naming `path` and the reason on one line.
-  """
-  folder, name = os.path.split(path.rstrip('/'))
-  stem, dot, extensions = name.partition('.')
-  partial = os.path.join(folder, f'{stem}.partial{dot}{extensions}')
-  try:
-    yield partial
-    if os.path.isdir(partial):
-      # os.replace cannot replace a folder that has files; the old one goes first.
-      shutil.rmtree(path, ignore_errors=True)
-    os.replace(partial, path)
-  except (OSError, tf.errors.OpError) as e:
-    _remove(partial)
-    raise OSError(f'Cannot write {path}: {error_reason(e)}. Its previous version, if any, is kept.') from e
-  except BaseException:  # Also a kill (KeyboardInterrupt) during the rename: no partial is left behind.
-    _remove(partial)
-    raise
-
-
-def _remove(path: str) -> None:
-  if os.path.islink(path):  # The link, not what it points to.
-    os.remove(path)
-  elif os.path.isdir(path):
-    shutil.rmtree(path, ignore_errors=True)
-  elif os.path.exists(path):
-    os.remove(path)
-
 
 def save_keras(model: keras.Model, path: str) -> str:
   """Saves the whole model as a `.keras` file (a kill or a full disk never leaves half a file)."""
-  with replacing(path) as partial:
+  with files.replacing(path) as partial:
     model.save(partial)
   return path
 
@@ -133,8 +73,8 @@ def save_weights_from_keras(keras_path: str, path: str) -> str:
   Returns:
     path.
   """
-  with replacing(path) as partial, zipfile.ZipFile(keras_path) as archive:
-    with archive.open('model.weights.h5') as source, open(partial, 'wb') as target:
+  with files.replacing(path) as partial, zipfile.ZipFile(keras_path) as archive:
+    with archive.open('model.weights.h5') as source, tf.io.gfile.GFile(partial, 'wb') as target:
       shutil.copyfileobj(source, target)
   return path
 
@@ -158,12 +98,12 @@ def load_model(path: str) -> keras.Model:
     ValueError: not a `.keras` file, one cut short, or one that safe mode refuses (the message says why).
   """
   if not path.endswith('.keras'):
-    raise ValueError(f'{path} is not a .keras file; only .keras models are loaded (they load in Keras\'s safe mode).')
+    raise errors.InvalidValue(f'{path} is not a .keras file; only .keras models are loaded (they load in Keras\'s safe mode).')
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: no such model file.')
+    raise errors.MissingPath(f'{path}: no such model file.')
   # A .keras file is a zip archive; one cut short has no central directory, and Keras then says "File not found".
   if not zipfile.is_zipfile(path):
-    raise ValueError(f'{path} is damaged or cut short ({os.path.getsize(path)} bytes, not a whole .keras archive): '
+    raise errors.InvalidValue(f'{path} is damaged or cut short ({os.path.getsize(path)} bytes, not a whole .keras archive): '
                      'export it again, or copy it again from where it was made.')
   try:
     return keras.saving.load_model(path, compile=False, safe_mode=True)
@@ -171,7 +111,7 @@ def load_model(path: str) -> keras.Model:
     # Keras's message is the whole model config (thousands of characters), with the missing class near its end.
     if not (missing := _MISSING_CLASS.search(str(e))):
       raise
-    raise ValueError(f'{path} uses the layer {missing.group(1)}, which no imported module registers: load it with '
+    raise errors.InvalidValue(f'{path} uses the layer {missing.group(1)}, which no imported module registers: load it with '
                      'trainer.export.load_model or trainer.predict.load (or `import trainer.models` before '
                      'keras.saving.load_model), from a version of the trainer that has it.') from None
 
@@ -204,8 +144,8 @@ def export_saved_model(model: keras.Model, path: str, *, image_size: int, thresh
   archive.add_endpoint(name=SERVING_ENDPOINT, fn=serve,
                        input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with replacing(path) as partial:
-    shutil.rmtree(partial, ignore_errors=True)  # Left by a kill in an earlier export.
+  with files.replacing(path) as partial:
+    files.remove(partial)  # Left by a kill in an earlier export.
     archive.write_out(partial, verbose=False)
   return path
 
@@ -248,19 +188,19 @@ def committing(out_dir: str):
     _point(os.path.join(out_dir, CURRENT), os.path.join(EXPORTS, str(number)))  # The commit.
     _sync_folder(out_dir)
   except (OSError, tf.errors.OpError) as e:
-    _remove(partial)
+    files.remove(partial)
     cause = e.__cause__ if isinstance(e.__cause__, (OSError, tf.errors.OpError)) else e
-    raise OSError(f'Cannot write an export in {out_dir}: {error_reason(cause)}. The previous export, if any, is '
-                  'kept.') from e
+    raise errors.WriteFailed(f'Cannot write an export in {out_dir}: {errors.error_reason(cause)}. The previous '
+                             'export, if any, is kept.') from e
   except BaseException:
-    _remove(partial)
+    files.remove(partial)
     raise
   # After the commit, nothing here can mix two exports: readers resolve `current` once (current_dir).
   for name in os.listdir(folder):
     _point(os.path.join(out_dir, name), os.path.join(CURRENT, name))
   for name in os.listdir(exports):
     if name != str(number):
-      _remove(os.path.join(exports, name))
+      files.remove(os.path.join(exports, name))
 
 
 def _sync(folder: str) -> None:
@@ -287,7 +227,7 @@ def _sync_folder(folder: str) -> None:
 def _point(link: str, target: str) -> None:
   """Makes `link` a symlink to `target` (relative to link's folder) in one rename, whatever was there before."""
   temporary = f'{link}.partial-link'
-  _remove(temporary)
+  files.remove(temporary)
   os.symlink(target, temporary)
   if os.path.isdir(link) and not os.path.islink(link):
     shutil.rmtree(link)  # A folder of the flat layout of earlier versions: rename cannot replace it.
@@ -312,7 +252,7 @@ def saved_model_path(model_dir: str) -> str:
     return folder
   versions = sorted(int(name) for name in (os.listdir(folder) if os.path.isdir(folder) else []) if name.isdigit())
   if not versions:
-    raise FileNotFoundError(f'{folder}: no SavedModel version folder (saved_model/N/saved_model.pb).')
+    raise errors.MissingPath(f'{folder}: no SavedModel version folder (saved_model/N/saved_model.pb).')
   return os.path.join(folder, str(versions[-1]))
 
 
@@ -324,7 +264,7 @@ def ensemble_model(members: list[keras.Model]) -> keras.Model:
   """
   shapes = sorted({tuple(member.inputs[0].shape[1:]) for member in members})
   if len(shapes) != 1:
-    raise ValueError(f'The runs take different input sizes ({", ".join(str(s[0]) for s in shapes)}); an exported '
+    raise errors.InvalidValue(f'The runs take different input sizes ({", ".join(str(s[0]) for s in shapes)}); an exported '
                      'ensemble feeds one image to all of them, so export runs of one --image_size.')
   inputs = keras.Input(shapes[0], dtype='uint8', name='image')
   outputs = []
@@ -345,10 +285,10 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
     model: the model (uint8 grayscale input, pneumonia probability out).
     image_size: its input side.
     threshold: the decision threshold, chosen on validation.
-    threshold_rule: the name of the rule that chose it (trainer.evaluate.THRESHOLD_RULES).
-    test_predictions: the model's predictions on the test split, as `trainer.evaluate.predict_split` returns them.
+    threshold_rule: the name of the rule that chose it (trainer.metrics.THRESHOLD_RULES).
+    test_predictions: the model's predictions on the test split, as `trainer.runs.predict_split` returns them.
     run_info: run.json's other entries ('config', and e.g. 'best', 'members', 'command').
-    extra: the report's other entries (model, dataset, image_size), as in `trainer.evaluate.build_report`.
+    extra: the report's other entries (model, dataset, image_size), as in `trainer.report.build_report`.
     n_resamples: bootstrap resamples of the report's intervals.
     tensorboard_dir: if given, the report's figures go there too.
     stress: a `trainer.shift.stress` result on validation, for the model card.
@@ -356,12 +296,10 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
   Returns:
     The test report.
   """
-  from trainer import evaluate  # pylint: disable=import-outside-toplevel  (trainer.evaluate imports this module)
-
   with committing(out_dir) as (folder, number):
-    report = evaluate.report_predictions(
+    report = report_lib.report_predictions(
         test_predictions, threshold=threshold, out_dir=folder, tensorboard_dir=tensorboard_dir, n_resamples=n_resamples,
-        threshold_rule=evaluate.rule_text(threshold_rule),
+        threshold_rule=report_lib.rule_text(threshold_rule),
         extra={**extra, 'operating_point': {'threshold': threshold, 'threshold_rule': threshold_rule}})
     keras_path = save_keras(model, os.path.join(folder, 'model.keras'))
     save_weights_from_keras(keras_path, os.path.join(folder, 'best.weights.h5'))
@@ -371,16 +309,13 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
            'versions': versions()}
     if warning := config_lib.data_warning(extra.get('dataset')):
       run['warning'] = warning
-    with open(os.path.join(folder, 'run.json'), 'w') as f:
-      json.dump(run, f, indent=2)
-    with open(os.path.join(folder, MODEL_CARD), 'w') as f:
-      f.write(model_card(report, run, stress=stress))
+    files.write_atomic(os.path.join(folder, 'run.json'), json.dumps(run, indent=2))
+    files.write_atomic(os.path.join(folder, MODEL_CARD), model_card(report, run, stress=stress))
   return report
 
 
 def versions() -> dict:
   """The versions a model was made with, for run.json and the model card."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   return {'python': platform.python_version(), 'tensorflow': tf.__version__, 'keras': keras.__version__,
           'tensorflow_datasets': tfds.__version__, 'numpy': np.__version__}
 
@@ -393,7 +328,7 @@ def model_card(report: dict, run: dict, *, stress: dict | None = None) -> str:
   with patient-bootstrap intervals, calibration, stress test, known failure modes, and how it was made.
 
   Args:
-    report: the test report, from `trainer.evaluate.build_report`.
+    report: the test report, from `trainer.report.build_report`.
     run: the export's run.json.
     stress: a `trainer.shift.stress` result, if one was made.
   """
@@ -484,62 +419,3 @@ def model_card(report: dict, run: dict, *, stress: dict | None = None) -> str:
             f'Training settings: see run.json\'s `config` (model {config.get("model")}, image size '
             f'{run.get("image_size")}, {config.get("epochs")}+{config.get("fine_tune_epochs")} epochs).', '']
   return '\n'.join(lines)
-
-
-def _command() -> str:
-  return ' '.join(['python -m trainer.export', *sys.argv[1:]])
-
-
-def _define_flags():
-  flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished run, or several (DIR1,DIR2,...) to export '
-                    'their ensemble (the mean probability).', required=True)
-  flags.DEFINE_string('out_dir', None, 'Where the export goes (its current/, exports/N/ and links to them).',
-                      required=True)
-  from trainer import evaluate  # pylint: disable=import-outside-toplevel  (it imports this module)
-  evaluate.define_threshold_rule_flag()
-  flags.DEFINE_string('data_dir', None, 'Where TFDS keeps built datasets (default: the first run\'s).')
-  flags.DEFINE_string('manual_dir', None, 'The downloaded data, if the dataset is not built yet (default: the run\'s).')
-  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
-  flags.DEFINE_integer('n_resamples', 1000, 'Bootstrap resamples (of patients) for the 95% intervals.', lower_bound=1)
-
-
-def main(argv):
-  from trainer import evaluate  # pylint: disable=import-outside-toplevel  (it imports this module)
-
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  out_dir = os.path.expanduser(FLAGS.out_dir)
-  dirs = [os.path.expanduser(d) for d in FLAGS.model_dir]
-  if os.path.abspath(out_dir) in {os.path.abspath(d) for d in dirs} and len(dirs) > 1:
-    raise ValueError(f'--out_dir={out_dir} is one of the members: give the ensemble a folder of its own.')
-  runs = [evaluate.load_run(d) for d in dirs]
-  run = runs[0]
-  if len(runs) > 1:
-    run = evaluate.TrainedRun(model_dir=out_dir, model=ensemble_model([r.model for r in runs]),
-                              image_size=runs[0].image_size, threshold=float('nan'), config=runs[0].config,
-                              threshold_rule=None)
-    evaluate.run_dataset(runs)
-  data_dir = os.path.expanduser(FLAGS.data_dir) if FLAGS.data_dir else run.config.get('data_dir')
-  manual_dir = os.path.expanduser(FLAGS.manual_dir) if FLAGS.manual_dir else run.config.get('manual_dir')
-  point = evaluate.operating_point([run], FLAGS.threshold_rule, data_dir=data_dir, manual_dir=manual_dir,
-                                   batch_size=FLAGS.batch_size)
-  dataset = run.config['dataset']
-  builder = data.prepare(dataset, data_dir=data_dir, manual_dir=manual_dir)
-  test = evaluate.predict_runs([run], builder, 'test', batch_size=FLAGS.batch_size)
-  members = {'members': [r.model_dir for r in runs], 'member_thresholds': [r.threshold for r in runs]}
-  info = {'config': run.config, 'command': _command(),
-          **(members if len(runs) > 1 else {'exported_from': run.model_dir})}
-  report = write_export(out_dir, run.model, image_size=run.image_size, threshold=point['threshold'],
-                        threshold_rule=point['threshold_rule'], test_predictions=test, run_info=info,
-                        extra={'model': run.config.get('model'), 'dataset': dataset, 'image_size': run.image_size,
-                               'split': 'test', **({'ensemble': members} if len(runs) > 1 else {})},
-                        n_resamples=FLAGS.n_resamples, tensorboard_dir=os.path.join(out_dir, 'test'), stress=point.get('stress'))
-  at = report['at_val_threshold']
-  logging.info('Exported %s: threshold %.4f (%s); test ROC AUC %.3f, sensitivity %.3f, specificity %.3f.',
-               current_dir(out_dir), point['threshold'], point['threshold_rule'], report['ranking']['roc_auc'],
-               at['sensitivity'], at['specificity'])
-
-
-if __name__ == '__main__':
-  _define_flags()
-  cli.run(main)

@@ -16,21 +16,11 @@ A recipe that loses less here is not proven better on the official test: these s
 difference, not measurements of it. They rank candidates that validation alone cannot tell apart.
 """
 
-import json
-import os
-
-from absl import app
-from absl import flags
-from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from trainer import cli
 from trainer import config as config_lib
-from trainer import data
-from trainer import evaluate
-
-FLAGS = flags.FLAGS
+from trainer import metrics
 
 
 def _gamma(g):
@@ -112,37 +102,17 @@ THRESHOLD_RULE = (
     'called pneumonia when its probability is at or above the threshold.')
 
 
-def predict_shifted(runs, builder, split: str, *, batch_size: int = 32) -> dict[str, dict]:
-  """One run's (or an ensemble's mean) predictions on a split under every shift: {name: `predict_runs`'s result}."""
-  return {name: evaluate.predict_runs(runs, builder, split, batch_size=batch_size,
-                                      transform=lambda images, name=name: apply(name, images))
-          for name in SHIFTS}
-
-
-def threshold_with_shifts(runs, builder, *, batch_size: int = 32) -> float:
-  """THRESHOLD_RULE: a threshold for images that may come from the training data's machines or from others.
+def pooled_threshold(shifted: dict[str, dict]) -> float:
+  """THRESHOLD_RULE on the validation split's predictions under every shift (`trainer.runs.predict_shifted`).
 
   Youden's J on the validation split alone puts the threshold just above its normal images; every shift in SHIFTS
   pushes normal images' probabilities up (measured in EXPERIMENTS.md), so that threshold loses specificity first
   on shifted data. Pooling the shifted copies moves it up, and weighting the unshifted copy as much as all shifted
   ones keeps the sensitivity on unshifted images from paying for all of it.
-
-  Args:
-    runs: from `trainer.evaluate.load_run`; several are an ensemble (the mean probability).
-    builder: their dataset, from `trainer.data.prepare`; its validation split is used.
-    batch_size: images per prediction batch.
-
-  Returns:
-    The threshold, as `trainer.evaluate.choose_threshold` picks it on the pooled predictions.
   """
-  return pooled_threshold(predict_shifted(runs, builder, 'validation', batch_size=batch_size))
-
-
-def pooled_threshold(shifted: dict[str, dict]) -> float:
-  """`threshold_with_shifts` on the validation split's `predict_shifted` predictions, already made."""
   copies = len(shifted) - 1  # The unshifted copy weighs as much as all shifted ones.
   weighted = [shifted['none']] * copies + [split for name, split in shifted.items() if name != 'none']
-  return evaluate.choose_threshold(np.concatenate([split['labels'] for split in weighted]),
+  return metrics.choose_threshold(np.concatenate([split['labels'] for split in weighted]),
                                    np.concatenate([split['probs'] for split in weighted]))
 
 
@@ -150,7 +120,7 @@ def stress(shifted: dict[str, dict], *, threshold: float, split: str) -> dict:
   """Every shift's metrics for one run or an ensemble (the mean probability) on one split.
 
   Args:
-    shifted: the split's predictions under every shift, from `predict_shifted`.
+    shifted: the split's predictions under every shift, from `trainer.runs.predict_shifted`.
     threshold: the decision threshold, chosen on the validation split.
     split: the split's name, for the result.
 
@@ -161,55 +131,14 @@ def stress(shifted: dict[str, dict], *, threshold: float, split: str) -> dict:
   rows = {}
   for name, predictions in shifted.items():
     labels, probs = predictions['labels'], predictions['probs']
-    at = evaluate.metrics_at(labels, probs, threshold)
-    rows[name] = {'roc_auc': evaluate.ranking_metrics(labels, probs)['roc_auc'], 'accuracy': at['accuracy'],
+    at = metrics.metrics_at(labels, probs, threshold)
+    rows[name] = {'roc_auc': metrics.ranking_metrics(labels, probs)['roc_auc'], 'accuracy': at['accuracy'],
                   'sensitivity': at['sensitivity'], 'specificity': at['specificity'],
                   'mean_probability_normal': float(probs[labels == 0].mean()),
                   'mean_probability_pneumonia': float(probs[labels == 1].mean())}
-  metrics = ('roc_auc', 'accuracy', 'sensitivity', 'specificity')
+  names = ('roc_auc', 'accuracy', 'sensitivity', 'specificity')
   return {'threshold': threshold, 'split': split, 'shifts': rows,
-          'worst': {metric: min(row[metric] for row in rows.values()) for metric in metrics}}
-
-
-def leave_one_family_out(runs_without: dict[str, list], builder, split: str, *, batch_size: int = 32) -> dict:
-  """Each shift family scored by the runs trained without it: the stress test as a prediction, not a confirmation.
-
-  Args:
-    runs_without: {family: runs (from `trainer.evaluate.load_run`; several are an ensemble) trained with that family
-      left out of --augment_families}, for every family of FAMILIES.
-    builder: their dataset, from `trainer.data.prepare`.
-    split: the split to shift (validation, to choose between recipes).
-    batch_size: images per prediction batch.
-
-  Returns:
-    {'split', 'families': {family: {'roc_auc': the lowest over its shifts, 'shifts': {name: ROC-AUC},
-    'members': [model_dir]}}, 'worst': {'family', 'roc_auc'}, 'mean_roc_auc': over the families}.
-
-  Raises:
-    ValueError: a family has no runs, or a run trained with the family it is meant to have left out.
-  """
-  missing = [family for family in FAMILIES if not runs_without.get(family)]
-  if missing:
-    raise ValueError(f'Leave-one-family-out needs runs trained without each of {", ".join(FAMILIES)}; none without '
-                     f'{", ".join(missing)}.')
-  for family in FAMILIES:
-    for run in runs_without[family]:
-      # Runs from before the families were flags trained on the default set.
-      if family in run.config.get('augment_families', ','.join(config_lib.DEFAULT_FAMILIES)).split(','):
-        raise ValueError(f'{run.model_dir} trained with the {family} augmentation, so it cannot score the {family} '
-                         'shifts as unseen: train it with --augment_families without it.')
-  families = {}
-  for family in FAMILIES:
-    runs = runs_without[family]
-    shifts = {}
-    for name in (name for name, of in config_lib.SHIFT_FAMILIES.items() if of == family):
-      predictions = evaluate.predict_runs(runs, builder, split, batch_size=batch_size,
-                                          transform=lambda images, name=name: apply(name, images))
-      shifts[name] = evaluate.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc']
-    families[family] = {'roc_auc': min(shifts.values()), 'shifts': shifts, 'members': [run.model_dir for run in runs]}
-  worst = min(families, key=lambda family: families[family]['roc_auc'])
-  return {'split': split, 'families': families, 'worst': {'family': worst, 'roc_auc': families[worst]['roc_auc']},
-          'mean_roc_auc': float(np.mean([row['roc_auc'] for row in families.values()]))}
+          'worst': {metric: min(row[metric] for row in rows.values()) for metric in names}}
 
 
 def markdown(result: dict) -> str:
@@ -232,53 +161,3 @@ def markdown(result: dict) -> str:
     lines.append(f'| **worst: {lofo["worst"]["family"]}** | {lofo["worst"]["roc_auc"]:.4f} | |')
     lines.append(f'| mean | {lofo["mean_roc_auc"]:.4f} | |')
   return '\n'.join(lines)
-
-
-def _define_flags():
-  flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished run, or several (DIR1,DIR2) for their ensemble.',
-                    required=True)
-  flags.DEFINE_string('split', 'validation', 'The split to shift: validation (to choose) or test (to report).')
-  flags.DEFINE_string('out', None, 'Also write the result here as JSON.')
-  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
-  flags.DEFINE_string('leave_one_out', None, 'Also score each shift family with a run trained without it: a folder '
-                      'holding without-FAMILY/, the --model_dir of such a run, for every family of '
-                      f'{", ".join(FAMILIES)} (launch/lofo.sh trains them).')
-  evaluate.define_threshold_rule_flag()
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  runs = [evaluate.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir]
-  data_dir, manual_dir = runs[0].config.get('data_dir'), runs[0].config.get('manual_dir')
-  builder = data.prepare(evaluate.run_dataset(runs), data_dir=data_dir, manual_dir=manual_dir)
-  if FLAGS.split not in builder.info.splits:
-    raise ValueError(f'--split={FLAGS.split} is not a split of {evaluate.run_dataset(runs)}: choose one of '
-                     f'{", ".join(sorted(builder.info.splits))}.')
-  shifted = predict_shifted(runs, builder, FLAGS.split, batch_size=FLAGS.batch_size)
-  # On validation, the predictions just made are the ones youden_with_shifts pools.
-  point = evaluate.operating_point(runs, FLAGS.threshold_rule, data_dir=data_dir, manual_dir=manual_dir,
-                                   batch_size=FLAGS.batch_size,
-                                   shifted=shifted if FLAGS.split == 'validation' else None)
-  result = {**stress(shifted, threshold=point['threshold'], split=FLAGS.split), 'members': FLAGS.model_dir,
-            'threshold_rule': point['threshold_rule'], 'threshold_chosen': point['chosen']}
-  if FLAGS.leave_one_out:
-    result['leave_one_out'] = leave_one_family_out(_runs_without(os.path.expanduser(FLAGS.leave_one_out)), builder,
-                                                   FLAGS.split, batch_size=FLAGS.batch_size)
-  print(markdown(result))
-  if FLAGS.out:
-    with open(os.path.expanduser(FLAGS.out), 'w') as f:
-      json.dump(result, f, indent=2)
-    logging.info('Wrote %s.', FLAGS.out)
-
-
-def _runs_without(folder: str) -> dict[str, list]:
-  if not os.path.isdir(folder):
-    raise ValueError(f'--leave_one_out={folder}: no such folder.')
-  return {family: [evaluate.load_run(os.path.join(folder, f'without-{family}'))] for family in FAMILIES
-          if os.path.isdir(os.path.join(folder, f'without-{family}'))}
-
-
-if __name__ == '__main__':
-  _define_flags()
-  cli.run(main)

@@ -1,0 +1,64 @@
+r"""`python -m trainer.predict`: one JSON line per image (see `trainer.predict`, trainer/predict/__init__.py).
+
+    python -m trainer.predict --model_dir=runs/resnet50 scans/ more/IM-0001.jpeg
+    python -m trainer.predict --model_dir=runs/cnn,runs/resnet50 --ensemble_dir=runs/ensemble scans/
+"""
+
+import json
+import os
+import sys
+
+from absl import flags
+from absl import logging
+
+from trainer import cli
+from trainer import errors
+from trainer import predict
+from trainer import runs as runs_lib
+
+flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished training run or the --out_dir of '
+                  'trainer.export; or several runs, DIR1,DIR2,..., whose probabilities are averaged, with a '
+                  'threshold chosen on validation for the ensemble.')
+flags.DEFINE_list('ensemble', None, 'Replaced by --model_dir=DIR1,DIR2,... (as in trainer.evaluate and '
+                  'trainer.shift).')
+runs_lib.define_threshold_rule_flag()
+flags.DEFINE_string('ensemble_dir', None, f'Keep the ensemble\'s threshold in ENSEMBLE_DIR/{predict.ENSEMBLE_FILE}, '
+                    'and reuse it while the members stay the same (without it, every call runs the members over the '
+                    'validation split again).')
+flags.DEFINE_string('gradcam_dir', None, 'Write a Grad-CAM overlay PNG of each image here (one --model_dir only).')
+flags.DEFINE_string('data_dir', None, 'For several runs: where TFDS keeps the built dataset (default: the first '
+                    'member\'s --data_dir).')
+flags.DEFINE_string('manual_dir', None, 'For several runs: the downloaded data, if the dataset is not built yet.')
+flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if FLAGS.ensemble is not None:
+    raise errors.InvalidValue(f'--ensemble is now --model_dir: give --model_dir={",".join(FLAGS.ensemble)}.')
+  if not FLAGS.model_dir:
+    raise errors.InvalidValue('Give --model_dir=DIR (a run or an export), or --model_dir=DIR1,DIR2,... (several runs).')
+  files = predict.find_images(argv[1:])
+  runs = [runs_lib.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir]
+  kwargs = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, batch_size=FLAGS.batch_size)
+  if FLAGS.ensemble_dir and len(runs) > 1:
+    point = predict.cached_ensemble_threshold(runs, os.path.expanduser(FLAGS.ensemble_dir), FLAGS.threshold_rule,
+                                              **kwargs)
+  else:
+    point = runs_lib.operating_point(runs, FLAGS.threshold_rule, **kwargs)
+  threshold = point['threshold']
+  logging.info('Threshold %.4f, rule %s (%s).', threshold, point['threshold_rule'],
+               'stored with the model' if point['chosen'] == 'stored' else 'chosen on validation')
+  failed = 0
+  for result in predict.predict_files(files, runs, threshold=threshold, gradcam_dir=FLAGS.gradcam_dir,
+                                      batch_size=FLAGS.batch_size, threshold_rule=point['threshold_rule']):
+    failed += 'error' in result
+    print(json.dumps(result), flush=True)
+  if failed:
+    print(f'error: {failed} of {len(files)} files could not be read (see their "error" lines).', file=sys.stderr)
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  cli.run(main)
