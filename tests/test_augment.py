@@ -194,6 +194,9 @@ def test_edge_channel_in_the_model(name):
         np.concatenate([edges[..., :1], edges[..., :1], edges[..., 1:]], axis=-1))
     np.testing.assert_allclose(model.get_layer('preprocess')(edges), rgb, rtol=1e-5, atol=1e-3)
   assert model(images, training=False).shape == (2, 1)
+  from trainer import predict  # pylint: disable=import-outside-toplevel
+  maps = predict.make_gradcam(model, 32)(images).numpy()
+  assert maps.shape == (2, 32, 32) and np.all(np.isfinite(maps)) and maps.max() <= 1
 
 
 def test_keras_file_with_every_new_layer_loads(tmp_path):
