@@ -209,6 +209,54 @@ def test_two_replicas_match_one_replica_on_the_same_global_batch():
     np.testing.assert_array_equal(replicas_after[0], replicas_after[1])
 
 
+# Scores the validation split on one device and shared out over 2 logical CPUs (train.distributed_split), with one
+# model. Prints one JSON line.
+_DISTRIBUTED_EVALUATION = r'''
+import json
+import sys
+from trainer import distribute
+distribute.configure_logical_devices(2)
+import keras
+from trainer import data, metrics, models, runs, train
+
+builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=sys.argv[1], manual_dir=None)
+strategy = distribute.get_strategy('mirrored')
+keras.utils.set_random_seed(0)
+with strategy.scope():
+  model = models.build_model('cnn', image_size=32, cnn_filters=4, cnn_depth=2, seed=0)
+predict = train.make_distributed_predict(model, strategy)
+results = {}
+for batch_size in (32, 5):
+  ds = data.eval_dataset(builder, 'validation', image_size=32, batch_size=batch_size)
+  one = runs.predict_split(model, ds)
+  two = predict(train.distributed_split(strategy, ds, batch_size))
+  results[batch_size] = {
+      name: {'probs': p['probs'].tolist(), 'labels': p['labels'].tolist(),
+             'roc_auc': metrics.ranking_metrics(p['labels'], p['probs'])['roc_auc'],
+             'threshold': metrics.choose_threshold(p['labels'], p['probs'])}
+      for name, p in (('one', one), ('two', two))}
+  results[batch_size]['positions'] = two['position'].tolist()
+print('RESULT', json.dumps(results))
+'''
+
+
+def test_distributed_evaluation_gathers_what_one_device_scores(synthetic_data_dir):
+  """Each replica scores its share of each batch, and the gathered predictions are one device's, in its order: the
+  same ROC-AUC and threshold, so every worker takes one device's best-epoch decision. Batches of 5 leave a last
+  batch of 1 (66 validation images), so one replica scores nothing in it."""
+  result = _run([sys.executable, '-c', _DISTRIBUTED_EVALUATION, synthetic_data_dir])
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads(result.stdout.split('RESULT ', 1)[1])
+  for batch_size, case in results.items():
+    one, two = case['one'], case['two']
+    assert len(one['probs']) == 66 and case['positions'] == list(range(66)), batch_size
+    assert two['labels'] == one['labels'], batch_size
+    np.testing.assert_allclose(two['probs'], one['probs'], atol=1e-6, err_msg=batch_size)
+    assert np.std(one['probs']) > 0 and 0 < sum(one['labels']) < 66
+    assert two['roc_auc'] == pytest.approx(one['roc_auc'], abs=1e-6), batch_size
+    assert two['threshold'] == pytest.approx(one['threshold'], abs=1e-6), batch_size
+
+
 def test_each_worker_reads_its_own_share_of_the_training_files(synthetic_data_dir):
   builder = data.prepare(SMALL['dataset'], data_dir=synthetic_data_dir, manual_dir=None)
   total = builder.info.splits['train'].num_examples

@@ -168,6 +168,64 @@ def make_statistics_sync(model, strategy):
   return sync
 
 
+def distributed_split(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset,
+                      batch_size: int) -> tf.distribute.DistributedDataset:
+  """A split's batches (`data.eval_dataset`) spread over the replicas and workers, each image with its position.
+
+  Every worker reads the whole split and keeps its share of the batches (AutoShardPolicy.DATA: by file, each worker
+  would number its own images); each batch is then split between the worker's replicas. The position puts the
+  gathered predictions back in the split's order. patient_id stays behind: strings go to no device, and the
+  training loop's decision reads only labels and probabilities.
+  """
+  def with_position(number, batch):
+    positions = number * batch_size + tf.range(tf.shape(batch['label'])[0], dtype=tf.int64)
+    return {'image': batch['image'], 'label': batch['label'], 'position': positions}
+
+  options = tf.data.Options()
+  options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+  return strategy.experimental_distribute_dataset(dataset.enumerate().map(with_position).with_options(options))
+
+
+def make_distributed_predict(model: keras.Model, strategy: tf.distribute.Strategy):
+  """Distributed evaluation: each replica scores its share of the split, and every worker gathers all of them.
+
+  Returns:
+    A function of `distributed_split`'s dataset that returns {'probs', 'labels', 'position'}, one entry per image,
+    in the split's order: the same on every worker, so that every worker takes the same best-epoch decision.
+  """
+  def score(batch):
+    # A replica's share of a last, short batch may be empty, which some layers reject (the CNN's: "Incompatible
+    # shapes: [8] vs. [0,16,16,4]").
+    probs = tf.cond(tf.shape(batch['label'])[0] > 0,
+                    lambda: tf.cast(model(batch['image'], training=False), tf.float32)[:, 0],
+                    lambda: tf.zeros([0], tf.float32))
+    return probs, batch['label'], batch['position']
+
+  @tf.function
+  def gathered(batch):
+    # All-gathers along the batch axis, which tolerates replicas with fewer (or no) images of a last, short batch.
+    return [strategy.gather(value, axis=0) for value in strategy.run(score, args=(batch,))]
+
+  def predict(dataset: tf.distribute.DistributedDataset) -> dict[str, np.ndarray]:
+    parts = [[value.numpy() for value in gathered(batch)] for batch in dataset]
+    probs, labels, positions = (np.concatenate(part) for part in zip(*parts))
+    order = np.argsort(positions, kind='stable')
+    return {'probs': probs[order], 'labels': labels[order], 'position': positions[order]}
+
+  return predict
+
+
+def _validation(config: Config, strategy: tf.distribute.Strategy, model: keras.Model, builder, image_size: int):
+  """The function that predicts the validation split each epoch: shared out over the replicas when there are
+  several, on this worker alone when there is one."""
+  val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
+  if strategy.num_replicas_in_sync > 1:
+    shards, predict = distributed_split(strategy, val_ds, config.batch_size), make_distributed_predict(model, strategy)
+    return lambda: predict(shards)
+  predict = runs.make_predict(model)  # Once: a function traced anew every epoch would retrace every epoch.
+  return lambda: runs.predict_split(model, val_ds, predict=predict)
+
+
 def split_scalars(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
   """The SCALARS for a split's predictions, at threshold 0.5, with the unweighted log loss."""
   at_half = metrics_lib.metrics_at(labels, probs, 0.5)
@@ -502,8 +560,7 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
       builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
       cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx, skip_steps=skip_steps,
       balanced=config.class_weight == 'resample')))
-  val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
-  predict = runs.make_predict(state.model)  # Once: a function traced anew every epoch would retrace every epoch.
+  predict_validation = _validation(config, strategy, state.model, builder, image_size)
   writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
                     else tf.summary.create_noop_writer()) for name in ('train', 'validation')}
   if chief and int(state.global_step) == 0:
@@ -526,7 +583,7 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
     train = train_epoch(state, train_step, iterator, epoch=epoch, first_step=first_step, phase=phase, stop=stop,
                         bar=progress.bar(), profile=profile, sync_statistics=sync_statistics)
     first_step = 0
-    val_pred = runs.predict_split(state.model, val_ds, predict=predict)
+    val_pred = predict_validation()
     next_epoch, val = end_epoch(state, epoch=epoch, phase=phase, train=train, val_pred=val_pred, writers=writers)
     progress.epoch_done(epoch, phase, time.time() - start, train, val)
     epoch = next_epoch
