@@ -18,6 +18,7 @@ from trainer import errors
 from trainer import data
 from trainer import report as report_lib
 from trainer import runs as runs_lib
+from trainer import tta
 
 flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished training run; or several, DIR1,DIR2,..., to '
                   'report their ensemble (the mean probability, at a threshold chosen on the validation split for '
@@ -34,6 +35,7 @@ flags.DEFINE_string('out_dir', None, 'Where the report, the PNGs and their Tenso
 flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
 flags.DEFINE_integer('n_resamples', 1000, 'Bootstrap resamples (of patients) for the 95% intervals.')
 runs_lib.define_threshold_rule_flag()
+runs_lib.define_tta_flag()
 
 FLAGS = flags.FLAGS
 
@@ -44,7 +46,7 @@ def main(argv):
   model_dirs = [os.path.expanduser(d) for d in FLAGS.model_dir]
   if len(model_dirs) > 1 and not FLAGS.out_dir:
     raise errors.InvalidValue(f'--model_dir names {len(model_dirs)} runs: give the ensemble\'s report a folder with --out_dir.')
-  runs = [runs_lib.load_run(d) for d in model_dirs]
+  runs = runs_lib.with_tta([runs_lib.load_run(d) for d in model_dirs], FLAGS.tta)
   data_dir = os.path.expanduser(FLAGS.data_dir) if FLAGS.data_dir else runs[0].config.get('data_dir')
   manual_dir = os.path.expanduser(FLAGS.manual_dir) if FLAGS.manual_dir else runs[0].config.get('manual_dir')
   # The split is checked first: the thresholds below take a pass (or, with shifts, ten) over validation.
@@ -57,6 +59,8 @@ def main(argv):
                                    batch_size=FLAGS.batch_size)
   threshold = point['threshold']
   extra = {'model': runs[0].config['model'], 'image_size': runs[0].image_size}
+  if FLAGS.tta > 1:
+    extra['tta_views'] = list(tta.VIEWS[:FLAGS.tta])
   if len(runs) > 1:
     extra = {'models': [run.config['model'] for run in runs], 'image_sizes': [run.image_size for run in runs],
              'ensemble': {k: point[k] for k in ('members', 'member_thresholds', 'validation_roc_auc',

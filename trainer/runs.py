@@ -23,6 +23,7 @@ from trainer import export
 from trainer import metrics
 from trainer import report as report_lib
 from trainer import shift
+from trainer import tta
 
 
 def make_predict(model: keras.Model):
@@ -93,6 +94,8 @@ class TrainedRun:
   config: dict
   # The name of the rule that chose `threshold` (metrics.THRESHOLD_RULES); None for an ensemble not chosen yet.
   threshold_rule: str | None = metrics.TRAINING_RULE
+  # Views `model` averages over (`with_tta`); `threshold` was chosen on one.
+  tta_views: int = 1
 
 
 def load_run(model_dir: str) -> TrainedRun:
@@ -133,6 +136,29 @@ def load_run(model_dir: str) -> TrainedRun:
   model = export.load_model(paths['model.keras'])
   return TrainedRun(model_dir=model_dir, model=model, image_size=image_size, threshold=threshold, config=config,
                     threshold_rule=rule)
+
+
+def with_tta(runs: Sequence[TrainedRun], views: int) -> list[TrainedRun]:
+  """The runs with test-time augmentation: each model averaged over its first `views` `trainer.tta.VIEWS`.
+
+  A run's stored threshold was chosen on single-view probabilities, which the mean over views does not keep, so
+  `operating_point` chooses it again on validation, with the views, by the rule it was stored with.
+
+  Raises:
+    errors.InvalidValue: views is not in 1..trainer.tta.MAX_VIEWS.
+  """
+  try:
+    return [run if views == 1 else dataclasses.replace(run, model=tta.with_tta(run.model, views), tta_views=views)
+            for run in runs]
+  except ValueError as e:
+    raise errors.InvalidValue(f'--tta={views}: {e}') from None
+
+
+def define_tta_flag():
+  """--tta, the same in every command that takes runs (evaluate, predict, shift, export)."""
+  flags.DEFINE_integer('tta', 1, 'Test-time augmentation: average each image\'s probability over its first N fixed '
+                       f'views ({", ".join(tta.VIEWS)}); 1: none. The threshold is then chosen again on validation, '
+                       'with the same views, by the run\'s rule (or --threshold_rule).')
 
 
 def predict_runs(runs: Sequence[TrainedRun], builder, split: str, *, batch_size: int = 32,
@@ -255,7 +281,9 @@ def operating_point(runs: Sequence[TrainedRun], rule: str | None = None, **kwarg
   if rule is not None and rule not in metrics.THRESHOLD_RULES:
     raise errors.InvalidValue(f'Unknown threshold rule {rule!r}: choose one of {", ".join(metrics.THRESHOLD_RULES)}.')
   if len(runs) == 1 and runs[0].threshold_rule is not None and rule in (None, runs[0].threshold_rule):
-    return {'threshold': runs[0].threshold, 'threshold_rule': runs[0].threshold_rule, 'chosen': 'stored'}
+    if runs[0].tta_views == 1:
+      return {'threshold': runs[0].threshold, 'threshold_rule': runs[0].threshold_rule, 'chosen': 'stored'}
+    rule = runs[0].threshold_rule  # Its own rule, on the views (`with_tta`).
   return {**ensemble_threshold(runs, rule=rule or metrics.TRAINING_RULE, **kwargs), 'chosen': 'now'}
 
 

@@ -276,9 +276,11 @@ def cached_ensemble_threshold(runs: Sequence[runs_lib.TrainedRun], ensemble_dir:
     **kwargs: passed to `trainer.runs.operating_point` when it runs.
 
   Returns:
-    As `trainer.runs.operating_point`, plus 'fingerprints' (the rule, and SHA-256 of each member's model.keras).
+    As `trainer.runs.operating_point`, plus 'fingerprints' (the rule, the test-time views if any, and SHA-256 of each
+    member's model.keras).
   """
-  fingerprints = [rule or metrics.TRAINING_RULE] + [
+  views = [f'tta {runs[0].tta_views}'] if runs[0].tta_views > 1 else []
+  fingerprints = [rule or metrics.TRAINING_RULE, *views] + [
       _sha256(os.path.join(export.current_dir(run.model_dir), 'model.keras')) for run in runs]
   path = os.path.join(ensemble_dir, ENSEMBLE_FILE)
   if os.path.exists(path):

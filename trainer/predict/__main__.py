@@ -22,6 +22,7 @@ flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished training run
 flags.DEFINE_list('ensemble', None, 'Replaced by --model_dir=DIR1,DIR2,... (as in trainer.evaluate and '
                   'trainer.shift).')
 runs_lib.define_threshold_rule_flag()
+runs_lib.define_tta_flag()
 flags.DEFINE_string('ensemble_dir', None, f'Keep the ensemble\'s threshold in ENSEMBLE_DIR/{predict.ENSEMBLE_FILE}, '
                     'and reuse it while the members stay the same (without it, every call runs the members over the '
                     'validation split again).')
@@ -39,8 +40,10 @@ def main(argv):
     raise errors.InvalidValue(f'--ensemble is now --model_dir: give --model_dir={",".join(FLAGS.ensemble)}.')
   if not FLAGS.model_dir:
     raise errors.InvalidValue('Give --model_dir=DIR (a run or an export), or --model_dir=DIR1,DIR2,... (several runs).')
+  if FLAGS.tta > 1 and FLAGS.gradcam_dir:
+    raise errors.InvalidValue('--gradcam_dir explains the model on one view of each image: drop --tta to draw it.')
   files = predict.find_images(argv[1:])
-  runs = [runs_lib.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir]
+  runs = runs_lib.with_tta([runs_lib.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir], FLAGS.tta)
   kwargs = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, batch_size=FLAGS.batch_size)
   if FLAGS.ensemble_dir and len(runs) > 1:
     point = predict.cached_ensemble_threshold(runs, os.path.expanduser(FLAGS.ensemble_dir), FLAGS.threshold_rule,

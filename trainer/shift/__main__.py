@@ -29,6 +29,7 @@ flags.DEFINE_string('leave_one_out', None, 'Also score each shift family with a 
                     'holding without-FAMILY/, the --model_dir of such a run, for every family of '
                     f'{", ".join(shift.FAMILIES)} (LEAVE_ONE_OUT=1 launch/recipe.sh trains them).')
 runs_lib.define_threshold_rule_flag()
+runs_lib.define_tta_flag()
 
 FLAGS = flags.FLAGS
 
@@ -36,7 +37,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  runs = [runs_lib.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir]
+  runs = runs_lib.with_tta([runs_lib.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir], FLAGS.tta)
   data_dir, manual_dir = runs[0].config.get('data_dir'), runs[0].config.get('manual_dir')
   builder = data.prepare(runs_lib.run_dataset(runs), data_dir=data_dir, manual_dir=manual_dir)
   if FLAGS.split not in builder.info.splits:
