@@ -23,19 +23,22 @@
 #   SEEDS        the seeds to train, one run each (default "1 2")
 #   THRESHOLD_RULE  youden_with_shifts (default) or youden (the validation split alone): see trainer/shift.py
 #   IMAGE_SIZE, EPOCHS, LEARNING_RATE, LR_SCHEDULE, DECAY_EPOCHS, DECAY_LEARNING_RATE, AUGMENT_STRENGTH,
+#   AUGMENT_FAMILIES, AUGMENT_FOV, AUGMENT_CONTRAST, AUGMENT_NOISE,
 #   CNN_FILTERS, CNN_DEPTH, EQUALIZE, BATCH_SIZE   the training settings below
+#   LEAVE_ONE_OUT=1  also train OUTPUT_DIR/lofo/without-FAMILY (the first seed, without that augmentation family) per
+#                stress-test family, and score each family with it (trainer.shift --leave_one_out); not in the budget
 #   DRY_RUN=1    print the commands instead of running them
 set -euo pipefail
 
-# Sets the array `train` to the training command of seed $1; the arguments after it are the extra trainer flags.
-# Reads output_dir, config and data_dir_flag from main.
+# Sets the array `train` to the training command of seed $1 into model_dir $2 with the augmentation families $3; the
+# arguments after them are the extra trainer flags. Reads config and data_dir_flag from main.
 train_command() {
-  local seed=$1
-  shift
+  local seed=$1 model_dir=$2 families=$3
+  shift 3
   train=(python -m trainer.main
     --model=cnn --weights=none
     --dataset="chest_xray_pneumonia/${config}" "${data_dir_flag[@]}"
-    --model_dir="${output_dir}/seed-${seed}"
+    --model_dir="${model_dir}"
     --image_size="${IMAGE_SIZE:-128}"
     --cnn_filters="${CNN_FILTERS:-16}" --cnn_depth="${CNN_DEPTH:-4}"
     # CLAHE: on validation it is level with none, and under the stress test's exposure shifts it holds its ROC-AUC
@@ -44,9 +47,23 @@ train_command() {
     --epochs="${EPOCHS:-8}" --learning_rate="${LEARNING_RATE:-1e-3}" --lr_schedule="${LR_SCHEDULE:-cosine}"
     --fine_tune_epochs="${DECAY_EPOCHS:-0}" --fine_tune_learning_rate="${DECAY_LEARNING_RATE:-1e-4}"
     --augment_strength="${AUGMENT_STRENGTH:-1}"
+    # Every acquisition-shift family, each at least as wide as the stress test's shift of it (EXPERIMENTS.md, e11).
+    --augment_families="${families}"
+    --augment_fov="${AUGMENT_FOV:-0.15}" --augment_contrast="${AUGMENT_CONTRAST:-0.3}"
+    --augment_noise="${AUGMENT_NOISE:-8}"
     --batch_size="${BATCH_SIZE:-32}" --class_weight=balanced
     --seed="${seed}"
     "$@")
+}
+
+# Prints the comma-separated list $2 without the item $1.
+without() {
+  local item kept=()
+  IFS=, read -r -a items <<< "$2"
+  for item in "${items[@]}"; do
+    [[ ${item} == "$1" ]] || kept+=("${item}")
+  done
+  (IFS=,; echo "${kept[*]}")
 }
 
 # One function, called on the last line: bash reads a script as it runs it, so editing this file during a 30-minute
@@ -89,16 +106,32 @@ main() {
     run_dirs+=("${output_dir}/seed-${seed}")
   done
   members=$(IFS=,; echo "${run_dirs[*]}")
+  families=${AUGMENT_FAMILIES:-rotation,fov,translation,gamma,contrast,brightness,blur,noise,jpeg}
+  # LEAVE_ONE_OUT=1: also one run of the first seed per stress-test family, trained without that family, so that
+  # trainer.shift scores each family with a model that never saw it (--leave_one_out). Six more trainings: outside
+  # the 30-minute budget, for choosing between recipes.
+  lofo_families=()
+  if [[ -n ${LEAVE_ONE_OUT:-} ]]; then
+    read -r -a lofo_families <<< "$(python -c \
+      'from trainer import config; print(*dict.fromkeys(config.SHIFT_FAMILIES.values()))')"
+  fi
   # The export stores the threshold with the model; every later command (this stress test, predict, evaluate) uses it.
   report=(python -m trainer.export --model_dir="${members}" --out_dir="${output_dir}/model"
     --threshold_rule="${THRESHOLD_RULE:-youden_with_shifts}")
   stress=(python -m trainer.shift --model_dir="${output_dir}/model" --split=validation
     --out="${output_dir}/shift_validation.json")
+  if [[ ${#lofo_families[@]} -gt 0 ]]; then
+    stress+=(--leave_one_out="${output_dir}/lofo")
+  fi
 
   if [[ -n ${DRY_RUN:-} ]]; then
     printf '%q ' "${build[@]}"; echo
     for seed in "${seeds[@]}"; do
-      train_command "${seed}" "$@"
+      train_command "${seed}" "${output_dir}/seed-${seed}" "${families}" "$@"
+      printf '%q ' "${train[@]}"; echo
+    done
+    for family in "${lofo_families[@]}"; do
+      train_command "${seeds[0]}" "${output_dir}/lofo/without-${family}" "$(without "${family}" "${families}")" "$@"
       printf '%q ' "${train[@]}"; echo
     done
     printf '%q ' "${report[@]}"; echo
@@ -109,7 +142,11 @@ main() {
   start=${SECONDS}
   "${build[@]}"
   for seed in "${seeds[@]}"; do
-    train_command "${seed}" "$@"
+    train_command "${seed}" "${output_dir}/seed-${seed}" "${families}" "$@"
+    "${train[@]}"
+  done
+  for family in "${lofo_families[@]}"; do
+    train_command "${seeds[0]}" "${output_dir}/lofo/without-${family}" "$(without "${family}" "${families}")" "$@"
     "${train[@]}"
   done
   "${report[@]}"

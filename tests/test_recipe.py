@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
+from trainer import config as config_lib
 from trainer import shift
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -50,6 +51,9 @@ def test_dry_run_builds_trains_each_seed_then_reports_their_ensemble(tmp_path):
     assert flags['data_dir'] == '/data/tfds' and 'manual_dir' not in flags
     assert flags['model_dir'] == str(out / f'seed-{seed}') and flags['seed'] == str(seed)
     assert flags['lr_schedule'] == 'cosine' and flags['equalize'] == 'clahe'
+    # Every family, each at least as wide as the stress test's shift of it.
+    assert flags['augment_families'].split(',') == list(config_lib.FAMILIES)
+    assert (flags['augment_fov'], flags['augment_contrast'], flags['augment_noise']) == ('0.15', '0.3', '8')
   members = f'{out}/seed-1,{out}/seed-2'
   assert report.startswith('python -m trainer.export ')
   assert _flags(report) == {'model_dir': members, 'out_dir': f'{out}/model', 'threshold_rule': 'youden_with_shifts'}
@@ -57,6 +61,20 @@ def test_dry_run_builds_trains_each_seed_then_reports_their_ensemble(tmp_path):
   # The exported model, at the threshold stored with it.
   assert _flags(stress) == {'model_dir': f'{out}/model', 'split': 'validation', 'out': f'{out}/shift_validation.json'}
   assert not out.exists()
+
+
+def test_leave_one_out_trains_one_run_without_each_stress_family_and_scores_each_family_with_it(tmp_path):
+  out = tmp_path / 'out'
+  done = _recipe(tmp_path, out, env={'DRY_RUN': '1', 'LEAVE_ONE_OUT': '1', 'SEEDS': '3 4'})
+  assert done.returncode == 0, done.stderr
+  _, *trains, _, stress = done.stdout.strip().splitlines()
+  lofo = [_flags(train) for train in trains[2:]]
+  assert [flags['model_dir'] for flags in lofo] == [str(out / 'lofo' / f'without-{family}')
+                                                    for family in shift.FAMILIES]
+  for family, flags in zip(shift.FAMILIES, lofo):
+    assert flags['augment_families'].split(',') == [f for f in config_lib.FAMILIES if f != family]
+    assert flags['seed'] == '3'  # The first seed's run, but for the family.
+  assert _flags(stress)['leave_one_out'] == str(out / 'lofo')
 
 
 def test_environment_and_extra_flags_override_the_recipe(tmp_path):
