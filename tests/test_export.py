@@ -199,7 +199,8 @@ def test_every_command_takes_several_runs_as_model_dir_at_one_threshold(runs, en
 
   done = _module('trainer.predict', f'--ensemble={",".join(runs)}', files[0])
   assert done.returncode == 1
-  assert done.stderr.strip().splitlines()[-1] == f'error: --ensemble is now --model_dir: give --model_dir={",".join(runs)}.'
+  assert done.stderr.strip().splitlines()[-1] == ('error: --ensemble is now --model_dir: give '
+                                                  f'--model_dir={",".join(runs)}.')
 
 
 def test_model_card(ensemble):
@@ -215,7 +216,8 @@ def test_model_card(ensemble):
   assert f'tensorflow {tf.__version__}' in card
   # The synthetic data is not the Kermany population, and the card says so; a real config's card names it.
   assert 'Guangzhou' not in card and 'says nothing about real radiographs' in card
-  real = export.model_card(report, {**run_json, 'config': {**run_json['config'], 'dataset': 'chest_xray_pneumonia/224'}},
+  real = export.model_card(report, {**run_json,
+                                    'config': {**run_json['config'], 'dataset': 'chest_xray_pneumonia/224'}},
                            stress={'split': 'validation', 'worst': {'roc_auc': 0.9, 'accuracy': 0.8,
                                                                      'sensitivity': 0.7, 'specificity': 0.6}})
   assert "children aged 1 to 5 from Guangzhou Women and Children's Medical Center" in real

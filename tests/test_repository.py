@@ -10,7 +10,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SETUP = configparser.ConfigParser()
 SETUP.read(REPO / 'setup.cfg')
 VERSION = SETUP['metadata']['version']
-USER_DOCUMENTS = ('README.md', 'BUILD.md', 'BENCHMARKS.md', 'launch/README.md', 'cxr_tfds/chest_xray_pneumonia/README.md')
+USER_DOCUMENTS = ('README.md', 'BUILD.md', 'BENCHMARKS.md', 'launch/README.md',
+                  'cxr_tfds/chest_xray_pneumonia/README.md')
 
 
 def test_license_is_the_apache_license_setup_cfg_names():

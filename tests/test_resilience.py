@@ -464,7 +464,8 @@ def test_a_diverged_run_stops_at_once_keeps_the_last_good_checkpoint_and_resumes
 @pytest.mark.parametrize('argv, message', [
     (['--modle=cnn'], "Unknown command line flag 'modle'"),
     (['--model=vit'], 'flag --model=vit: value should be one of <cnn|resnet50|vgg16|efficientnetb0|densenet121>'),
-    (['--model=densenet121', '--unfreeze=121'], '--unfreeze=121 is more than the 120 convolutional layers of densenet121'),
+    (['--model=densenet121', '--unfreeze=121'],
+     '--unfreeze=121 is more than the 120 convolutional layers of densenet121'),
     (['--lr_schedule=plateau', '--plateau_factor=1'], '--plateau_factor must be in (0, 1), got 1.0'),
     (['--lr_schedule=plateau', '--plateau_min_lr=1e-3'], '--plateau_min_lr=0.001 must be zero or more and below'),
     (['--early_stopping_patience=-1'], '--early_stopping_patience must be zero or more, got -1'),

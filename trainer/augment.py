@@ -51,7 +51,8 @@ def compiled(function):
 
   Measured on this project's 2-core CPU (batch 32, 128 pixels, one run of each layer alone): the fused warp 2.4 ms
   compiled against 8.7 ms without, gamma 4.1 against 7.9, CLAHE 5.0 against 16.7. XLA is not always faster: its
-  random normals took 130 ms against 0.6 and the per-image blur 76 against 3, so those layers stay uncompiled. The whole training step compiled is slower (XLA's CPU convolutions are not oneDNN's: 1.17 s
+  random normals took 130 ms against 0.6 and the per-image blur 76 against 3, so those layers stay uncompiled. The whole
+  training step compiled is slower (XLA's CPU convolutions are not oneDNN's: 1.17 s
   against 0.66 s a step in one run of trainer.benchmark's train_step_recipe_model), so only these layers compile.
   """
   return tf.function(function, jit_compile=True, autograph=False)

@@ -496,7 +496,8 @@ def train_step_recipe_model(setup: Setup, batches: int) -> dict:
           'images_per_s': round(1000 * batch / step_ms['fused_float32'], 1), 'step_ms': step_ms,
           'fastest': best, 'ratio': round(step_ms['keras_layers_float32'] / step_ms[best], 3),
           'model': {'name': 'cnn', **RECIPE_MODEL, 'image_size': size, 'batch_size': batch},
-          'device': 'host CPU', 'note': 'ratio: the old layers in float32 (the trainer before) over the fastest fused variant'}
+          'device': 'host CPU',
+          'note': 'ratio: the old layers in float32 (the trainer before) over the fastest fused variant'}
 
 
 def train_cnn(setup: Setup, batches: int) -> dict:
@@ -768,7 +769,8 @@ def targets(lines: list[dict]) -> dict:
   checks = []
   for what, numerator, denominator, minimum, note in TARGETS:
     value = ratio(numerator, denominator)
-    check = {'check': what, 'ratio': value, 'target': f'>= {minimum}', 'met': None if value is None else value >= minimum}
+    check = {'check': what, 'ratio': value, 'target': f'>= {minimum}',
+             'met': None if value is None else value >= minimum}
     cpu = [by_name.get(name, {}).get('cpu_ms_per_image') for name in (numerator, denominator)]
     if all(cpu):
       # CPU time per image does not depend on how many cores other processes left us, as the rates do.

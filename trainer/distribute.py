@@ -172,8 +172,8 @@ def _slurm_cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
   """SlurmClusterResolver for one task per node, each task driving all of its node's GPUs."""
   tasks, nodes = os.environ.get('SLURM_STEP_NUM_TASKS'), os.environ.get('SLURM_STEP_NUM_NODES')
   if tasks is None:
-    raise errors.InvalidValue('SLURM_JOB_ID is set but SLURM_STEP_NUM_TASKS is not: start the workers with srun inside the '
-                     'batch script (see launch/slurm_multinode.sbatch).')
+    raise errors.InvalidValue('SLURM_JOB_ID is set but SLURM_STEP_NUM_TASKS is not: start the workers with srun inside '
+                              'the batch script (see launch/slurm_multinode.sbatch).')
   if tasks != nodes:
     raise errors.InvalidValue(f'The Slurm step runs {tasks} tasks on {nodes} nodes; run one task per node '
                      '(#SBATCH --ntasks-per-node=1): each worker mirrors over all GPUs of its node.')
@@ -195,15 +195,15 @@ def _slurm_cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
 def _check_tf_config(raw: str | None) -> None:
   """Raises a one-line ValueError unless `raw` is a TF_CONFIG naming a task of its own cluster."""
   if not raw:
-    raise errors.InvalidValue('--strategy=multi_worker needs TF_CONFIG (or a Slurm job step): set TF_CONFIG on every worker, '
-                     'e.g. with launch/local_cluster.py; see launch/README.md.')
+    raise errors.InvalidValue('--strategy=multi_worker needs TF_CONFIG (or a Slurm job step): set TF_CONFIG on every '
+                              'worker, e.g. with launch/local_cluster.py; see launch/README.md.')
   try:
     config = json.loads(raw)
     workers = config['cluster']
     task_type, index = config['task']['type'], int(config['task']['index'])
   except (ValueError, KeyError, TypeError) as e:
-    raise errors.InvalidValue(f'TF_CONFIG is not JSON of the form {{"cluster": {{"worker": [...]}}, "task": {{"type": ..., '
-                     f'"index": ...}}}} ({type(e).__name__}: {e}): {raw!r}') from e
+    raise errors.InvalidValue(f'TF_CONFIG is not JSON of the form {{"cluster": {{"worker": [...]}}, "task": '
+                              f'{{"type": ..., "index": ...}}}} ({type(e).__name__}: {e}): {raw!r}') from e
   if not isinstance(workers, dict) or not 0 <= index < len(workers.get(task_type, ())):
     raise errors.InvalidValue(f'TF_CONFIG task {task_type}:{index} is not in its cluster {workers}.')
 

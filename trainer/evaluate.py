@@ -45,7 +45,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   model_dirs = [os.path.expanduser(d) for d in FLAGS.model_dir]
   if len(model_dirs) > 1 and not FLAGS.out_dir:
-    raise errors.InvalidValue(f'--model_dir names {len(model_dirs)} runs: give the ensemble\'s report a folder with --out_dir.')
+    raise errors.InvalidValue(f'--model_dir names {len(model_dirs)} runs: give the ensemble\'s report a folder '
+                              'with --out_dir.')
   runs = runs_lib.with_tta([runs_lib.load_run(d) for d in model_dirs], FLAGS.tta)
   data_dir = os.path.expanduser(FLAGS.data_dir) if FLAGS.data_dir else runs[0].config.get('data_dir')
   manual_dir = os.path.expanduser(FLAGS.manual_dir) if FLAGS.manual_dir else runs[0].config.get('manual_dir')

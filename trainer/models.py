@@ -55,7 +55,8 @@ import tensorflow as tf
 from trainer import augment
 from trainer import errors
 # Defined in trainer.config, which main checks before it imports TensorFlow.
-from trainer.config import BACKBONES, DEFAULT_FAMILIES, EDGE_CHANNELS, EQUALIZE, MODELS  # pylint: disable=g-importing-member
+from trainer.config import (  # pylint: disable=g-importing-member
+    BACKBONES, DEFAULT_FAMILIES, EDGE_CHANNELS, EQUALIZE, MODELS)
 
 # Registered by trainer.augment, and loaded by this name from the .keras files written before that module existed.
 PixelNoise = augment.PixelNoise
@@ -316,7 +317,8 @@ def _normalize_like_imagenet_weights(backbone):
   Keras's ImageNet EfficientNet weights store the standard deviation where the Normalization layer expects the
   variance, so it would divide by sqrt(std): that is what the extra Rescaling(1 / sqrt(std)) that Keras adds after it
   with weights='imagenet' corrects (tensorflow/tensorflow#49930; not checked against the file itself, which cannot be
-  downloaded where this was written). A model given the same file by path gets no such layer. Storing std**2 gives the same (x - mean) / std. A file with other statistics (a randomly initialised
+  downloaded where this was written). A model given the same file by path gets no such layer. Storing std**2 gives the
+  same (x - mean) / std. A file with other statistics (a randomly initialised
   backbone's 0 and 1, or one this function already corrected) is left as it is.
   """
   normalization = next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Normalization))

@@ -38,7 +38,8 @@ def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resam
     seed: seed of the resampling.
     extra: more JSON-serialisable entries for the report (e.g. model, dataset, checkpoint); their keys must not
       collide with the report's own.
-    threshold_rule: how `val_threshold` was chosen, in words (trainer.metrics.THRESHOLD_RULE unless another rule chose it).
+    threshold_rule: how `val_threshold` was chosen, in words (trainer.metrics.THRESHOLD_RULE unless another rule
+      chose it).
 
   Returns:
     A JSON-serialisable dict: {'n_images', 'n_patients', 'positives', 'ranking': {roc_auc, pr_auc, 'ci95'},

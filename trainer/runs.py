@@ -333,7 +333,8 @@ def ensemble_threshold(runs: Sequence[TrainedRun], *, rule: str = metrics.TRAINI
       'validation_roc_auc': metrics.ranking_metrics(labels, split['probs'])['roc_auc'],
       'members': [run.model_dir for run in runs],
       'member_thresholds': [run.threshold for run in runs],
-      'member_validation_roc_auc': [metrics.ranking_metrics(labels, probs)['roc_auc'] for probs in split['member_probs']],
+      'member_validation_roc_auc': [metrics.ranking_metrics(labels, probs)['roc_auc']
+                                    for probs in split['member_probs']],
   }
 
 
@@ -345,15 +346,16 @@ def run_dataset(runs: Sequence[TrainedRun]) -> str:
   """
   datasets = sorted({run.config['dataset'] for run in runs})
   if len(datasets) != 1:
-    raise errors.InvalidValue(f'The runs were trained on different datasets ({", ".join(datasets)}); an ensemble\'s threshold '
-                     'is chosen on one validation split, so train them on the same one.')
+    raise errors.InvalidValue(f'The runs were trained on different datasets ({", ".join(datasets)}); an ensemble\'s '
+                              'threshold is chosen on one validation split, so train them on the same one.')
   return datasets[0]
 
 
 
 def define_threshold_rule_flag():
   """--threshold_rule, the same in every command that takes runs (evaluate, predict, shift, export)."""
-  flags.DEFINE_enum('threshold_rule', None, metrics.THRESHOLD_RULES, 'Choose the threshold again on validation by this rule: '
+  flags.DEFINE_enum('threshold_rule', None, metrics.THRESHOLD_RULES,
+                    'Choose the threshold again on validation by this rule: '
                     'youden (Youden\'s J) or youden_with_shifts (Youden\'s J on validation and its shifted copies, '
                     'trainer.shift). Default: the threshold stored with the run or export (run.json names its rule); '
                     'for several runs, youden. `python -m trainer.export` stores an ensemble with its threshold.')

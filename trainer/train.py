@@ -794,9 +794,9 @@ def _check_classes(builder, counts: dict[str, np.ndarray]) -> None:
     for name, count in zip(names, split_counts):
       if count == 0:
         per_class = dict(zip(names, split_counts.tolist()))
-        raise errors.InvalidValue(f'The {split} split of {builder.info.full_name} has no {name} image ({per_class}): nothing '
-                         'can learn or be checked on it. Rebuild the dataset '
-                         'from a complete download (python -m cxr_tfds.build names the files it skips).')
+        raise errors.InvalidValue(f'The {split} split of {builder.info.full_name} has no {name} image ({per_class}): '
+                                  'nothing can learn or be checked on it. Rebuild the dataset from a complete download '
+                                  '(python -m cxr_tfds.build names the files it skips).')
 
 
 def _check_model_dir(config: Config, image_size: int) -> dict | None:
@@ -820,15 +820,15 @@ def _check_model_dir(config: Config, image_size: int) -> dict | None:
     stored = e
   if not isinstance(stored, dict):
     reason = stored if isinstance(stored, ValueError) else f'JSON {type(stored).__name__}, not an object'
-    raise errors.InvalidValue(f'{path} is not the settings of a run ({reason}): restore it, or move it away if this model '
-                     'dir holds no training.')
+    raise errors.InvalidValue(f'{path} is not the settings of a run ({reason}): restore it, or move it away if this '
+                              'model dir holds no training.')
   # A setting newer than the stored run had its default there.
   defaults = dataclasses.asdict(Config())
   changed = [f'--{name}={stored.get(name, defaults[name])} (this run: {settings[name]})'
              for name in config_lib.FIXED_ON_RESUME if stored.get(name, defaults[name]) != settings[name]]
   if changed:
-    raise errors.InvalidValue(f'--model_dir={config.model_dir} holds a run of {", ".join(changed)}, and a run resumes only '
-                     'with the same model: give this one a new --model_dir.')
+    raise errors.InvalidValue(f'--model_dir={config.model_dir} holds a run of {", ".join(changed)}, and a run resumes '
+                              'only with the same model: give this one a new --model_dir.')
   return None
 
 
@@ -866,8 +866,8 @@ def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = 
       skipped.append(path)
       continue
     except (AssertionError, ValueError) as e:
-      raise errors.InvalidValue(f'The checkpoint {path} is of another model ({str(e).splitlines()[0]}): give this run a new '
-                       '--model_dir.') from e
+      raise errors.InvalidValue(f'The checkpoint {path} is of another model ({str(e).splitlines()[0]}): give this run '
+                                'a new --model_dir.') from e
     if repair:
       # Only now that the run goes on from an older checkpoint: a run that stops changes nothing.
       for unreadable in skipped:
@@ -880,8 +880,8 @@ def _restore(checkpoint: tf.train.Checkpoint, directory: str, *, repair: bool = 
           directory, os.path.basename(path), all_model_checkpoint_paths=[os.path.basename(p) for p in kept],
           all_model_checkpoint_timestamps=[_written_at(p) for p in kept], last_preserved_timestamp=0.0)
     return path
-  raise errors.InvalidValue(f'No checkpoint in {directory} can be read (see the warnings above): move the folder away to '
-                   'start over, or give this run a new --model_dir.')
+  raise errors.InvalidValue(f'No checkpoint in {directory} can be read (see the warnings above): move the folder away '
+                            'to start over, or give this run a new --model_dir.')
 
 
 def _written_at(prefix: str) -> float:
@@ -950,8 +950,8 @@ def _restore_preempted(checkpoint: tf.train.Checkpoint, directories: list[str], 
     return False
   run_checkpoint, restored = fallback
   if not restored:  # Nothing to restore over what a failed restore may have assigned.
-    raise errors.InvalidValue(f'The preempted run\'s checkpoint {paths[-1]} cannot be read (see the warnings above): move it '
-                     'away to start over, or give this run a new --model_dir.')
+    raise errors.InvalidValue(f'The preempted run\'s checkpoint {paths[-1]} cannot be read (see the warnings above): '
+                              'move it away to start over, or give this run a new --model_dir.')
   run_checkpoint.restore(restored).assert_existing_objects_matched()
   return False
 

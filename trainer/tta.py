@@ -58,7 +58,8 @@ def _check_views(views):
 
 @keras.saving.register_keras_serializable(package='cxr')
 class TestTimeViews(keras.layers.Layer):
-  """uint8 (batch, side, side, 1) -> the first `views` VIEWS of every image, stacked view-major: (views * batch, ...)."""
+  """uint8 (batch, side, side, 1) -> the first `views` VIEWS of every image, stacked view-major:
+  (views * batch, ...)."""
 
   def __init__(self, views, **kwargs):
     super().__init__(**kwargs)
@@ -108,5 +109,6 @@ def with_tta(model: keras.Model, views: int) -> keras.Model:
   if views == 1:
     return model
   images = keras.Input(model.inputs[0].shape[1:], dtype='uint8', name='image')
-  probabilities = ViewMean(views, dtype='float32', name='probability')(model(TestTimeViews(views, name='views')(images)))
+  probabilities = ViewMean(views, dtype='float32', name='probability')(
+      model(TestTimeViews(views, name='views')(images)))
   return keras.Model(images, probabilities, name=f'{model.name}_tta{views}')

@@ -19,8 +19,8 @@ is chosen once, on the validation split of the runs' dataset, by the named rule,
 report and the model card are written beside it. `trainer.predict`, `trainer.evaluate` and `trainer.shift` then take
 OUT as they take a run's model_dir.
 
-Every file is written beside its final name and renamed into place (`trainer.files`), so a kill or a full disk leaves the
-previous file whole. Loading goes through `load_model`, which never runs code stored in a file.
+Every file is written beside its final name and renamed into place (`trainer.files`), so a kill or a full disk leaves
+the previous file whole. Loading goes through `load_model`, which never runs code stored in a file.
 """
 
 import contextlib
@@ -98,22 +98,23 @@ def load_model(path: str) -> keras.Model:
     ValueError: not a `.keras` file, one cut short, or one that safe mode refuses (the message says why).
   """
   if not path.endswith('.keras'):
-    raise errors.InvalidValue(f'{path} is not a .keras file; only .keras models are loaded (they load in Keras\'s safe mode).')
+    raise errors.InvalidValue(f'{path} is not a .keras file; only .keras models are loaded (they load in '
+                              'Keras\'s safe mode).')
   if not os.path.isfile(path):
     raise errors.MissingPath(f'{path}: no such model file.')
   # A .keras file is a zip archive; one cut short has no central directory, and Keras then says "File not found".
   if not zipfile.is_zipfile(path):
-    raise errors.InvalidValue(f'{path} is damaged or cut short ({os.path.getsize(path)} bytes, not a whole .keras archive): '
-                     'export it again, or copy it again from where it was made.')
+    raise errors.InvalidValue(f'{path} is damaged or cut short ({os.path.getsize(path)} bytes, not a whole .keras '
+                              'archive): export it again, or copy it again from where it was made.')
   try:
     return keras.saving.load_model(path, compile=False, safe_mode=True)
   except TypeError as e:
     # Keras's message is the whole model config (thousands of characters), with the missing class near its end.
     if not (missing := _MISSING_CLASS.search(str(e))):
       raise
-    raise errors.InvalidValue(f'{path} uses the layer {missing.group(1)}, which no imported module registers: load it with '
-                     'trainer.export.load_model or trainer.predict.load (or `import trainer.models` before '
-                     'keras.saving.load_model), from a version of the trainer that has it.') from None
+    raise errors.InvalidValue(f'{path} uses the layer {missing.group(1)}, which no imported module registers: load it '
+                              'with trainer.export.load_model or trainer.predict.load (or `import trainer.models` '
+                              'before keras.saving.load_model), from a version of the trainer that has it.') from None
 
 
 def export_saved_model(model: keras.Model, path: str, *, image_size: int, threshold: float) -> str:
@@ -264,8 +265,8 @@ def ensemble_model(members: list[keras.Model]) -> keras.Model:
   """
   shapes = sorted({tuple(member.inputs[0].shape[1:]) for member in members})
   if len(shapes) != 1:
-    raise errors.InvalidValue(f'The runs take different input sizes ({", ".join(str(s[0]) for s in shapes)}); an exported '
-                     'ensemble feeds one image to all of them, so export runs of one --image_size.')
+    raise errors.InvalidValue(f'The runs take different input sizes ({", ".join(str(s[0]) for s in shapes)}); an '
+                              'exported ensemble feeds one image to all of them, so export runs of one --image_size.')
   inputs = keras.Input(shapes[0], dtype='uint8', name='image')
   outputs = []
   for i, member in enumerate(members, 1):
@@ -342,7 +343,8 @@ def model_card(report: dict, run: dict, *, stress: dict | None = None) -> str:
 
   members = run.get('members')
   lines = [
-      f'# Model card: pneumonia on paediatric chest X-rays ({"an ensemble of " + str(len(members)) + " runs" if members else config.get("model", "?")})',
+      '# Model card: pneumonia on paediatric chest X-rays '
+      f'({"an ensemble of " + str(len(members)) + " runs" if members else config.get("model", "?")})',
       '',
       '## Intended use',
       'Research and teaching: a baseline for pneumonia vs normal on frontal chest radiographs of young children, and '
@@ -357,7 +359,8 @@ def model_card(report: dict, run: dict, *, stress: dict | None = None) -> str:
   ]
   if dataset in _KERMANY:
     lines += [
-        f'`{dataset}`: the chest X-rays of Kermany et al. (2018, Cell; Mendeley data v2 / Kaggle "chest-xray-pneumonia"): '
+        f'`{dataset}`: the chest X-rays of Kermany et al. (2018, Cell; Mendeley data v2 / Kaggle '
+        '"chest-xray-pneumonia"): '
         'anterior-posterior radiographs of children aged 1 to 5 from Guangzhou Women and Children\'s Medical Center, '
         'labelled normal or pneumonia (bacterial or viral) by physicians. One hospital, one population.',
         'Split: the official train folder is split by patient (no patient in both) into train and validation; the '

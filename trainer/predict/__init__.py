@@ -322,8 +322,8 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
     predicts: `trainer.runs.make_predict` of each run, for a caller that predicts many times (made here if None).
 
   Yields:
-    {'file', 'label', 'probability', 'threshold', 'threshold_rule'} (and 'gradcam', the overlay's path, and for an ensemble
-    'member_probabilities'), or {'file', 'error'} for a file that cannot be read.
+    {'file', 'label', 'probability', 'threshold', 'threshold_rule'} (and 'gradcam', the overlay's path, and for an
+    ensemble 'member_probabilities'), or {'file', 'error'} for a file that cannot be read.
 
   Raises:
     ValueError: if gradcam_dir is given for an ensemble.
