@@ -51,7 +51,9 @@ def main(argv):
   result = {**shift.stress(shifted, threshold=point['threshold'], split=FLAGS.split), 'members': FLAGS.model_dir,
             'threshold_rule': point['threshold_rule'], 'threshold_chosen': point['chosen']}
   if FLAGS.leave_one_out:
-    without = runs_lib.load_runs_without(os.path.expanduser(FLAGS.leave_one_out))
+    # The same views as the model above, so that each family's number is of the same kind of prediction.
+    without = {family: runs_lib.with_tta(runs, FLAGS.tta)
+               for family, runs in runs_lib.load_runs_without(os.path.expanduser(FLAGS.leave_one_out)).items()}
     result['leave_one_out'] = runs_lib.leave_one_family_out(without, builder, FLAGS.split, batch_size=FLAGS.batch_size)
   print(shift.markdown(result))
   if FLAGS.out:
