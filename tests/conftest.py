@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -22,6 +23,23 @@ BY_DESIGN_SKIPS = {
     'tests/test_resilience.py::test_a_disk_that_fills_during_the_final_report_and_exports_keeps_the_previous_export':
         'needs root',
 }
+
+
+# The metrics a report gives at a threshold, and all of them (tests/test_metrics.py, tests/test_report.py).
+THRESHOLD_METRICS = ('accuracy', 'sensitivity', 'specificity', 'precision', 'f1')
+ALL_METRICS = THRESHOLD_METRICS + ('roc_auc', 'pr_auc')
+
+
+def patients(n_patients, images_per_patient, seed):
+  """Test data clustered by patient: every image of a patient shares its label and (almost) its probability, as
+  repeat X-rays of one person do. Returns (labels, probs, groups)."""
+  rng = np.random.default_rng(seed)
+  patient_label = rng.integers(0, 2, n_patients)
+  patient_prob = np.clip(rng.normal(0.4 + 0.2 * patient_label, 0.2), 0, 1)
+  groups = np.repeat(np.arange(n_patients), images_per_patient)
+  labels = patient_label[groups]
+  probs = np.clip(patient_prob[groups] + rng.normal(0, 0.01, groups.size), 0, 1)
+  return labels, probs, groups
 
 
 @pytest.hookimpl(hookwrapper=True)

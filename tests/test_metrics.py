@@ -6,11 +6,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
+from conftest import ALL_METRICS, THRESHOLD_METRICS, patients as _patients  # pylint: disable=g-importing-member
 from trainer import metrics
-
-THRESHOLD_METRICS = ('accuracy', 'sensitivity', 'specificity', 'precision', 'f1')
-ALL_METRICS = THRESHOLD_METRICS + ('roc_auc', 'pr_auc')
-
 
 def _scores(n, separation, seed):
   """Labels and probabilities of a model whose positive scores sit `separation` above the negative ones."""
@@ -18,18 +15,6 @@ def _scores(n, separation, seed):
   labels = rng.integers(0, 2, n)
   probs = np.clip(rng.normal(0.35 + separation * labels, 0.2), 0, 1)
   return labels, probs
-
-
-def _patients(n_patients, images_per_patient, seed):
-  """Test data clustered by patient: every image of a patient shares its label and (almost) its probability, as
-  repeat X-rays of one person do."""
-  rng = np.random.default_rng(seed)
-  patient_label = rng.integers(0, 2, n_patients)
-  patient_prob = np.clip(rng.normal(0.4 + 0.2 * patient_label, 0.2), 0, 1)
-  groups = np.repeat(np.arange(n_patients), images_per_patient)
-  labels = patient_label[groups]
-  probs = np.clip(patient_prob[groups] + rng.normal(0, 0.01, groups.size), 0, 1)
-  return labels, probs, groups
 
 
 def _width(interval):

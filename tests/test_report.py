@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 import tensorflow as tf
 
-from test_metrics import ALL_METRICS, THRESHOLD_METRICS, _patients  # pylint: disable=g-importing-member
+from conftest import ALL_METRICS, THRESHOLD_METRICS, patients as _patients  # pylint: disable=g-importing-member
 from trainer import report as report_lib
 
 
