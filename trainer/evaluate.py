@@ -34,8 +34,7 @@ flags.DEFINE_string('out_dir', None, 'Where the report, the PNGs and their Tenso
                     'one run: MODEL_DIR/eval_SPLIT; required for an ensemble).')
 flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
 flags.DEFINE_integer('n_resamples', 1000, 'Bootstrap resamples (of patients) for the 95% intervals.')
-runs_lib.define_threshold_rule_flag()
-runs_lib.define_tta_flag()
+runs_lib.define_operating_point_flags()
 
 FLAGS = flags.FLAGS
 

@@ -154,13 +154,6 @@ def with_tta(runs: Sequence[TrainedRun], views: int) -> list[TrainedRun]:
     raise errors.InvalidValue(f'--tta={views}: {e}') from None
 
 
-def define_tta_flag():
-  """--tta, the same in every command that takes runs (evaluate, predict, shift, export)."""
-  flags.DEFINE_integer('tta', 1, 'Test-time augmentation: average each image\'s probability over its first N fixed '
-                       f'views ({", ".join(tta.VIEWS)}); 1: none. The threshold is then chosen again on validation, '
-                       'with the same views, by the run\'s rule (or --threshold_rule).')
-
-
 def predict_runs(runs: Sequence[TrainedRun], builder, split: str, *, batch_size: int = 32,
                  transform=None) -> dict[str, np.ndarray]:
   """The mean probability of one or more runs on a split, each run at its own input size.
@@ -352,11 +345,14 @@ def run_dataset(runs: Sequence[TrainedRun]) -> str:
 
 
 
-def define_threshold_rule_flag():
-  """--threshold_rule, the same in every command that takes runs (evaluate, predict, shift, export)."""
+def define_operating_point_flags():
+  """--threshold_rule and --tta, the same in every command that takes runs (evaluate, predict, shift, export)."""
   flags.DEFINE_enum('threshold_rule', None, metrics.THRESHOLD_RULES,
                     'Choose the threshold again on validation by this rule: '
                     'youden (Youden\'s J) or youden_with_shifts (Youden\'s J on validation and its shifted copies, '
                     'trainer.shift). Default: the threshold stored with the run or export (run.json names its rule); '
                     'for several runs, youden. `python -m trainer.export` stores an ensemble with its threshold.')
+  flags.DEFINE_integer('tta', 1, 'Test-time augmentation: average each image\'s probability over its first N fixed '
+                       f'views ({", ".join(tta.VIEWS)}); 1: none. The threshold is then chosen again on validation, '
+                       'with the same views, by the run\'s rule (or --threshold_rule).')
 

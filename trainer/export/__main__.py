@@ -25,8 +25,7 @@ flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished run, or seve
                   'their ensemble (the mean probability).', required=True)
 flags.DEFINE_string('out_dir', None, 'Where the export goes (its current/, exports/N/ and links to them).',
                     required=True)
-runs_lib.define_threshold_rule_flag()
-runs_lib.define_tta_flag()
+runs_lib.define_operating_point_flags()
 flags.DEFINE_string('data_dir', None, 'Where TFDS keeps built datasets (default: the first run\'s).')
 flags.DEFINE_string('manual_dir', None, 'The downloaded data, if the dataset is not built yet (default: the run\'s).')
 flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)

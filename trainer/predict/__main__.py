@@ -21,8 +21,7 @@ flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished training run
                   'threshold chosen on validation for the ensemble.')
 flags.DEFINE_list('ensemble', None, 'Replaced by --model_dir=DIR1,DIR2,... (as in trainer.evaluate and '
                   'trainer.shift).')
-runs_lib.define_threshold_rule_flag()
-runs_lib.define_tta_flag()
+runs_lib.define_operating_point_flags()
 flags.DEFINE_string('ensemble_dir', None, f'Keep the ensemble\'s threshold in ENSEMBLE_DIR/{predict.ENSEMBLE_FILE}, '
                     'and reuse it while the members stay the same (without it, every call runs the members over the '
                     'validation split again).')

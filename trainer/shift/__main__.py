@@ -28,8 +28,7 @@ flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bou
 flags.DEFINE_string('leave_one_out', None, 'Also score each shift family with a run trained without it: a folder '
                     'holding without-FAMILY/, the --model_dir of such a run, for every family of '
                     f'{", ".join(shift.FAMILIES)} (LEAVE_ONE_OUT=1 launch/recipe.sh trains them).')
-runs_lib.define_threshold_rule_flag()
-runs_lib.define_tta_flag()
+runs_lib.define_operating_point_flags()
 
 FLAGS = flags.FLAGS
 
