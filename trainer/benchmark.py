@@ -546,7 +546,7 @@ def train_loop_tiny(setup: Setup, batches: int) -> dict:
     metrics = train.train_metrics()
   step = train.make_train_step(ours_model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
                                global_batch=setup.batch_size)
-  iterator = iter(strategy.experimental_distribute_dataset(dataset))
+  iterator = train.training_iterator(strategy, lambda input_context: dataset)
   steps = tf.constant(per_loop)
 
   def ours():

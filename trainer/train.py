@@ -168,6 +168,21 @@ def make_statistics_sync(model, strategy):
   return sync
 
 
+def training_iterator(strategy: tf.distribute.Strategy, dataset_fn) -> tf.data.Iterator:
+  """The iterator `make_train_step`'s function reads: `dataset_fn(input_context)`'s batches, one per replica.
+
+  One replica on the host CPU reads the dataset's own iterator, with `dataset_fn(None)`: a distributed iterator has
+  nothing to do there (no replicas to split a batch among, no device to copy it to), yet its `next` inside the step's
+  loop halves a tiny model's steps per second at --steps_per_loop=32 (BENCHMARKS.md, train_loop_tiny). Any other
+  strategy, one GPU included (whose distributed iterator prefetches to the GPU), gets the distributed one.
+  """
+  devices = strategy.extended.worker_devices
+  if (isinstance(strategy, tf.distribute.OneDeviceStrategy)
+      and tf.DeviceSpec.from_string(devices[0]).device_type == 'CPU'):
+    return iter(dataset_fn(None))
+  return iter(strategy.distribute_datasets_from_function(dataset_fn))
+
+
 def distributed_split(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset,
                       batch_size: int) -> tf.distribute.DistributedDataset:
   """A split's batches (`data.eval_dataset`) spread over the replicas and workers, each image with its position.
@@ -556,10 +571,10 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
   first_step = state.resume(chief=chief)
 
   skip_steps = state.steps_trained(first_step)
-  iterator = iter(strategy.distribute_datasets_from_function(lambda ctx: data.train_dataset(
+  iterator = training_iterator(strategy, lambda ctx: data.train_dataset(
       builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
       cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx, skip_steps=skip_steps,
-      balanced=config.class_weight == 'resample')))
+      balanced=config.class_weight == 'resample'))
   predict_validation = _validation(config, strategy, state.model, builder, image_size)
   writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
                     else tf.summary.create_noop_writer()) for name in ('train', 'validation')}
@@ -605,7 +620,7 @@ def train_epoch(state: TrainState, train_step, iterator, *, epoch: int, first_st
   Args:
     state: the run's state.
     train_step: the phase's `make_train_step`.
-    iterator: the distributed training iterator, at the epoch's `first_step`.
+    iterator: `training_iterator`'s, at the epoch's `first_step`.
     epoch, first_step, phase: where the run is.
     stop: the preemption watcher: a stop saves the step (`TrainState.save_preempted`) and exits.
     bar: the epoch's progress bar.
