@@ -218,11 +218,14 @@ def test_model_card(ensemble):
   assert 'Guangzhou' not in card and 'says nothing about real radiographs' in card
   real = export.model_card(report, {**run_json,
                                     'config': {**run_json['config'], 'dataset': 'chest_xray_pneumonia/224'}},
-                           stress={'split': 'validation', 'worst': {'roc_auc': 0.9, 'accuracy': 0.8,
-                                                                     'sensitivity': 0.7, 'specificity': 0.6}})
+                           stress={'split': 'validation', 'worst': {'roc_auc': 0.9, 'roc_auc_normals_shifted': 0.85,
+                                                                     'accuracy': 0.8, 'sensitivity': 0.7,
+                                                                     'specificity': 0.6}})
   assert "children aged 1 to 5 from Guangzhou Women and Children's Medical Center" in real
   assert 'official test folder is the test split' in real
   assert 'ROC-AUC 0.900, accuracy 0.800, sensitivity 0.700, specificity 0.600' in real
+  assert 'With only the normal images shifted (as if they came from another machine than the pneumonia images), ' \
+         'the worst ROC-AUC is 0.850.' in real
 
 
 # An export commits as a unit.

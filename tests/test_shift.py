@@ -79,6 +79,14 @@ def test_cli_reports_every_shift_and_the_unshifted_row_matches_evaluate(model_di
   # The shifted rows are other predictions, and 'worst' is the minimum over all rows.
   assert len({row['mean_probability_normal'] for row in result['shifts'].values()}) == len(shift.SHIFTS)
   assert result['worst']['roc_auc'] == min(row['roc_auc'] for row in result['shifts'].values())
+  # With only the normals shifted, the unshifted row is the plain ROC-AUC and a shifted row mixes two predictions.
+  assert result['shifts']['none']['roc_auc_normals_shifted'] == pytest.approx(result['shifts']['none']['roc_auc'])
+  darker = runs_lib.predict_runs([run], builder, 'validation',
+                                 transform=lambda images: shift.apply('darker (gamma 1.5)', images))
+  assert result['shifts']['darker (gamma 1.5)']['roc_auc_normals_shifted'] == pytest.approx(
+      shift.normals_shifted_auc(plain, darker))
+  assert result['worst']['roc_auc_normals_shifted'] == min(
+      row['roc_auc_normals_shifted'] for row in result['shifts'].values())
 
   done = subprocess.run([sys.executable, '-m', 'trainer.shift', f'--model_dir={model_dir}', '--split=val'],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -163,18 +171,25 @@ def test_leave_one_family_out_scores_each_family_with_the_run_that_never_saw_it(
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   family = 'gamma'
   run = runs_lib.load_run(str(dirs[family]))
-  aucs = []
+  aucs, normals_shifted = [], []
+  plain = runs_lib.predict_runs([run], builder, 'validation')
   for name in ('darker (gamma 1.5)', 'brighter (gamma 0.67)'):
     predictions = runs_lib.predict_runs([run], builder, 'validation',
                                         transform=lambda images, name=name: shift.apply(name, images))
     aucs.append(metrics.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc'])
+    normals_shifted.append(shift.normals_shifted_auc(plain, predictions))
   assert lofo['families'][family]['roc_auc'] == pytest.approx(min(aucs))
+  assert lofo['families'][family]['roc_auc_normals_shifted'] == pytest.approx(min(normals_shifted))
   assert lofo['families'][family]['members'] == [str(dirs[family])]
   rows = {name: row['roc_auc'] for name, row in lofo['families'].items()}
   assert len(set(rows.values())) > 1  # Other runs, other numbers.
-  assert lofo['worst'] == {'family': min(rows, key=rows.get), 'roc_auc': min(rows.values())}
+  normals = {name: row['roc_auc_normals_shifted'] for name, row in lofo['families'].items()}
+  assert lofo['worst'] == {'family': min(rows, key=rows.get), 'roc_auc': min(rows.values()),
+                           'normals_shifted_family': min(normals, key=normals.get),
+                           'roc_auc_normals_shifted': min(normals.values())}
   assert lofo['mean_roc_auc'] == pytest.approx(np.mean(list(rows.values())))
-  assert f'| **worst: {lofo["worst"]["family"]}** |' in done.stdout
+  assert lofo['mean_roc_auc_normals_shifted'] == pytest.approx(np.mean(list(normals.values())))
+  assert f'| **worst: {lofo["worst"]["family"]}** / **{lofo["worst"]["normals_shifted_family"]}** |' in done.stdout
 
 
 def test_leave_one_family_out_refuses_a_missing_family_or_a_run_that_saw_its_family(untrained_run, tmp_path):
@@ -191,3 +206,16 @@ def test_leave_one_family_out_refuses_a_missing_family_or_a_run_that_saw_its_fam
   saw = _without(untrained_run, folder, shift.FAMILIES[0], trained_on=list(shift.FAMILIES))
   with pytest.raises(ValueError, match=f'^{saw} trained with the {shift.FAMILIES[0]} augmentation'):
     runs_lib.leave_one_family_out(runs_lib.load_runs_without(str(folder)), None, 'validation')
+
+
+def test_normals_shifted_auc_shifts_one_class_and_refuses_other_images():
+  labels = np.array([0, 0, 1, 1])
+  plain = {'labels': labels, 'probs': np.array([0.1, 0.2, 0.8, 0.9])}
+  # Every image pushed the same way keeps its rank; only the normals pushed up overtake the pneumonia images.
+  shifted = {'labels': labels, 'probs': np.array([0.85, 0.88, 0.9, 0.97])}
+  assert metrics.ranking_metrics(labels, shifted['probs'])['roc_auc'] == 1.0
+  # The (normal, pneumonia) pairs: 0.85 and 0.88 each rank above 0.8 and below 0.9.
+  assert shift.normals_shifted_auc(plain, shifted) == 0.5
+  assert shift.normals_shifted_auc(plain, plain) == 1.0
+  with pytest.raises(ValueError, match='not of the same images'):
+    shift.normals_shifted_auc(plain, {'labels': labels[::-1], 'probs': shifted['probs']})

@@ -226,8 +226,11 @@ def leave_one_family_out(runs_without: dict[str, list], builder, split: str, *, 
     batch_size: images per prediction batch.
 
   Returns:
-    {'split', 'families': {family: {'roc_auc': the lowest over its shifts, 'shifts': {name: ROC-AUC},
-    'members': [model_dir]}}, 'worst': {'family', 'roc_auc'}, 'mean_roc_auc': over the families}.
+    {'split', 'families': {family: {'roc_auc': the lowest over its shifts, 'roc_auc_normals_shifted': the same
+    with only the normal images shifted (`trainer.shift.normals_shifted_auc`), 'shifts': {name: ROC-AUC},
+    'normals_shifted': {name: ROC-AUC}, 'members': [model_dir]}}, 'worst': {'family', 'roc_auc',
+    'normals_shifted_family', 'roc_auc_normals_shifted'}, 'mean_roc_auc', 'mean_roc_auc_normals_shifted': over the
+    families}.
 
   Raises:
     errors.InvalidValue: a family has no runs, or a run trained with the family it is meant to have left out.
@@ -245,15 +248,23 @@ def leave_one_family_out(runs_without: dict[str, list], builder, split: str, *, 
   families = {}
   for family in shift.FAMILIES:
     runs = runs_without[family]
-    shifts = {}
+    plain = predict_runs(runs, builder, split, batch_size=batch_size)
+    shifts, normals_shifted = {}, {}
     for name in (name for name, of in config_lib.SHIFT_FAMILIES.items() if of == family):
       predictions = predict_runs(runs, builder, split, batch_size=batch_size,
                                  transform=lambda images, name=name: shift.apply(name, images))
       shifts[name] = metrics.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc']
-    families[family] = {'roc_auc': min(shifts.values()), 'shifts': shifts, 'members': [run.model_dir for run in runs]}
-  worst = min(families, key=lambda family: families[family]['roc_auc'])
-  return {'split': split, 'families': families, 'worst': {'family': worst, 'roc_auc': families[worst]['roc_auc']},
-          'mean_roc_auc': float(np.mean([row['roc_auc'] for row in families.values()]))}
+      normals_shifted[name] = shift.normals_shifted_auc(plain, predictions)
+    families[family] = {'roc_auc': min(shifts.values()), 'roc_auc_normals_shifted': min(normals_shifted.values()),
+                        'shifts': shifts, 'normals_shifted': normals_shifted,
+                        'members': [run.model_dir for run in runs]}
+  worst = {}
+  for key, name in (('roc_auc', 'family'), ('roc_auc_normals_shifted', 'normals_shifted_family')):
+    family = min(families, key=lambda family, key=key: families[family][key])
+    worst.update({name: family, key: families[family][key]})
+  return {'split': split, 'families': families, 'worst': worst,
+          'mean_roc_auc': float(np.mean([row['roc_auc'] for row in families.values()])),
+          'mean_roc_auc_normals_shifted': float(np.mean([row['roc_auc_normals_shifted'] for row in families.values()]))}
 
 
 def operating_point(runs: Sequence[TrainedRun], rule: str | None = None, **kwargs) -> dict:
