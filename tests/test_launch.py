@@ -245,8 +245,8 @@ def test_no_worker_outlives_the_launcher(fake_trainer, sig, code):
 
 
 def test_sigint_stops_a_launcher_started_with_sigint_ignored(fake_trainer):
-  """`command &` in a script (no job control) starts the launcher with SIGINT ignored, where Python installs no
-  KeyboardInterrupt: a CI run started so timed out in the test above, its SIGINT unheard."""
+  """`command &` in a script (no job control) starts the launcher with SIGINT ignored, and Python then installs no
+  KeyboardInterrupt: the test above, run so, timed out with no output after its SIGINT, as it once did in CI."""
   proc = _launch(fake_trainer, '--workers=2', '--', '--fake=sleep', sigint_ignored=True)
   lines = _until_lines(proc, 'sleeping')
   proc.send_signal(signal.SIGINT)
