@@ -5,9 +5,11 @@
 
 Everything after `--` goes to `python -m trainer.main --strategy=multi_worker` unchanged. Worker 0 is the chief.
 Each worker's output is printed with a `[worker i]` prefix. If a worker fails, the others are stopped (they would
-otherwise wait forever in a collective) and the launcher exits with the failed worker's code; Ctrl-C stops them all
-too. SIGTERM (or SIGTERM/SIGUSR1 to one worker) preempts the job: every worker saves a checkpoint at the same step
-and exits with 143, and so does the launcher; the same command resumes from that step.
+otherwise wait forever in a collective) and the launcher exits with the failed worker's code; Ctrl-C (SIGINT) stops
+them all too, even when the launcher was started with SIGINT ignored (`command &` in a script), and a second Ctrl-C
+kills them at once instead of waiting for them to exit. SIGTERM (or SIGTERM/SIGUSR1 to one worker) preempts the job:
+every worker saves a checkpoint at the same step and exits with 143, and so does the launcher; the same command
+resumes from that step.
 
 This exercises the MultiWorkerMirroredStrategy code path (TF_CONFIG, collectives, chief-only writes) without a
 cluster. GPUs are hidden from the workers unless --gpus_per_worker says how to share them: N processes that each
@@ -30,6 +32,8 @@ import time
 
 # Seconds a worker gets to exit after SIGTERM before it is killed: time to reach a step boundary and save there.
 GRACE_SECONDS = 30
+# Seconds to wait for a killed worker to be gone: SIGKILL acts at once, unless the process is stuck in the kernel.
+KILL_WAIT_SECONDS = 5
 # trainer.preemption.REQUEUE_EXIT_CODE: a worker stopped by SIGTERM or SIGUSR1 after saving its step (the launcher
 # runs without importing the trainer).
 REQUEUE_EXIT_CODE = 143
@@ -141,11 +145,52 @@ def worker_envs(tf_configs: list[dict], gpus_per_worker: int = 0, base_env: dict
   return envs
 
 
+class _StopSignals:
+  """While entered, SIGINT and SIGTERM only note themselves; the supervisor acts on them at moments of its choosing.
+
+  Python's own handling raises KeyboardInterrupt (or the SystemExit of a handler) at whichever bytecode runs when the
+  signal arrives: inside Popen() (a started worker that no list holds), inside Thread.start() (the clean-up's join
+  then raises RuntimeError), or between Popen.poll()'s acquire of its lock and the try that releases it (every later
+  poll then says "running", and the stop waits out both of its grace periods for a worker long dead). And Python
+  installs no KeyboardInterrupt at all when the process starts with SIGINT ignored, as a shell without job control
+  starts `command &`: Ctrl-C then reached no one. These handlers replace an ignored SIGINT too.
+  """
+
+  def __init__(self):
+    self.received = []
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # Python takes signals in the main thread only.
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._note)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, previous in self._previous.items():
+      if previous is not None:  # None: a handler installed outside Python, which cannot be put back.
+        signal.signal(sig, previous)
+    self._previous.clear()
+
+  def _note(self, signum, frame):
+    del frame
+    self.received.append(signum)  # nothing that can block or raise: it may run inside any of the main thread's calls
+
+  def check(self) -> None:
+    """Acts on the first signal received: SIGINT raises KeyboardInterrupt, SIGTERM exits with 128 + its number."""
+    if self.received:
+      if self.received[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+      sys.exit(128 + self.received[0])
+
+
 def supervise(commands: list[list[str]], envs: list[dict], *, out=None) -> int:
   """Starts one process per command, prefixes and forwards their output, and waits for all of them.
 
-  If one fails, or this process is interrupted (KeyboardInterrupt, SystemExit), every process still running is
-  stopped: SIGTERM to its process group, then SIGKILL after GRACE_SECONDS.
+  If one fails, or SIGINT or SIGTERM arrives, every process still running is stopped: SIGTERM to its process group,
+  then SIGKILL after GRACE_SECONDS, or at once on a SIGINT during the wait (a second Ctrl-C). The signals are taken
+  only between the supervisor's steps; once every process is stopped, SIGINT raises KeyboardInterrupt and SIGTERM
+  SystemExit(143) (128 + SIGTERM), as a scheduler's preemption expects.
 
   Args:
     commands: one command line per worker.
@@ -170,48 +215,52 @@ def supervise(commands: list[list[str]], envs: list[dict], *, out=None) -> int:
 
   procs = []
   threads = []
-  try:
-    # All processes start before any reader thread: forking while threads run can deadlock the child.
-    for i, (command, env) in enumerate(zip(commands, envs)):
-      procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    errors='replace', start_new_session=True, preexec_fn=_die_with_parent))
-      emit(f'[local_cluster] worker {i}: pid {procs[-1].pid}\n')
-    for i, proc in enumerate(procs):
-      threads.append(threading.Thread(target=_forward, args=(proc.stdout, f'[worker {i}] ',
-                                                             functools.partial(emit, worker=i)), daemon=True))
-      threads[-1].start()
-    requeue_deadline = None
-    while True:
-      codes = [proc.poll() for proc in procs]
-      failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
-      if failed and failed[0][1] == REQUEUE_EXIT_CODE:
-        # Preempted: every worker saves at the same step and exits so; their lines say where.
-        if requeue_deadline is None:
-          emit(f'[local_cluster] worker {failed[0][0]} stopped for a requeue (exit code {REQUEUE_EXIT_CODE}); '
-               'waiting for the others to save.\n')
-          requeue_deadline = time.monotonic() + GRACE_SECONDS
-        if all(code is not None for code in codes) or time.monotonic() > requeue_deadline:
-          emit('[local_cluster] stopped at a checkpoint: run the same command again to resume.\n')
-          return REQUEUE_EXIT_CODE
+  with _StopSignals() as signals:
+    try:
+      # All processes start before any reader thread: forking while threads run can deadlock the child.
+      for i, (command, env) in enumerate(zip(commands, envs)):
+        signals.check()  # no further worker after a Ctrl-C
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      errors='replace', start_new_session=True, preexec_fn=_die_with_parent))
+        emit(f'[local_cluster] worker {i}: pid {procs[-1].pid}\n')
+      for i, proc in enumerate(procs):
+        threads.append(threading.Thread(target=_forward, args=(proc.stdout, f'[worker {i}] ',
+                                                               functools.partial(emit, worker=i)), daemon=True))
+        threads[-1].start()
+      requeue_deadline = None
+      while True:
+        signals.check()
+        codes = [proc.poll() for proc in procs]
+        failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+        if failed and failed[0][1] == REQUEUE_EXIT_CODE:
+          # Preempted: every worker saves at the same step and exits so; their lines say where.
+          if requeue_deadline is None:
+            emit(f'[local_cluster] worker {failed[0][0]} stopped for a requeue (exit code {REQUEUE_EXIT_CODE}); '
+                 'waiting for the others to save.\n')
+            requeue_deadline = time.monotonic() + GRACE_SECONDS
+          if all(code is not None for code in codes) or time.monotonic() > requeue_deadline:
+            emit('[local_cluster] stopped at a checkpoint: run the same command again to resume.\n')
+            return REQUEUE_EXIT_CODE
+          time.sleep(0.2)
+          continue
+        if failed:
+          i, code = failed[0]
+          with lock:
+            shown.intersection_update({i})
+          threads[i].join(timeout=5)  # its last lines, usually the error, come before the verdict
+          how = f' (killed by {signal.Signals(-code).name})' if code < 0 else ''
+          emit(f'[local_cluster] worker {i} failed with exit code {code}{how}; stopping the others (their output is '
+               'not shown from here on).\n')
+          return code if code > 0 else 128 - code
+        if all(code == 0 for code in codes):
+          emit(f'[local_cluster] all {len(procs)} workers finished.\n')
+          return 0
         time.sleep(0.2)
-        continue
-      if failed:
-        i, code = failed[0]
-        with lock:
-          shown.intersection_update({i})
-        threads[i].join(timeout=5)  # its last lines, usually the error, come before the verdict
-        how = f' (killed by {signal.Signals(-code).name})' if code < 0 else ''
-        emit(f'[local_cluster] worker {i} failed with exit code {code}{how}; stopping the others (their output is '
-             'not shown from here on).\n')
-        return code if code > 0 else 128 - code
-      if all(code == 0 for code in codes):
-        emit(f'[local_cluster] all {len(procs)} workers finished.\n')
-        return 0
-      time.sleep(0.2)
-  finally:
-    _stop(procs)
-    for thread in threads:
-      thread.join(timeout=5)
+    finally:
+      sigints = signals.received.count(signal.SIGINT)
+      _stop(procs, hurry=lambda: signals.received.count(signal.SIGINT) > sigints)
+      for thread in threads:
+        thread.join(timeout=5)
 
 
 def _forward(stream, prefix: str, emit) -> None:
@@ -219,18 +268,21 @@ def _forward(stream, prefix: str, emit) -> None:
     emit(prefix + line if line.endswith('\n') else prefix + line + '\n')
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-  """Stops every running process and its children: SIGTERM, then SIGKILL after GRACE_SECONDS."""
+def _stop(procs: list[subprocess.Popen], hurry=lambda: False) -> None:
+  """Stops every running process and its children: SIGTERM, then SIGKILL after GRACE_SECONDS or once `hurry()`.
+
+  Returns after KILL_WAIT_SECONDS more even if a killed process is still there (stuck in the kernel, where nothing
+  can end it sooner).
+  """
   running = [proc for proc in procs if proc.poll() is None]
-  for sig in (signal.SIGTERM, signal.SIGKILL):
+  for sig, wait in ((signal.SIGTERM, GRACE_SECONDS), (signal.SIGKILL, KILL_WAIT_SECONDS)):
     for proc in running:
       with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)  # start_new_session made each worker the leader of its own group
-    deadline = time.monotonic() + GRACE_SECONDS
-    for proc in running:
-      with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    running = [proc for proc in running if proc.poll() is None]
+    deadline = time.monotonic() + wait
+    while running and time.monotonic() < deadline and not (sig == signal.SIGTERM and hurry()):
+      time.sleep(0.05)
+      running = [proc for proc in running if proc.poll() is None]
     if not running:
       return
 
@@ -258,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     parser.error(str(e))
 
-  # SIGTERM (e.g. from a scheduler or `timeout`) unwinds like Ctrl-C, through supervise's clean-up.
-  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+  # SIGTERM (e.g. from a scheduler or `timeout`) unwinds like Ctrl-C, through supervise's clean-up, as SystemExit(143).
   try:
     return supervise([command] * args.workers, envs)
   except KeyboardInterrupt:

@@ -6,6 +6,7 @@ and Kubernetes' environments are simulated with environment variables.
 """
 
 import configparser
+import contextlib
 import importlib.util
 import json
 import os
@@ -56,6 +57,18 @@ if mode == 'noisy':  # What a chief does when a peer dies: line after line of a 
 if mode == 'sleep':
   print('sleeping', flush=True)
   time.sleep(600)
+if mode == 'stubborn':  # A worker that takes no notice of SIGTERM (still importing TensorFlow, or stuck in a C call).
+  import signal
+
+  def ignore(signum, frame):
+    try:
+      print('ignoring SIGTERM', flush=True)
+    except OSError:  # the launcher is gone, and its pipe with it
+      pass
+  signal.signal(signal.SIGTERM, ignore)
+  print('sleeping', flush=True)
+  while True:
+    time.sleep(600)
 if mode == 'mwms':
   import tensorflow as tf
   from trainer import distribute
@@ -83,11 +96,37 @@ def fake_trainer(tmp_path):
   return tmp_path
 
 
-def _launch(cwd, *args):
+def _launch(cwd, *args, sigint_ignored=False):
+  """Starts local_cluster.py; `sigint_ignored` starts it as a non-interactive shell starts `command &`."""
   env = {k: v for k, v in os.environ.items() if k != 'TF_CONFIG'}
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
-  return subprocess.Popen([sys.executable, str(LAUNCH / 'local_cluster.py'), *args], cwd=cwd, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  command = [sys.executable, str(LAUNCH / 'local_cluster.py'), *args]
+  if sigint_ignored:  # An ignored signal stays ignored through exec; `exec` keeps the launcher's pid the Popen's.
+    command = ['sh', '-c', 'trap "" INT && exec "$@"', 'sh', *command]
+  return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _until_lines(proc, text, count=2):
+  """The launcher's lines up to the `count`-th that ends with `text` (e.g. both workers are up)."""
+  lines = []
+  while sum(line.endswith(text + '\n') for line in lines) < count:
+    lines.append(proc.stdout.readline())
+    assert lines[-1], ''.join(lines)
+  return lines
+
+
+def _finish(proc, timeout):
+  """The launcher's remaining output once it has exited; if it has not within `timeout`, it and its workers are
+  killed (the kernel's death signal is SIGTERM, which a stubborn worker ignores) before the TimeoutExpired goes on."""
+  try:
+    return proc.communicate(timeout=timeout)[0]
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    output = proc.communicate()[0]
+    for pid in _worker_pids(output):
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    raise
 
 
 def _worker_pids(output):
@@ -196,16 +235,56 @@ def test_a_port_in_use_is_one_line_before_any_worker_starts(fake_trainer):
 @pytest.mark.parametrize('sig, code', [(signal.SIGINT, 130), (signal.SIGKILL, -signal.SIGKILL)])
 def test_no_worker_outlives_the_launcher(fake_trainer, sig, code):
   proc = _launch(fake_trainer, '--workers=2', '--', '--fake=sleep')
-  lines = []
-  while sum(line.endswith('sleeping\n') for line in lines) < 2:  # both workers are up
-    lines.append(proc.stdout.readline())
-    assert lines[-1], ''.join(lines)
+  lines = _until_lines(proc, 'sleeping')  # both workers are up
   proc.send_signal(sig)  # SIGINT is Ctrl-C; SIGKILL leaves no chance to clean up, the kernel's death signal acts
-  proc.communicate(timeout=120)
+  _finish(proc, timeout=120)
   assert proc.returncode == code
   pids = _worker_pids(''.join(lines))
   assert len(pids) == 2
   assert all(_wait_gone(pid) for pid in pids)
+
+
+def test_sigint_stops_a_launcher_started_with_sigint_ignored(fake_trainer):
+  """`command &` in a script (no job control) starts the launcher with SIGINT ignored, and Python then installs no
+  KeyboardInterrupt: the test above, run so, timed out with no output after its SIGINT, as it once did in CI."""
+  proc = _launch(fake_trainer, '--workers=2', '--', '--fake=sleep', sigint_ignored=True)
+  lines = _until_lines(proc, 'sleeping')
+  proc.send_signal(signal.SIGINT)
+  output = _finish(proc, timeout=120)
+  assert proc.returncode == 130, output
+  assert '[local_cluster] interrupted; all workers stopped.' in output
+  assert all(_wait_gone(pid) for pid in _worker_pids(''.join(lines)))
+
+
+def test_a_second_ctrl_c_kills_workers_that_ignore_sigterm_at_once(fake_trainer):
+  proc = _launch(fake_trainer, '--workers=2', '--', '--fake=stubborn')
+  lines = _until_lines(proc, 'sleeping')
+  first = time.monotonic()
+  proc.send_signal(signal.SIGINT)
+  lines += _until_lines(proc, 'ignoring SIGTERM')  # the launcher's SIGTERM reached both; it waits out their grace
+  assert proc.poll() is None
+  proc.send_signal(signal.SIGINT)
+  output = _finish(proc, timeout=local_cluster.GRACE_SECONDS)
+  assert proc.returncode == 130, output
+  assert time.monotonic() - first < local_cluster.GRACE_SECONDS  # killed at the second Ctrl-C, not after the grace
+  pids = _worker_pids(''.join(lines))
+  assert len(pids) == 2
+  alive = [pid for pid in pids if not _wait_gone(pid, timeout=10)]
+  for pid in alive:
+    os.kill(pid, signal.SIGKILL)
+  assert not alive
+
+
+def test_stop_kills_a_process_that_ignores_sigterm_after_the_grace_period(monkeypatch):
+  monkeypatch.setattr(local_cluster, 'GRACE_SECONDS', 1)
+  stubborn = 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(600)'
+  proc = subprocess.Popen([sys.executable, '-c', stubborn], stdout=subprocess.PIPE, start_new_session=True)
+  proc.stdout.readline()  # SIGTERM is ignored from here on
+  start = time.monotonic()
+  local_cluster._stop([proc])
+  proc.stdout.close()
+  assert proc.returncode == -signal.SIGKILL
+  assert 1 <= time.monotonic() - start < 10
 
 
 def test_local_cluster_refuses_a_strategy_flag(fake_trainer):
