@@ -30,7 +30,9 @@ class Watcher:
   """Catches SIGNALS while it is entered, and says when every worker should stop."""
 
   def __init__(self, strategy: tf.distribute.Strategy):
-    self._received = threading.Event()
+    # A plain attribute, not a threading.Event: the handler runs in the main thread between two of its bytecodes, and
+    # Event.set takes a lock that a second signal's handler, landing inside the first set, would wait on forever.
+    self._received = False
     self.signal_name = None
     self._previous = {}
     resolver = strategy.cluster_resolver
@@ -62,9 +64,9 @@ class Watcher:
 
   def _handle(self, signum, frame):
     del frame
-    if not self._received.is_set():
+    if not self._received:
       self.signal_name = signal.Signals(signum).name
-      self._received.set()
+      self._received = True
 
   def requested(self, sync_point: bool) -> bool:
     """Whether to stop after this step. Every worker must call it after every step, with the same `sync_point`.
@@ -73,10 +75,10 @@ class Watcher:
     their flags at sync points only (each comparison is an all-reduce), so that all stop at the same step.
     """
     if not self._multi_worker:
-      return self._received.is_set()
+      return self._received
     if not sync_point:
       return False
-    stop = float(self._any_worker(tf.constant(float(self._received.is_set())))) > 0
+    stop = float(self._any_worker(tf.constant(float(self._received)))) > 0
     if stop and self.signal_name is None:
       self.signal_name = 'a signal to another worker'
     return stop
