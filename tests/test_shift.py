@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -153,12 +154,18 @@ def _without(untrained_run, folder, family, *, trained_on=None, seed=0):
   return target
 
 
-def test_leave_one_family_out_scores_each_family_with_the_run_that_never_saw_it(untrained_run, model_dir,
+@pytest.fixture(scope='module')
+def lofo_runs(untrained_run, tmp_path_factory):
+  """A leave-one-family-out folder: one run without each family, each a different model (seed), so that each
+  family's number can only come from its own run. Returns {family: run dir}; copy the folder to change it."""
+  folder = tmp_path_factory.mktemp('lofo')
+  return {family: _without(untrained_run, folder, family, seed=i) for i, family in enumerate(shift.FAMILIES)}
+
+
+def test_leave_one_family_out_scores_each_family_with_the_run_that_never_saw_it(lofo_runs, model_dir,
                                                                                   synthetic_data_dir, tmp_path):
-  folder = tmp_path / 'lofo'
-  folder.mkdir()
-  # A different model per family, so that each family's number can only come from its own run.
-  dirs = {family: _without(untrained_run, folder, family, seed=i) for i, family in enumerate(shift.FAMILIES)}
+  dirs = lofo_runs
+  folder = dirs[shift.FAMILIES[0]].parent
   out = tmp_path / 'shift.json'
   done = subprocess.run([sys.executable, '-m', 'trainer.shift', f'--model_dir={model_dir}', f'--out={out}',
                          f'--leave_one_out={folder}'], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -192,11 +199,11 @@ def test_leave_one_family_out_scores_each_family_with_the_run_that_never_saw_it(
   assert f'| **worst: {lofo["worst"]["family"]}** / **{lofo["worst"]["normals_shifted_family"]}** |' in done.stdout
 
 
-def test_leave_one_family_out_refuses_a_missing_family_or_a_run_that_saw_its_family(untrained_run, tmp_path):
+def test_leave_one_family_out_refuses_a_missing_family_or_a_run_that_saw_its_family(lofo_runs, untrained_run,
+                                                                                         tmp_path):
   folder = tmp_path / 'lofo'
-  folder.mkdir()
-  for family in shift.FAMILIES[1:]:
-    _without(untrained_run, folder, family)
+  shutil.copytree(lofo_runs[shift.FAMILIES[0]].parent, folder)
+  shutil.rmtree(folder / f'without-{shift.FAMILIES[0]}')
   # Both are refused before anything is predicted, so no builder is needed to see it.
   with pytest.raises(ValueError) as missing:
     runs_lib.leave_one_family_out(runs_lib.load_runs_without(str(folder)), None, 'validation')

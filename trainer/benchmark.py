@@ -69,6 +69,8 @@ A100_IMAGES_PER_S = 2400
 
 # The side of train_loop_tiny's images: small enough that a step costs less than its dispatch.
 TINY_SIDE = 8
+# train_loop_tiny's calls of 32 steps per timed run: 2048 steps, about a second on two cores.
+TINY_LOOPS = 64
 
 # Source files sampled for the decode-cost measurements.
 _DECODE_SAMPLE = 32
@@ -88,6 +90,10 @@ class Setup:
     train_steps: training steps timed per input source (pipeline and in-memory), alternating.
     repeats: timed runs per pipeline measurement; the fastest is reported.
     seed: shuffles, augmentation and model initialisation.
+    recipe_model: train_step_recipe_model's CNN in place of launch/recipe.sh's (RECIPE_MODEL), e.g.
+      {'cnn_filters': 4, 'cnn_depth': 2}: for tests, which check the measurement's machinery on a model that
+      compiles quickly. None (the command line's only value): the recipe's own model.
+    loops: calls of the loop timed per run in train_loop_tiny, each of 32 steps (TINY_LOOPS by default).
   """
 
   dataset: str = 'chest_xray_pneumonia/224'
@@ -99,6 +105,8 @@ class Setup:
   train_steps: int = 10
   repeats: int = 3
   seed: int = 0
+  recipe_model: dict | None = None
+  loops: int | None = None
 
 
 @dataclasses.dataclass
@@ -424,8 +432,9 @@ def keras_layers_augmentation(strength: float, seed: int | None) -> keras.Sequen
 RECIPE_MODEL = dict(image_size=128, cnn_filters=16, cnn_depth=4, equalize='clahe')
 
 
-def _recipe_model(augmentation: str, seed: int, image_size: int) -> keras.Model:
-  model = models.build_model('cnn', seed=seed, **{**RECIPE_MODEL, 'image_size': image_size})
+def _recipe_model(augmentation: str, seed: int, image_size: int, **changes) -> keras.Model:
+  """RECIPE_MODEL at `image_size`, with `changes` to its other settings, and its old or its fused augmentation."""
+  model = models.build_model('cnn', seed=seed, **{**RECIPE_MODEL, **changes, 'image_size': image_size})
   if augmentation == 'fused':
     return model
 
@@ -445,9 +454,10 @@ def train_step_recipe_model(setup: Setup, batches: int) -> dict:
   """The recipe's model: trainer.train.make_train_step with the old augmentation against the fused one, in float32
   and mixed_bfloat16, and the fused model's forward and backward pass compiled with XLA; one held batch, the
   variants taking turns step by step. At the recipe's 128 pixels, or --image_size if smaller (the tests' tiny
-  images)."""
+  images); the recipe's CNN, or setup.recipe_model's (the tests' tiny one)."""
   del batches
   size, batch = min(RECIPE_MODEL['image_size'], setup.image_size), setup.batch_size
+  changes = setup.recipe_model or {}
   images = tf.constant(np.random.default_rng(setup.seed).integers(0, 256, (batch, size, size, 1), np.uint8))
   labels = tf.constant(np.arange(batch) % 2, tf.int64)
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
@@ -457,7 +467,7 @@ def train_step_recipe_model(setup: Setup, batches: int) -> dict:
     keras.mixed_precision.set_global_policy(policy)
     try:
       with strategy.scope():
-        model = _recipe_model(augmentation, setup.seed, size)
+        model = _recipe_model(augmentation, setup.seed, size, **changes)
         optimizer = train.make_optimizer('adam', 1e-3, loss_scale=False)
         metrics = train.train_metrics()
     finally:
@@ -469,7 +479,7 @@ def train_step_recipe_model(setup: Setup, batches: int) -> dict:
                                          (step(iterator), metrics['loss'].result().numpy()))
   # XLA: train.make_train_step has no jit_compile switch, so the same forward, backward and update, without the
   # metrics, as one compiled function.
-  model = _recipe_model('fused', setup.seed, size)
+  model = _recipe_model('fused', setup.seed, size, **changes)
   optimizer = train.make_optimizer('adam', 1e-3, loss_scale=False)
   optimizer.build(model.trainable_variables)
 
@@ -495,7 +505,7 @@ def train_step_recipe_model(setup: Setup, batches: int) -> dict:
   return {'images': setup.train_steps * batch, 'seconds': round(sum(seconds['fused_float32']), 6),
           'images_per_s': round(1000 * batch / step_ms['fused_float32'], 1), 'step_ms': step_ms,
           'fastest': best, 'ratio': round(step_ms['keras_layers_float32'] / step_ms[best], 3),
-          'model': {'name': 'cnn', **RECIPE_MODEL, 'image_size': size, 'batch_size': batch},
+          'model': {'name': 'cnn', **RECIPE_MODEL, **changes, 'image_size': size, 'batch_size': batch},
           'device': 'host CPU',
           'note': 'ratio: the old layers in float32 (the trainer before) over the fastest fused variant'}
 
@@ -531,7 +541,7 @@ def train_loop_tiny(setup: Setup, batches: int) -> dict:
   model so small that the host's dispatch of each call is what is timed: the same model, optimizer, metrics, class
   weights and batches held in memory, timed in turns."""
   del batches
-  per_loop, loops = 32, 64
+  per_loop, loops = 32, setup.loops or TINY_LOOPS
   rng = np.random.default_rng(setup.seed)
   images = rng.uniform(0, 255, (8 * setup.batch_size, TINY_SIDE, TINY_SIDE, 1)).astype(np.float32)
   labels = rng.integers(0, 2, len(images)).astype(np.int32)
