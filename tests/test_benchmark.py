@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 from PIL import Image
+import keras
 import pytest
 
 from trainer import benchmark
@@ -91,13 +92,20 @@ def test_training_lines_compare_the_two_input_sources(lines):
 def test_recipe_step_line_times_old_and_new_layers_in_both_precisions(lines, setup):
   line = next(line for line in lines if line['name'] == 'train_step_recipe_model')
   assert set(line['step_ms']) == {'keras_layers_float32', 'fused_float32', 'keras_layers_mixed_bfloat16',
-                                  'fused_mixed_bfloat16', 'fused_float32_xla'}
+                                  'fused_mixed_bfloat16', 'fused_float32_xla', 'none_float32'}
   assert all(ms > 0 for ms in line['step_ms'].values())
   assert line['fastest'].startswith('fused') and line['model']['image_size'] == setup.image_size
   assert line['model'] == {'name': 'cnn', **benchmark.RECIPE_MODEL, **_RECIPE_MODEL, 'image_size': setup.image_size,
                            'batch_size': setup.batch_size}
   assert line['ratio'] == pytest.approx(line['step_ms']['keras_layers_float32'] / line['step_ms'][line['fastest']],
                                         rel=1e-2)
+  assert line['float32_ceiling'] == pytest.approx(
+      line['step_ms']['keras_layers_float32'] / line['step_ms']['none_float32'], rel=1e-2)
+  # The floor's model is the recipe's with its augmentation block, and only that, taken out.
+  floor, fused = (benchmark._recipe_model(kind, 0, setup.image_size, **_RECIPE_MODEL) for kind in ('none', 'fused'))
+  assert isinstance(floor.get_layer('augmentation'), keras.layers.Identity)
+  assert [layer.name for layer in floor.layers] == [layer.name for layer in fused.layers]
+  assert floor.count_params() == fused.count_params()
 
 
 def test_tiny_loop_line_counts_the_steps_of_its_calls(lines, setup):

@@ -433,10 +433,14 @@ RECIPE_MODEL = dict(image_size=128, cnn_filters=16, cnn_depth=4, equalize='clahe
 
 
 def _recipe_model(augmentation: str, seed: int, image_size: int, **changes) -> keras.Model:
-  """RECIPE_MODEL at `image_size`, with `changes` to its other settings, and its old or its fused augmentation."""
+  """RECIPE_MODEL at `image_size`, with `changes` to its other settings, and its old, its fused or no augmentation."""
   model = models.build_model('cnn', seed=seed, **{**RECIPE_MODEL, **changes, 'image_size': image_size})
   if augmentation == 'fused':
     return model
+  if augmentation == 'none':  # The floor no augmentation, however fast, can go below.
+    return keras.models.clone_model(model, clone_function=lambda layer: (
+        keras.layers.Identity(name=layer.name) if layer.name == 'augmentation'
+        else layer.__class__.from_config(layer.get_config())))
 
   # The same model as before: the old block in place of the new one, and CLAHE uncompiled.
   def old(layer):
@@ -463,7 +467,7 @@ def train_step_recipe_model(setup: Setup, batches: int) -> dict:
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   steps = {}
   for augmentation, policy in (('keras_layers', 'float32'), ('fused', 'float32'), ('keras_layers', 'mixed_bfloat16'),
-                               ('fused', 'mixed_bfloat16')):
+                               ('fused', 'mixed_bfloat16'), ('none', 'float32')):
     keras.mixed_precision.set_global_policy(policy)
     try:
       with strategy.scope():
@@ -505,9 +509,12 @@ def train_step_recipe_model(setup: Setup, batches: int) -> dict:
   return {'images': setup.train_steps * batch, 'seconds': round(sum(seconds['fused_float32']), 6),
           'images_per_s': round(1000 * batch / step_ms['fused_float32'], 1), 'step_ms': step_ms,
           'fastest': best, 'ratio': round(step_ms['keras_layers_float32'] / step_ms[best], 3),
+          'float32_ceiling': round(step_ms['keras_layers_float32'] / step_ms['none_float32'], 3),
           'model': {'name': 'cnn', **RECIPE_MODEL, **changes, 'image_size': size, 'batch_size': batch},
           'device': 'host CPU',
-          'note': 'ratio: the old layers in float32 (the trainer before) over the fastest fused variant'}
+          'note': 'ratio: the old layers in float32 (the trainer before) over the fastest fused variant; '
+                  'float32_ceiling: the old layers over no augmentation at all, the most a faster augmentation '
+                  'alone can win in float32'}
 
 
 def train_cnn(setup: Setup, batches: int) -> dict:
