@@ -433,12 +433,15 @@ def test_a_run_that_fails_to_build_its_model_leaves_no_config_json(synthetic_dat
 # NaN and infinite losses.
 
 
-def test_a_diverged_run_stops_at_once_keeps_the_last_good_checkpoint_and_resumes(synthetic_data_dir, tmp_path):
+def test_a_diverged_run_stops_at_once_keeps_the_last_good_checkpoint_and_resumes(synthetic_data_dir, tmp_path,
+                                                                                 capsys):
   model_dir = str(tmp_path / 'diverged')
   # 1e30: a rate that overflows the weights. At 1e6 this cnn's loss only reached 1e10, still finite, with some draws
-  # of the augmentation.
-  returncode, stderr = _run(_command(synthetic_data_dir, model_dir, '--optimizer=sgd', '--epochs=1',
-                                     '--fine_tune_learning_rate=1e30'))
+  # of the augmentation. In this process (the exit code and the error line are trainer.main's, as in a process of its
+  # own), so without --deterministic, which cannot be undone.
+  returncode, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
+                                  *[f for f in RUN_FLAGS if f != '--deterministic'], '--optimizer=sgd', '--epochs=1',
+                                  '--fine_tune_learning_rate=1e30')
 
   assert returncode == 1
   [line] = _error_lines(stderr)
@@ -547,12 +550,14 @@ def test_batch_size_strategy_and_epochs_can_change_on_resume(reference, syntheti
   model_dir = _copy(reference, tmp_path, 'resumed')
   flags_changed = [f for f in RUN_FLAGS if f not in ('--batch_size=32', '--fine_tune_epochs=1')]
   returncode, stderr = _run([sys.executable, '-m', 'trainer.main', f'--data_dir={synthetic_data_dir}',
-                             f'--model_dir={model_dir}', *flags_changed, '--batch_size=16', '--fine_tune_epochs=2',
+                             f'--model_dir={model_dir}', *flags_changed, '--batch_size=64', '--fine_tune_epochs=2',
                              '--strategy=mirrored', '--logical_devices=2'])
   assert returncode == 0, stderr[-3000:]
   assert _resumed_after(stderr) == 3
   assert 'epoch 4/4 (fine_tune)' in stderr
-  assert '33 steps of 16 per epoch, 2 replicas' in stderr, stderr[-3000:]  # 534 images // 16.
+  # 534 images // 64. Larger batches than the run's, not smaller: two replicas on a CPU pay each step's all-reduce
+  # (an epoch of 33 steps of 16 took twice as long as one of 8 steps of 64 here).
+  assert '8 steps of 64 per epoch, 2 replicas' in stderr, stderr[-3000:]
   assert [step for step, _ in _scalars(os.path.join(model_dir, 'validation'), 'auc')] == [1, 2, 3, 4]
 
 
@@ -609,16 +614,14 @@ def _symlink_member(name):
 _IMAGE = 'chest_xray/train/NORMAL/IM-0001-0001.jpeg'
 
 
-def test_a_hostile_archive_is_refused_on_one_line_by_the_trainer(tmp_path):
+def test_a_hostile_archive_is_refused_on_one_line_by_the_trainer(tmp_path, capsys):
   manual_dir = tmp_path / 'manual'
   manual_dir.mkdir()
   _zip(manual_dir / 'archive.zip', {_IMAGE: b'\xff\xd8\xff', '../../outside.jpeg': b'\xff\xd8\xff'})
-  result = subprocess.run(
-      [sys.executable, '-m', 'trainer.main', '--dataset=chest_xray_pneumonia/224', f'--manual_dir={manual_dir}',
-       f'--data_dir={tmp_path / "tfds"}', f'--model_dir={tmp_path / "run"}'],
-      capture_output=True, text=True, timeout=300)
-  assert result.returncode == 1
-  [line] = _error_lines(result.stderr)
+  code, stderr = _main_here(capsys, '--dataset=chest_xray_pneumonia/224', f'--manual_dir={manual_dir}',
+                            f'--data_dir={tmp_path / "tfds"}', f'--model_dir={tmp_path / "run"}')
+  assert code == 1
+  [line] = _error_lines(stderr)
   assert "member '../../outside.jpeg' has a path outside the archive root" in line, line
   assert not (tmp_path / 'outside.jpeg').exists()
   assert not glob.glob(str(tmp_path / 'tfds' / 'chest_xray_pneumonia' / '224' / '*'))

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # alone (epoch-3 training loss 0.49 to 0.63 over seeds 1-3) is wider than the comparisons' tolerance.
 SMALL = dict(model='cnn', dataset='chest_xray_pneumonia/synthetic', image_size=64, cnn_filters=8, cnn_depth=4,
              learning_rate=3e-3, batch_size=32, seed=1, weights='none', fine_tune_epochs=0, augment_strength=0.0)
+# For the tests that need a model but not its skill: a quarter of the pixels. (The multi-worker comparison with one
+# worker needs SMALL: at these sizes an epoch's training loss differed between the two by 17%, more than its 15%.)
+TINY = dict(SMALL, image_size=32, cnn_depth=3)
 # A hung collective must fail the test, not the CI job.
 TIMEOUT = 300
 
@@ -71,7 +75,7 @@ def bfloat16_policy():
 def test_mixed_bfloat16_trains_and_keeps_float32_outputs(synthetic_data_dir, tmp_path, bfloat16_policy):
   strategy = distribute.get_strategy('auto')
   assert isinstance(strategy, tf.distribute.OneDeviceStrategy)  # no GPU here: 'auto' is one device
-  config = Config(**SMALL, data_dir=synthetic_data_dir, model_dir=str(tmp_path), epochs=1,
+  config = Config(**TINY, data_dir=synthetic_data_dir, model_dir=str(tmp_path), epochs=1,
                   precision='mixed_bfloat16').validate()
   keras.utils.set_random_seed(config.seed)
   report = train.run(config, strategy)
@@ -84,7 +88,7 @@ def test_mixed_bfloat16_trains_and_keeps_float32_outputs(synthetic_data_dir, tmp
   assert (conv.compute_dtype, conv.variable_dtype) == ('bfloat16', 'float32')
   assert model.get_layer('rescale').compute_dtype == 'float32'
   assert model.get_layer('probability').compute_dtype == 'float32'
-  images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 1), dtype=np.uint8)
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1), dtype=np.uint8)  # TINY's size
   probs = model(images, training=False)
   assert probs.dtype == 'float32' and np.all(np.isfinite(probs))
   # Trained through the bfloat16 convolutions: the output bias and every BatchNormalization offset start at zero.
@@ -95,7 +99,7 @@ def test_mixed_bfloat16_trains_and_keeps_float32_outputs(synthetic_data_dir, tmp
 
 def test_mirrored_over_two_logical_devices_trains_and_reports(synthetic_data_dir, tmp_path):
   result = _run([sys.executable, '-m', 'trainer.main', '--strategy=mirrored', '--logical_devices=2',
-                 f'--data_dir={synthetic_data_dir}', f'--model_dir={tmp_path}', *_flags(epochs=1)])
+                 f'--data_dir={synthetic_data_dir}', f'--model_dir={tmp_path}', *_flags(**TINY, epochs=1)])
   assert result.returncode == 0, result.stderr[-3000:]
   devices = ', '.join(f'/job:localhost/replica:0/task:0/device:CPU:{i}' for i in range(2))
   assert f'MirroredStrategy over {devices}.' in result.stderr
@@ -274,24 +278,41 @@ def test_each_worker_reads_its_own_share_of_the_training_files(synthetic_data_di
   assert shares[0] | shares[1] <= set(everything)
 
 
-def test_multi_worker_matches_one_worker_and_resumes(synthetic_data_dir, tmp_path):
+def _launch(data_dir, model_dir, **overrides) -> list[str]:
+  return [sys.executable, str(REPO / 'launch' / 'local_cluster.py'), '--workers=2', '--', f'--data_dir={data_dir}',
+          f'--model_dir={model_dir}', '--deterministic', *_flags(**{'epochs': 2, **overrides})]
+
+
+@pytest.fixture(scope='module')
+def two_workers(synthetic_data_dir, tmp_path_factory):
+  """Two workers of launch/local_cluster.py for 2 epochs, never interrupted: the run a preempted job must end the same
+  as, and the run that a job started again with more epochs extends (each multi-worker launch costs a minute here).
+
+  Returns:
+    (model_dir, the launcher's output).
+  """
+  model_dir = tmp_path_factory.mktemp('two_workers')
+  result = _run(_launch(synthetic_data_dir, model_dir))
+  assert result.returncode == 0, result.stdout[-3000:]
+  return model_dir, result.stdout
+
+
+def test_multi_worker_matches_one_worker_and_resumes(two_workers, synthetic_data_dir, tmp_path):
   """Two workers of launch/local_cluster.py: the chief's outputs alone, resumable, learning like one worker."""
+  finished, first = two_workers
+  assert 'all 2 workers finished' in first
+  assert (finished / 'report.json').exists()
+
+  # Stopped after epoch 2: the same job started again with more epochs resumes there, in both workers.
   model_dir = tmp_path / 'two_workers'
-  launch = [sys.executable, str(REPO / 'launch' / 'local_cluster.py'), '--workers=2', '--',
-            f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}']
-
-  first = _run(launch + _flags(epochs=1))
-  assert first.returncode == 0, first.stdout[-3000:]
-  assert 'all 2 workers finished' in first.stdout
-  assert (model_dir / 'report.json').exists()
-
-  # Preempted after epoch 1: the same job started again with more epochs resumes there, in both workers.
-  second = _run(launch + _flags(epochs=3))
+  shutil.copytree(finished, model_dir, symlinks=True)
+  second = _run(_launch(synthetic_data_dir, model_dir, epochs=3))
   assert second.returncode == 0, second.stdout[-3000:]
   for worker in (0, 1):
     lines = [line for line in second.stdout.splitlines() if line.startswith(f'[worker {worker}]')]
-    assert any(f'Resuming from {model_dir}/checkpoints/ckpt-1 after epoch 1.' in line for line in lines), worker
-    assert any('epoch 2/3' in line for line in lines) and not any('epoch 1/3' in line for line in lines), worker
+    assert any(f'Resuming from {model_dir}/checkpoints/ckpt-2 after epoch 2.' in line for line in lines), worker
+    assert any('epoch 3/3' in line for line in lines), worker
+    assert not any('epoch 1/3' in line or 'epoch 2/3' in line for line in lines), worker
 
   # One set of outputs, the chief's: the non-chief's folder is gone and it wrote no summaries.
   assert not (model_dir / '.workers').exists()
@@ -316,19 +337,13 @@ def test_multi_worker_matches_one_worker_and_resumes(synthetic_data_dir, tmp_pat
   assert two_auc == pytest.approx(one_auc, abs=0.15)
 
 
-def test_a_preempted_multi_worker_job_stops_every_worker_at_one_step_and_resumes_there_exactly(synthetic_data_dir,
+def test_a_preempted_multi_worker_job_stops_every_worker_at_one_step_and_resumes_there_exactly(two_workers,
+                                                                                                  synthetic_data_dir,
                                                                                                   tmp_path):
   """SIGTERM to worker 1 alone, as a pod eviction sends: both workers save the same step and exit for a requeue."""
-  def launch(model_dir):
-    return [sys.executable, str(REPO / 'launch' / 'local_cluster.py'), '--workers=2', '--',
-            f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}', '--deterministic',
-            *_flags(epochs=2, image_size=32, cnn_depth=3)]
-
-  reference = _run(launch(tmp_path / 'reference'))
-  assert reference.returncode == 0, reference.stdout[-3000:]
-
+  reference, _ = two_workers
   env = {k: v for k, v in os.environ.items() if k not in ('TF_CONFIG', 'SLURM_JOB_ID')}
-  proc = subprocess.Popen(launch(tmp_path / 'run'), cwd=REPO, env=env, stdout=subprocess.PIPE,
+  proc = subprocess.Popen(_launch(synthetic_data_dir, tmp_path / 'run'), cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   lines, pids = [], {}
   for line in proc.stdout:
@@ -347,15 +362,15 @@ def test_a_preempted_multi_worker_job_stops_every_worker_at_one_step_and_resumes
   assert int(stopped[1].group(2)) == step and 0 < step < 16  # The same step boundary, inside the epoch.
   assert 'Traceback' not in output
 
-  resumed = _run(launch(tmp_path / 'run'))
+  resumed = _run(_launch(synthetic_data_dir, tmp_path / 'run'))
   assert resumed.returncode == 0, resumed.stdout[-3000:]
   for worker in (0, 1):
     assert (f'[worker {worker}]' in resumed.stdout and
             re.search(rf'\[worker {worker}\] .*Resuming at step {step} of epoch 2 \(global step {16 + step}\)',
                       resumed.stdout)), resumed.stdout[-3000:]
-  assert _report(tmp_path / 'run') == _report(tmp_path / 'reference')
+  assert _report(tmp_path / 'run') == _report(reference)
   assert (_scalars(str(tmp_path / 'run' / 'validation'), 'auc') ==
-          _scalars(str(tmp_path / 'reference' / 'validation'), 'auc'))
+          _scalars(str(reference / 'validation'), 'auc'))
 
 
 def test_multi_worker_without_a_cluster_is_a_one_line_error(tmp_path):
