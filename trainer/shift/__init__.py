@@ -176,8 +176,8 @@ def markdown(result: dict) -> str:
     lofo = result['leave_one_out']
     lines += ['', f'Leave-one-family-out, {lofo["split"]} split: each family scored by a run trained without it',
               '', '| family | ROC-AUC (its worst shift) | normals only shifted | run |', '|---|---|---|---|']
-    lines += [f'| {family} | {row["roc_auc"]:.4f} | {row["roc_auc_normals_shifted"]:.4f} | {", ".join(row["members"])} |'
-              for family, row in lofo['families'].items()]
+    lines += [f'| {family} | {row["roc_auc"]:.4f} | {row["roc_auc_normals_shifted"]:.4f} | '
+              f'{", ".join(row["members"])} |' for family, row in lofo['families'].items()]
     worst = lofo['worst']
     lines.append(f'| **worst: {worst["family"]}** / **{worst["normals_shifted_family"]}** | {worst["roc_auc"]:.4f} | '
                  f'{worst["roc_auc_normals_shifted"]:.4f} | |')
