@@ -153,7 +153,8 @@ class _StopSignals:
   then raises RuntimeError), or between Popen.poll()'s acquire of its lock and the try that releases it (every later
   poll then says "running", and the stop waits out both of its grace periods for a worker long dead). And Python
   installs no KeyboardInterrupt at all when the process starts with SIGINT ignored, as a shell without job control
-  starts `command &`: Ctrl-C then reached no one. These handlers replace an ignored SIGINT too.
+  starts `command &`: Ctrl-C then reached no one. These handlers replace an ignored SIGINT too. The install and restore
+  are trainer.preemption.Watcher's; the launcher does not import it (the trainer's modules load TensorFlow).
   """
 
   def __init__(self):

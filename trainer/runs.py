@@ -258,11 +258,11 @@ def leave_one_family_out(runs_without: dict[str, list], builder, split: str, *, 
     families[family] = {'roc_auc': min(shifts.values()), 'roc_auc_normals_shifted': min(normals_shifted.values()),
                         'shifts': shifts, 'normals_shifted': normals_shifted,
                         'members': [run.model_dir for run in runs]}
-  worst = {}
-  for key, name in (('roc_auc', 'family'), ('roc_auc_normals_shifted', 'normals_shifted_family')):
-    family = min(families, key=lambda family, key=key: families[family][key])
-    worst.update({name: family, key: families[family][key]})
-  return {'split': split, 'families': families, 'worst': worst,
+  worst = min(families, key=lambda family: families[family]['roc_auc'])
+  worst_normals = min(families, key=lambda family: families[family]['roc_auc_normals_shifted'])
+  return {'split': split, 'families': families,
+          'worst': {'family': worst, 'roc_auc': families[worst]['roc_auc'], 'normals_shifted_family': worst_normals,
+                    'roc_auc_normals_shifted': families[worst_normals]['roc_auc_normals_shifted']},
           'mean_roc_auc': float(np.mean([row['roc_auc'] for row in families.values()])),
           'mean_roc_auc_normals_shifted': float(np.mean([row['roc_auc_normals_shifted'] for row in families.values()]))}
 

@@ -173,7 +173,7 @@ def training_iterator(strategy: tf.distribute.Strategy, dataset_fn) -> tf.data.I
 
   One replica on the host CPU reads the dataset's own iterator, with `dataset_fn(None)`: a distributed iterator has
   nothing to do there (no replicas to split a batch among, no device to copy it to), yet its `next` inside the step's
-  loop halves a tiny model's steps per second at --steps_per_loop=32 (BENCHMARKS.md, train_loop_tiny). Any other
+  loop kept a tiny model at --steps_per_loop=32 below Keras fit's rate (BENCHMARKS.md, train_loop_tiny). Any other
   strategy, one GPU included (whose distributed iterator prefetches to the GPU), gets the distributed one.
   """
   devices = strategy.extended.worker_devices
