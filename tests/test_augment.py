@@ -201,7 +201,7 @@ def test_edge_channel_in_the_model(name):
 
 def test_keras_file_with_every_new_layer_loads(tmp_path):
   model = models.build_model('cnn', image_size=32, cnn_filters=4, cnn_depth=2, seed=0, augment_families=config.FAMILIES,
-                             equalize='clahe', edge_channel='sobel', horizontal_flip=True)
+                             equalize='clahe', edge_channel='sobel', horizontal_flip=True, crop='content')
   path = str(tmp_path / 'model.keras')
   model.save(path)
   loaded = keras.saving.load_model(path, safe_mode=True)
@@ -256,7 +256,7 @@ def test_families_flag_is_checked_and_spelled_one_way(tmp_path):
     assert name in config.FIXED_ON_RESUME
 
 
-def test_train_export_and_load_with_every_family_and_the_edge_channel(synthetic_data_dir, tmp_path):
+def test_train_export_and_load_with_every_family_the_edge_channel_and_the_crop(synthetic_data_dir, tmp_path):
   import json  # pylint: disable=import-outside-toplevel
   import dataclasses  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -265,12 +265,13 @@ def test_train_export_and_load_with_every_family_and_the_edge_channel(synthetic_
       model='cnn', weights='none', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
       model_dir=str(tmp_path / 'run'), image_size=32, epochs=1, fine_tune_epochs=0, batch_size=64, cnn_filters=4,
       cnn_depth=2, seed=2, equalize='clahe', edge_channel='sobel', augment_families=','.join(config.FAMILIES),
-      augment_contrast=0.3, augment_noise=8.0).validate()
+      augment_contrast=0.3, augment_noise=8.0, crop='content').validate()
   train.run(settings, tf.distribute.OneDeviceStrategy('/cpu:0'))
   stored = json.load(open(tmp_path / 'run' / 'config.json'))
   assert stored['augment_families'] == ','.join(config.FAMILIES) and stored['edge_channel'] == 'sobel'
-  assert stored['augment_contrast'] == 0.3
+  assert stored['augment_contrast'] == 0.3 and stored['crop'] == 'content'
   model = keras.saving.load_model(str(tmp_path / 'run' / 'model.keras'), safe_mode=True)
+  assert model.get_layer('crop').get_config()['threshold'] == models.CropToContent().threshold
   assert model.get_layer('backbone').input.shape[-1] == 2
   assert [l.name for l in model.get_layer('augmentation').layers][-1] == 'jpeg'
   served = tf.saved_model.load(str(tmp_path / 'run' / 'saved_model' / '1')).signatures['serve']

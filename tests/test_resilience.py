@@ -512,6 +512,7 @@ _FIXED_CHANGES = {
     'augment_blur': ('--augment_blur=1', '--augment_blur=1.5 (this run: 1.0)'),
     'augment_noise': ('--augment_noise=8', '--augment_noise=4.0 (this run: 8.0)'),
     'augment_jpeg': ('--augment_jpeg=30', '--augment_jpeg=20.0 (this run: 30.0)'),
+    'crop': ('--crop=content', '--crop=none (this run: content)'),
     'edge_channel': ('--edge_channel=sobel', '--edge_channel=none (this run: sobel)'),
     'equalize': ('--equalize=clahe', '--equalize=none (this run: clahe)'),
     'cnn_filters': ('--cnn_filters=4', '--cnn_filters=8 (this run: 4)'),

@@ -62,6 +62,7 @@ SHIFT_FAMILIES = {
     'zoom in (x1.15, cropped)': 'fov',
 }
 EDGE_CHANNELS = ('none', 'sobel')
+CROPS = ('none', 'content')
 # Kept here rather than in trainer.distribute, so flags can be checked before TensorFlow is imported.
 STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
@@ -71,8 +72,8 @@ PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
 # weight_decay and clipnorm: AdamW keeps the same variables as Adam, and clipping keeps none.
 FIXED_ON_RESUME = ('model', 'dataset', 'image_size', 'unfreeze', 'optimizer', 'horizontal_flip', 'augment_strength',
                    'augment_families', 'augment_fov', 'augment_gamma', 'augment_contrast', 'augment_brightness',
-                   'augment_blur', 'augment_noise', 'augment_jpeg', 'edge_channel', 'equalize', 'cnn_filters',
-                   'cnn_depth')
+                   'augment_blur', 'augment_noise', 'augment_jpeg', 'crop', 'edge_channel', 'equalize',
+                   'cnn_filters', 'cnn_depth')
 
 
 SYNTHETIC_DATASET = 'chest_xray_pneumonia/synthetic'
@@ -132,6 +133,7 @@ class Config:
   augment_blur: float = 1.5
   augment_noise: float = 4.0
   augment_jpeg: float = 20.0
+  crop: str = 'none'
   edge_channel: str = 'none'
   equalize: str = 'none'
   cnn_filters: int = 32
@@ -216,6 +218,7 @@ class Config:
     unknown = [name for name in self.families if name not in FAMILIES]
     if unknown:
       raise ConfigError(f'--augment_families: {", ".join(unknown)} is not a family; choose from {", ".join(FAMILIES)}.')
+    _one_of('crop', self.crop, CROPS)
     _one_of('edge_channel', self.edge_channel, EDGE_CHANNELS)
     for name in ('augment_gamma', 'augment_blur', 'augment_noise'):
       if not 0 <= getattr(self, name) < math.inf:

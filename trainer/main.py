@@ -104,6 +104,10 @@ flags.DEFINE_float('augment_noise', config_lib.DEFAULTS.augment_noise, 'noise: G
                    '(the stress test: 8).')
 flags.DEFINE_float('augment_jpeg', config_lib.DEFAULTS.augment_jpeg, 'jpeg: re-encoded at a quality uniform in '
                    '[100 - (100 - value) * strength, 100] (the stress test: 20). Not XLA-compilable.')
+flags.DEFINE_enum('crop', config_lib.DEFAULTS.crop, config_lib.CROPS, 'content: each image cropped to the rows and '
+                  'columns its content spans and resized back, inside the model after the augmentation and before '
+                  '--equalize, so that no run or prediction sees a black border or reads the chest\'s size in the '
+                  'frame.')
 flags.DEFINE_enum('edge_channel', config_lib.DEFAULTS.edge_channel, config_lib.EDGE_CHANNELS, 'sobel: the Sobel '
                   'gradient magnitude, computed inside the model after --equalize, goes in beside the image: a '
                   'second input channel of the cnn; for an ImageNet backbone, its third (blue) channel instead of a '

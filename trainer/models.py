@@ -7,6 +7,7 @@ Every model reads the dataset's own images and answers one question:
 
     image (uint8, image_size x image_size x 1)
       -> augmentation   random acquisition-shift families (trainer/augment.py), active only with training=True
+      -> crop           optional: each image cropped to its content's rows and columns (`CropToContent`)
       -> equalize       optional: histogram equalization or CLAHE, per image (`Equalize`)
       -> edges          optional: the Sobel magnitude beside the image (`augment.SobelEdges`)
       -> preprocess     cnn: rescale to [0, 1]; backbones: gray -> 3 channels, then the
@@ -56,7 +57,7 @@ from trainer import augment
 from trainer import errors
 # Defined in trainer.config, which main checks before it imports TensorFlow.
 from trainer.config import (  # pylint: disable=g-importing-member
-    BACKBONES, DEFAULT_FAMILIES, EDGE_CHANNELS, EQUALIZE, MODELS)
+    BACKBONES, CROPS, DEFAULT_FAMILIES, EDGE_CHANNELS, EQUALIZE, MODELS)
 
 # Registered by trainer.augment, and loaded by this name from the .keras files written before that module existed.
 PixelNoise = augment.PixelNoise
@@ -189,6 +190,75 @@ class Equalize(keras.layers.Layer):
     return {**super().get_config(), 'method': self.method, 'tiles': self.tiles, 'clip_limit': self.clip_limit}
 
 
+@keras.saving.register_keras_serializable(package='cxr_trainer')
+class CropToContent(keras.layers.Layer):
+  """Crops each image to the rows and columns its content spans, then resizes it back to its side: no black border.
+
+  The train folder's normal images have twice the black border of its pneumonia images (EXPERIMENTS.md, session 5),
+  and a model that reads the border, or the chest's size in the frame, breaks on normals framed another way. After
+  this layer the content always fills the frame, in training (after the augmentation's zooms and shifts) and at
+  prediction alike.
+
+  Content is what stands out from the image's own darkest level: a pixel that, with its 3 x 3 neighbourhood's mean,
+  is more than `threshold` of the image's range above its darkest neighbourhood, so a border lifted by a brightness or
+  contrast change, or sprinkled with noise, is still a border. A row (column) is content when at least `min_fraction` of its
+  pixels are, so a letter or marker burnt into the border does not stop the crop. Along a side where the content spans
+  less than `min_extent` of it (an image of almost nothing), the crop keeps the whole side. The crop stretches each
+  axis on its own, so the aspect ratio of the content is not kept: framing is part of what it takes away.
+
+  Args:
+    threshold: fraction of the image's range (darkest to brightest neighbourhood) above its darkest level.
+    min_fraction: fraction of a row's or column's pixels that must be content for it to be kept.
+    min_extent: fraction of a side the content must span for that side to be cropped.
+    **kwargs: keras.layers.Layer arguments (name, dtype).
+
+  Raises:
+    ValueError: for an argument outside (0, 1).
+  """
+
+  def __init__(self, threshold=0.15, min_fraction=0.1, min_extent=0.5, **kwargs):
+    kwargs.setdefault('dtype', 'float32')
+    super().__init__(**kwargs)
+    for name, value in (('threshold', threshold), ('min_fraction', min_fraction), ('min_extent', min_extent)):
+      if not 0 < value < 1:
+        raise ValueError(f'{name}={value!r} must be in (0, 1).')
+    self.threshold, self.min_fraction, self.min_extent = float(threshold), float(min_fraction), float(min_extent)
+
+  def call(self, images):
+    images = tf.cast(images, tf.float32)
+    height, width = images.shape[1], images.shape[2]
+    smooth = tf.nn.avg_pool2d(images, 3, 1, 'SAME')
+    darkest = tf.reduce_min(smooth, axis=[1, 2, 3], keepdims=True)
+    brightest = tf.reduce_max(smooth, axis=[1, 2, 3], keepdims=True)
+    level = darkest + self.threshold * (brightest - darkest)
+    # Both the pixel and its neighbourhood: the mean alone would reach one pixel into the border.
+    content = tf.cast((smooth > level) & (images > level), tf.float32)[..., 0]
+    rows = self._span(tf.reduce_mean(content, axis=2), height)
+    cols = self._span(tf.reduce_mean(content, axis=1), width)
+    # crop_and_resize's normalised coordinates put 0 and 1 on the first and last pixel centres.
+    boxes = tf.stack([rows[0] / (height - 1), cols[0] / (width - 1), rows[1] / (height - 1), cols[1] / (width - 1)],
+                     axis=1)
+    boxes = tf.stop_gradient(boxes)
+    return tf.image.crop_and_resize(images, boxes, tf.range(tf.shape(images)[0]), (height, width))
+
+  def _span(self, fractions, size):
+    """The first and last index (float32, per image) whose fraction of content is at least min_fraction; the whole
+    side where that span is under min_extent of it, or empty."""
+    kept = fractions >= self.min_fraction
+    index = tf.range(size, dtype=tf.float32)[None]
+    first = tf.reduce_min(tf.where(kept, index, size), axis=1)
+    last = tf.reduce_max(tf.where(kept, index, -1.0), axis=1)
+    wide_enough = last - first + 1 >= self.min_extent * size
+    return tf.where(wide_enough, first, 0.0), tf.where(wide_enough, last, size - 1.0)
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def get_config(self):
+    return {**super().get_config(), 'threshold': self.threshold, 'min_fraction': self.min_fraction,
+            'min_extent': self.min_extent}
+
+
 def _neighbour_tiles(size, tiles):
   """For each pixel along a side: the tiles whose centres are before and after it, and the weight of the second.
 
@@ -214,6 +284,7 @@ def build_model(name,
                 augment_strength=1.0,
                 augment_families=DEFAULT_FAMILIES,
                 augment_ranges=None,
+                crop='none',
                 edge_channel='none',
                 seed=None):
   """Builds one of the pneumonia classifiers.
@@ -242,6 +313,7 @@ def build_model(name,
       empty leaves the block out.
     augment_ranges: each family's range at strength 1, keyword arguments of `augment.augmentation` (fov, gamma,
       contrast, brightness, blur, noise, jpeg); None for its defaults.
+    crop: one of CROPS: 'content' adds a `CropToContent` layer after the augmentation, before `equalize`.
     edge_channel: one of EDGE_CHANNELS: 'sobel' puts the Sobel magnitude beside the image (module docstring).
     seed: seed of the augmentation layers and the head's dropout; None for fresh random
       seeds. Other random layers follow `keras.utils.set_random_seed`.
@@ -266,9 +338,15 @@ def build_model(name,
   x = images
   if edge_channel not in EDGE_CHANNELS:
     raise ValueError(f'edge_channel={edge_channel!r} is not one of {EDGE_CHANNELS}.')
+  if crop not in CROPS:
+    raise ValueError(f'crop={crop!r} is not one of {CROPS}.')
   if augment_strength and (augment_families or horizontal_flip):
     x = augment.augmentation(augment_strength, families=augment_families, horizontal_flip=horizontal_flip,
                              seed=seed, **(augment_ranges or {}))(x)
+  if crop == 'content':
+    # After the augmentation, so that its zooms and shifts cannot leave a border either; before equalization, which
+    # a black border would skew.
+    x = CropToContent(name='crop')(x)
   if equalize != 'none':
     # After the augmentation, so that in training too the backbone only ever sees equalized images. Equalization
     # undoes most of the brightness and contrast jitter; the geometric transforms still vary the images.

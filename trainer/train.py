@@ -445,7 +445,8 @@ class TrainState:
           config.model, image_size=image_size, weights=config.weights_arg, dropout=config.dropout,
           horizontal_flip=config.horizontal_flip, augment_strength=config.augment_strength,
           equalize=config.equalize, cnn_filters=config.cnn_filters, cnn_depth=config.cnn_depth, seed=config.seed,
-          augment_families=config.families, augment_ranges=config.augment_ranges, edge_channel=config.edge_channel)
+          augment_families=config.families, augment_ranges=config.augment_ranges, crop=config.crop,
+          edge_channel=config.edge_channel)
       optimizers = {phase: make_optimizer(config.optimizer, learning_rates[phase], loss_scale,
                                           weight_decay=config.weight_decay, clipnorm=config.clipnorm)
                     for phase in PHASES}
