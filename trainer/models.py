@@ -195,16 +195,17 @@ class CropToContent(keras.layers.Layer):
   """Crops each image to the rows and columns its content spans, then resizes it back to its side: no black border.
 
   The train folder's normal images have more black border than its pneumonia images (9% of the image against 4-8%;
-  EXPERIMENTS.md, session 5), and a model that reads the border, or the chest's size in the frame, breaks on normals framed another way. After
-  this layer the content always fills the frame, in training (after the augmentation's zooms and shifts) and at
-  prediction alike.
+  EXPERIMENTS.md, session 5), and a model that reads the border, or the chest's size in the frame, breaks on normals
+  framed another way. After this layer the content always fills the frame, in training (after the augmentation's
+  zooms and shifts) and at prediction alike.
 
   Content is what stands out from the image's own darkest level: a pixel that, with its 3 x 3 neighbourhood's mean,
   is more than `threshold` of the image's range above its darkest neighbourhood, so a border lifted by a brightness or
   contrast change, or sprinkled with noise, is still a border. A row (column) is content when at least `min_fraction`
   of its pixels are, so a letter or marker burnt into the border does not stop the crop. Along a side where the
-  content spans less than `min_extent` of it (an image of almost nothing), the crop keeps the whole side. The crop stretches each
-  axis on its own, so the aspect ratio of the content is not kept: framing is part of what it takes away.
+  content spans less than `min_extent` of it (an image of almost nothing), the crop keeps the whole side. The crop
+  stretches each axis on its own, so the aspect ratio of the content is not kept: framing is part of what it takes
+  away.
 
   Args:
     threshold: fraction of the image's range (darkest to brightest neighbourhood) above its darkest level.
