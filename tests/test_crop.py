@@ -104,3 +104,24 @@ def test_in_the_model_after_the_augmentation_before_equalization_and_saved_with_
   assert loaded.get_layer('crop').get_config() == model.get_layer('crop').get_config()
   images = np.concatenate([_framed(10, 50, 20, 60, seed=9), _framed(0, SIDE, 0, SIDE, seed=10)]).astype(np.uint8)
   np.testing.assert_allclose(loaded(images, training=False), model(images, training=False), rtol=1e-5)
+
+
+def test_uncrop_puts_a_map_back_where_its_crop_came_from():
+  image = _framed(10, 50, 20, 60, seed=12)
+  crop = models.CropToContent()
+  boxes = crop.boxes(image)
+  back = crop.uncrop(crop(image)[..., 0], boxes).numpy()
+  assert back.shape == image.shape[:3]
+  # Inside the content the round trip gives the image again; outside it (the border) nothing.
+  assert _relative_error(back[:, 11:49, 21:59], image[:, 11:49, 21:59, 0]) < 0.03
+  assert np.abs(back[:, :9]).max() == 0 and np.abs(back[:, :, :19]).max() == 0
+
+
+def test_gradcam_of_a_cropped_model_lies_over_the_image_as_given():
+  from trainer import predict  # pylint: disable=import-outside-toplevel
+  model = models.build_model('cnn', image_size=SIDE, crop='content', cnn_filters=4, cnn_depth=2, seed=0)
+  images = np.concatenate([_framed(10, 50, 20, 60, seed=s) for s in range(13, 17)]).astype(np.uint8)
+  maps = predict.make_gradcam(model, SIDE)(images).numpy()
+  assert maps.shape == (4, SIDE, SIDE) and np.all(np.isfinite(maps)) and maps.max() == pytest.approx(1)
+  # The border was never seen by the backbone: no evidence can lie there.
+  assert maps[:, :9].max() == 0 and maps[:, 51:].max() == 0 and maps[:, :, :19].max() == 0

@@ -227,6 +227,12 @@ class CropToContent(keras.layers.Layer):
 
   def call(self, images):
     images = tf.cast(images, tf.float32)
+    return tf.image.crop_and_resize(images, self.boxes(images), tf.range(tf.shape(images)[0]), images.shape[1:3])
+
+  def boxes(self, images):
+    """Each image's crop, (batch, 4) float32 [top, left, bottom, right] in tf.image.crop_and_resize's normalised
+    coordinates (0 and 1 on the first and last pixel centres)."""
+    images = tf.cast(images, tf.float32)
     height, width = images.shape[1], images.shape[2]
     smooth = tf.nn.avg_pool2d(images, 3, 1, 'SAME')
     darkest = tf.reduce_min(smooth, axis=[1, 2, 3], keepdims=True)
@@ -236,11 +242,19 @@ class CropToContent(keras.layers.Layer):
     content = tf.cast((smooth > level) & (images > level), tf.float32)[..., 0]
     rows = self._span(tf.reduce_mean(content, axis=2), height)
     cols = self._span(tf.reduce_mean(content, axis=1), width)
-    # crop_and_resize's normalised coordinates put 0 and 1 on the first and last pixel centres.
     boxes = tf.stack([rows[0] / (height - 1), cols[0] / (width - 1), rows[1] / (height - 1), cols[1] / (width - 1)],
                      axis=1)
-    boxes = tf.stop_gradient(boxes)
-    return tf.image.crop_and_resize(images, boxes, tf.range(tf.shape(images)[0]), (height, width))
+    return tf.stop_gradient(boxes)
+
+  @staticmethod
+  def uncrop(maps, boxes):
+    """Puts maps of the cropped images (batch, height, width) back where their crops came from in the original
+    frames, zero outside them: so a Grad-CAM map lies over the image the user gave."""
+    top, left, bottom, right = tf.unstack(boxes, axis=1)
+    # The box, in the crop's coordinates, that the whole original frame is.
+    frame = tf.stack([-top / (bottom - top), -left / (right - left), (1 - top) / (bottom - top),
+                      (1 - left) / (right - left)], axis=1)
+    return tf.image.crop_and_resize(maps[..., None], frame, tf.range(tf.shape(maps)[0]), maps.shape[1:3])[..., 0]
 
   def _span(self, fractions, size):
     """The first and last index (float32, per image) whose fraction of content is at least min_fraction; the whole

@@ -196,7 +196,7 @@ def make_gradcam(model: keras.Model, image_size: int):
   The backbone's last rectified feature maps (`trainer.models.feature_layer`: the cnn's last ReLU, ResNet50's
   conv5_block3_out, VGG16's block5_conv3, ...) are weighted by the spatial mean of the gradient of the pneumonia logit
   with respect to them, summed, kept where positive (the regions that raise the score), upsampled bilinearly to the
-  input size and divided by their maximum. The logit, not the probability: a confident prediction saturates the
+  input size (and, under --crop=content, put back where the crop came from) and divided by their maximum. The logit, not the probability: a confident prediction saturates the
   sigmoid, whose gradient then vanishes and leaves a blank map.
 
   Args:
@@ -222,8 +222,10 @@ def make_gradcam(model: keras.Model, image_size: int):
 
   @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 1], tf.uint8)])
   def gradcam(images):
-    x = images
+    x, crops = images, []
     for layer in before:
+      if isinstance(layer, models.CropToContent):
+        crops.append((layer, layer.boxes(x)))
       x = layer(x, training=False)
     with tf.GradientTape() as tape:
       feature_maps, x = features(x, training=False)
@@ -235,6 +237,8 @@ def make_gradcam(model: keras.Model, image_size: int):
     weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
     maps = tf.nn.relu(tf.reduce_sum(weights * feature_maps, axis=-1, keepdims=True))
     maps = tf.image.resize(maps, [image_size, image_size], method='bilinear')[..., 0]
+    for layer, boxes in crops:  # --crop=content: the map of the cropped image, over the image as given.
+      maps = layer.uncrop(maps, boxes)
     return tf.math.divide_no_nan(maps, tf.reduce_max(maps, axis=(1, 2), keepdims=True))
 
   return gradcam
