@@ -779,11 +779,12 @@ def _restore_best(model: keras.Model, best_manager: tf.train.CheckpointManager, 
 
 
 def _log_augmented_images(model, builder, image_size, writer) -> None:
-  """A grid of augmented training images, as the model's augmentation layers see them."""
+  """A grid of augmented training images, as the model's augmentation layers (and --crop) give them to the rest."""
   with writer.as_default():
     images = next(iter(data.eval_dataset(builder, 'train', image_size=image_size, batch_size=16, cache=False)))
-    augmentation = _find_layer(model, 'augmentation')
+    augmentation, crop = _find_layer(model, 'augmentation'), _find_layer(model, 'crop')
     augmented = images['image'] if augmentation is None else augmentation(images['image'], training=True)
+    augmented = augmented if crop is None else crop(augmented)
     augmented = tf.cast(tf.clip_by_value(tf.round(tf.cast(augmented, tf.float32)), 0, 255), tf.uint8)
     _png_summary('augmented_training_images', figures.image_grid_png(augmented.numpy()), 0)
 
