@@ -1,9 +1,10 @@
 """Faults and bad input: preemption, torn checkpoints, NaN losses, full disks, bad flags and data, unsafe models.
 
-The runs are real `python -m trainer.main` processes on the synthetic config at 32 pixels, killed with a real SIGKILL
-in the middle of an epoch (the progress bar on stdout says where they are). With --seed and --deterministic, a run
-killed and started again ends with the same model as one that never stopped, to the last bit, so the comparisons are
-exact. A user error must end in exactly one `error:` line and exit code 1, and leave nothing half-written behind.
+The runs that are stopped are real `python -m trainer.main` processes on the synthetic config at 32 pixels, killed
+with a real SIGKILL (or preempted) in the middle of an epoch (the progress bar on stdout says where they are); the runs
+that go to their end, the references and the last run of a resumed one, run in this process (`_train_here`), which
+saves each the import of TensorFlow and Keras. With --seed and --deterministic, a run killed and started again ends
+with the same model as one that never stopped, to the last bit, so the comparisons are exact. A user error must end in exactly one `error:` line and exit code 1, and leave nothing half-written behind.
 """
 
 import errno
@@ -26,6 +27,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # disable_op_determinism, which the public API lacks.
 from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import data
@@ -129,7 +131,8 @@ def _checkpoint_digests(model_dir):
 
 
 def _config(data_dir, model_dir, **changes):
-  """The Config that RUN_FLAGS give, for runs in this process (without --deterministic, which cannot be undone)."""
+  """The Config that RUN_FLAGS give, for runs in this process; without --deterministic unless asked for
+  (deterministic=True, for a run compared to the bit with the processes')."""
   settings = dict(dataset='chest_xray_pneumonia/synthetic', data_dir=data_dir, model_dir=model_dir, image_size=32,
                   cnn_filters=8, cnn_depth=3, batch_size=32, epochs=2, fine_tune_epochs=1, learning_rate=1e-3,
                   fine_tune_learning_rate=3e-4, weights='none', seed=1, shuffle_buffer=64)
@@ -137,8 +140,16 @@ def _config(data_dir, model_dir, **changes):
 
 
 def _train_here(config):
+  """train.run as trainer.main calls it, in this process (a process of its own costs some 6 s more, importing
+  TensorFlow and Keras). --deterministic is undone after the run, so the tests after it run as they would alone."""
   keras.utils.set_random_seed(config.seed)
-  return train.run(config, tf.distribute.OneDeviceStrategy('/cpu:0'))
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  try:
+    return train.run(config, tf.distribute.OneDeviceStrategy('/cpu:0'))
+  finally:
+    if config.deterministic:
+      tf_config.disable_op_determinism()
 
 
 def _main_here(capsys, *argv):
@@ -153,11 +164,20 @@ def _main_here(capsys, *argv):
 
 @pytest.fixture(scope='module')
 def reference(synthetic_data_dir, tmp_path_factory):
-  """A run that is never interrupted: the model directory the others are compared with."""
+  """A run that is never interrupted, in this process: the model directory the others are compared with.
+  test_deterministic_runs_repeat checks that a process of its own ends the same."""
   model_dir = str(tmp_path_factory.mktemp('reference'))
-  returncode, stderr = _run(_command(synthetic_data_dir, model_dir))
-  assert returncode == 0, stderr[-3000:]
+  _train_here(_config(synthetic_data_dir, model_dir, deterministic=True))
   return model_dir
+
+
+def _train_logged(caplog, config):
+  """_train_here; returns the run's log, what a process of its own writes on stderr. The level is set for each run:
+  TensorFlow's SavedModel export leaves absl's at WARNING."""
+  caplog.set_level('INFO', logger='absl')
+  caplog.clear()
+  _train_here(config)
+  return caplog.text
 
 
 def _copy(model_dir, tmp_path, name):
@@ -179,8 +199,9 @@ def test_deterministic_runs_repeat(reference, synthetic_data_dir, tmp_path):
   assert report == reference_report
 
 
-def test_killed_runs_resume_where_they_stopped_and_end_the_same(reference, synthetic_data_dir, tmp_path):
-  """Killed in epoch 1 while filling the file cache, in epoch 2 (head) and in epoch 3 (fine_tune)."""
+def test_killed_runs_resume_where_they_stopped_and_end_the_same(reference, synthetic_data_dir, tmp_path, caplog):
+  """Killed in epoch 1 while filling the file cache, in epoch 2 (head) and in epoch 3 (fine_tune); the last run, which
+  is not killed, in this process."""
   model_dir, cache_dir = str(tmp_path / 'run'), str(tmp_path / 'cache')
   command = _command(synthetic_data_dir, model_dir, f'--cache_dir={cache_dir}')
 
@@ -201,9 +222,8 @@ def test_killed_runs_resume_where_they_stopped_and_end_the_same(reference, synth
   assert 'Phase fine_tune' in stderr  # Killed in the second phase.
   assert _latest_checkpoint_epoch(model_dir) == 2
 
-  returncode, stderr = _run(command)
-  assert returncode == 0, stderr[-3000:]
-  assert _resumed_after(stderr) == 2
+  log = _train_logged(caplog, _config(synthetic_data_dir, model_dir, cache_dir=cache_dir, deterministic=True))
+  assert _resumed_after(log) == 2
   assert not glob.glob(os.path.join(cache_dir, '*.lockfile'))
   assert glob.glob(os.path.join(cache_dir, '*.index'))  # The cache was completed.
 
@@ -213,16 +233,17 @@ def test_killed_runs_resume_where_they_stopped_and_end_the_same(reference, synth
 
 # The head's val AUC on this config rises to 1.0 by epoch 4 and stays there: every epoch without a better AUC halves
 # the rate (plateau_patience 1), and two of them in a row stop the phase after epoch 6, so epochs 7 and 8 are skipped.
-_STOPPING_FLAGS = ('--epochs=8', '--fine_tune_epochs=2', '--learning_rate=1e-2', '--fine_tune_learning_rate=1e-3',
-                   '--early_stopping_patience=2', '--lr_schedule=plateau', '--plateau_patience=1')
+_STOPPING = dict(epochs=8, fine_tune_epochs=2, learning_rate=1e-2, fine_tune_learning_rate=1e-3,
+                 early_stopping_patience=2, lr_schedule='plateau', plateau_patience=1)
+_STOPPING_FLAGS = tuple(f'--{name}={value}' for name, value in _STOPPING.items())
 
 
-def test_early_stopping_and_plateau_keep_their_counters_across_a_kill(synthetic_data_dir, tmp_path):
+def test_early_stopping_and_plateau_keep_their_counters_across_a_kill(synthetic_data_dir, tmp_path, caplog):
+  """The reference and the resumed run in this process, the run that is killed in a process of its own."""
   reference = str(tmp_path / 'reference')
-  returncode, stderr = _run(_command(synthetic_data_dir, reference, *_STOPPING_FLAGS))
-  assert returncode == 0, stderr[-3000:]
-  assert 'the head phase ends after epoch 6 of 8' in stderr
-  assert 'The next phase starts from the best epoch so far' in stderr
+  log = _train_logged(caplog, _config(synthetic_data_dir, reference, deterministic=True, **_STOPPING))
+  assert 'the head phase ends after epoch 6 of 8' in log
+  assert 'The next phase starts from the best epoch so far' in log
   aucs = _scalars(os.path.join(reference, 'validation'), 'auc')
   assert [step for step, _ in aucs] == [1, 2, 3, 4, 5, 6, 9, 10]
   rates = [rate for _, rate in _scalars(os.path.join(reference, 'train'), 'learning_rate')]
@@ -241,17 +262,17 @@ def test_early_stopping_and_plateau_keep_their_counters_across_a_kill(synthetic_
   returncode, stderr = _run(command, kill_in_epoch=6)
   assert returncode == -signal.SIGKILL, stderr[-3000:]
   assert _latest_checkpoint_epoch(model_dir) == 5
-  returncode, stderr = _run(command)
-  assert returncode == 0, stderr[-3000:]
-  assert _resumed_after(stderr) == 5
-  assert 'the head phase ends after epoch 6 of 8' in stderr
+  log = _train_logged(caplog, _config(synthetic_data_dir, model_dir, deterministic=True, **_STOPPING))
+  assert _resumed_after(log) == 5
+  assert 'the head phase ends after epoch 6 of 8' in log
   assert _metrics(model_dir) == _metrics(reference)
   assert _scalars(os.path.join(model_dir, 'train'), 'learning_rate')[-5:] == _scalars(
       os.path.join(reference, 'train'), 'learning_rate')[-5:]
 
 
-def test_a_preempted_run_saves_at_a_step_and_resumes_there_exactly(reference, synthetic_data_dir, tmp_path):
-  # SIGTERM; SIGUSR1 takes the same path (tests/test_preemption.py), and each end-to-end run costs a minute here.
+def test_a_preempted_run_saves_at_a_step_and_resumes_there_exactly(reference, synthetic_data_dir, tmp_path, caplog):
+  # SIGTERM; SIGUSR1 takes the same path (tests/test_preemption.py), and each end-to-end run costs a minute here. The
+  # resumed run in this process.
   sig = signal.SIGTERM
   model_dir = str(tmp_path / 'run')
   command = _command(synthetic_data_dir, model_dir)
@@ -263,9 +284,8 @@ def test_a_preempted_run_saves_at_a_step_and_resumes_there_exactly(reference, sy
   assert 10 <= step < 16 and _latest_checkpoint_epoch(model_dir) == 1
   assert tf.train.latest_checkpoint(os.path.join(model_dir, 'checkpoints', 'preempted')).endswith(f'-{16 + step}')
 
-  returncode, stderr = _run(command)
-  assert returncode == 0, stderr[-3000:]
-  assert f'Resuming at step {step} of epoch 2 (global step {16 + step}), where a preempted run stopped.' in stderr
+  log = _train_logged(caplog, _config(synthetic_data_dir, model_dir, deterministic=True))
+  assert f'Resuming at step {step} of epoch 2 (global step {16 + step}), where a preempted run stopped.' in log
   assert not os.path.exists(os.path.join(model_dir, 'checkpoints', 'preempted'))
   # The same batches, augmentation draws and optimizer steps: the same model, and the same training curves (the
   # interrupted epoch's metrics went on from their checkpointed state).
@@ -274,10 +294,10 @@ def test_a_preempted_run_saves_at_a_step_and_resumes_there_exactly(reference, sy
 
 
 def test_steps_per_loop_is_killed_and_preempted_at_loop_boundaries_and_resumes_exactly(reference, synthetic_data_dir,
-                                                                                      tmp_path):
+                                                                                      tmp_path, caplog):
   """3 steps a tf.function call: an epoch's 16 steps are five loops and a last one of 1. Killed in epoch 2, preempted
-  in epoch 3, resumed at 4 steps a call (not fixed on resume), it ends with the model of the uninterrupted run at 1
-  step a call, to the bit."""
+  in epoch 3, resumed at 4 steps a call (not fixed on resume; in this process), it ends with the model of the
+  uninterrupted run at 1 step a call, to the bit."""
   model_dir = str(tmp_path / 'looped')
   command = _command(synthetic_data_dir, model_dir, '--steps_per_loop=3')
   returncode, stderr = _run(command, kill_in_epoch=2)
@@ -292,9 +312,8 @@ def test_steps_per_loop_is_killed_and_preempted_at_loop_boundaries_and_resumes_e
   step = int(re.search(r'after step (\d+) of epoch 3', line).group(1))
   assert step % 3 == 0 and 12 <= step < 16, line
 
-  returncode, stderr = _run(_command(synthetic_data_dir, model_dir, '--steps_per_loop=4'))
-  assert returncode == 0, stderr[-3000:]
-  assert f'Resuming at step {step} of epoch 3' in stderr
+  log = _train_logged(caplog, _config(synthetic_data_dir, model_dir, steps_per_loop=4, deterministic=True))
+  assert f'Resuming at step {step} of epoch 3' in log
   assert _metrics(model_dir) == _metrics(reference)
   assert _scalars(os.path.join(model_dir, 'train'), 'loss') == _scalars(os.path.join(reference, 'train'), 'loss')
   with open(os.path.join(model_dir, 'config.json')) as f:
