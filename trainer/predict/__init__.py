@@ -196,8 +196,9 @@ def make_gradcam(model: keras.Model, image_size: int):
   The backbone's last rectified feature maps (`trainer.models.feature_layer`: the cnn's last ReLU, ResNet50's
   conv5_block3_out, VGG16's block5_conv3, ...) are weighted by the spatial mean of the gradient of the pneumonia logit
   with respect to them, summed, kept where positive (the regions that raise the score), upsampled bilinearly to the
-  input size (and, under --crop=content, put back where the crop came from) and divided by their maximum. The logit, not the probability: a confident prediction saturates the
-  sigmoid, whose gradient then vanishes and leaves a blank map.
+  input size (and, under --crop=content, put back where the crop came from) and divided by their maximum. The logit,
+  not the probability: a confident prediction saturates the sigmoid, whose gradient then vanishes and leaves a blank
+  map.
 
   Args:
     model: a model from `trainer.models.build_model`: layers up to a nested 'backbone' Model, then 'pool',
