@@ -4,7 +4,8 @@ The runs that are stopped are real `python -m trainer.main` processes on the syn
 with a real SIGKILL (or preempted) in the middle of an epoch (the progress bar on stdout says where they are); the runs
 that go to their end, the references and the last run of a resumed one, run in this process (`_train_here`), which
 saves each the import of TensorFlow and Keras. With --seed and --deterministic, a run killed and started again ends
-with the same model as one that never stopped, to the last bit, so the comparisons are exact. A user error must end in exactly one `error:` line and exit code 1, and leave nothing half-written behind.
+with the same model as one that never stopped, to the last bit, so the comparisons are exact. A user error must end
+in exactly one `error:` line and exit code 1, and leave nothing half-written behind.
 """
 
 import errno
