@@ -25,7 +25,7 @@ runs_lib.define_operating_point_flags()
 flags.DEFINE_string('ensemble_dir', None, f'Keep the ensemble\'s threshold in ENSEMBLE_DIR/{predict.ENSEMBLE_FILE}, '
                     'and reuse it while the members stay the same (without it, every call runs the members over the '
                     'validation split again).')
-flags.DEFINE_string('gradcam_dir', None, 'Write a Grad-CAM overlay PNG of each image here (one --model_dir only).')
+flags.DEFINE_string('gradcam_dir', None, 'Write a Grad-CAM overlay PNG of each image here (of several runs: the mean of their maps).')
 flags.DEFINE_string('data_dir', None, 'For several runs: where TFDS keeps the built dataset (default: the first '
                     'member\'s --data_dir).')
 flags.DEFINE_string('manual_dir', None, 'For several runs: the downloaded data, if the dataset is not built yet.')
