@@ -14,7 +14,8 @@ PACKAGES = ('trainer', 'cxr_tfds')
 # The programs: modules with absl flags or a main, run as `python -m NAME`. No other module may import one.
 PROGRAMS = {
     'cxr_tfds.build', 'cxr_tfds.chest_xray_pneumonia.dummy_data.make_dummy_data', 'trainer.benchmark',
-    'trainer.evaluate', 'trainer.export.__main__', 'trainer.main', 'trainer.predict.__main__', 'trainer.shift.__main__',
+    'trainer.evaluate', 'trainer.export.__main__', 'trainer.main', 'trainer.predict.__main__', 'trainer.serve.__main__',
+    'trainer.shift.__main__',
 }
 # The programs' edge (flag parsing, the one-line errors): imported by programs only.
 PROGRAM_EDGE = {'trainer.cli'}

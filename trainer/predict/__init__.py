@@ -125,9 +125,26 @@ def read_image(path: str, image_sizes: Iterable[int]) -> dict[int, np.ndarray]:
   """
   with open(path, 'rb') as f:
     raw = f.read()
+  return decode_image_bytes(raw, image_sizes, dicom=path.lower().endswith(('.dcm', '.dicom')))
+
+
+def decode_image_bytes(raw: bytes, image_sizes: Iterable[int], *, dicom: bool = False) -> dict[int, np.ndarray]:
+  """`read_image` of a file's bytes already in memory (an upload to trainer.serve).
+
+  Args:
+    raw: the encoded JPEG, PNG or DICOM file.
+    image_sizes: the input sides of the models that will see it.
+    dicom: read it as DICOM even without the DICM marker (a file named .dcm).
+
+  Returns:
+    {size: uint8 array of shape (size, size, 1)}.
+
+  Raises:
+    BadImageError: as `read_image`.
+  """
   if not raw:
     raise BadImageError('empty file (0 bytes)')
-  if raw[128:132] == _DICOM_MAGIC or path.lower().endswith(('.dcm', '.dicom')):
+  if raw[128:132] == _DICOM_MAGIC or dicom:
     pixels = _dicom_pixels(raw)
     return {size: data.resize_uint8(pixels, size).numpy() for size in image_sizes}
   try:
