@@ -3,6 +3,7 @@ overlays of a run and of an ensemble, uploads kept in memory, concurrent clients
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import tempfile
@@ -187,12 +188,14 @@ def test_concurrent_clients_get_each_their_own_answer(clients, synthetic_test_im
   assert all(r.content.startswith(b'\x89PNG') for r in responses[-4:])
 
 
-def test_the_page_and_the_card(clients, untrained_exports):
+def test_the_page_and_the_card(clients, services, untrained_exports):
   page = _request(clients['run'], 'GET', '/')
   assert page.status_code == 200 and page.headers['content-type'].startswith('text/html')
   assert "const MODEL = 'cxr';" in page.text
   card = _request(clients['run'], 'GET', '/v1/models/cxr/card').json()
   assert card['threshold'] == json.loads((untrained_exports['run'] / 'run.json').read_text())['threshold']
   assert card['warnings'][0].startswith('trained on chest_xray_pneumonia/synthetic')
-  assert any('Not a medical device' in w for w in card['warnings'])
-  assert any('paediatric' in w for w in card['warnings'])
+  assert card['warnings'][1] == serve.NOT_A_DEVICE and len(card['warnings']) == 2
+  real = dataclasses.replace(services['run'], run=dataclasses.replace(
+      services['run'].run, config={**services['run'].run.config, 'dataset': 'chest_xray_pneumonia/224'}))
+  assert real.card()['warnings'] == [serve.NOT_A_DEVICE, serve.POPULATION]

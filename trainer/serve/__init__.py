@@ -37,11 +37,10 @@ from trainer import runs as runs_lib
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # Images per :predict request: each is decoded and held in memory at once.
 MAX_INSTANCES = 64
-WARNINGS = (
-    'Not a medical device: for research and teaching, not for diagnosing, triaging or treating anyone.',
-    'Trained on paediatric (1 to 5 years) anterior-posterior chest X-rays of one hospital (Guangzhou); not tested on '
-    'adults, lateral views, other hospitals\' machines or diseases other than pneumonia.',
-)
+# The model card's warnings (`trainer.export.model_card`), on the page beside every prediction.
+NOT_A_DEVICE = 'Not a medical device: for research and teaching, not for diagnosing, triaging or treating anyone.'
+POPULATION = ('Trained on paediatric (1 to 5 years) anterior-posterior chest X-rays of one hospital (Guangzhou); not '
+              'tested on adults, lateral views, other hospitals\' machines or diseases other than pneumonia.')
 
 
 class BadRequest(errors.InvalidValue):
@@ -106,8 +105,14 @@ class Service:
 
   def card(self) -> dict:
     """What the page shows beside every prediction: the model card's warnings and the operating point."""
-    data_warning = config_lib.data_warning(self.run.config.get('dataset'))
-    return {'warnings': [w for w in (data_warning, *WARNINGS) if w], 'threshold': self.threshold,
+    dataset = self.run.config.get('dataset')
+    if data_warning := config_lib.data_warning(dataset):  # The synthetic images: no population, and it says so.
+      warnings = [data_warning, NOT_A_DEVICE]
+    elif str(dataset).startswith('chest_xray_pneumonia/'):
+      warnings = [NOT_A_DEVICE, POPULATION]
+    else:
+      warnings = [NOT_A_DEVICE, f'Trained on {dataset}, not on the Kermany et al. chest X-rays: read its model card.']
+    return {'warnings': warnings, 'threshold': self.threshold,
             'threshold_rule': self.threshold_rule, 'dataset': self.run.config.get('dataset'),
             'model': self.run.config.get('model'), 'image_size': self.image_size, 'version': self.version}
 
