@@ -19,6 +19,7 @@ from trainer import errors
 from trainer import data
 from trainer import export
 from trainer import runs as runs_lib
+from trainer import tflite
 from trainer import tta
 
 flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished run, or several (DIR1,DIR2,...) to export '
@@ -70,7 +71,8 @@ def main(argv):
       threshold_rule=point['threshold_rule'], test_predictions=test, run_info=info,
       extra={'model': run.config.get('model'), 'dataset': dataset, 'image_size': run.image_size, 'split': 'test',
              **views, **({'ensemble': members} if len(runs) > 1 else {})},
-      n_resamples=FLAGS.n_resamples, tensorboard_dir=os.path.join(out_dir, 'test'), stress=point.get('stress'))
+      n_resamples=FLAGS.n_resamples, tensorboard_dir=os.path.join(out_dir, 'test'), stress=point.get('stress'),
+      sample_images=tflite.sample_images(builder, run.image_size))
   at = report['at_val_threshold']
   logging.info('Exported %s: threshold %.4f (%s); test ROC AUC %.3f, sensitivity %.3f, specificity %.3f.',
                export.current_dir(out_dir), point['threshold'], point['threshold_rule'], report['ranking']['roc_auc'],

@@ -265,7 +265,8 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
       common folder>.gradcam.png (of an ensemble: the mean of its members' maps, `trainer.gradcam`).
     batch_size: images per batch.
     threshold_rule: the name of the rule that chose the threshold, for the results (left out if None).
-    predicts: `trainer.runs.make_predict` of each run, for a caller that predicts many times (made here if None).
+    predicts: a function of each run, uint8 images -> probabilities (made here with `trainer.runs.make_predict` if
+      None): `trainer.runs.make_predict` for a caller that predicts many times, or a `trainer.tflite.TFLiteModel`.
 
   Yields:
     {'file', 'label', 'probability', 'threshold', 'threshold_rule'} (and 'gradcam', the overlay's path, and for an
@@ -297,7 +298,7 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
     good = [i for i in sorted(results) if 'error' not in results[i]]
     if good:
       batches = {size: np.stack(stack) for size, stack in images.items()}
-      member_probs = np.stack([predict(batches[run.image_size]).numpy() for predict, run in zip(predicts, runs)])
+      member_probs = np.stack([np.asarray(predict(batches[run.image_size])) for predict, run in zip(predicts, runs)])
       probs = member_probs.mean(axis=0)
       maps = gradcam(batches) if gradcam else None
       for j, i in enumerate(good):

@@ -13,8 +13,10 @@ from absl import logging
 
 from trainer import cli
 from trainer import errors
+from trainer import export
 from trainer import predict
 from trainer import runs as runs_lib
+from trainer import tflite
 
 flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished training run or the --out_dir of '
                   'trainer.export; or several runs, DIR1,DIR2,..., whose probabilities are averaged, with a '
@@ -30,6 +32,9 @@ flags.DEFINE_string('data_dir', None, 'For several runs: where TFDS keeps the bu
                     'member\'s --data_dir).')
 flags.DEFINE_string('manual_dir', None, 'For several runs: the downloaded data, if the dataset is not built yet.')
 flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
+flags.DEFINE_enum('runtime', 'keras', ['keras', 'tflite', 'tflite_int8'], 'What computes the probabilities: the Keras '
+                  'model, or the export\'s model.tflite (float32) or model.int8.tflite (trainer.tflite; one '
+                  '--model_dir, no --tta). Grad-CAM is drawn from the Keras model.')
 
 FLAGS = flags.FLAGS
 
@@ -52,9 +57,16 @@ def main(argv):
   threshold = point['threshold']
   logging.info('Threshold %.4f, rule %s (%s).', threshold, point['threshold_rule'],
                'stored with the model' if point['chosen'] == 'stored' else 'chosen on validation')
+  predicts = None
+  if FLAGS.runtime != 'keras':
+    if len(runs) > 1 or FLAGS.tta > 1:
+      raise errors.InvalidValue(f'--runtime={FLAGS.runtime} runs one export\'s TFLite model: give one --model_dir '
+                                '(trainer.export makes several runs one) and no --tta.')
+    predicts = [tflite.load_export(export.current_dir(runs[0].model_dir), int8=FLAGS.runtime == 'tflite_int8')]
   failed = 0
   for result in predict.predict_files(files, runs, threshold=threshold, gradcam_dir=FLAGS.gradcam_dir,
-                                      batch_size=FLAGS.batch_size, threshold_rule=point['threshold_rule']):
+                                      batch_size=FLAGS.batch_size, threshold_rule=point['threshold_rule'],
+                                      predicts=predicts):
     failed += 'error' in result
     print(json.dumps(result), flush=True)
   if failed:
