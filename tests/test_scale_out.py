@@ -119,7 +119,8 @@ from trainer import distribute
 distribute.configure_logical_devices(2)
 import keras
 import tensorflow as tf
-from trainer import models, train
+from trainer import models
+from trainer import steps as steps_lib
 
 GLOBAL_BATCH, STEPS, SIZE = 16, 4, 32
 rng = np.random.default_rng(0)
@@ -136,10 +137,10 @@ def train_steps(strategy, name, phase, unfreeze, initial, loss_scale):
     model = build(name)
     model.set_weights(initial)
     models.set_trainable(model, phase, unfreeze)
-    optimizer = train.make_optimizer('sgd', 0.01, loss_scale)
+    optimizer = steps_lib.make_optimizer('sgd', 0.01, loss_scale)
     optimizer.build(model.trainable_variables)
-    metrics = train.train_metrics()
-  step = train.make_train_step(model, optimizer, metrics, strategy, class_weights=[2.0, 0.5],
+    metrics = steps_lib.train_metrics()
+  step = steps_lib.make_train_step(model, optimizer, metrics, strategy, class_weights=[2.0, 0.5],
                                global_batch=GLOBAL_BATCH)
   batches = iter(strategy.experimental_distribute_dataset(
       tf.data.Dataset.from_tensor_slices((images, labels)).batch(GLOBAL_BATCH)))
@@ -148,7 +149,7 @@ def train_steps(strategy, name, phase, unfreeze, initial, loss_scale):
     step(batches)
     losses.append(float(metrics['loss'].result()))  # the running mean over the steps so far
   out = {'losses': losses, 'metrics': {k: float(m.result()) for k, m in metrics.items()}}
-  sync = train.make_statistics_sync(model, strategy)
+  sync = steps_lib.make_statistics_sync(model, strategy)
   if sync:
     moving = [v for v in model.non_trainable_variables if 'moving' in v.path]
     out['statistics_before'] = [[c.numpy().tolist() for c in v.value.values] for v in moving]
@@ -221,19 +222,20 @@ import sys
 from trainer import distribute
 distribute.configure_logical_devices(2)
 import keras
-from trainer import data, metrics, models, runs, train
+from trainer import data, metrics, models, runs
+from trainer import steps as steps_lib
 
 builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=sys.argv[1], manual_dir=None)
 strategy = distribute.get_strategy('mirrored')
 keras.utils.set_random_seed(0)
 with strategy.scope():
   model = models.build_model('cnn', image_size=32, cnn_filters=4, cnn_depth=2, seed=0)
-predict = train.make_distributed_predict(model, strategy)
+predict = steps_lib.make_distributed_predict(model, strategy)
 results = {}
 for batch_size in (32, 5):
   ds = data.eval_dataset(builder, 'validation', image_size=32, batch_size=batch_size)
   one = runs.predict_split(model, ds)
-  two = predict(train.distributed_split(strategy, ds, batch_size))
+  two = predict(steps_lib.distributed_split(strategy, ds, batch_size))
   results[batch_size] = {
       name: {'probs': p['probs'].tolist(), 'labels': p['labels'].tolist(),
              'roc_auc': metrics.ranking_metrics(p['labels'], p['probs'])['roc_auc'],
