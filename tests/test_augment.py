@@ -12,8 +12,8 @@ import pytest
 from scipy import stats
 import tensorflow as tf
 
+from benchmarks import benchmark
 from trainer import augment
-from trainer import benchmark
 from trainer import config
 from trainer import models
 from trainer import shift

@@ -408,3 +408,34 @@ def test_steps_per_loop_trains_the_same_steps_as_one_step_a_call():
   for before, one, loop in zip(initial, one_weights, loop_weights):
     assert not np.array_equal(one, before)  # Every weight trained: the comparison is not of untouched ones.
     np.testing.assert_array_equal(loop, one)
+
+
+def _trained_dense(jit_compile):
+  """A seeded model's initial and trained weights, and its metrics, after 3 steps of `make_train_step`'s function."""
+  keras.utils.set_random_seed(5)
+  strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+  model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation='relu'),
+                            keras.layers.Dense(1, activation='sigmoid')])
+  optimizer = keras.optimizers.Adam(1e-2)
+  optimizer.build(model.trainable_variables)
+  metrics = steps_lib.train_metrics()
+  step = steps_lib.make_train_step(model, optimizer, metrics, strategy, class_weights=[2.0, 0.5], global_batch=8,
+                                   label_smoothing=0.1, jit_compile=jit_compile)
+  initial = [w.numpy() for w in model.weights]
+  rng = np.random.default_rng(1)
+  batches = tf.data.Dataset.from_tensor_slices((rng.normal(size=(24, 6)).astype(np.float32),
+                                                rng.integers(0, 2, 24))).batch(8)
+  step(iter(strategy.experimental_distribute_dataset(batches)), tf.constant(3))
+  return initial, [w.numpy() for w in model.weights], {name: float(m.result()) for name, m in metrics.items()}
+
+
+def test_jit_compile_trains_the_same_steps_compiled_with_xla():
+  """The XLA-compiled step (benchmarks/ times it) moves the weights and the metrics as the plain one does."""
+  initial, plain_weights, plain_metrics = _trained_dense(False)
+  xla_initial, xla_weights, xla_metrics = _trained_dense(True)
+  for a, b in zip(initial, xla_initial):
+    np.testing.assert_array_equal(a, b)
+  assert all(np.any(a != b) for a, b in zip(initial, plain_weights))
+  for a, b in zip(plain_weights, xla_weights):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert xla_metrics == pytest.approx(plain_metrics, rel=1e-4)

@@ -1,5 +1,6 @@
 """The training step and what it runs with: the optimizer and its learning-rate schedule, the training metrics,
-the class weights, the iterators, the sync of the BatchNormalization statistics and the distributed prediction of a split.
+the class weights, the iterators, the sync of the BatchNormalization statistics and the distributed prediction of a
+split.
 
 Every builder takes plain arguments, no Config: `trainer.train` calls them for a run, and benchmarks/ times the same
 step.

@@ -380,7 +380,8 @@ def end_epoch(state: TrainState, *, epoch: int, phase: str, train: dict[str, flo
   """The end of an epoch, as Orbit's actions: each a small step of its own, in this order.
 
   The summaries (`summaries.write_summaries`), the best-epoch test and record (`control.BestEpoch.update`), early
-  stopping and the plateau (`control.Phases.end_epoch`), then the commit (`TrainState.commit`), which saves what they assigned.
+  stopping and the plateau (`control.Phases.end_epoch`), then the commit (`TrainState.commit`), which saves what
+  they assigned.
 
   Returns:
     (the next epoch to train, the validation scalars).
