@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import config as config_lib
 from trainer import data
-from trainer import control
+from trainer import control as control_lib
 from trainer import steps as steps_lib
 from trainer import train
 from trainer.config import Config
@@ -337,7 +337,7 @@ def test_weight_decay_and_clipnorm():
 
 
 def test_phase_control_counts_like_keras_callbacks():
-  control = control.PhaseControl(patience=3, plateau=(0.5, 2, 0.02))
+  control = control_lib.PhaseControl(patience=3, plateau=(0.5, 2, 0.02))
   control.start_phase()
   decisions = [control.end_epoch(auc) for auc in (0.7, 0.8, 0.8, 0.75, 0.9, 0.85, 0.85, 0.85)]
   # Epochs since the best: 0 0 1 2 0 1 2 3 -> stop at the 8th; reductions after 2 flat epochs, counted afresh after
@@ -358,16 +358,16 @@ def test_a_checkpoint_without_counters_resumes_with_fresh_ones(tmp_path, caplog)
   """A checkpoint written before early stopping existed: its run resumes, with the data where its epoch left it."""
   epoch = tf.Variable(3, dtype=tf.int64)
   old = tf.train.Checkpoint(epoch=epoch).save(str(tmp_path / 'ckpt'))
-  control = control.PhaseControl(patience=2, plateau=None)
-  control.restore_counters(control, old, 3)
+  control = control_lib.PhaseControl(patience=2, plateau=None)
+  control_lib.restore_counters(control, old, 3)
   assert int(control.trained_epochs) == 3 and int(control.stale) == 0
   assert 'predates them' in caplog.text
 
   control.end_epoch(0.5)
   control.end_epoch(0.4)
   new = tf.train.Checkpoint(epoch=epoch, phase_control=control).save(str(tmp_path / 'new'))
-  again = control.PhaseControl(patience=2, plateau=None)
-  control.restore_counters(again, new, 5)
+  again = control_lib.PhaseControl(patience=2, plateau=None)
+  control_lib.restore_counters(again, new, 5)
   assert int(again.trained_epochs) == 5 and int(again.stale) == 1 and float(again.best_auc) == 0.5
 
 
@@ -439,3 +439,28 @@ def test_jit_compile_trains_the_same_steps_compiled_with_xla():
   for a, b in zip(plain_weights, xla_weights):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert xla_metrics == pytest.approx(plain_metrics, rel=1e-4)
+
+
+def test_the_learning_rate_is_set_on_entering_a_phase_and_on_a_plateau_only():
+  """control.Phases.set_learning_rate, the one place that sets it: the flags' rate over a restored one, lowered by
+  the phase's plateau reductions, and a schedule left alone."""
+  control = control_lib.PhaseControl(patience=0, plateau=(0.5, 1, 1e-3))
+  optimizers = {phase: keras.optimizers.SGD(9.0) for phase in control_lib.PHASES}
+  schedule = keras.optimizers.schedules.CosineDecay(1e-2, decay_steps=10)
+  phases = control_lib.Phases({'head': 2, 'fine_tune': 2}, optimizers, {'head': 0.1, 'fine_tune': schedule}, control)
+  assert [phases.phase_of(epoch) for epoch in range(4)] == ['head', 'head', 'fine_tune', 'fine_tune']
+  assert phases.bounds('head') == (0, 2) and phases.bounds('fine_tune') == (2, 4)
+
+  assert phases.enter(0)  # The phase starts: the flags' rate, not the optimizer's own.
+  assert float(optimizers['head'].learning_rate.numpy()) == pytest.approx(0.1)
+  assert phases.end_epoch(0, 0.7) == 1
+  assert float(optimizers['head'].learning_rate.numpy()) == pytest.approx(0.1)
+  assert phases.end_epoch(1, 0.6) == 2  # Flat for 1 epoch: lowered by half.
+  assert float(optimizers['head'].learning_rate.numpy()) == pytest.approx(0.05)
+  optimizers['head'].learning_rate = 9.0  # As a checkpoint restores it.
+  assert not phases.enter(1)  # Resumed inside the phase: its reductions kept, the counters too.
+  assert float(optimizers['head'].learning_rate.numpy()) == pytest.approx(0.05)
+
+  assert phases.enter(2)  # The next phase: fresh counters, and its schedule is the optimizer's own.
+  assert float(control.lr_scale) == 1.0 and int(control.stale) == 0
+  assert float(optimizers['fine_tune'].learning_rate.numpy()) == pytest.approx(9.0)

@@ -91,6 +91,17 @@ def test_best_epoch_test_is_pure_and_commit_records():
   assert float(best.threshold) == pytest.approx(0.3)
 
 
+def test_a_state_commits_before_resume_as_after_it(tmp_path):
+  """The state is whole once built: its epoch manager exists before `resume`, which remakes it after a repair."""
+  state = _state(tmp_path)
+  _train(state)
+  assert _end_epoch(state, 0, auc=0.8)
+  assert _checkpoints(tmp_path / 'checkpoints') == ['ckpt-1'] and _checkpoints(tmp_path / 'best') == ['ckpt-1']
+  again = _state(tmp_path, seed=1)
+  assert again.resume(chief=True) == 0 and int(again.epoch) == 1
+  _assert_same(_weights(again.model), _weights(state.model))
+
+
 def test_a_new_run_resumes_from_nothing(tmp_path):
   state = _state(tmp_path)
   assert state.resume(chief=True) == 0
