@@ -187,7 +187,7 @@ def test_two_replicas_match_one_replica_on_the_same_global_batch():
   The loss divided by the GLOBAL batch (tf.nn.compute_average_loss), the all-reduced gradients, the loss scaling of
   mixed_float16 and the metrics (variables summed over replicas on read) must all agree. The CNN is the exception by
   design: its BatchNormalization normalises each replica's share of the batch with that share's statistics, so its
-  losses differ slightly, and `train.make_statistics_sync` averages the replicas' moving statistics.
+  losses differ slightly, and `steps.make_statistics_sync` averages the replicas' moving statistics.
   """
   result = _run([sys.executable, '-c', _EQUIVALENCE])
   assert result.returncode == 0, result.stderr[-3000:]
@@ -214,7 +214,7 @@ def test_two_replicas_match_one_replica_on_the_same_global_batch():
     np.testing.assert_array_equal(replicas_after[0], replicas_after[1])
 
 
-# Scores the validation split on one device and shared out over 2 logical CPUs (train.distributed_split), with one
+# Scores the validation split on one device and shared out over 2 logical CPUs (steps.distributed_split), with one
 # model. Prints one JSON line.
 _DISTRIBUTED_EVALUATION = r'''
 import json
