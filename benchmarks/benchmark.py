@@ -54,7 +54,7 @@ from cxr_tfds.chest_xray_pneumonia import imaging
 from trainer import data
 from trainer import errors
 from trainer import models
-from trainer import steps
+from trainer import steps as steps_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -365,9 +365,9 @@ def _train(setup: Setup, *, model_name: str) -> dict:
   with strategy.scope():
     # Built as the trainer builds it: a backbone comes back in phase 'head', frozen.
     model = models.build_model(model_name, image_size=setup.image_size, seed=setup.seed)
-    optimizer = steps.make_optimizer('adam', 1e-3, loss_scale=False)
-    metrics = steps.train_metrics()
-  step = steps.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
+    optimizer = steps_lib.make_optimizer('adam', 1e-3, loss_scale=False)
+    metrics = steps_lib.train_metrics()
+  step = steps_lib.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
                                global_batch=setup.batch_size)
 
   def pipeline(input_context):
@@ -472,11 +472,11 @@ def train_step_recipe_model(setup: Setup, batches: int) -> dict:
     try:
       with strategy.scope():
         model = _recipe_model(augmentation, setup.seed, size, **changes)
-        optimizer = steps.make_optimizer('adam', 1e-3, loss_scale=False)
-        metrics = steps.train_metrics()
+        optimizer = steps_lib.make_optimizer('adam', 1e-3, loss_scale=False)
+        metrics = steps_lib.train_metrics()
     finally:
       keras.mixed_precision.set_global_policy('float32')
-    step = steps.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0], global_batch=batch,
+    step = steps_lib.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0], global_batch=batch,
                                  jit_compile=xla)
     iterator = iter(strategy.distribute_datasets_from_function(
         lambda _: tf.data.Dataset.from_tensors((images, labels)).repeat()))
@@ -544,12 +544,12 @@ def train_loop_tiny(setup: Setup, batches: int) -> dict:
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   with strategy.scope():
     ours_model = _tiny_model(setup.seed)
-    optimizer = steps.make_optimizer('adam', 1e-3, loss_scale=False)
+    optimizer = steps_lib.make_optimizer('adam', 1e-3, loss_scale=False)
     optimizer.build(ours_model.trainable_variables)
-    metrics = steps.train_metrics()
-  step = steps.make_train_step(ours_model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
+    metrics = steps_lib.train_metrics()
+  step = steps_lib.make_train_step(ours_model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
                                global_batch=setup.batch_size)
-  iterator = steps.training_iterator(strategy, lambda input_context: dataset)
+  iterator = steps_lib.training_iterator(strategy, lambda input_context: dataset)
   steps = tf.constant(per_loop)
 
   def ours():
@@ -559,7 +559,7 @@ def train_loop_tiny(setup: Setup, batches: int) -> dict:
 
   keras_model = _tiny_model(setup.seed)
   keras_model.compile(optimizer=keras.optimizers.Adam(1e-3), loss='binary_crossentropy',
-                      metrics=[metric for name, metric in steps.train_metrics().items() if name != 'loss'],
+                      metrics=[metric for name, metric in steps_lib.train_metrics().items() if name != 'loss'],
                       steps_per_execution=per_loop)
 
   def keras_fit():
