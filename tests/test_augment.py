@@ -15,6 +15,7 @@ import tensorflow as tf
 from trainer import augment
 from trainer import benchmark
 from trainer import config
+from trainer import layers
 from trainer import models
 from trainer import shift
 
@@ -131,8 +132,8 @@ def test_gamma_and_blur_reach_the_stress_tests_range():
 
 
 def test_every_stress_shift_has_its_family():
-  assert set(config.SHIFT_FAMILIES) == set(shift.SHIFTS) - {'none'}
-  assert set(config.SHIFT_FAMILIES.values()) <= set(config.FAMILIES)
+  assert set(shift.SHIFT_FAMILIES) == set(shift.SHIFTS) - {'none'}
+  assert set(shift.SHIFT_FAMILIES.values()) <= set(config.FAMILIES)
 
 
 def test_same_seed_same_draws():
@@ -166,7 +167,7 @@ def test_replicas_draw_their_own_transforms():
 
 
 def test_sobel_edges():
-  layer = augment.SobelEdges()
+  layer = layers.SobelEdges()
   flat = np.full((2, 16, 16, 1), 90, np.uint8)
   out = layer(flat).numpy()
   assert out.shape == (2, 16, 16, 2)

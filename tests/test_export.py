@@ -130,7 +130,7 @@ def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ense
   threshold = run_json['threshold']
   assert run_json['threshold_rule'] == 'youden' and run_json['members'] == runs
   assert report['operating_point'] == {'threshold': threshold, 'threshold_rule': 'youden'}
-  assert report['threshold_rule'] == metrics.THRESHOLD_RULE
+  assert report['threshold_rule'] == metrics.RULES['youden'].text
   assert report['n_images'] == len(files)
   expected = report['at_val_threshold']['confusion_matrix']
 

@@ -17,6 +17,7 @@ import pytest
 from sklearn import metrics as sk_metrics
 
 from trainer import config as config_lib
+from trainer import metrics
 from trainer import shift
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def test_tiny_synthetic_recipe_writes_the_ensemble_report_and_stress_test(tmp_pa
   predicted = probs >= report['at_val_threshold']['threshold']
   assert tp == int(np.sum(predicted & (labels == 1))) and tn == int(np.sum(~predicted & (labels == 0)))
 
-  assert report['threshold_rule'] == shift.THRESHOLD_RULE
+  assert report['threshold_rule'] == metrics.RULES['youden_with_shifts'].text
   assert report['operating_point']['threshold_rule'] == 'youden_with_shifts'
   assert json.loads((out / 'model' / 'run.json').read_text())['threshold'] == report['at_val_threshold']['threshold']
   assert (out / 'model' / 'saved_model' / '1' / 'saved_model.pb').is_file()
