@@ -12,8 +12,8 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import data
-from trainer import metrics
 from trainer import inference
+from trainer import metrics
 from trainer import runs as runs_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
