@@ -216,7 +216,7 @@ def test_keras_file_with_every_new_layer_loads(tmp_path):
 
 def test_equalize_compiled_in_training_matches_evaluation():
   images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 1)).astype(np.uint8)
-  layer = models.Equalize('clahe')
+  layer = layers.Equalize('clahe')
   np.testing.assert_allclose(layer(images, training=True), layer(images, training=False), atol=1e-3)
 
 
@@ -272,7 +272,7 @@ def test_train_export_and_load_with_every_family_the_edge_channel_and_the_crop(s
   assert stored['augment_families'] == ','.join(config.FAMILIES) and stored['edge_channel'] == 'sobel'
   assert stored['augment_contrast'] == 0.3 and stored['crop'] == 'content'
   model = keras.saving.load_model(str(tmp_path / 'run' / 'model.keras'), safe_mode=True)
-  assert model.get_layer('crop').get_config()['threshold'] == models.CropToContent().threshold
+  assert model.get_layer('crop').get_config()['threshold'] == layers.CropToContent().threshold
   assert model.get_layer('backbone').input.shape[-1] == 2
   assert [l.name for l in model.get_layer('augmentation').layers][-1] == 'jpeg'
   served = tf.saved_model.load(str(tmp_path / 'run' / 'saved_model' / '1')).signatures['serve']

@@ -15,7 +15,7 @@ multiplies the three output-to-input matrices, so the image is resampled once; i
 times, and keeps the content a chain of warps cuts off at an intermediate border. The resampling is written with
 gathers instead of ImageProjectiveTransformV3, which has no XLA kernel: so the model compiles with
 `jit_compile=True` unless the 'jpeg' family is on (EncodeJpeg has no XLA kernel either). Where XLA is faster on a CPU
-(the warp, gamma, and trainer.models.Equalize), the layer compiles its own work (`compiled`).
+(the warp, gamma, and trainer.layers.Equalize), the layer compiles its own work (`compiled`).
 
 Per-replica streams. Each layer's seed state is a Keras SeedGenerator, one variable, which MirroredStrategy mirrors:
 drawn from directly, the i-th image of every replica would get the same transform in a step. Every draw here folds
