@@ -68,8 +68,8 @@ def main(argv):
   at = report['at_val_threshold']
   chosen = 'stored with the run' if point['chosen'] == 'stored' else 'chosen now on validation'
   logging.info('%s at the threshold %.3f (%s, %s): ROC AUC %.3f, sensitivity %.3f, specificity %.3f. Report: %s',
-               FLAGS.split, point['threshold'], point['threshold_rule'], chosen, report['ranking']['roc_auc'], at['sensitivity'], at['specificity'],
-               os.path.join(out_dir, 'report.md'))
+               FLAGS.split, point['threshold'], point['threshold_rule'], chosen, report['ranking']['roc_auc'],
+               at['sensitivity'], at['specificity'], os.path.join(out_dir, 'report.md'))
 
 
 if __name__ == '__main__':

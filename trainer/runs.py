@@ -1,11 +1,12 @@
-"""Trained runs and ensembles: loading a finished run, predicting a split, and the threshold they are used at.
+"""Trained runs and ensembles: what every program that takes runs loads.
 
 A run is what training (or `trainer.export`) leaves in its model_dir: model.keras and run.json with the validation
 threshold. Several runs are an ensemble: the mean of their probabilities, at a threshold chosen on validation for
-that mean. Every program that takes runs (evaluate, predict, shift, export) goes through `operating_point`, so the
-same models given the same way get the same threshold everywhere. `Runs` is the one object the programs (evaluate,
-export, predict, shift) load: the runs with their test-time views, their data, their threshold and their predictions.
-The threshold rules are `trainer.metrics.RULES`; predicting one model is `trainer.inference`'s.
+that mean. `Runs` is the one object the programs (evaluate, export, predict, shift) load: the runs with their
+test-time views (`with_tta`), their data (the given data_dir, or the run's own), their one threshold
+(`operating_point`: stored, or chosen on validation by a rule of `trainer.metrics.RULES`) and their predictions
+(`predict_runs`); so the same models given the same way get the same threshold everywhere. Predicting one model is
+`trainer.inference`'s.
 """
 
 from collections.abc import Sequence
