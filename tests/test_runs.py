@@ -66,6 +66,8 @@ def test_the_data_is_found_where_the_run_was_trained_unless_given(two_runs, synt
   assert (runs.data_dir, runs.manual_dir) == (synthetic_data_dir, None)
   given = runs_lib.Runs.load([str(two_runs[0])], data_dir='~/tfds', manual_dir='~/downloads')
   assert (given.data_dir, given.manual_dir) == (os.path.expanduser('~/tfds'), os.path.expanduser('~/downloads'))
+  with pytest.raises(errors.InvalidValue, match='No run given'):
+    runs_lib.Runs([])
   with pytest.raises(errors.InvalidValue, match='--split=nope is not a split of chest_xray_pneumonia/synthetic'):
     runs.builder('nope')
 

@@ -250,6 +250,9 @@ class Runs:
 
   def __init__(self, members: Sequence[TrainedRun], *, tta: int = 1, data_dir: str | None = None,
                manual_dir: str | None = None, batch_size: int = 32):
+    if not members:
+      raise errors.InvalidValue('No run given: give --model_dir=DIR (a run or an export), or DIR1,DIR2,... (several '
+                                'runs).')
     self.members = with_tta(members, tta)
     self.tta = tta
     self.data_dir = os.path.expanduser(data_dir) if data_dir else members[0].config.get('data_dir')
