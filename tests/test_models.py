@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import config
+from trainer import layers
 from trainer import models
 
 SIZE = 32  # the smallest input keras.applications accepts: keeps every test fast
@@ -363,3 +364,10 @@ def test_new_backbones_load_a_weights_file(name, tmp_path):
   loaded = models.build_model(name, image_size=48, weights=path, augment_strength=0)
   pairs = list(zip(source.get_layer('backbone').weights, loaded.get_layer('backbone').weights))
   assert len(pairs) > 100 and all(np.array_equal(a.numpy(), b.numpy()) for a, b in pairs)
+
+
+def test_the_preprocessing_layers_keep_the_names_older_model_files_load_them_by():
+  # A .keras file names each custom class by its registered name; runs saved before trainer.layers existed hold these.
+  for layer in (layers.BackbonePreprocess, layers.CropToContent, layers.Equalize, layers.SobelEdges):
+    assert keras.saving.get_registered_name(layer) == f'cxr_trainer>{layer.__name__}'
+    assert keras.saving.get_registered_object(f'cxr_trainer>{layer.__name__}') is layer

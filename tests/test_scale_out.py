@@ -104,7 +104,7 @@ def test_mirrored_over_two_logical_devices_trains_and_reports(synthetic_data_dir
   devices = ', '.join(f'/job:localhost/replica:0/task:0/device:CPU:{i}' for i in range(2))
   assert f'MirroredStrategy over {devices}.' in result.stderr
   assert ' 2 replicas.' in result.stderr
-  labels, probs = conftest.test_split_predictions([tmp_path], synthetic_data_dir)
+  labels, probs = conftest.reference_predictions([tmp_path], synthetic_data_dir)
   assert _report(tmp_path)['ranking']['roc_auc'] == pytest.approx(sk_metrics.roc_auc_score(labels, probs), abs=1e-6)
   assert len(_scalars(str(tmp_path / 'validation'), 'auc')) == 1
 

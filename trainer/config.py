@@ -47,20 +47,6 @@ MAX_AUGMENT_STRENGTH = 5.0
 # ranges). DEFAULT_FAMILIES is the set every run had before the families were flags.
 FAMILIES = ('rotation', 'fov', 'translation', 'gamma', 'contrast', 'brightness', 'blur', 'noise', 'jpeg')
 DEFAULT_FAMILIES = ('rotation', 'fov', 'translation', 'contrast', 'brightness', 'noise')
-# Each of trainer.shift's stress-test shifts and the family that trains against it: a model trained without that
-# family (leave-one-family-out) is what scores the shift honestly. tests/test_augment.py checks the keys are
-# trainer.shift.SHIFTS'.
-SHIFT_FAMILIES = {
-    'darker (gamma 1.5)': 'gamma',
-    'brighter (gamma 0.67)': 'gamma',
-    'low contrast (x0.7)': 'contrast',
-    'high contrast (x1.3)': 'contrast',
-    'blur (sigma 1/128 side)': 'blur',
-    'noise (sigma 8 grey levels)': 'noise',
-    'jpeg quality 20': 'jpeg',
-    'zoom out (x0.85, black border)': 'fov',
-    'zoom in (x1.15, cropped)': 'fov',
-}
 EDGE_CHANNELS = ('none', 'sobel')
 CROPS = ('none', 'content')
 # Kept here rather than in trainer.distribute, so flags can be checked before TensorFlow is imported.

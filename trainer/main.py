@@ -87,7 +87,7 @@ flags.DEFINE_float('augment_strength', config_lib.DEFAULTS.augment_strength, 'Sc
                    'noise of 4 grey levels; 0 turns augmentation off.')
 flags.DEFINE_list('augment_families', config_lib.DEFAULTS.augment_families, 'The augmentation\'s families '
                   '(trainer/augment.py), any of ' + ', '.join(config_lib.FAMILIES) + '; leave one out by name (each '
-                  'of trainer.shift\'s shifts belongs to one: config.SHIFT_FAMILIES). The default is the set before '
+                  'of trainer.shift\'s shifts declares one: trainer.shift.SHIFTS). The default is the set before '
                   'families were flags. Every range below is at --augment_strength=1 and scales with it.')
 flags.DEFINE_float('augment_fov', config_lib.DEFAULTS.augment_fov, 'fov: zoom factor uniform in [1 - f, 1 + f]; '
                    'out into a black border (a wider field of view) or in, cropped. The stress test\'s x0.85 and '
