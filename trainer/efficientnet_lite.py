@@ -96,7 +96,7 @@ def _conv_bn_relu6(x, filters, kernel, prefix, conv, bn, activation, strides=1, 
   else:
     x = keras.layers.Conv2D(filters, kernel, strides, padding='same', use_bias=False, name=prefix + conv)(x)
   x = keras.layers.BatchNormalization(epsilon=_BN_EPSILON, momentum=_BN_MOMENTUM, name=prefix + bn)(x)
-  return x if activation is None else keras.layers.ReLU(6.0, name=prefix + activation)(x)
+  return x if activation is None else keras.layers.Activation('relu6', name=prefix + activation)(x)
 
 
 def _mbconv(x, block):
