@@ -60,6 +60,10 @@ _STAGES = ((3, 1, 32, 16, 1, 1), (3, 2, 16, 24, 6, 2), (5, 2, 24, 40, 6, 2), (3,
            (5, 3, 80, 112, 6, 1), (5, 4, 112, 192, 6, 2), (3, 1, 192, 320, 6, 1))
 _STEM, _HEAD = 32, 1280
 _BN_EPSILON, _BN_MOMENTUM = 1e-3, 0.99
+# The builder's conv_kernel_initializer (as keras.applications.efficientnet's): He-normal by fan-out, so that a
+# randomly initialised network (--weights=none) passes signal through its 18 blocks.
+_CONV_INIT = {'class_name': 'VarianceScaling', 'config': {'scale': 2.0, 'mode': 'fan_out',
+                                                          'distribution': 'truncated_normal'}}
 _Block = collections.namedtuple('_Block', 'prefix index kernel stride filters_in filters_out expand')
 
 
@@ -92,9 +96,11 @@ def _blocks(name):
 
 def _conv_bn_relu6(x, filters, kernel, prefix, conv, bn, activation, strides=1, depthwise=False):
   if depthwise:
-    x = keras.layers.DepthwiseConv2D(kernel, strides, padding='same', use_bias=False, name=prefix + conv)(x)
+    x = keras.layers.DepthwiseConv2D(kernel, strides, padding='same', use_bias=False, name=prefix + conv,
+                                     depthwise_initializer=_CONV_INIT)(x)
   else:
-    x = keras.layers.Conv2D(filters, kernel, strides, padding='same', use_bias=False, name=prefix + conv)(x)
+    x = keras.layers.Conv2D(filters, kernel, strides, padding='same', use_bias=False, name=prefix + conv,
+                            kernel_initializer=_CONV_INIT)(x)
   x = keras.layers.BatchNormalization(epsilon=_BN_EPSILON, momentum=_BN_MOMENTUM, name=prefix + bn)(x)
   return x if activation is None else keras.layers.Activation('relu6', name=prefix + activation)(x)
 
@@ -201,7 +207,8 @@ def _reference_names(name):
     if block.expand != 1:
       names.update({block.prefix + 'expand_conv': module + '_expand_conv', block.prefix + 'expand_bn': module + '_bn0'})
     names.update({block.prefix + 'dwconv': module + '_depthwise_conv', block.prefix + 'bn': module + '_bn1',
-                  block.prefix + 'project_conv': module + '_project_conv', block.prefix + 'project_bn': module + '_bn2'})
+                  block.prefix + 'project_conv': module + '_project_conv',
+                  block.prefix + 'project_bn': module + '_bn2'})
   return names
 
 

@@ -76,7 +76,7 @@ def application(name):
 
 
 def preprocess_input(name):
-  """The backbone's documented preprocessing: keras.applications.<module>.preprocess_input, or Lite's (x - 127) / 128."""
+  """The backbone's documented preprocessing: keras.applications.<module>.preprocess_input; Lite's (x - 127) / 128."""
   if BACKBONES[name].module == 'efficientnet_lite':
     return efficientnet_lite.preprocess_input
   return getattr(keras.applications, BACKBONES[name].module).preprocess_input
