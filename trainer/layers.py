@@ -16,12 +16,15 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import augment
+from trainer import efficientnet_lite
 # Defined in trainer.config, which main checks before it imports TensorFlow.
 from trainer.config import BACKBONES, EQUALIZE  # pylint: disable=g-importing-member
 
 
 def preprocess_input(name):
-  """The backbone's documented preprocessing: keras.applications.<module>.preprocess_input."""
+  """The backbone's documented preprocessing: keras.applications.<module>.preprocess_input; Lite's (x - 127) / 128."""
+  if BACKBONES[name].module == 'efficientnet_lite':
+    return efficientnet_lite.preprocess_input
   return getattr(keras.applications, BACKBONES[name].module).preprocess_input
 
 

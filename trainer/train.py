@@ -33,7 +33,7 @@ from trainer import distribute
 from trainer import errors
 from trainer import files
 from trainer import metrics as metrics_lib
-from trainer import runs
+from trainer import inference
 from trainer import export
 from trainer import lock
 from trainer import models
@@ -55,8 +55,8 @@ def _validation(config: Config, strategy: tf.distribute.Strategy, model: keras.M
     shards = steps_lib.distributed_split(strategy, val_ds, config.batch_size)
     predict = steps_lib.make_distributed_predict(model, strategy)
     return lambda: predict(shards)
-  predict = runs.make_predict(model)  # Once: a function traced anew every epoch would retrace every epoch.
-  return lambda: runs.predict_split(model, val_ds, predict=predict)
+  predict = inference.make_predict(model)  # Once: a function traced anew every epoch would retrace every epoch.
+  return lambda: inference.predict_split(model, val_ds, predict=predict)
 
 
 
@@ -465,7 +465,7 @@ def finish(config: Config, model: keras.Model, builder, image_size: int, *, thre
   # threshold are made current together, so a kill or a full disk never pairs this model with an older threshold.
   report = export.write_export(
       config.model_dir, model, image_size=image_size, threshold=threshold, threshold_rule=metrics_lib.TRAINING_RULE,
-      test_predictions=runs.predict_split(model, test), tensorboard_dir=os.path.join(config.model_dir, 'test'),
+      test_predictions=inference.predict_split(model, test), tensorboard_dir=os.path.join(config.model_dir, 'test'),
       run_info={'config': dataclasses.asdict(config), 'best': best,
                 # The process's own arguments: trainer.main's, when it runs as the program.
                 'command': ' '.join(['python -m trainer.main', *map(shlex.quote, sys.argv[1:])])},

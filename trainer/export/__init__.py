@@ -288,7 +288,7 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
     image_size: its input side.
     threshold: the decision threshold, chosen on validation.
     threshold_rule: the name of the rule that chose it (trainer.metrics.RULES).
-    test_predictions: the model's predictions on the test split, as `trainer.runs.predict_split` returns them.
+    test_predictions: the model's predictions on the test split, as `trainer.inference.predict_split` returns them.
     run_info: run.json's other entries ('config', and e.g. 'best', 'members', 'command').
     extra: the report's other entries (model, dataset, image_size), as in `trainer.report.build_report`.
     n_resamples: bootstrap resamples of the report's intervals.
