@@ -39,6 +39,10 @@ flags.DEFINE_string('manual_dir', config_lib.DEFAULTS.manual_dir, 'The folder ho
                     'dataset is built.')
 flags.DEFINE_string('model_dir', config_lib.DEFAULTS.model_dir, 'Where checkpoints, TensorBoard logs, the report and '
                     'the exported model go. A run started again with the same model_dir resumes.')
+flags.DEFINE_enum('feature_cache', config_lib.DEFAULTS.feature_cache, config_lib.FEATURE_CACHE,
+                  'Phase 1 of a frozen backbone trains the head on pooled features computed once (trainer/features.py): '
+                  'auto, where nothing random comes before the backbone; on, with the augmentation too (phase 1 then '
+                  'sees the images as stored, and the augmentation starts with phase 2); off, never.')
 flags.DEFINE_string('cache_dir', config_lib.DEFAULTS.cache_dir, 'Cache decoded images in files here instead of in '
                     'memory.')
 flags.DEFINE_integer('image_size', config_lib.DEFAULTS.image_size, 'Side of the square model input (default: the '
