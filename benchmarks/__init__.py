@@ -1,1 +1,5 @@
-"""Measurements outside the installed package (`python -m benchmarks.NAME`); their runs are in BENCHMARKS.md."""
+"""Throughput measurements of the trainer's input pipeline and training step, against their peers.
+
+Run from the repository root as `python -m benchmarks` (benchmarks/__main__.py); not part of the installed package.
+`python -m benchmarks.serve` and `python -m benchmarks.tflite` measure the server and the TFLite models.
+"""

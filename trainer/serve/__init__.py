@@ -29,6 +29,7 @@ from trainer import config as config_lib
 from trainer import errors
 from trainer import export
 from trainer import gradcam as gradcam_lib
+from trainer import inference
 from trainer import predict
 from trainer import runs as runs_lib
 
@@ -66,7 +67,7 @@ class Service:
 
   def __post_init__(self):
     self._lock = threading.Lock()
-    self._predict = runs_lib.make_predict(self.run.model)
+    self._predict = inference.make_predict(self.run.model)
     self._gradcam = gradcam_lib.make_ensemble_gradcam([(self.run.model, self.image_size)])
     # Traced now, before the first request: tracing takes seconds, and AutoGraph writes the Python it generates to
     # temporary files, which no request should do.
