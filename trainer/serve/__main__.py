@@ -1,7 +1,7 @@
 r"""`python -m trainer.serve`: one exported model behind TF Serving's REST API, with a page at / (see
 `trainer.serve`, trainer/serve/__init__.py, and its routes, trainer/serve/app.py).
 
-    python -m trainer.serve --model_dir=runs/ensemble
+    python -m trainer.serve --model_dir=runs/ensemble        # or: cxr-serve --model_dir=runs/ensemble
     python -m trainer.serve --model_dir=runs/resnet50 --port=8080 --model_name=pneumonia --host=0.0.0.0
 """
 
@@ -38,5 +38,10 @@ def main(argv):
   uvicorn.run(app_lib.create_app(service, FLAGS.model_name), host=FLAGS.host, port=FLAGS.port, log_level='info')
 
 
-if __name__ == '__main__':
+def run():
+  """The `cxr-serve` console script."""
   cli.run(main)
+
+
+if __name__ == '__main__':
+  run()
