@@ -24,6 +24,7 @@ from trainer import runs as runs_lib
 from trainer import export
 from trainer import figures
 from trainer import predict
+from trainer import tflite
 from trainer import train
 from trainer.config import Config
 
@@ -226,6 +227,21 @@ def test_model_card(ensemble):
   assert 'ROC-AUC 0.900, accuracy 0.800, sensitivity 0.700, specificity 0.600' in real
   assert 'With only the normal images shifted (as if they came from another machine than the pneumonia images), ' \
          'the worst ROC-AUC is 0.850.' in real
+
+
+def test_the_export_writes_a_tflite_model_that_agrees_with_keras(ensemble, test_files):
+  run_json = json.loads(pathlib.Path(ensemble, 'run.json').read_text())
+  entry = run_json['tflite']
+  assert entry['float32']['select_tf_ops'] == [] and entry['float32']['max_difference'] <= tflite.FLOAT_TOLERANCE
+  images = np.stack([predict.read_image(f, [SIZE])[SIZE] for f in test_files[0]])
+  expected = export.load_model(os.path.join(ensemble, 'model.keras')).predict(images, verbose=0)[:, 0]
+  got = tflite.load_export(export.current_dir(ensemble))(images)
+  np.testing.assert_allclose(got, expected, atol=tflite.FLOAT_TOLERANCE)
+  card = pathlib.Path(ensemble, export.MODEL_CARD).read_text()
+  assert f'`model.tflite` (float32, {entry["float32"]["bytes"]:,} bytes)' in card
+  assert "TFLite's built-in ops only" in card
+  # The tiny CNNs' tensors are all under TFLite's 1,024 values: nothing to quantize, and the card says why.
+  assert entry['int8']['kept'] is False and 'No int8 variant: no weight tensor large enough' in card
 
 
 # An export commits as a unit.
