@@ -229,11 +229,11 @@ def test_model_card(ensemble):
          'the worst ROC-AUC is 0.850.' in real
 
 
-def test_the_export_writes_a_tflite_model_that_agrees_with_keras(ensemble, test_files):
+def test_the_export_writes_a_tflite_model_that_agrees_with_keras(ensemble, split_files):
   run_json = json.loads(pathlib.Path(ensemble, 'run.json').read_text())
   entry = run_json['tflite']
   assert entry['float32']['select_tf_ops'] == [] and entry['float32']['max_difference'] <= tflite.FLOAT_TOLERANCE
-  images = np.stack([predict.read_image(f, [SIZE])[SIZE] for f in test_files[0]])
+  images = np.stack([predict.read_image(f, [SIZE])[SIZE] for f in split_files[0]])
   expected = export.load_model(os.path.join(ensemble, 'model.keras')).predict(images, verbose=0)[:, 0]
   got = tflite.load_export(export.current_dir(ensemble))(images)
   np.testing.assert_allclose(got, expected, atol=tflite.FLOAT_TOLERANCE)
