@@ -16,6 +16,7 @@ from absl import logging
 from trainer import cli
 from trainer import errors
 from trainer import data
+from trainer import lock
 from trainer import report as report_lib
 from trainer import runs as runs_lib
 from trainer import tta
@@ -68,11 +69,14 @@ def main(argv):
   out_dir = os.path.expanduser(FLAGS.out_dir or os.path.join(model_dirs[0], f'eval_{FLAGS.split}'))
   predictions = runs_lib.predict_runs(runs, builder, FLAGS.split, batch_size=FLAGS.batch_size)
   operating = {'threshold': threshold, 'threshold_rule': point['threshold_rule'], 'chosen': point['chosen']}
-  report = report_lib.report_predictions(
-      predictions, threshold=threshold, out_dir=out_dir, tensorboard_dir=out_dir, n_resamples=FLAGS.n_resamples,
-      extra={**extra, 'dataset': dataset, 'trained_on': runs_lib.run_dataset(runs), 'split': FLAGS.split,
-             'operating_point': operating},
-      threshold_rule=report_lib.rule_text(point['threshold_rule']))
+  os.makedirs(out_dir, exist_ok=True)
+  # Two evaluations into one folder would leave one's report.json beside the other's figures.
+  with lock.hold(out_dir, what='evaluation', flag='--out_dir'):
+    report = report_lib.report_predictions(
+        predictions, threshold=threshold, out_dir=out_dir, tensorboard_dir=out_dir, n_resamples=FLAGS.n_resamples,
+        extra={**extra, 'dataset': dataset, 'trained_on': runs_lib.run_dataset(runs), 'split': FLAGS.split,
+               'operating_point': operating},
+        threshold_rule=report_lib.rule_text(point['threshold_rule']))
   at = report['at_val_threshold']
   logging.info('%s at the threshold %.3f (%s, %s): ROC AUC %.3f, sensitivity %.3f, specificity %.3f. Report: %s',
                FLAGS.split, threshold, point['threshold_rule'], 'stored with the run' if point['chosen'] == 'stored'

@@ -40,6 +40,7 @@ from trainer import config as config_lib
 from trainer import data
 from trainer import errors
 from trainer import files
+from trainer import lock
 from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in a .keras file)
 from trainer import report as report_lib
 
@@ -171,7 +172,19 @@ def committing(out_dir: str):
 
   Raises:
     OSError: a write failed (a full disk), on one line naming out_dir and the reason.
+    trainer.lock.LockedError: another process writes out_dir (a training run, another export).
   """
+  os.makedirs(out_dir, exist_ok=True)
+  # Unless this process holds it already (a training run's own final export), the export takes out_dir's lock: two
+  # writers would each delete the other's unfinished exports/N.partial after their commit.
+  with contextlib.nullcontext() if lock.held(out_dir) else lock.hold(out_dir, what='export', flag='--out_dir'):
+    with _committing(out_dir) as folder_and_number:
+      yield folder_and_number
+
+
+@contextlib.contextmanager
+def _committing(out_dir: str):
+  """`committing`, under out_dir's lock."""
   exports = os.path.join(out_dir, EXPORTS)
   os.makedirs(exports, exist_ok=True)
   # Numbers are never reused, an unfinished one's included, so TF Serving sees each export as a new version.

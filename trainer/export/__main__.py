@@ -18,6 +18,7 @@ from trainer import cli
 from trainer import errors
 from trainer import data
 from trainer import export
+from trainer import lock
 from trainer import runs as runs_lib
 from trainer import tta
 
@@ -45,6 +46,14 @@ def main(argv):
   dirs = [os.path.expanduser(d) for d in FLAGS.model_dir]
   if os.path.abspath(out_dir) in {os.path.abspath(d) for d in dirs} and len(dirs) > 1:
     raise errors.InvalidValue(f'--out_dir={out_dir} is one of the members: give the ensemble a folder of its own.')
+  os.makedirs(out_dir, exist_ok=True)
+  # Held from the start: a second writer (a training run, another export) is refused now, not after minutes of work.
+  with lock.hold(out_dir, what='export', flag='--out_dir'):
+    _export(out_dir, dirs)
+
+
+def _export(out_dir: str, dirs: list[str]) -> None:
+  """The export of the runs in `dirs` into out_dir, whose lock the caller holds."""
   runs = [runs_lib.load_run(d) for d in dirs]
   run = runs[0]
   if len(runs) > 1:
