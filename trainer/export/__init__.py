@@ -109,6 +109,13 @@ def load_model(path: str) -> keras.Model:
                               'archive): export it again, or copy it again from where it was made.')
   try:
     return keras.saving.load_model(path, compile=False, safe_mode=True)
+  except ValueError as e:
+    if 'safe_mode' not in str(e):
+      raise
+    # Safe mode did its job; its message is the user's to read, not a traceback.
+    raise errors.InvalidValue(f'{path} holds Python code ({_code_kind(str(e))}), which is not run when a model is '
+                              'loaded: a model file from another source could run anything. Export it again from its '
+                              'training run with this trainer.') from None
   except TypeError as e:
     # Keras's message is the whole model config (thousands of characters), with the missing class near its end.
     if not (missing := _MISSING_CLASS.search(str(e))):
@@ -118,11 +125,20 @@ def load_model(path: str) -> keras.Model:
                               'before keras.saving.load_model), from a version of the trainer that has it.') from None
 
 
+def _code_kind(message: str) -> str:
+  """'a Lambda layer' for Keras's 'Requested the deserialization of a `Lambda` layer ...'."""
+  return f'a {match.group(1)} layer' if (match := re.search(r'`(\w+)` layer', message)) else 'code'
+
+
 def export_saved_model(model: keras.Model, path: str, *, image_size: int, threshold: float) -> str:
   """Exports a SavedModel whose `serve` signature takes encoded JPEG/PNG bytes.
 
   The signature decodes and resizes with the training pipeline's own functions, so a served model sees the same
   pixels as the trained one. It returns the pneumonia probability and the label at the validation threshold.
+
+  EXIF orientation is not applied: TensorFlow has no op that reads EXIF, so the signature reads the pixels as stored,
+  and a photo stored on its side with an Orientation tag (as phones write them) is scored on its side. A caller that
+  takes such files turns them first, with `trainer.data.upright` (as trainer.predict does); the model card says so.
 
   Args:
     model: the trained Keras model (uint8 grayscale input).
@@ -425,6 +441,10 @@ def model_card(report: dict, run: dict, *, stress: dict | None = None) -> str:
       'simulated shift of the stress test pushes normal images\' probabilities up (EXPERIMENTS.md): on images from '
       'other machines, exposures or post-processing, expect normal images called pneumonia (specificity) first.',
       '- Adults, other views, other hospitals and other lung diseases were never seen in training.',
+      '- **EXIF orientation** is not applied by the SavedModel\'s bytes-in signature (TensorFlow cannot read EXIF): '
+      'an image stored on its side with an Orientation tag, as phones store photos, is scored on its side. '
+      'trainer.predict turns such images the way up; a server that calls the SavedModel turns them first with '
+      '`trainer.data.upright`.',
       '- The label is at a fixed threshold; a site with another prevalence or other costs needs its own, chosen on '
       'its own validation data.',
       '',
