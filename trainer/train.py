@@ -570,6 +570,8 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
     files.write_atomic(os.path.join(config.model_dir, 'config.json'),
                        json.dumps(new_settings, indent=2, sort_keys=True))
   first_step = state.resume(chief=chief)
+  if int(state.epoch) > config.epochs + config.fine_tune_epochs:  # A finished run, asked for fewer epochs.
+    return _kept_export(config, int(state.epoch)) if chief else {}
 
   skip_steps = state.steps_trained(first_step)
   iterator = training_iterator(strategy, lambda ctx: data.train_dataset(
@@ -760,10 +762,33 @@ def _control_phase(control: PhaseControl, auc: float, epoch: int, phase: str, co
   return epoch + 1
 
 
+def _kept_export(config: Config, trained: int) -> dict:
+  """A model dir that has trained more epochs than asked: nothing is trained or exported again, so run.json keeps
+  the epochs its model trained; says so. Returns the export's test report.
+
+  Raises:
+    errors.InvalidValue: the run was never exported (stopped in its final export): only its own epochs finish it.
+  """
+  asked = (f'the {config.epochs + config.fine_tune_epochs} of --epochs={config.epochs} + '
+           f'--fine_tune_epochs={config.fine_tune_epochs}')
+  report = os.path.join(config.model_dir, 'report.json')
+  if not os.path.isfile(report):
+    raise errors.InvalidValue(f'--model_dir={config.model_dir} holds a run trained for {trained} epochs, more than '
+                              f'{asked}, and not exported yet: run it again with its own --epochs and '
+                              '--fine_tune_epochs (its config.json has them), or give this run a new --model_dir.')
+  logging.warning('--model_dir=%s holds a run trained for %d epochs, more than %s: nothing is trained, and its export '
+                  '(its run.json names the epochs it trained) is kept as it is. For a shorter run, give a new '
+                  '--model_dir; to export it again, python -m trainer.export.', config.model_dir, trained, asked)
+  with open(report) as f:
+    return json.load(f)
+
+
 def _restore_counters(control: PhaseControl, path: str, epoch: int) -> None:
   """Restores the early-stopping and plateau counters from checkpoint `path`; fresh ones if it has none."""
   try:
-    tf.train.Checkpoint(phase_control=control).restore(path).assert_existing_objects_matched()
+    # expect_partial: the checkpoint's other values (the model, the optimizers) are restored elsewhere, and TF would
+    # otherwise log each one (~160 lines, "moving_variance" among them) as not found.
+    tf.train.Checkpoint(phase_control=control).restore(path).expect_partial().assert_existing_objects_matched()
   except AssertionError:
     logging.warning('%s has no early-stopping or plateau counters (it predates them): they start again.', path)
     control.trained_epochs.assign(epoch)  # Such a run never skipped an epoch.
