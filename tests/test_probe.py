@@ -146,7 +146,8 @@ def test_the_saved_models_contract_on_exif_is_in_its_signature_docs_and_model_ca
 
 _INTERVALS = {name: [0.1, 0.9] for name in ('accuracy', 'sensitivity', 'specificity', 'precision', 'f1')}
 _REPORT = {
-    'at_val_threshold': {**{name: 0.5 for name in _INTERVALS}, 'ci95': _INTERVALS, 'confusion_matrix': [[1, 1], [1, 1]]},
+    'at_val_threshold': {**{name: 0.5 for name in _INTERVALS}, 'ci95': _INTERVALS,
+                         'confusion_matrix': [[1, 1], [1, 1]]},
     'ranking': {'roc_auc': 0.5, 'pr_auc': 0.5, 'ci95': {'roc_auc': [0.1, 0.9], 'pr_auc': [0.1, 0.9]}},
     'n_images': 4, 'n_patients': 4, 'positives': 2, 'threshold_rule': 'Youden.', 'bootstrap': {'n_resamples_used': 9},
     'calibration': {'ece': 0.1, 'n_bins': 10, 'brier': 0.2}}

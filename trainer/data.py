@@ -59,8 +59,8 @@ def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None) -> tf
     except (OSError, RuntimeError, tf.errors.OpError) as e:
       if not (reason := _disk_reason(e)):
         raise
-      raise errors.WriteFailed(f'Cannot build {dataset} in {builder.data_dir}: {reason}. Free some space there, or give '
-                               'another --data_dir; the next build starts over.') from e
+      raise errors.WriteFailed(f'Cannot build {dataset} in {builder.data_dir}: {reason}. Free some space there, or '
+                               'give another --data_dir; the next build starts over.') from e
   # TFDS builds into an `incomplete.*` folder beside the version folder and renames it when done. A build that was
   # killed leaves its folder behind: harmless (the next build starts a new one), but as large as the data it wrote.
   leftovers = glob.glob(os.path.join(glob.escape(os.path.dirname(os.fspath(builder.data_dir))), 'incomplete.*'))

@@ -3,7 +3,9 @@
 
 Two runs writing one model dir interleave their checkpoints (one run's ckpt-2 beside the other's ckpt-3) and lose a
 report; two exports into one folder delete each other's unfinished export. An export (`trainer.export.committing`)
-takes the lock itself unless its process holds it already (`held`): a training run's own final export. The lock is an flock on `model_dir/.lock` where the filesystem has one: the kernel releases it when its
+takes the lock itself unless its process holds it already (`held`): a training run's own final export.
+
+The lock is an flock on `model_dir/.lock` where the filesystem has one: the kernel releases it when its
 process dies, however it dies, so a lock left by a killed run is never in the way. Where flock is not supported (some
 network and FUSE filesystems), `model_dir/.lock.lease` is a lease instead: created exclusively, naming its owner's
 host and pid, and refreshed every LEASE_REFRESH_SECONDS. A lease is stale when its owner is a dead process on this

@@ -350,6 +350,10 @@ def versions() -> dict:
           'tensorflow_datasets': tfds.__version__, 'numpy': np.__version__}
 
 
+_EXIF_FAILURE = ('- **EXIF orientation** is not applied by the SavedModel\'s bytes-in signature (TensorFlow cannot read '
+                 'EXIF): an image stored on its side with an Orientation tag, as phones store photos, is scored on its '
+                 'side. trainer.predict turns such images the way up; a server that calls the SavedModel turns them '
+                 'first with `trainer.data.upright`.')
 _KERMANY = ('chest_xray_pneumonia/original', 'chest_xray_pneumonia/224', 'chest_xray_pneumonia/512')
 
 
@@ -441,10 +445,7 @@ def model_card(report: dict, run: dict, *, stress: dict | None = None) -> str:
       'simulated shift of the stress test pushes normal images\' probabilities up (EXPERIMENTS.md): on images from '
       'other machines, exposures or post-processing, expect normal images called pneumonia (specificity) first.',
       '- Adults, other views, other hospitals and other lung diseases were never seen in training.',
-      '- **EXIF orientation** is not applied by the SavedModel\'s bytes-in signature (TensorFlow cannot read EXIF): '
-      'an image stored on its side with an Orientation tag, as phones store photos, is scored on its side. '
-      'trainer.predict turns such images the way up; a server that calls the SavedModel turns them first with '
-      '`trainer.data.upright`.',
+      _EXIF_FAILURE,
       '- The label is at a fixed threshold; a site with another prevalence or other costs needs its own, chosen on '
       'its own validation data.',
       '',
