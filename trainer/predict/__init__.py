@@ -26,7 +26,9 @@ with the threshold stored once.
 
 --gradcam_dir writes, for each image, the image as the model saw it (at its input size) under the Grad-CAM map of the
 pneumonia score, as <path below the inputs' common folder>.gradcam.png. Each map is scaled to its own maximum, so the
-weak evidence in a confidently normal image is drawn as hot as strong evidence: read a map with its probability.
+weak evidence in a confidently normal image is drawn as hot as strong evidence: read a map with its probability. An
+overlay that cannot be written (a full disk) is an "error" on its image's line, which keeps its label: no prediction
+depends on an optional output.
 """
 
 import collections
