@@ -21,13 +21,13 @@ import tensorflow_datasets as tfds
 from cxr_tfds.chest_xray_pneumonia import imaging
 from cxr_tfds.chest_xray_pneumonia import sources
 from trainer import cli
+from trainer import control as control_lib
 from trainer import data
 from trainer import errors
 from trainer import export
 from trainer import lock
 from trainer import predict
 from trainer import runs as runs_lib
-from trainer import train
 
 _ORIENTATION = 0x0112  # The EXIF tag.
 
@@ -264,6 +264,7 @@ def test_a_folder_walk_skips_the_projects_own_overlays_and_gradcam_dir(tmp_path)
 _PROGRAM = '''
 import errno, os, sys
 from trainer import cli
+from trainer import control as control_lib
 
 def main(argv):
   code = int(sys.argv[1])
@@ -325,12 +326,12 @@ def test_cli_treats_only_the_users_os_errors_as_one_line():
 
 def test_restoring_the_counters_logs_no_unmatched_values(tmp_path, caplog):
   model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.BatchNormalization()])
-  control = train.PhaseControl(patience=0, plateau=None)
+  control = control_lib.PhaseControl(patience=0, plateau=None)
   control.trained_epochs.assign(3)
   path = tf.train.Checkpoint(model=model, phase_control=control).save(str(tmp_path / 'ckpt'))
-  restored = train.PhaseControl(patience=0, plateau=None)
+  restored = control_lib.PhaseControl(patience=0, plateau=None)
   with caplog.at_level(logging.WARNING):
-    train._restore_counters(restored, path, epoch=3)  # pylint: disable=protected-access
+    control_lib.restore_counters(restored, path, epoch=3)
     gc.collect()  # TF logs the unmatched values when the restore's status is deleted.
   assert int(restored.trained_epochs) == 3
   assert 'could not be found in the restored object' not in caplog.text
