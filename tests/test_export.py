@@ -226,6 +226,15 @@ def test_model_card(ensemble):
   assert 'ROC-AUC 0.900, accuracy 0.800, sensitivity 0.700, specificity 0.600' in real
   assert 'With only the normal images shifted (as if they came from another machine than the pneumonia images), ' \
          'the worst ROC-AUC is 0.850.' in real
+  # With the stress test's rows, the card says what specificity to expect under a shift of the normals, and why.
+  rows = {'none': {'specificity': 0.95}, 'a': {'specificity': 0.9}, 'b': {'specificity': 0.7}}
+  shifted = export.model_card(report, run_json, stress={'split': 'validation', 'shifts': rows,
+                                                        'worst': {'roc_auc': 0.9, 'roc_auc_normals_shifted': 0.85,
+                                                                  'accuracy': 0.8, 'sensitivity': 0.7,
+                                                                  'specificity': 0.7}})
+  assert ('**Specificity to expect on normal images from another machine:** about 0.80 (the mean over the shifts; '
+          'the worst 0.70), against 0.95 on the unshifted validation split. Why:') in shifted
+  assert 'Specificity to expect' not in real
 
 
 # An export commits as a unit.
