@@ -15,6 +15,7 @@ from absl import logging
 
 from trainer import cli
 from trainer import errors
+from trainer import lock
 from trainer import metrics
 from trainer import report as report_lib
 from trainer import runs as runs_lib
@@ -59,12 +60,16 @@ def main(argv):
   point = runs.operating_point(FLAGS.threshold_rule)
   out_dir = os.path.expanduser(FLAGS.out_dir or os.path.join(model_dirs[0], f'eval_{FLAGS.split}'))
   operating = {'threshold': point['threshold'], 'threshold_rule': point['threshold_rule'], 'chosen': point['chosen']}
-  report = report_lib.report_predictions(
-      runs.predict(builder, FLAGS.split), threshold=point['threshold'], out_dir=out_dir, tensorboard_dir=out_dir,
-      n_resamples=FLAGS.n_resamples,
-      extra={**_described(runs, point), 'dataset': dataset, 'trained_on': runs.dataset, 'split': FLAGS.split,
-             'operating_point': operating},
-      threshold_rule=metrics.threshold_rule(point['threshold_rule']).text)
+  predictions = runs.predict(builder, FLAGS.split)
+  os.makedirs(out_dir, exist_ok=True)
+  # Two evaluations into one folder would leave one's report.json beside the other's figures.
+  with lock.hold(out_dir, what='evaluation', flag='--out_dir'):
+    report = report_lib.report_predictions(
+        predictions, threshold=point['threshold'], out_dir=out_dir, tensorboard_dir=out_dir,
+        n_resamples=FLAGS.n_resamples,
+        extra={**_described(runs, point), 'dataset': dataset, 'trained_on': runs.dataset, 'split': FLAGS.split,
+               'operating_point': operating},
+        threshold_rule=metrics.threshold_rule(point['threshold_rule']).text)
   at = report['at_val_threshold']
   chosen = 'stored with the run' if point['chosen'] == 'stored' else 'chosen now on validation'
   logging.info('%s at the threshold %.3f (%s, %s): ROC AUC %.3f, sensitivity %.3f, specificity %.3f. Report: %s',

@@ -40,6 +40,7 @@ from trainer import config as config_lib
 from trainer import data
 from trainer import errors
 from trainer import files
+from trainer import lock
 from trainer import metrics
 from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in a .keras file)
 from trainer import report as report_lib
@@ -109,6 +110,13 @@ def load_model(path: str) -> keras.Model:
                               'archive): export it again, or copy it again from where it was made.')
   try:
     return keras.saving.load_model(path, compile=False, safe_mode=True)
+  except ValueError as e:
+    if 'safe_mode' not in str(e):
+      raise
+    # Safe mode did its job; its message is the user's to read, not a traceback.
+    raise errors.InvalidValue(f'{path} holds Python code ({_code_kind(str(e))}), which is not run when a model is '
+                              'loaded: a model file from another source could run anything. Export it again from its '
+                              'training run with this trainer.') from None
   except TypeError as e:
     # Keras's message is the whole model config (thousands of characters), with the missing class near its end.
     if not (missing := _MISSING_CLASS.search(str(e))):
@@ -118,11 +126,20 @@ def load_model(path: str) -> keras.Model:
                               'before keras.saving.load_model), from a version of the trainer that has it.') from None
 
 
+def _code_kind(message: str) -> str:
+  """'a Lambda layer' for Keras's 'Requested the deserialization of a `Lambda` layer ...'."""
+  return f'a {match.group(1)} layer' if (match := re.search(r'`(\w+)` layer', message)) else 'code'
+
+
 def export_saved_model(model: keras.Model, path: str, *, image_size: int, threshold: float) -> str:
   """Exports a SavedModel whose `serve` signature takes encoded JPEG/PNG bytes.
 
   The signature decodes and resizes with the training pipeline's own functions, so a served model sees the same
   pixels as the trained one. It returns the pneumonia probability and the label at the validation threshold.
+
+  EXIF orientation is not applied: TensorFlow has no op that reads EXIF, so the signature reads the pixels as stored,
+  and a photo stored on its side with an Orientation tag (as phones write them) is scored on its side. A caller that
+  takes such files turns them first, with `trainer.data.upright` (as trainer.predict does); the model card says so.
 
   Args:
     model: the trained Keras model (uint8 grayscale input).
@@ -172,7 +189,19 @@ def committing(out_dir: str):
 
   Raises:
     OSError: a write failed (a full disk), on one line naming out_dir and the reason.
+    trainer.lock.LockedError: another process writes out_dir (a training run, another export).
   """
+  os.makedirs(out_dir, exist_ok=True)
+  # Unless this process holds it already (a training run's own final export), the export takes out_dir's lock: two
+  # writers would each delete the other's unfinished exports/N.partial after their commit.
+  with contextlib.nullcontext() if lock.held(out_dir) else lock.hold(out_dir, what='export', flag='--out_dir'):
+    with _committing(out_dir) as folder_and_number:
+      yield folder_and_number
+
+
+@contextlib.contextmanager
+def _committing(out_dir: str):
+  """`committing`, under out_dir's lock."""
   exports = os.path.join(out_dir, EXPORTS)
   os.makedirs(exports, exist_ok=True)
   # Numbers are never reused, an unfinished one's included, so TF Serving sees each export as a new version.
@@ -322,6 +351,10 @@ def versions() -> dict:
           'tensorflow_datasets': tfds.__version__, 'numpy': np.__version__}
 
 
+_EXIF_FAILURE = ('- **EXIF orientation** is not applied by the SavedModel\'s bytes-in signature (TensorFlow cannot read '
+                 'EXIF): an image stored on its side with an Orientation tag, as phones store photos, is scored on its '
+                 'side. trainer.predict turns such images the way up; a server that calls the SavedModel turns them '
+                 'first with `trainer.data.upright`.')
 _KERMANY = ('chest_xray_pneumonia/original', 'chest_xray_pneumonia/224', 'chest_xray_pneumonia/512')
 
 
@@ -405,6 +438,7 @@ def model_card(report: dict, run: dict, *, stress: dict | None = None) -> str:
       'simulated shift of the stress test pushes normal images\' probabilities up (EXPERIMENTS.md): on images from '
       'other machines, exposures or post-processing, expect normal images called pneumonia (specificity) first.',
       '- Adults, other views, other hospitals and other lung diseases were never seen in training.',
+      _EXIF_FAILURE,
       '- The label is at a fixed threshold; a site with another prevalence or other costs needs its own, chosen on '
       'its own validation data.',
       '',
