@@ -80,5 +80,10 @@ def main(argv):
                os.path.join(out_dir, 'report.md'))
 
 
-if __name__ == '__main__':
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
   cli.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -42,6 +42,7 @@ from trainer import errors
 from trainer import files
 from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in a .keras file)
 from trainer import report as report_lib
+from trainer import version
 
 SERVING_ENDPOINT = 'serve'
 CURRENT = 'current'  # OUT/current -> exports/N: the export in force.
@@ -307,7 +308,7 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
     export_saved_model(model, os.path.join(folder, 'saved_model', str(number)), image_size=image_size,
                        threshold=threshold)
     run = {**run_info, 'image_size': image_size, 'threshold': threshold, 'threshold_rule': threshold_rule,
-           'versions': versions()}
+           'cxr_trainer': version.provenance(), 'versions': versions()}
     if warning := config_lib.data_warning(extra.get('dataset')):
       run['warning'] = warning
     files.write_atomic(os.path.join(folder, 'run.json'), json.dumps(run, indent=2))
@@ -420,7 +421,10 @@ def model_card(report: dict, run: dict, *, stress: dict | None = None) -> str:
   ]
   if members:
     lines.append(f'Members (their probabilities averaged): {", ".join(members)}.')
-  lines += [f'Versions: {", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())}.',
+  made_with = run.get('cxr_trainer', {})
+  lines += [f'cxr-trainer {made_with.get("version", "(version not recorded)")}'
+            + (f', commit {made_with["git_commit"]}.' if made_with.get('git_commit') else '.'),
+            f'Versions: {", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())}.',
             f'Training settings: see run.json\'s `config` (model {config.get("model")}, image size '
             f'{run.get("image_size")}, {config.get("epochs")}+{config.get("fine_tune_epochs")} epochs).', '']
   return '\n'.join(lines)

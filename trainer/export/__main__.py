@@ -77,5 +77,10 @@ def main(argv):
                at['sensitivity'], at['specificity'])
 
 
-if __name__ == '__main__':
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
   cli.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -60,5 +60,10 @@ def main(argv):
     logging.info('Wrote %s.', FLAGS.out)
 
 
-if __name__ == '__main__':
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
   cli.run(main)
+
+
+if __name__ == '__main__':
+  run()
