@@ -21,7 +21,7 @@
 #   CONFIG       dataset config to build and train on (224; `synthetic` needs no download, for tests)
 #   DATA_DIR     where TFDS keeps the built dataset (TFDS default: ~/tensorflow_datasets)
 #   SEEDS        the seeds to train, one run each (default "1 2")
-#   THRESHOLD_RULE  youden_with_shifts (default) or youden (the validation split alone): see trainer/shift.py
+#   THRESHOLD_RULE  youden_with_shifts (default) or youden (the validation split alone): see trainer/shift/__init__.py
 #   IMAGE_SIZE, EPOCHS, LEARNING_RATE, LR_SCHEDULE, DECAY_EPOCHS, DECAY_LEARNING_RATE, AUGMENT_STRENGTH,
 #   AUGMENT_FAMILIES, AUGMENT_FOV, AUGMENT_CONTRAST, AUGMENT_NOISE,
 #   CNN_FILTERS, CNN_DEPTH, EQUALIZE, BATCH_SIZE   the training settings below
