@@ -57,9 +57,9 @@ flags.DEFINE_enum('lr_scaling', config_lib.DEFAULTS.lr_scaling, config_lib.LR_SC
                   'with the global batch size against a reference batch of 32: none (as given), linear (Goyal et al. '
                   '2017), sqrt.')
 flags.DEFINE_enum('lr_schedule', config_lib.DEFAULTS.lr_schedule, config_lib.LR_SCHEDULES, 'Learning rate within each '
-                  'phase: constant, cosine (linear warmup over the phase\'s first epoch, or its first quarter when that is '
-                  'shorter, then cosine decay to 0 at its '
-                  'end), or plateau (lowered when validation ROC-AUC stops improving: see --plateau_factor).')
+                  'phase: constant, cosine (linear warmup over the phase\'s first epoch, or its first quarter when '
+                  'that is shorter, then cosine decay to 0 at its end), or plateau (lowered when validation ROC-AUC '
+                  'stops improving: see --plateau_factor).')
 flags.DEFINE_float('plateau_factor', config_lib.DEFAULTS.plateau_factor, 'With --lr_schedule=plateau: multiply the '
                    'phase\'s learning rate by this after --plateau_patience epochs without a better validation '
                    'ROC-AUC.')
@@ -126,8 +126,8 @@ flags.DEFINE_integer('cnn_depth', config_lib.DEFAULTS.cnn_depth, 'Blocks in the 
 flags.DEFINE_integer('seed', config_lib.DEFAULTS.seed, 'Fixes initialisation, the data order and augmentation.')
 flags.DEFINE_integer('shuffle_buffer', config_lib.DEFAULTS.shuffle_buffer, 'Examples in the shuffle buffer.')
 flags.DEFINE_enum('precision', config_lib.DEFAULTS.precision, config_lib.PRECISIONS, 'auto: mixed_float16 on NVIDIA '
-                  'GPUs of compute capability 7.0 or more, float32 elsewhere (mixed_bfloat16 only when asked). The output layer '
-                  'and the backbone\'s preprocess_input always compute in float32.')
+                  'GPUs of compute capability 7.0 or more, float32 elsewhere (mixed_bfloat16 only when asked). The '
+                  'output layer and the backbone\'s preprocess_input always compute in float32.')
 flags.DEFINE_enum('strategy', config_lib.DEFAULTS.strategy, config_lib.STRATEGIES, 'auto: mirrored across all GPUs '
                   'when there are several, else one device. multi_worker reads TF_CONFIG, or the Slurm environment '
                   'under Slurm.')
