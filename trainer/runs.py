@@ -21,6 +21,7 @@ from trainer import data
 from trainer import errors
 from trainer import export
 from trainer import metrics
+from trainer import progress
 from trainer import report as report_lib
 from trainer import shift
 from trainer import tta
@@ -53,10 +54,13 @@ def predict_split(model: keras.Model, dataset: tf.data.Dataset, *, predict=None)
   """
   predict = predict or make_predict(model)
   probs, labels, groups = [], [], []
-  for batch in dataset:
-    probs.append(predict(batch['image']).numpy())
-    labels.append(batch['label'].numpy())
-    groups.append(batch['patient_id'].numpy())
+  batches = int(dataset.cardinality())
+  with progress.steps('predicting', batches if batches > 0 else None) as task:
+    for batch in dataset:
+      probs.append(predict(batch['image']).numpy())
+      labels.append(batch['label'].numpy())
+      groups.append(batch['patient_id'].numpy())
+      task.advance()
   return {'probs': np.concatenate(probs), 'labels': np.concatenate(labels), 'groups': np.concatenate(groups)}
 
 
@@ -182,9 +186,13 @@ def predict_runs(runs: Sequence[TrainedRun], builder, split: str, *, batch_size:
 
 def predict_shifted(runs, builder, split: str, *, batch_size: int = 32) -> dict[str, dict]:
   """One run's (or an ensemble's mean) predictions on a split under every shift: {name: `predict_runs`'s result}."""
-  return {name: predict_runs(runs, builder, split, batch_size=batch_size,
-                       transform=lambda images, name=name: shift.apply(name, images))
-          for name in shift.SHIFTS}
+  shifted = {}
+  with progress.steps(f'{split} shifted', len(shift.SHIFTS)) as task:
+    for name in shift.SHIFTS:
+      shifted[name] = predict_runs(runs, builder, split, batch_size=batch_size,
+                                   transform=lambda images, name=name: shift.apply(name, images))
+      task.advance(name)
+  return shifted
 
 
 def threshold_with_shifts(runs, builder, *, batch_size: int = 32) -> float:
@@ -246,18 +254,22 @@ def leave_one_family_out(runs_without: dict[str, list], builder, split: str, *, 
         raise errors.InvalidValue(f'{run.model_dir} trained with the {family} augmentation, so it cannot score the '
                                   f'{family} shifts as unseen: train it with --augment_families without it.')
   families = {}
-  for family in shift.FAMILIES:
-    runs = runs_without[family]
-    plain = predict_runs(runs, builder, split, batch_size=batch_size)
-    shifts, normals_shifted = {}, {}
-    for name in (name for name, of in config_lib.SHIFT_FAMILIES.items() if of == family):
-      predictions = predict_runs(runs, builder, split, batch_size=batch_size,
-                                 transform=lambda images, name=name: shift.apply(name, images))
-      shifts[name] = metrics.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc']
-      normals_shifted[name] = shift.normals_shifted_auc(plain, predictions)
-    families[family] = {'roc_auc': min(shifts.values()), 'roc_auc_normals_shifted': min(normals_shifted.values()),
-                        'shifts': shifts, 'normals_shifted': normals_shifted,
-                        'members': [run.model_dir for run in runs]}
+  # One step per prediction of the split: each family's plain one, then one per shift of the family.
+  with progress.steps('leave-one-family-out', len(shift.FAMILIES) + len(config_lib.SHIFT_FAMILIES)) as task:
+    for family in shift.FAMILIES:
+      runs = runs_without[family]
+      plain = predict_runs(runs, builder, split, batch_size=batch_size)
+      task.advance(f'without-{family}')
+      shifts, normals_shifted = {}, {}
+      for name in (name for name, of in config_lib.SHIFT_FAMILIES.items() if of == family):
+        predictions = predict_runs(runs, builder, split, batch_size=batch_size,
+                                   transform=lambda images, name=name: shift.apply(name, images))
+        task.advance(f'without-{family} {name}')
+        shifts[name] = metrics.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc']
+        normals_shifted[name] = shift.normals_shifted_auc(plain, predictions)
+      families[family] = {'roc_auc': min(shifts.values()), 'roc_auc_normals_shifted': min(normals_shifted.values()),
+                          'shifts': shifts, 'normals_shifted': normals_shifted,
+                          'members': [run.model_dir for run in runs]}
   worst = min(families, key=lambda family: families[family]['roc_auc'])
   worst_normals = min(families, key=lambda family: families[family]['roc_auc_normals_shifted'])
   return {'split': split, 'families': families,

@@ -62,7 +62,7 @@ def main(argv):
 
 def run():
   """The console script's entry point (setup.cfg), as `python -m` runs it."""
-  cli.run(main)
+  cli.run(main, progress=True)
 
 
 if __name__ == '__main__':
