@@ -333,7 +333,7 @@ def test_a_full_disk_or_a_kill_during_an_export_leaves_the_previous_one_whole(ru
 
 def test_the_readme_python_snippet_classifies_files_and_arrays(ensemble, test_files, capsys):
   files, _ = test_files
-  readme = (REPO / 'README.md').read_text()
+  readme = (REPO / 'docs' / 'export-and-serving.md').read_text()
   snippet = readme.split('## Using the model from Python', 1)[1].split('```python\n', 1)[1].split('```', 1)[0]
   assert len(snippet.strip().splitlines()) <= 10
   snippet = (snippet.replace("'runs/recipe/model'", repr(ensemble))
