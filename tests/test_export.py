@@ -19,12 +19,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_serving.apis import predict_pb2
 
+import trainer
 from trainer import metrics
 from trainer import runs as runs_lib
 from trainer import export
 from trainer import figures
 from trainer import predict
 from trainer import train
+from trainer import version
 from trainer.config import Config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -226,6 +228,19 @@ def test_model_card(ensemble):
   assert 'ROC-AUC 0.900, accuracy 0.800, sensitivity 0.700, specificity 0.600' in real
   assert 'With only the normal images shifted (as if they came from another machine than the pneumonia images), ' \
          'the worst ROC-AUC is 0.850.' in real
+
+
+def test_runs_and_exports_record_the_project_version_and_commit(runs, ensemble):
+  made_with = version.provenance()
+  assert made_with['version'] == trainer.__version__
+  for folder in (runs[0], ensemble):  # A training run's export, and trainer.export's.
+    run_json = json.loads(pathlib.Path(folder, 'run.json').read_text())
+    report = json.loads(pathlib.Path(folder, 'report.json').read_text())
+    assert run_json['cxr_trainer'] == report['cxr_trainer'] == made_with
+    card = pathlib.Path(folder, export.MODEL_CARD).read_text()
+    assert f'cxr-trainer {trainer.__version__}' in card
+    if 'git_commit' in made_with:  # Run from a checkout, as the suite is.
+      assert f'commit {made_with["git_commit"]}' in card
 
 
 # An export commits as a unit.
