@@ -135,7 +135,7 @@ flags.DEFINE_list('profile_steps', config_lib.DEFAULTS.profile_steps, 'FIRST,LAS
                   'these global training steps (open the Profile tab; its input-pipeline analysis says whether the '
                   'steps wait for data).')
 flags.DEFINE_bool('deterministic', config_lib.DEFAULTS.deterministic, 'With --seed: make TensorFlow ops deterministic, '
-                  'so two runs give the same metrics. Slower; see README.')
+                  'so two runs give the same metrics. Slower; see docs/troubleshooting.md.')
 flags.DEFINE_integer('logical_devices', config_lib.DEFAULTS.logical_devices, 'Split the host CPU into this many '
                      'logical devices, so that --strategy=mirrored runs on a machine without GPUs (tests, laptops).')
 

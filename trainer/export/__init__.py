@@ -322,6 +322,13 @@ def versions() -> dict:
           'tensorflow_datasets': tfds.__version__, 'numpy': np.__version__}
 
 
+def _made_with(provenance: dict) -> str:
+  """The model card's line naming the project's version and commit (`trainer.version.provenance`)."""
+  commit = provenance.get('git_commit')
+  version_name = provenance.get('version', '(version not recorded)')
+  return f'cxr-trainer {version_name}' + (f', commit {commit}.' if commit else '.')
+
+
 _KERMANY = ('chest_xray_pneumonia/original', 'chest_xray_pneumonia/224', 'chest_xray_pneumonia/512')
 
 
@@ -421,9 +428,7 @@ def model_card(report: dict, run: dict, *, stress: dict | None = None) -> str:
   ]
   if members:
     lines.append(f'Members (their probabilities averaged): {", ".join(members)}.')
-  made_with = run.get('cxr_trainer', {})
-  lines += [f'cxr-trainer {made_with.get("version", "(version not recorded)")}'
-            + (f', commit {made_with["git_commit"]}.' if made_with.get('git_commit') else '.'),
+  lines += [_made_with(run.get('cxr_trainer', {})),
             f'Versions: {", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())}.',
             f'Training settings: see run.json\'s `config` (model {config.get("model")}, image size '
             f'{run.get("image_size")}, {config.get("epochs")}+{config.get("fine_tune_epochs")} epochs).', '']
