@@ -127,7 +127,7 @@ def untrained_run(synthetic_data_dir, tmp_path_factory):
   return make
 
 
-def test_split_predictions(model_dirs, data_dir, *, dataset='chest_xray_pneumonia/synthetic', split='test'):
+def reference_predictions(model_dirs, data_dir, *, dataset='chest_xray_pneumonia/synthetic', split='test'):
   """(labels, mean probability) of the runs' model.keras files on a split, computed here, apart from the code under
   test's own report: for checking a report's numbers against the model it names."""
   import numpy as np  # pylint: disable=import-outside-toplevel

@@ -12,9 +12,10 @@ import pytest
 from scipy import stats
 import tensorflow as tf
 
+from benchmarks import benchmark
 from trainer import augment
-from trainer import benchmark
 from trainer import config
+from trainer import layers
 from trainer import models
 from trainer import shift
 
@@ -131,8 +132,8 @@ def test_gamma_and_blur_reach_the_stress_tests_range():
 
 
 def test_every_stress_shift_has_its_family():
-  assert set(config.SHIFT_FAMILIES) == set(shift.SHIFTS) - {'none'}
-  assert set(config.SHIFT_FAMILIES.values()) <= set(config.FAMILIES)
+  assert set(shift.SHIFT_FAMILIES) == set(shift.SHIFTS) - {'none'}
+  assert set(shift.SHIFT_FAMILIES.values()) <= set(config.FAMILIES)
 
 
 def test_same_seed_same_draws():
@@ -166,7 +167,7 @@ def test_replicas_draw_their_own_transforms():
 
 
 def test_sobel_edges():
-  layer = augment.SobelEdges()
+  layer = layers.SobelEdges()
   flat = np.full((2, 16, 16, 1), 90, np.uint8)
   out = layer(flat).numpy()
   assert out.shape == (2, 16, 16, 2)
@@ -215,7 +216,7 @@ def test_keras_file_with_every_new_layer_loads(tmp_path):
 
 def test_equalize_compiled_in_training_matches_evaluation():
   images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 1)).astype(np.uint8)
-  layer = models.Equalize('clahe')
+  layer = layers.Equalize('clahe')
   np.testing.assert_allclose(layer(images, training=True), layer(images, training=False), atol=1e-3)
 
 
@@ -271,7 +272,7 @@ def test_train_export_and_load_with_every_family_the_edge_channel_and_the_crop(s
   assert stored['augment_families'] == ','.join(config.FAMILIES) and stored['edge_channel'] == 'sobel'
   assert stored['augment_contrast'] == 0.3 and stored['crop'] == 'content'
   model = keras.saving.load_model(str(tmp_path / 'run' / 'model.keras'), safe_mode=True)
-  assert model.get_layer('crop').get_config()['threshold'] == models.CropToContent().threshold
+  assert model.get_layer('crop').get_config()['threshold'] == layers.CropToContent().threshold
   assert model.get_layer('backbone').input.shape[-1] == 2
   assert [l.name for l in model.get_layer('augmentation').layers][-1] == 'jpeg'
   served = tf.saved_model.load(str(tmp_path / 'run' / 'saved_model' / '1')).signatures['serve']

@@ -17,7 +17,7 @@ from trainer import train
 from trainer.config import Config
 
 
-@pytest.mark.parametrize('name', ['efficientnetb0', 'densenet121'])
+@pytest.mark.parametrize('name', ['efficientnetb0', 'densenet121', 'efficientnet_lite0'])
 def test_a_new_backbone_trains_evaluates_exports_and_serves(name, synthetic_data_dir, tmp_path):
   model_dir = str(tmp_path / name)
   # 32 px and one epoch a phase: these backbones are slow on a CPU; the whole last stage fine-tunes.

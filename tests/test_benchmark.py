@@ -1,4 +1,5 @@
-"""Tests for trainer.benchmark: every measurement runs on tiny data and yields a JSON line that says what it measured.
+"""Tests for benchmarks/ (`python -m benchmarks`): every measurement runs on tiny data and yields a JSON line that
+says what it measured.
 
 The pipeline measurements read the synthetic config; the peers and the decode measurements read a small Kaggle-layout
 folder of generated JPEGs. No timing is asserted: only that each line is there, well-formed and counts real images.
@@ -14,7 +15,7 @@ from PIL import Image
 import keras
 import pytest
 
-from trainer import benchmark
+from benchmarks import benchmark
 
 # (folder, class) -> images; names follow the Kaggle patterns. Sizes vary, as the original files' do.
 _FILES = {('train', 'NORMAL'): 6, ('train', 'PNEUMONIA'): 6, ('test', 'NORMAL'): 2, ('test', 'PNEUMONIA'): 2}
@@ -94,7 +95,10 @@ def test_recipe_step_line_times_old_and_new_layers_in_both_precisions(lines, set
   assert set(line['step_ms']) == {'keras_layers_float32', 'fused_float32', 'keras_layers_mixed_bfloat16',
                                   'fused_mixed_bfloat16', 'fused_float32_xla', 'none_float32'}
   assert all(ms > 0 for ms in line['step_ms'].values())
-  assert line['fastest'].startswith('fused') and line['model']['image_size'] == setup.image_size
+  # The fastest of the new augmentation's variants, whichever it is on this machine: a fused one, and none faster.
+  fused = {name: ms for name, ms in line['step_ms'].items() if name.startswith('fused')}
+  assert line['fastest'] in fused and line['step_ms'][line['fastest']] == min(fused.values())
+  assert line['model']['image_size'] == setup.image_size
   assert line['model'] == {'name': 'cnn', **benchmark.RECIPE_MODEL, **_RECIPE_MODEL, 'image_size': setup.image_size,
                            'batch_size': setup.batch_size}
   assert line['ratio'] == pytest.approx(line['step_ms']['keras_layers_float32'] / line['step_ms'][line['fastest']],
@@ -183,10 +187,12 @@ def test_a_failing_measurement_becomes_an_error_line_and_the_run_goes_on(setup, 
 
 def test_command_line_prints_only_json_lines_from_isolated_processes(setup):
   # A peer that prints ("Found 12 images ..."), in its own spawned process.
-  command = [sys.executable, '-m', 'trainer.benchmark', '--only=peer_image_data_generator',
+  command = [sys.executable, '-m', 'benchmarks', '--only=peer_image_data_generator',
              f'--dataset={setup.dataset}', f'--data_dir={setup.data_dir}', f'--manual_dir={setup.manual_dir}',
              '--image_size=32', '--batch_size=4', '--steps=1', '--repeats=1']
-  result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+  # From the repository root, as README says: benchmarks/ is not installed.
+  result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0, result.stderr[-3000:]
   printed = [json.loads(line) for line in result.stdout.splitlines()]
   assert [line['name'] for line in printed] == ['peer_image_data_generator', 'targets']

@@ -1,4 +1,4 @@
-"""--crop=content: `models.CropToContent` takes away black borders, and with them the chest's size in the frame."""
+"""--crop=content: `layers.CropToContent` takes away black borders, and with them the chest's size in the frame."""
 
 import subprocess
 import sys
@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import config
+from trainer import layers
 from trainer import models
 from trainer import shift
 
@@ -31,7 +32,7 @@ def _relative_error(a, b):
 
 def test_a_black_border_is_cropped_away_and_the_content_fills_the_frame():
   image = _framed(10, 50, 20, 60)
-  out = models.CropToContent()(image).numpy()
+  out = layers.CropToContent()(image).numpy()
   assert out.shape == image.shape and out.dtype == np.float32
   expected = tf.image.resize(image[:, 10:50, 20:60], [SIDE, SIDE]).numpy()
   # Within the 3 x 3 smoothing's one pixel of the content's edge.
@@ -41,13 +42,13 @@ def test_a_black_border_is_cropped_away_and_the_content_fills_the_frame():
 
 def test_an_image_without_a_border_is_left_as_it_is():
   image = _framed(0, SIDE, 0, SIDE, seed=1)
-  np.testing.assert_allclose(models.CropToContent()(image), image, atol=1e-3)
+  np.testing.assert_allclose(layers.CropToContent()(image), image, atol=1e-3)
 
 
 def test_the_crop_sees_a_border_through_brightness_contrast_and_noise():
   image = _framed(8, 56, 12, 52, seed=2)
   shifted = np.clip(0.7 * image + 40 + np.random.default_rng(3).normal(0, 8, image.shape), 0, 255).astype(np.float32)
-  out = models.CropToContent()(shifted).numpy()
+  out = layers.CropToContent()(shifted).numpy()
   expected = tf.image.resize(shifted[:, 8:56, 12:52], [SIDE, SIDE]).numpy()
   assert _relative_error(out, expected) < 0.05
   # The border (grey level ~40) is gone: what is left is content (>= ~80 after the shift).
@@ -57,24 +58,24 @@ def test_the_crop_sees_a_border_through_brightness_contrast_and_noise():
 def test_a_marker_in_the_border_does_not_stop_the_crop_and_an_empty_image_is_kept_whole():
   image = _framed(10, 54, 10, 54, seed=4)
   image[:, 2:5, 2:5] = 255  # a burnt-in letter in the corner: 3 pixels of a 64-pixel row
-  out = models.CropToContent()(image).numpy()
+  out = layers.CropToContent()(image).numpy()
   assert _relative_error(out, tf.image.resize(image[:, 10:54, 10:54], [SIDE, SIDE]).numpy()) < 0.05
   nearly_empty = _framed(30, 34, 30, 34, seed=5)  # content spans 4 of 64 pixels: under min_extent, not blown up
-  np.testing.assert_allclose(models.CropToContent()(nearly_empty), nearly_empty, atol=1e-3)
+  np.testing.assert_allclose(layers.CropToContent()(nearly_empty), nearly_empty, atol=1e-3)
 
 
 def test_the_stress_tests_zoom_out_is_undone():
   image = _framed(0, SIDE, 0, SIDE, seed=6)
   zoomed_out = shift.SHIFTS['zoom out (x0.85, black border)'](tf.constant(image)).numpy()
-  crop = models.CropToContent()
+  crop = layers.CropToContent()
   assert _relative_error(zoomed_out, image) > 0.1
   assert _relative_error(crop(zoomed_out), crop(image)) < 0.05
 
 
 def test_every_image_of_a_batch_gets_its_own_crop():
   batch = np.concatenate([_framed(10, 50, 20, 60, seed=7), _framed(0, SIDE, 0, SIDE, seed=8)])
-  out = models.CropToContent()(batch).numpy()
-  crop = models.CropToContent()
+  out = layers.CropToContent()(batch).numpy()
+  crop = layers.CropToContent()
   for i in range(2):
     np.testing.assert_allclose(out[i:i + 1], crop(batch[i:i + 1]), atol=1e-4)
 
@@ -82,7 +83,7 @@ def test_every_image_of_a_batch_gets_its_own_crop():
 def test_bad_arguments_are_refused():
   for name in ('threshold', 'min_fraction', 'min_extent'):
     with pytest.raises(ValueError, match=f'{name}=1.5 must be in'):
-      models.CropToContent(**{name: 1.5})
+      layers.CropToContent(**{name: 1.5})
   with pytest.raises(ValueError, match="crop='lungs' is not one of"):
     models.build_model('cnn', image_size=SIDE, crop='lungs')
   with pytest.raises(config.ConfigError, match="--crop='lungs' is not one of none, content"):
@@ -108,7 +109,7 @@ def test_in_the_model_after_the_augmentation_before_equalization_and_saved_with_
 
 def test_uncrop_puts_a_map_back_where_its_crop_came_from():
   image = _framed(10, 50, 20, 60, seed=12)
-  crop = models.CropToContent()
+  crop = layers.CropToContent()
   boxes = crop.boxes(image)
   back = crop.uncrop(crop(image)[..., 0], boxes).numpy()
   assert back.shape == image.shape[:3]

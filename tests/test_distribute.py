@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import distribute
-from trainer import train
+from trainer import steps as steps_lib
 
 
 @pytest.fixture
@@ -58,9 +58,9 @@ def test_mirrored_over_two_logical_cpus_has_two_replicas():
       ids = strategy.run(lambda: tf.distribute.get_replica_context().replica_id_in_sync_group + 1)
       print(type(strategy).__name__, strategy.num_replicas_in_sync, int(strategy.reduce('SUM', ids, axis=None)))
       print(type(distribute.get_strategy('auto')).__name__)
-      from trainer import train
+      from trainer import steps as steps_lib
       contexts = []
-      iterator = train.training_iterator(
+      iterator = steps_lib.training_iterator(
           strategy, lambda ctx: contexts.append(ctx) or tf.data.Dataset.range(8).batch(4))
       print(isinstance(iterator, tf.distribute.DistributedIterator), contexts[0].num_replicas_in_sync)
   """)
@@ -75,15 +75,15 @@ def test_one_cpu_trains_from_the_datasets_own_iterator():
     contexts.append(input_context)
     return tf.data.Dataset.range(12).batch(4).map(lambda x: (tf.cast(x, tf.float32)[:, None], tf.cast(x % 2, tf.int32)))
 
-  iterator = train.training_iterator(strategy, dataset_fn)
+  iterator = steps_lib.training_iterator(strategy, dataset_fn)
   assert contexts == [None]  # a single pipeline: data.train_dataset reads every file, the global batch
   assert not isinstance(iterator, tf.distribute.DistributedIterator)
   with strategy.scope():
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation='sigmoid')])
-    optimizer = train.make_optimizer('sgd', 0.1, loss_scale=False)
+    optimizer = steps_lib.make_optimizer('sgd', 0.1, loss_scale=False)
     optimizer.build(model.trainable_variables)
-    metrics = train.train_metrics()
-  step = train.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0], global_batch=4)
+    metrics = steps_lib.train_metrics()
+  step = steps_lib.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0], global_batch=4)
   step(iterator, tf.constant(2))
   step(iterator, tf.constant(1))
   assert int(optimizer.iterations) == 3

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from trainer import config
 from trainer import export
+from trainer import layers
 from trainer import models
 
 SIZE = 32
@@ -52,7 +53,7 @@ def _reference_clahe(image, tiles, clip_limit):
 
 def test_histogram_equalization_flattens_the_histogram():
   images = _low_contrast()
-  out = models.Equalize('histogram')(images).numpy()
+  out = layers.Equalize('histogram')(images).numpy()
   assert out.shape == images.shape and out.dtype == np.float32
   assert 0 <= out.min() and out.max() == pytest.approx(255)
   # One of 4 equal-width bins holds nearly all of the input; the output fills all 4 about equally (within the
@@ -68,27 +69,27 @@ def test_histogram_equalization_flattens_the_histogram():
 
 def test_clahe_matches_a_pixel_by_pixel_reference():
   image = _low_contrast(batch=1, size=20, seed=3)
-  out = models.Equalize('clahe', tiles=3, clip_limit=2.0)(image).numpy()[0, ..., 0]
+  out = layers.Equalize('clahe', tiles=3, clip_limit=2.0)(image).numpy()[0, ..., 0]
   np.testing.assert_allclose(out, _reference_clahe(image[0, ..., 0], tiles=3, clip_limit=2.0), atol=1e-3)
 
 
 def test_clahe_differs_from_histogram_equalization():
   images = _low_contrast()
-  he = models.Equalize('histogram')(images).numpy()
-  clahe = models.Equalize('clahe')(images).numpy()
+  he = layers.Equalize('histogram')(images).numpy()
+  clahe = layers.Equalize('clahe')(images).numpy()
   assert np.abs(clahe - he).mean() > 10
   assert 0 <= clahe.min() and clahe.max() <= 255
   # One tile and a clip limit that never clips is plain histogram equalization.
-  np.testing.assert_allclose(models.Equalize('clahe', tiles=1, clip_limit=1e9)(images), he, atol=1e-3)
+  np.testing.assert_allclose(layers.Equalize('clahe', tiles=1, clip_limit=1e9)(images), he, atol=1e-3)
   # A flat image stays flat: the tile mappings blend into one value.
-  flat = models.Equalize('clahe')(np.full((1, SIZE, SIZE, 1), 77, np.uint8)).numpy()
+  flat = layers.Equalize('clahe')(np.full((1, SIZE, SIZE, 1), 77, np.uint8)).numpy()
   assert np.ptp(flat) < 1e-3
 
 
 @pytest.mark.parametrize('method', ['histogram', 'clahe'])
 def test_each_image_is_equalized_on_its_own(method):
   images = np.concatenate([_low_contrast(1, seed=1), 255 - _low_contrast(1, seed=2) // 2, _low_contrast(1, seed=3)])
-  layer = models.Equalize(method)
+  layer = layers.Equalize(method)
   together = layer(images).numpy()
   for i, image in enumerate(images):
     np.testing.assert_allclose(together[i], layer(image[None]).numpy()[0], atol=1e-4)
@@ -98,13 +99,13 @@ def test_each_image_is_equalized_on_its_own(method):
 
 def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="method='gamma' is not one of"):
-    models.Equalize('gamma')
+    layers.Equalize('gamma')
   with pytest.raises(ValueError, match='tiles=0 must be a positive integer'):
-    models.Equalize('clahe', tiles=0)
+    layers.Equalize('clahe', tiles=0)
   with pytest.raises(ValueError, match='clip_limit=0 must be positive'):
-    models.Equalize('clahe', clip_limit=0)
+    layers.Equalize('clahe', clip_limit=0)
   with pytest.raises(ValueError, match='tiles=40 is more than the 32x32 image'):
-    models.Equalize('clahe', tiles=40)(np.zeros((1, SIZE, SIZE, 1), np.uint8))
+    layers.Equalize('clahe', tiles=40)(np.zeros((1, SIZE, SIZE, 1), np.uint8))
   with pytest.raises(ValueError, match="equalize='hist' is not one of"):
     models.build_model('cnn', image_size=SIZE, equalize='hist')
 
@@ -129,7 +130,7 @@ def test_keras_file_savedmodel_and_strategy_agree(tmp_path):
   path = export.save_keras(model, str(tmp_path / 'model.keras'))
   loaded = keras.saving.load_model(path, safe_mode=True)
   layer = loaded.get_layer('equalize')
-  assert isinstance(layer, models.Equalize)
+  assert isinstance(layer, layers.Equalize)
   assert (layer.method, layer.tiles, layer.clip_limit) == ('clahe', 8, 2.0)
   np.testing.assert_allclose(loaded(images, training=False).numpy()[:, 0], expected, atol=1e-6)
 

@@ -12,6 +12,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import data
+from trainer import inference
 from trainer import metrics
 from trainer import runs as runs_lib
 
@@ -50,7 +51,7 @@ def test_cli_writes_the_report_the_figures_and_tensorboard_images(model_dir, syn
   # The same numbers as the library function on the same split: the CLI adds nothing of its own.
   run = runs_lib.load_run(str(model_dir))
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
-  again = runs_lib.evaluate_model(run.model, data.eval_dataset(builder, 'test', image_size=SIZE, batch_size=32),
+  again = inference.evaluate_model(run.model, data.eval_dataset(builder, 'test', image_size=SIZE, batch_size=32),
                                   threshold=run.threshold, out_dir=str(model_dir / 'again'), n_resamples=200)
   assert again['ranking'] == report['ranking']
   assert again['at_val_threshold']['confusion_matrix'] == report['at_val_threshold']['confusion_matrix']
@@ -60,9 +61,9 @@ def test_evaluate_model_on_validation(model_dir, synthetic_data_dir, tmp_path):
   run = runs_lib.load_run(str(model_dir))
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   dataset = data.eval_dataset(builder, 'validation', image_size=SIZE, batch_size=16)
-  report = runs_lib.evaluate_model(run.model, dataset, threshold=0.3, out_dir=str(tmp_path), n_resamples=100,
+  report = inference.evaluate_model(run.model, dataset, threshold=0.3, out_dir=str(tmp_path), n_resamples=100,
                                    extra={'split': 'validation'})
-  predictions = runs_lib.predict_split(run.model, dataset)
+  predictions = inference.predict_split(run.model, dataset)
   assert report['n_images'] == predictions['labels'].size == builder.info.splits['validation'].num_examples
   assert report['positives'] == int(predictions['labels'].sum())
   assert report['ranking']['roc_auc'] == metrics.ranking_metrics(predictions['labels'],

@@ -77,7 +77,7 @@ def test_tensorboard_confusion_matrices_name_their_split_and_threshold(runs):
 
 
 @pytest.fixture(scope='module')
-def test_files(synthetic_data_dir, tmp_path_factory):
+def split_files(synthetic_data_dir, tmp_path_factory):
   """The synthetic test split as image files (their stored bytes), in the split's order, and their labels."""
   folder = tmp_path_factory.mktemp('test_images')
   ds = tfds.builder('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir).as_dataset(
@@ -125,14 +125,14 @@ def _confusion(labels, called):
           [int(np.sum((labels == 1) & ~called)), int(np.sum((labels == 1) & called))]]
 
 
-def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ensemble, runs, test_files, tmp_path):
-  files, labels = test_files
+def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ensemble, runs, split_files, tmp_path):
+  files, labels = split_files
   run_json = json.loads(pathlib.Path(ensemble, 'run.json').read_text())
   report = json.loads(pathlib.Path(ensemble, 'report.json').read_text())
   threshold = run_json['threshold']
   assert run_json['threshold_rule'] == 'youden' and run_json['members'] == runs
   assert report['operating_point'] == {'threshold': threshold, 'threshold_rule': 'youden'}
-  assert report['threshold_rule'] == metrics.THRESHOLD_RULE
+  assert report['threshold_rule'] == metrics.RULES['youden'].text
   assert report['n_images'] == len(files)
   expected = report['at_val_threshold']['confusion_matrix']
 
@@ -172,8 +172,8 @@ def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ense
   assert served['pneumonia'].tolist() == called.tolist()
 
 
-def test_a_single_run_serves_through_a_predict_request_at_its_threshold(runs, test_files):
-  files, _ = test_files
+def test_a_single_run_serves_through_a_predict_request_at_its_threshold(runs, split_files):
+  files, _ = split_files
   run = runs_lib.load_run(runs[0])
   served = _serve(export.saved_model_path(runs[0]), [pathlib.Path(f).read_bytes() for f in files[:10]])
   results = list(predict.predict_files(files[:10], [run], threshold=run.threshold))
@@ -184,8 +184,8 @@ def test_a_single_run_serves_through_a_predict_request_at_its_threshold(runs, te
     _serve(export.saved_model_path(runs[0]), [pathlib.Path(files[0]).read_bytes(), b'not an image'])
 
 
-def test_every_command_takes_several_runs_as_model_dir_at_one_threshold(runs, ensemble, test_files, tmp_path):
-  files, _ = test_files
+def test_every_command_takes_several_runs_as_model_dir_at_one_threshold(runs, ensemble, split_files, tmp_path):
+  files, _ = split_files
   exported = json.loads(pathlib.Path(ensemble, 'run.json').read_text())['threshold']
   done = _module('trainer.predict', f'--model_dir={",".join(runs)}', files[0])
   assert done.returncode == 0, done.stderr[-3000:]
@@ -346,8 +346,8 @@ def test_a_full_disk_or_a_kill_during_an_export_leaves_the_previous_one_whole(ru
 # From Python.
 
 
-def test_the_readme_python_snippet_classifies_files_and_arrays(ensemble, test_files, capsys):
-  files, _ = test_files
+def test_the_readme_python_snippet_classifies_files_and_arrays(ensemble, split_files, capsys):
+  files, _ = split_files
   readme = (REPO / 'docs' / 'export-and-serving.md').read_text()
   snippet = readme.split('## Using the model from Python', 1)[1].split('```python\n', 1)[1].split('```', 1)[0]
   assert len(snippet.strip().splitlines()) <= 10

@@ -30,6 +30,10 @@ def test_confusion_matrix_png_shows_the_counts():
   pixels = _decode(figures.confusion_matrix_png([[50, 5], [10, 80]], title='Test, threshold 0.5'))
   assert pixels.shape == (400, 400, 3)
   assert not np.array_equal(pixels, _decode(figures.confusion_matrix_png([[5, 50], [80, 10]])))
+  # Twice the counts: the same row shares, so the same colours and percentages; only the drawn counts differ.
+  doubled = _decode(figures.confusion_matrix_png([[100, 10], [20, 160]], title='Test, threshold 0.5'))
+  assert np.array_equal(pixels, _decode(figures.confusion_matrix_png([[50, 5], [10, 80]], title='Test, threshold 0.5')))
+  assert not np.array_equal(pixels, doubled)
   with pytest.raises(ValueError, match='2x2'):
     figures.confusion_matrix_png([[1, 2, 3]])
   with pytest.raises(ValueError, match='non-negative'):

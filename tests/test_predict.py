@@ -44,7 +44,7 @@ def run(synthetic_data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def test_images(synthetic_data_dir, tmp_path_factory):
+def split_images(synthetic_data_dir, tmp_path_factory):
   """Eight synthetic test images as JPEG files (their stored bytes), four of each class, and their labels."""
   folder = tmp_path_factory.mktemp('images')
   ds = tfds.builder('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir).as_dataset(
@@ -87,8 +87,8 @@ def _predict(files, runs, **kwargs):
   return list(predict.predict_files(files, runs, threshold=threshold, **kwargs))
 
 
-def test_predictions_match_the_model_and_the_savedmodel(run, test_images):
-  files, labels = test_images
+def test_predictions_match_the_model_and_the_savedmodel(run, split_images):
+  files, labels = split_images
   results = _predict(files, [run], batch_size=3)  # batches of 3: a short last batch too
   assert [r['file'] for r in results] == files
   encoded = [pathlib.Path(f).read_bytes() for f in files]
@@ -106,8 +106,8 @@ def test_predictions_match_the_model_and_the_savedmodel(run, test_images):
   assert [r['label'] for r in results] == [predict.CLASS_NAMES[y] for y in labels]
 
 
-def test_dicom_reads_like_the_same_pixels_in_a_png(run, test_images, tmp_path, monkeypatch):
-  files, labels = test_images
+def test_dicom_reads_like_the_same_pixels_in_a_png(run, split_images, tmp_path, monkeypatch):
+  files, labels = split_images
   pixels = data.decode_image(pathlib.Path(files[int(np.argmax(labels))]).read_bytes(), 100).numpy()[..., 0]
   pixels[0, 0], pixels[0, 1] = 0, 255  # The full 8-bit range, so stretching it to 0-255 changes nothing.
   (tmp_path / 'same.png').write_bytes(_png(pixels))
@@ -123,8 +123,8 @@ def test_dicom_reads_like_the_same_pixels_in_a_png(run, test_images, tmp_path, m
   assert 'pip install .[dicom]' in result['error']
 
 
-def test_gradcam_of_the_trained_cnn(run, test_images, tmp_path):
-  files, labels = test_images
+def test_gradcam_of_the_trained_cnn(run, split_images, tmp_path):
+  files, labels = split_images
   images = np.stack([data.decode_image(pathlib.Path(f).read_bytes(), SIZE) for f in files])
   maps = predict.make_gradcam(run.model, SIZE)(images).numpy()
   assert maps.shape == (len(files), SIZE, SIZE)
@@ -149,8 +149,8 @@ def test_gradcam_of_the_backbones(name, size):
   assert np.all(maps.std(axis=(1, 2)) > 0.01)
 
 
-def test_bad_files_get_error_lines_and_the_others_go_on(run, test_images, tmp_path):
-  good = test_images[0][:2]
+def test_bad_files_get_error_lines_and_the_others_go_on(run, split_images, tmp_path):
+  good = split_images[0][:2]
   jpeg = pathlib.Path(good[0]).read_bytes()
   png = _png(np.full((40, 30), 128, np.uint8))
   bad = {
@@ -179,9 +179,9 @@ def test_bad_files_get_error_lines_and_the_others_go_on(run, test_images, tmp_pa
   assert errors['missing.png'] == 'cannot read: No such file or directory'
 
 
-def test_an_unreadable_file_gets_an_error_line(run, test_images, tmp_path, monkeypatch):
+def test_an_unreadable_file_gets_an_error_line(run, split_images, tmp_path, monkeypatch):
   locked = tmp_path / 'locked.jpeg'
-  locked.write_bytes(pathlib.Path(test_images[0][0]).read_bytes())
+  locked.write_bytes(pathlib.Path(split_images[0][0]).read_bytes())
   locked.chmod(0)
   if os.geteuid() == 0:  # Root reads files whatever their permissions (CI runs as root): the OS's refusal, simulated.
     def refusing_open(path, *args, **kwargs):
@@ -207,8 +207,8 @@ def test_find_images_walks_folders(tmp_path):
     predict.find_images([])
 
 
-def test_ensemble(run, test_images, tmp_path, monkeypatch):
-  files, _ = test_images
+def test_ensemble(run, split_images, tmp_path, monkeypatch):
+  files, _ = split_images
   # A second member at another input size: an untrained CNN, saved as a run would be.
   other_dir = tmp_path / 'other'
   keras.utils.set_random_seed(2)
@@ -248,8 +248,8 @@ def test_ensemble(run, test_images, tmp_path, monkeypatch):
     _predict(files, [run, other], threshold=0.5, gradcam_dir=str(tmp_path))
 
 
-def test_cli(run, test_images, tmp_path):
-  good = test_images[0][:2]
+def test_cli(run, split_images, tmp_path):
+  good = split_images[0][:2]
   (tmp_path / 'broken.jpeg').write_bytes(b'\xff\xd8\xff broken')
   command = [sys.executable, '-m', 'trainer.predict', f'--model_dir={run.model_dir}',
              f'--gradcam_dir={tmp_path / "cams"}', *good, str(tmp_path / 'broken.jpeg')]

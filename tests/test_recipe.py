@@ -17,6 +17,7 @@ import pytest
 from sklearn import metrics as sk_metrics
 
 from trainer import config as config_lib
+from trainer import metrics
 from trainer import shift
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -137,12 +138,12 @@ def test_tiny_synthetic_recipe_writes_the_ensemble_report_and_stress_test(tmp_pa
   (tn, fp), (fn, tp) = report['at_val_threshold']['confusion_matrix']
   assert tn + fp == 30 and fn + tp == 90
   # The report's numbers are the members' mean probability on the test split, computed here again.
-  labels, probs = conftest.test_split_predictions([out / 'seed-1', out / 'seed-2'], str(tmp_path / 'tfds'))
+  labels, probs = conftest.reference_predictions([out / 'seed-1', out / 'seed-2'], str(tmp_path / 'tfds'))
   assert report['ranking']['roc_auc'] == pytest.approx(sk_metrics.roc_auc_score(labels, probs), abs=1e-6)
   predicted = probs >= report['at_val_threshold']['threshold']
   assert tp == int(np.sum(predicted & (labels == 1))) and tn == int(np.sum(~predicted & (labels == 0)))
 
-  assert report['threshold_rule'] == shift.THRESHOLD_RULE
+  assert report['threshold_rule'] == metrics.RULES['youden_with_shifts'].text
   assert report['operating_point']['threshold_rule'] == 'youden_with_shifts'
   assert json.loads((out / 'model' / 'run.json').read_text())['threshold'] == report['at_val_threshold']['threshold']
   assert (out / 'model' / 'saved_model' / '1' / 'saved_model.pb').is_file()

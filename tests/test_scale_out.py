@@ -104,7 +104,7 @@ def test_mirrored_over_two_logical_devices_trains_and_reports(synthetic_data_dir
   devices = ', '.join(f'/job:localhost/replica:0/task:0/device:CPU:{i}' for i in range(2))
   assert f'MirroredStrategy over {devices}.' in result.stderr
   assert ' 2 replicas.' in result.stderr
-  labels, probs = conftest.test_split_predictions([tmp_path], synthetic_data_dir)
+  labels, probs = conftest.reference_predictions([tmp_path], synthetic_data_dir)
   assert _report(tmp_path)['ranking']['roc_auc'] == pytest.approx(sk_metrics.roc_auc_score(labels, probs), abs=1e-6)
   assert len(_scalars(str(tmp_path / 'validation'), 'auc')) == 1
 
@@ -119,7 +119,8 @@ from trainer import distribute
 distribute.configure_logical_devices(2)
 import keras
 import tensorflow as tf
-from trainer import models, train
+from trainer import models
+from trainer import steps as steps_lib
 
 GLOBAL_BATCH, STEPS, SIZE = 16, 4, 32
 rng = np.random.default_rng(0)
@@ -136,10 +137,10 @@ def train_steps(strategy, name, phase, unfreeze, initial, loss_scale):
     model = build(name)
     model.set_weights(initial)
     models.set_trainable(model, phase, unfreeze)
-    optimizer = train.make_optimizer('sgd', 0.01, loss_scale)
+    optimizer = steps_lib.make_optimizer('sgd', 0.01, loss_scale)
     optimizer.build(model.trainable_variables)
-    metrics = train.train_metrics()
-  step = train.make_train_step(model, optimizer, metrics, strategy, class_weights=[2.0, 0.5],
+    metrics = steps_lib.train_metrics()
+  step = steps_lib.make_train_step(model, optimizer, metrics, strategy, class_weights=[2.0, 0.5],
                                global_batch=GLOBAL_BATCH)
   batches = iter(strategy.experimental_distribute_dataset(
       tf.data.Dataset.from_tensor_slices((images, labels)).batch(GLOBAL_BATCH)))
@@ -148,7 +149,7 @@ def train_steps(strategy, name, phase, unfreeze, initial, loss_scale):
     step(batches)
     losses.append(float(metrics['loss'].result()))  # the running mean over the steps so far
   out = {'losses': losses, 'metrics': {k: float(m.result()) for k, m in metrics.items()}}
-  sync = train.make_statistics_sync(model, strategy)
+  sync = steps_lib.make_statistics_sync(model, strategy)
   if sync:
     moving = [v for v in model.non_trainable_variables if 'moving' in v.path]
     out['statistics_before'] = [[c.numpy().tolist() for c in v.value.values] for v in moving]
@@ -186,7 +187,7 @@ def test_two_replicas_match_one_replica_on_the_same_global_batch():
   The loss divided by the GLOBAL batch (tf.nn.compute_average_loss), the all-reduced gradients, the loss scaling of
   mixed_float16 and the metrics (variables summed over replicas on read) must all agree. The CNN is the exception by
   design: its BatchNormalization normalises each replica's share of the batch with that share's statistics, so its
-  losses differ slightly, and `train.make_statistics_sync` averages the replicas' moving statistics.
+  losses differ slightly, and `steps.make_statistics_sync` averages the replicas' moving statistics.
   """
   result = _run([sys.executable, '-c', _EQUIVALENCE])
   assert result.returncode == 0, result.stderr[-3000:]
@@ -213,7 +214,7 @@ def test_two_replicas_match_one_replica_on_the_same_global_batch():
     np.testing.assert_array_equal(replicas_after[0], replicas_after[1])
 
 
-# Scores the validation split on one device and shared out over 2 logical CPUs (train.distributed_split), with one
+# Scores the validation split on one device and shared out over 2 logical CPUs (steps.distributed_split), with one
 # model. Prints one JSON line.
 _DISTRIBUTED_EVALUATION = r'''
 import json
@@ -221,19 +222,20 @@ import sys
 from trainer import distribute
 distribute.configure_logical_devices(2)
 import keras
-from trainer import data, metrics, models, runs, train
+from trainer import data, inference, metrics, models
+from trainer import steps as steps_lib
 
 builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=sys.argv[1], manual_dir=None)
 strategy = distribute.get_strategy('mirrored')
 keras.utils.set_random_seed(0)
 with strategy.scope():
   model = models.build_model('cnn', image_size=32, cnn_filters=4, cnn_depth=2, seed=0)
-predict = train.make_distributed_predict(model, strategy)
+predict = steps_lib.make_distributed_predict(model, strategy)
 results = {}
 for batch_size in (32, 5):
   ds = data.eval_dataset(builder, 'validation', image_size=32, batch_size=batch_size)
-  one = runs.predict_split(model, ds)
-  two = predict(train.distributed_split(strategy, ds, batch_size))
+  one = inference.predict_split(model, ds)
+  two = predict(steps_lib.distributed_split(strategy, ds, batch_size))
   results[batch_size] = {
       name: {'probs': p['probs'].tolist(), 'labels': p['labels'].tolist(),
              'roc_auc': metrics.ranking_metrics(p['labels'], p['probs'])['roc_auc'],

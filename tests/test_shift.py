@@ -14,6 +14,7 @@ from trainer import data
 from trainer import metrics
 from trainer import runs as runs_lib
 from trainer import shift
+from trainer.shift import families
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -116,7 +117,7 @@ def test_threshold_with_shifts_weighs_the_unshifted_split_as_much_as_all_shifts(
   assert done.returncode == 0, done.stderr
   report = json.loads((out / 'report.json').read_text())
   assert report['at_val_threshold']['threshold'] == pytest.approx(threshold)
-  assert report['threshold_rule'] == shift.THRESHOLD_RULE
+  assert report['threshold_rule'] == metrics.RULES['youden_with_shifts'].text
   done = subprocess.run([sys.executable, '-m', 'trainer.shift', f'--model_dir={model_dir}', f'--out={tmp_path}/s.json',
                          '--threshold_rule=youden_with_shifts'], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
@@ -173,7 +174,7 @@ def test_leave_one_family_out_scores_each_family_with_the_run_that_never_saw_it(
   lofo = json.loads(out.read_text())['leave_one_out']
   assert list(lofo['families']) == list(shift.FAMILIES)
   scored = sorted(name for row in lofo['families'].values() for name in row['shifts'])
-  assert scored == sorted(config_lib.SHIFT_FAMILIES)
+  assert scored == sorted(shift.SHIFT_FAMILIES)
 
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   family = 'gamma'
@@ -206,13 +207,13 @@ def test_leave_one_family_out_refuses_a_missing_family_or_a_run_that_saw_its_fam
   shutil.rmtree(folder / f'without-{shift.FAMILIES[0]}')
   # Both are refused before anything is predicted, so no builder is needed to see it.
   with pytest.raises(ValueError) as missing:
-    runs_lib.leave_one_family_out(runs_lib.load_runs_without(str(folder)), None, 'validation')
+    families.leave_one_family_out(families.load_runs_without(str(folder)), None, 'validation')
   assert str(missing.value) == (
       f'Leave-one-family-out needs runs trained without each of {", ".join(shift.FAMILIES)}; none without '
       f'{shift.FAMILIES[0]}.')
   saw = _without(untrained_run, folder, shift.FAMILIES[0], trained_on=list(shift.FAMILIES))
   with pytest.raises(ValueError, match=f'^{saw} trained with the {shift.FAMILIES[0]} augmentation'):
-    runs_lib.leave_one_family_out(runs_lib.load_runs_without(str(folder)), None, 'validation')
+    families.leave_one_family_out(families.load_runs_without(str(folder)), None, 'validation')
 
 
 def test_normals_shifted_auc_shifts_one_class_and_refuses_other_images():

@@ -13,6 +13,8 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import config as config_lib
 from trainer import data
+from trainer import control as control_lib
+from trainer import steps as steps_lib
 from trainer import train
 from trainer.config import Config
 
@@ -195,14 +197,14 @@ def test_lr_scaling_sets_both_phases_rates_from_the_global_batch(tiny_run):
 
 
 def test_cosine_schedule_warms_up_and_decays_to_zero():
-  assert train.learning_rate_schedule(1e-3, 'constant', steps=100, steps_per_epoch=10) == 1e-3
-  assert train.learning_rate_schedule(1e-3, 'cosine', steps=0, steps_per_epoch=10) == 1e-3
-  schedule = train.learning_rate_schedule(1e-3, 'cosine', steps=100, steps_per_epoch=10)
+  assert steps_lib.learning_rate_schedule(1e-3, 'constant', steps=100, steps_per_epoch=10) == 1e-3
+  assert steps_lib.learning_rate_schedule(1e-3, 'cosine', steps=0, steps_per_epoch=10) == 1e-3
+  schedule = steps_lib.learning_rate_schedule(1e-3, 'cosine', steps=100, steps_per_epoch=10)
   rates = [float(schedule(step)) for step in (0, 5, 10, 55, 100, 120)]
   # Warmup over the first epoch (10 steps), half the peak halfway through the decay, 0 at the end and after.
   assert rates == pytest.approx([0, 5e-4, 1e-3, 5e-4, 0, 0], abs=1e-9)
   # A short phase warms up over a quarter of its steps, not a whole epoch.
-  short = train.learning_rate_schedule(1e-3, 'cosine', steps=8, steps_per_epoch=10)
+  short = steps_lib.learning_rate_schedule(1e-3, 'cosine', steps=8, steps_per_epoch=10)
   assert float(short(2)) == pytest.approx(1e-3)
 
 
@@ -215,8 +217,8 @@ def test_label_smoothing_moves_the_targets():
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   p = 1 / (1 + np.exp(-2.0))
   for smoothing in (0.0, 0.2):
-    metrics = train.train_metrics()
-    step = train.make_train_step(model, keras.optimizers.SGD(0.0), metrics, strategy, class_weights=[1.0, 1.0],
+    metrics = steps_lib.train_metrics()
+    step = steps_lib.make_train_step(model, keras.optimizers.SGD(0.0), metrics, strategy, class_weights=[1.0, 1.0],
                                  global_batch=2, label_smoothing=smoothing)
     step(iter([(tf.zeros([2, 1]), tf.constant([1, 0]))]))
     targets = np.array([1 - smoothing / 2, smoothing / 2])
@@ -233,7 +235,7 @@ def test_cosine_run_records_its_rates_and_best_epoch_and_resumes(synthetic_data_
   keras.utils.set_random_seed(1)
   train.run(Config(**settings).validate(), tf.distribute.OneDeviceStrategy('/cpu:0'))
   steps = 534 // 32  # the synthetic train split, in batches of 32
-  expected = train.learning_rate_schedule(1e-3, 'cosine', steps=3 * steps, steps_per_epoch=steps)
+  expected = steps_lib.learning_rate_schedule(1e-3, 'cosine', steps=3 * steps, steps_per_epoch=steps)
   rates = _scalar(_events(os.path.join(model_dir, 'train')), 'learning_rate')
   assert rates == pytest.approx([float(expected(epoch * steps)) for epoch in (1, 2, 3)], abs=1e-9)
   assert rates[0] > rates[1] > rates[2] == pytest.approx(0, abs=1e-9)
@@ -314,20 +316,20 @@ def test_exports_hold_the_best_epoch_and_its_validation_threshold(trained, tmp_p
 def test_weight_decay_and_clipnorm():
   kernel, bias = keras.Variable(np.ones((2, 2), np.float32), name='kernel'), keras.Variable(np.ones(2, np.float32),
                                                                                            name='bias')
-  adamw = train.make_optimizer('adam', 0.1, False, weight_decay=0.5)
+  adamw = steps_lib.make_optimizer('adam', 0.1, False, weight_decay=0.5)
   assert isinstance(adamw, keras.optimizers.AdamW)
   adamw.apply_gradients([(np.zeros((2, 2), np.float32), kernel), (np.zeros(2, np.float32), bias)])
   # Decoupled decay, without a gradient: the kernel shrinks by lr * decay, the bias is spared.
   np.testing.assert_allclose(kernel.numpy(), 1 - 0.1 * 0.5, rtol=1e-6)
   np.testing.assert_array_equal(bias.numpy(), 1)
-  assert type(train.make_optimizer('adam', 0.1, False)) is keras.optimizers.Adam
-  assert train.make_optimizer('sgd', 0.1, False, weight_decay=0.5).weight_decay == 0.5
+  assert type(steps_lib.make_optimizer('adam', 0.1, False)) is keras.optimizers.Adam
+  assert steps_lib.make_optimizer('sgd', 0.1, False, weight_decay=0.5).weight_decay == 0.5
 
   # A gradient of norm 10 clipped to 1 moves a variable as the same gradient scaled to norm 1 does.
   moved = []
   for clipnorm, gradient in ((1.0, 10.0), (0.0, 1.0)):
     variable = keras.Variable(np.zeros(4, np.float32))
-    train.make_optimizer('sgd', 0.1, False, clipnorm=clipnorm).apply_gradients(
+    steps_lib.make_optimizer('sgd', 0.1, False, clipnorm=clipnorm).apply_gradients(
         [(np.full(4, gradient / 2, np.float32), variable)])
     moved.append(variable.numpy())
   np.testing.assert_allclose(moved[0], moved[1], rtol=1e-6)
@@ -335,7 +337,7 @@ def test_weight_decay_and_clipnorm():
 
 
 def test_phase_control_counts_like_keras_callbacks():
-  control = train.PhaseControl(patience=3, plateau=(0.5, 2, 0.02))
+  control = control_lib.PhaseControl(patience=3, plateau=(0.5, 2, 0.02))
   control.start_phase()
   decisions = [control.end_epoch(auc) for auc in (0.7, 0.8, 0.8, 0.75, 0.9, 0.85, 0.85, 0.85)]
   # Epochs since the best: 0 0 1 2 0 1 2 3 -> stop at the 8th; reductions after 2 flat epochs, counted afresh after
@@ -349,23 +351,23 @@ def test_phase_control_counts_like_keras_callbacks():
   control.start_phase()
   assert control.learning_rate(0.1) == pytest.approx(0.1) and not control.end_epoch(0.1)[0]
   assert int(control.trained_epochs) == 11
-  assert train.learning_rate_schedule(0.1, 'plateau', steps=100, steps_per_epoch=10) == 0.1
+  assert steps_lib.learning_rate_schedule(0.1, 'plateau', steps=100, steps_per_epoch=10) == 0.1
 
 
 def test_a_checkpoint_without_counters_resumes_with_fresh_ones(tmp_path, caplog):
   """A checkpoint written before early stopping existed: its run resumes, with the data where its epoch left it."""
   epoch = tf.Variable(3, dtype=tf.int64)
   old = tf.train.Checkpoint(epoch=epoch).save(str(tmp_path / 'ckpt'))
-  control = train.PhaseControl(patience=2, plateau=None)
-  train._restore_counters(control, old, 3)
+  control = control_lib.PhaseControl(patience=2, plateau=None)
+  control_lib.restore_counters(control, old, 3)
   assert int(control.trained_epochs) == 3 and int(control.stale) == 0
   assert 'predates them' in caplog.text
 
   control.end_epoch(0.5)
   control.end_epoch(0.4)
   new = tf.train.Checkpoint(epoch=epoch, phase_control=control).save(str(tmp_path / 'new'))
-  again = train.PhaseControl(patience=2, plateau=None)
-  train._restore_counters(again, new, 5)
+  again = control_lib.PhaseControl(patience=2, plateau=None)
+  control_lib.restore_counters(again, new, 5)
   assert int(again.trained_epochs) == 5 and int(again.stale) == 1 and float(again.best_auc) == 0.5
 
 
@@ -378,8 +380,8 @@ def _looped_weights(steps_per_call):
                             keras.layers.Dense(1, activation='sigmoid')])
   optimizer = keras.optimizers.Adam(1e-2)
   optimizer.build(model.trainable_variables)
-  metrics = train.train_metrics()
-  step = train.make_train_step(model, optimizer, metrics, strategy, class_weights=[2.0, 0.5], global_batch=4)
+  metrics = steps_lib.train_metrics()
+  step = steps_lib.make_train_step(model, optimizer, metrics, strategy, class_weights=[2.0, 0.5], global_batch=4)
   initial = [w.numpy() for w in model.weights]
   rng = np.random.default_rng(0)
   images = rng.uniform(0, 255, (28, 8, 8, 1)).astype(np.float32)
@@ -406,3 +408,59 @@ def test_steps_per_loop_trains_the_same_steps_as_one_step_a_call():
   for before, one, loop in zip(initial, one_weights, loop_weights):
     assert not np.array_equal(one, before)  # Every weight trained: the comparison is not of untouched ones.
     np.testing.assert_array_equal(loop, one)
+
+
+def _trained_dense(jit_compile):
+  """A seeded model's initial and trained weights, and its metrics, after 3 steps of `make_train_step`'s function."""
+  keras.utils.set_random_seed(5)
+  strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+  model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation='relu'),
+                            keras.layers.Dense(1, activation='sigmoid')])
+  optimizer = keras.optimizers.Adam(1e-2)
+  optimizer.build(model.trainable_variables)
+  metrics = steps_lib.train_metrics()
+  step = steps_lib.make_train_step(model, optimizer, metrics, strategy, class_weights=[2.0, 0.5], global_batch=8,
+                                   label_smoothing=0.1, jit_compile=jit_compile)
+  initial = [w.numpy() for w in model.weights]
+  rng = np.random.default_rng(1)
+  batches = tf.data.Dataset.from_tensor_slices((rng.normal(size=(24, 6)).astype(np.float32),
+                                                rng.integers(0, 2, 24))).batch(8)
+  step(iter(strategy.experimental_distribute_dataset(batches)), tf.constant(3))
+  return initial, [w.numpy() for w in model.weights], {name: float(m.result()) for name, m in metrics.items()}
+
+
+def test_jit_compile_trains_the_same_steps_compiled_with_xla():
+  """The XLA-compiled step (benchmarks/ times it) moves the weights and the metrics as the plain one does."""
+  initial, plain_weights, plain_metrics = _trained_dense(False)
+  xla_initial, xla_weights, xla_metrics = _trained_dense(True)
+  for a, b in zip(initial, xla_initial):
+    np.testing.assert_array_equal(a, b)
+  assert all(np.any(a != b) for a, b in zip(initial, plain_weights))
+  for a, b in zip(plain_weights, xla_weights):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert xla_metrics == pytest.approx(plain_metrics, rel=1e-4)
+
+
+def test_the_learning_rate_is_set_on_entering_a_phase_and_on_a_plateau_only():
+  """control.Phases.set_learning_rate, the one place that sets it: the flags' rate over a restored one, lowered by
+  the phase's plateau reductions, and a schedule left alone."""
+  control = control_lib.PhaseControl(patience=0, plateau=(0.5, 1, 1e-3))
+  optimizers = {phase: keras.optimizers.SGD(9.0) for phase in control_lib.PHASES}
+  schedule = keras.optimizers.schedules.CosineDecay(1e-2, decay_steps=10)
+  phases = control_lib.Phases({'head': 2, 'fine_tune': 2}, optimizers, {'head': 0.1, 'fine_tune': schedule}, control)
+  assert [phases.phase_of(epoch) for epoch in range(4)] == ['head', 'head', 'fine_tune', 'fine_tune']
+  assert phases.bounds('head') == (0, 2) and phases.bounds('fine_tune') == (2, 4)
+
+  assert phases.enter(0)  # The phase starts: the flags' rate, not the optimizer's own.
+  assert float(optimizers['head'].learning_rate.numpy()) == pytest.approx(0.1)
+  assert phases.end_epoch(0, 0.7) == 1
+  assert float(optimizers['head'].learning_rate.numpy()) == pytest.approx(0.1)
+  assert phases.end_epoch(1, 0.6) == 2  # Flat for 1 epoch: lowered by half.
+  assert float(optimizers['head'].learning_rate.numpy()) == pytest.approx(0.05)
+  optimizers['head'].learning_rate = 9.0  # As a checkpoint restores it.
+  assert not phases.enter(1)  # Resumed inside the phase: its reductions kept, the counters too.
+  assert float(optimizers['head'].learning_rate.numpy()) == pytest.approx(0.05)
+
+  assert phases.enter(2)  # The next phase: fresh counters, and its schedule is the optimizer's own.
+  assert float(control.lr_scale) == 1.0 and int(control.stale) == 0
+  assert float(optimizers['fine_tune'].learning_rate.numpy()) == pytest.approx(9.0)

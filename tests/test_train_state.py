@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trainer import control
+from trainer import steps as steps_lib
 from trainer import train
 from trainer.config import Config
 
@@ -34,7 +36,7 @@ def _state(model_dir, *, seed=0, units=2):
   config = Config(model_dir=str(model_dir), epochs=2, fine_tune_epochs=1, learning_rate=1e-3,
                   fine_tune_learning_rate=1e-4)
   return train.TrainState(config, tf.distribute.get_strategy(), model=model, optimizers=optimizers,
-                          learning_rates={'head': 1e-3, 'fine_tune': 1e-4}, metrics=train.train_metrics(),
+                          learning_rates={'head': 1e-3, 'fine_tune': 1e-4}, metrics=steps_lib.train_metrics(),
                           steps_per_epoch=STEPS_PER_EPOCH, write_dir=str(model_dir))
 
 
@@ -81,12 +83,23 @@ def _checkpoints(folder):
 
 
 def test_best_epoch_test_is_pure_and_commit_records():
-  best = train.BestEpoch()
+  best = control.BestEpoch()
   assert best.test(0.1) and best.test(0.1)  # Asking twice changes nothing.
   best.commit(0.7, 0.3, 2)
   assert not best.test(0.7) and not best.test(0.6) and best.test(0.71)
   assert best.as_dict() == {'epoch': 2, 'validation_roc_auc': pytest.approx(0.7)}
   assert float(best.threshold) == pytest.approx(0.3)
+
+
+def test_a_state_commits_before_resume_as_after_it(tmp_path):
+  """The state is whole once built: its epoch manager exists before `resume`, which remakes it after a repair."""
+  state = _state(tmp_path)
+  _train(state)
+  assert _end_epoch(state, 0, auc=0.8)
+  assert _checkpoints(tmp_path / 'checkpoints') == ['ckpt-1'] and _checkpoints(tmp_path / 'best') == ['ckpt-1']
+  again = _state(tmp_path, seed=1)
+  assert again.resume(chief=True) == 0 and int(again.epoch) == 1
+  _assert_same(_weights(again.model), _weights(state.model))
 
 
 def test_a_new_run_resumes_from_nothing(tmp_path):
@@ -292,7 +305,7 @@ def test_end_epoch_records_the_best_epoch_from_its_validation_predictions(tmp_pa
   labels = np.array([0, 0, 1, 1, 1, 0])
   good = {'labels': labels, 'probs': np.array([0.1, 0.2, 0.8, 0.9, 0.7, 0.3]), 'groups': np.arange(6)}
   bad = {**good, 'probs': np.array([0.9, 0.2, 0.1, 0.9, 0.7, 0.3])}
-  train_scalars = {name: 0.5 for name in train.SCALARS}
+  train_scalars = {name: 0.5 for name in steps_lib.SCALARS}
 
   _train(state)
   next_epoch, val = train.end_epoch(state, epoch=0, phase='head', train=train_scalars, val_pred=good,

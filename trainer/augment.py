@@ -15,7 +15,7 @@ multiplies the three output-to-input matrices, so the image is resampled once; i
 times, and keeps the content a chain of warps cuts off at an intermediate border. The resampling is written with
 gathers instead of ImageProjectiveTransformV3, which has no XLA kernel: so the model compiles with
 `jit_compile=True` unless the 'jpeg' family is on (EncodeJpeg has no XLA kernel either). Where XLA is faster on a CPU
-(the warp, gamma, and trainer.models.Equalize), the layer compiles its own work (`compiled`).
+(the warp, gamma, and trainer.layers.Equalize), the layer compiles its own work (`compiled`).
 
 Per-replica streams. Each layer's seed state is a Keras SeedGenerator, one variable, which MirroredStrategy mirrors:
 drawn from directly, the i-th image of every replica would get the same transform in a step. Every draw here folds
@@ -23,7 +23,7 @@ the replica's id (`replica_id_in_sync_group`) into the layer's seed, so each rep
 seeded run still draws the same ones on the same number of replicas.
 
 Families and their ranges at --augment_strength=1 (every range scales with it); FAMILIES names them in
-trainer.config, and SHIFT_FAMILIES there maps each of trainer.shift's stress-test shifts to the family that covers it:
+trainer.config, and each of trainer.shift's stress-test shifts names the family that covers it:
 
     rotation    angle uniform in +-10 degrees
     translation up to +-5% of the side, each axis
@@ -42,6 +42,7 @@ import math
 import keras
 import tensorflow as tf
 
+from trainer import ops
 # Defined in trainer.config, which main checks before it imports TensorFlow.
 from trainer.config import FAMILIES  # pylint: disable=g-importing-member
 
@@ -194,9 +195,8 @@ class RandomContrast(_RandomLayer):
     self.factor = float(factor)
 
   def transform(self, images, seed):
-    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
     factor = self._uniform(images, 1 - self.factor, 1 + self.factor, seed)
-    return tf.clip_by_value((images - mean) * factor + mean, 0, 255)
+    return tf.clip_by_value(ops.contrast(images, factor), 0, 255)
 
   def get_config(self):
     return {**super().get_config(), 'factor': self.factor}
@@ -235,7 +235,7 @@ class PixelNoise(_RandomLayer):
     self.stddev = float(stddev)
 
   def transform(self, images, seed):
-    return images + self.stddev * tf.random.stateless_normal(tf.shape(images), seed)
+    return ops.noise(images, self.stddev, seed)
 
   def get_config(self):
     return {**super().get_config(), 'stddev': self.stddev}
@@ -255,7 +255,7 @@ class RandomGamma(_RandomLayer):
   def transform(self, images, seed):
     bound = math.log1p(self.gamma)
     exponent = tf.exp(self._uniform(images, -bound, bound, seed))
-    return 255 * tf.pow(tf.clip_by_value(images, 0, 255) / 255, exponent)
+    return ops.gamma(images, exponent)
 
   def get_config(self):
     return {**super().get_config(), 'gamma': self.gamma}
@@ -277,19 +277,9 @@ class RandomBlur(_RandomLayer):
     self.sigma = float(sigma)
 
   def transform(self, images, seed):
-    side = images.shape[1]
-    largest = self.sigma * side / 128
-    radius = max(1, int(math.ceil(3 * largest)))
+    largest = self.sigma * images.shape[1] / 128
     sigma = tf.random.stateless_uniform([tf.shape(images)[0]], seed, 0, largest)
-    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)[:, None]
-    # sigma near 0: every tap but the centre underflows to 0, so the image passes unchanged.
-    taps = tf.exp(-0.5 * tf.square(offsets / tf.maximum(sigma, 1e-3)))
-    taps /= tf.reduce_sum(taps, axis=0, keepdims=True)  # (taps, batch)
-    stacked = tf.transpose(images[..., 0], [1, 2, 0])[None]  # (1, h, w, batch)
-    padded = tf.pad(stacked, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode='SYMMETRIC')
-    rows = tf.nn.depthwise_conv2d(padded, taps[:, None, :, None], [1, 1, 1, 1], 'VALID')
-    blurred = tf.nn.depthwise_conv2d(rows, taps[None, :, :, None], [1, 1, 1, 1], 'VALID')
-    return tf.transpose(blurred[0], [2, 0, 1])[..., None]
+    return ops.blur(images, sigma, ops.blur_radius(largest))
 
   def get_config(self):
     return {**super().get_config(), 'sigma': self.sigma}
@@ -309,10 +299,7 @@ class RandomJpeg(_RandomLayer):
 
   def transform(self, images, seed):
     qualities = tf.random.stateless_uniform([tf.shape(images)[0]], seed, self.min_quality, 101, dtype=tf.int32)
-    pixels = tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
-    encoded = tf.map_fn(lambda args: tf.image.adjust_jpeg_quality(args[0], args[1]), (pixels, qualities),
-                        fn_output_signature=tf.TensorSpec(images.shape[1:], tf.uint8))
-    return tf.cast(encoded, tf.float32)
+    return ops.jpeg(images, qualities)
 
   def get_config(self):
     return {**super().get_config(), 'min_quality': self.min_quality}
@@ -360,28 +347,3 @@ def augmentation(strength, *, families, horizontal_flip=False, fov=0.1, contrast
   if horizontal_flip:
     layers.append(keras.layers.RandomFlip('horizontal', seed=next(seeds), dtype='float32', name='flip'))
   return keras.Sequential(layers, name='augmentation')
-
-
-@keras.saving.register_keras_serializable(package='cxr_trainer')
-class SobelEdges(keras.layers.Layer):
-  """Appends the Sobel gradient magnitude of a one-channel [0, 255] image as a second channel, in [0, 255].
-
-  The magnitude is divided by 4 * sqrt(2), the largest a [0, 255] image can give, so it is on the image's scale.
-  tf.image.sobel_edges pads by reflection, so the image's own border makes no edge.
-  """
-
-  def __init__(self, **kwargs):
-    kwargs.setdefault('dtype', 'float32')
-    super().__init__(**kwargs)
-
-  def call(self, images):
-    images = tf.cast(images, tf.float32)
-    gradients = tf.image.sobel_edges(images)[..., 0, :]  # (batch, h, w, [dy, dx])
-    squared = tf.reduce_sum(tf.square(gradients), axis=-1, keepdims=True)
-    # sqrt's gradient is infinite at 0; nothing trains before this layer, but Grad-CAM and input gradients pass it.
-    magnitude = tf.where(squared > 0, tf.sqrt(tf.maximum(squared, 1e-12)), 0.0)
-    return tf.concat([images, magnitude / (4 * math.sqrt(2))], axis=-1)
-
-  def compute_output_shape(self, input_shape):
-    return (*input_shape[:-1], 2)
-

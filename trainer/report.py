@@ -13,11 +13,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import config as config_lib
-from trainer import errors
 from trainer import figures as figures_lib
 from trainer import files
 from trainer import metrics
-from trainer import shift
 from trainer import version
 
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -25,7 +23,8 @@ _FIGURE_NAME = re.compile(r'[A-Za-z0-9_-][A-Za-z0-9_.-]*')
 
 
 def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resamples=1000, seed=0,
-                 extra: dict | None = None, threshold_rule: str = metrics.THRESHOLD_RULE) -> dict:
+                 extra: dict | None = None,
+                 threshold_rule: str = metrics.RULES[metrics.TRAINING_RULE].text) -> dict:
   """The test report: metrics at 0.5 and at the validation threshold, with patient-level 95% intervals.
 
   Both thresholds are evaluated on the same bootstrap resamples, so their intervals can be compared.
@@ -39,8 +38,8 @@ def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resam
     seed: seed of the resampling.
     extra: more JSON-serialisable entries for the report (e.g. model, dataset, checkpoint); their keys must not
       collide with the report's own.
-    threshold_rule: how `val_threshold` was chosen, in words (trainer.metrics.THRESHOLD_RULE unless another rule
-      chose it).
+    threshold_rule: how `val_threshold` was chosen, in words (the text of trainer.metrics.RULES' training rule
+      unless another rule chose it).
 
   Returns:
     A JSON-serialisable dict: {'n_images', 'n_patients', 'positives', 'ranking': {roc_auc, pr_auc, 'ci95'},
@@ -87,15 +86,6 @@ def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resam
   if warning := config_lib.data_warning(extra.get('trained_on', extra.get('dataset'))):
     report['warning'] = warning
   return {**report, **extra}
-
-
-def rule_text(name: str) -> str:
-  """The rule named `name` (one of trainer.metrics.THRESHOLD_RULES), in words."""
-  if name == 'youden_with_shifts':
-    return shift.THRESHOLD_RULE
-  if name != 'youden':
-    raise errors.InvalidValue(f'Unknown threshold rule {name!r}: choose one of {", ".join(metrics.THRESHOLD_RULES)}.')
-  return metrics.THRESHOLD_RULE
 
 
 def write_report(report: dict, out_dir: str, *, figures: dict[str, bytes] | None = None) -> tuple[str, str]:
@@ -207,8 +197,8 @@ def _number(value):
 
 def report_predictions(split: dict[str, np.ndarray], *, threshold: float, out_dir: str,
                        tensorboard_dir: str | None = None, extra: dict | None = None, n_resamples: int = 1000,
-                       threshold_rule: str = metrics.THRESHOLD_RULE) -> dict:
-  """`trainer.runs.evaluate_model` for predictions already made: `split` as `predict_split` or `predict_runs` return it.
+                       threshold_rule: str = metrics.RULES[metrics.TRAINING_RULE].text) -> dict:
+  """`trainer.inference.evaluate_model` for predictions already made: `split` as `predict_split` or `predict_runs` return it.
 
   The confusion matrix's title names the split and the threshold (with its rule, from extra's 'operating_point'),
   since TensorBoard shows it beside validation's, which training draws at each epoch's own threshold.

@@ -1,9 +1,12 @@
-"""Trained runs and ensembles: loading a finished run, predicting a split, and the threshold they are used at.
+"""Trained runs and ensembles: what every program that takes runs loads.
 
 A run is what training (or `trainer.export`) leaves in its model_dir: model.keras and run.json with the validation
 threshold. Several runs are an ensemble: the mean of their probabilities, at a threshold chosen on validation for
-that mean. Every program that takes runs (evaluate, predict, shift, export) goes through `operating_point`, so the
-same models given the same way get the same threshold everywhere.
+that mean. `Runs` is the one object the programs (evaluate, export, predict, shift) load: the runs with their
+test-time views (`with_tta`), their data (the given data_dir, or the run's own), their one threshold
+(`operating_point`: stored, or chosen on validation by a rule of `trainer.metrics.RULES`) and their predictions
+(`predict_runs`); so the same models given the same way get the same threshold everywhere. Predicting one model is
+`trainer.inference`'s.
 """
 
 from collections.abc import Sequence
@@ -11,80 +14,18 @@ import dataclasses
 import json
 import os
 
-from absl import flags
 import keras
 import numpy as np
-import tensorflow as tf
 
-from trainer import config as config_lib
 from trainer import data
 from trainer import errors
 from trainer import export
 from trainer import metrics
 from trainer import progress
-from trainer import report as report_lib
 from trainer import shift
 from trainer import tta
-
-
-def make_predict(model: keras.Model):
-  """A traced function: uint8 images (batch, side, side, 1) -> float32 pneumonia probabilities (batch,).
-
-  Traced once for every batch size, so build it once and call it for every batch and every epoch.
-  """
-  side = model.inputs[0].shape[1]
-
-  @tf.function(input_signature=[tf.TensorSpec([None, side, side, 1], tf.uint8)])
-  def predict(images):
-    return tf.cast(model(images, training=False), tf.float32)[:, 0]
-
-  return predict
-
-
-def predict_split(model: keras.Model, dataset: tf.data.Dataset, *, predict=None) -> dict[str, np.ndarray]:
-  """Runs `model` over a whole split, on this worker alone.
-
-  Args:
-    model: a model from `trainer.models.build_model` (uint8 images in, probabilities out).
-    dataset: batches of dicts with 'image', 'label' and 'patient_id', as `trainer.data.eval_dataset` yields them.
-    predict: `make_predict(model)`, for a caller that predicts many times (each epoch); made here if None.
-
-  Returns:
-    {'probs', 'labels', 'groups' (patient ids)}: one entry per image, in the dataset's order.
-  """
-  predict = predict or make_predict(model)
-  probs, labels, groups = [], [], []
-  batches = int(dataset.cardinality())
-  with progress.steps('predicting', batches if batches > 0 else None) as task:
-    for batch in dataset:
-      probs.append(predict(batch['image']).numpy())
-      labels.append(batch['label'].numpy())
-      groups.append(batch['patient_id'].numpy())
-      task.advance()
-  return {'probs': np.concatenate(probs), 'labels': np.concatenate(labels), 'groups': np.concatenate(groups)}
-
-
-def evaluate_model(model: keras.Model, dataset: tf.data.Dataset, *, threshold: float, out_dir: str,
-                   tensorboard_dir: str | None = None, extra: dict | None = None, n_resamples: int = 1000) -> dict:
-  """Reports a model on one split: report.json, report.md and the figures in `out_dir`, and the figures in TensorBoard.
-
-  Args:
-    model: a model from `trainer.models.build_model`.
-    dataset: the split, as `trainer.data.eval_dataset` yields it.
-    threshold: the decision threshold chosen on validation (run.json's 'threshold').
-    out_dir: where the report files and PNGs go; created if missing.
-    tensorboard_dir: if given, the same PNGs are written there as TensorBoard images, at step 0.
-    extra: more entries for the report, as in `build_report`.
-    n_resamples: bootstrap resamples of the 95% intervals.
-
-  Returns:
-    The report, as `build_report` returns it.
-
-  Raises:
-    ValueError: as `build_report`, e.g. if the split holds only one class.
-  """
-  return report_lib.report_predictions(predict_split(model, dataset), threshold=threshold, out_dir=out_dir,
-                            tensorboard_dir=tensorboard_dir, extra=extra, n_resamples=n_resamples)
+# trainer.train still takes these from here; they live in trainer.inference.
+from trainer.inference import evaluate_model, make_predict, predict_split  # pylint: disable=unused-import
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +37,7 @@ class TrainedRun:
   image_size: int
   threshold: float
   config: dict
-  # The name of the rule that chose `threshold` (metrics.THRESHOLD_RULES); None for an ensemble not chosen yet.
+  # The name of the rule that chose `threshold` (metrics.RULES); None for an ensemble not chosen yet.
   threshold_rule: str | None = metrics.TRAINING_RULE
   # Views `model` averages over (`with_tta`); `threshold` was chosen on one.
   tta_views: int = 1
@@ -196,8 +137,8 @@ def predict_shifted(runs, builder, split: str, *, batch_size: int = 32) -> dict[
 
 
 def threshold_with_shifts(runs, builder, *, batch_size: int = 32) -> float:
-  """trainer.shift.THRESHOLD_RULE for runs: a threshold for images from the training data's machines or from others
-  (why: `trainer.shift.pooled_threshold`).
+  """The youden_with_shifts rule for runs: a threshold for images from the training data's machines or from others
+  (why: `trainer.metrics.pooled_threshold`).
 
   Args:
     runs: from `load_run`; several are an ensemble (the mean probability).
@@ -205,78 +146,10 @@ def threshold_with_shifts(runs, builder, *, batch_size: int = 32) -> float:
     batch_size: images per prediction batch.
 
   Returns:
-    The threshold, as `trainer.metrics.choose_threshold` picks it on the pooled predictions.
+    The threshold, as `trainer.metrics.pooled_threshold` picks it.
   """
-  return shift.pooled_threshold(predict_shifted(runs, builder, 'validation', batch_size=batch_size))
-
-
-def load_runs_without(folder: str) -> dict[str, list[TrainedRun]]:
-  """{family: [the run in folder/without-FAMILY]} for each family of `trainer.shift.FAMILIES` that has one: the
-  runs `leave_one_family_out` takes.
-
-  Raises:
-    errors.MissingPath: there is no such folder.
-  """
-  if not os.path.isdir(folder):
-    raise errors.MissingPath(f'--leave_one_out={folder}: no such folder.')
-  return {family: [load_run(os.path.join(folder, f'without-{family}'))] for family in shift.FAMILIES
-          if os.path.isdir(os.path.join(folder, f'without-{family}'))}
-
-
-def leave_one_family_out(runs_without: dict[str, list], builder, split: str, *, batch_size: int = 32) -> dict:
-  """Each shift family scored by the runs trained without it: the stress test as a prediction, not a confirmation.
-
-  Args:
-    runs_without: {family: runs (from `load_run`; several are an ensemble) trained with that family left out of
-      --augment_families}, for every family of `trainer.shift.FAMILIES`.
-    builder: their dataset, from `trainer.data.prepare`.
-    split: the split to shift (validation, to choose between recipes).
-    batch_size: images per prediction batch.
-
-  Returns:
-    {'split', 'families': {family: {'roc_auc': the lowest over its shifts, 'roc_auc_normals_shifted': the same
-    with only the normal images shifted (`trainer.shift.normals_shifted_auc`), 'shifts': {name: ROC-AUC},
-    'normals_shifted': {name: ROC-AUC}, 'members': [model_dir]}}, 'worst': {'family', 'roc_auc',
-    'normals_shifted_family', 'roc_auc_normals_shifted'}, 'mean_roc_auc', 'mean_roc_auc_normals_shifted': over the
-    families}.
-
-  Raises:
-    errors.InvalidValue: a family has no runs, or a run trained with the family it is meant to have left out.
-  """
-  missing = [family for family in shift.FAMILIES if not runs_without.get(family)]
-  if missing:
-    raise errors.InvalidValue(f'Leave-one-family-out needs runs trained without each of '
-                              f'{", ".join(shift.FAMILIES)}; none without {", ".join(missing)}.')
-  for family in shift.FAMILIES:
-    for run in runs_without[family]:
-      # Runs from before the families were flags trained on the default set.
-      if family in run.config.get('augment_families', ','.join(config_lib.DEFAULT_FAMILIES)).split(','):
-        raise errors.InvalidValue(f'{run.model_dir} trained with the {family} augmentation, so it cannot score the '
-                                  f'{family} shifts as unseen: train it with --augment_families without it.')
-  families = {}
-  # One step per prediction of the split: each family's plain one, then one per shift of the family.
-  with progress.steps('leave-one-family-out', len(shift.FAMILIES) + len(config_lib.SHIFT_FAMILIES)) as task:
-    for family in shift.FAMILIES:
-      runs = runs_without[family]
-      plain = predict_runs(runs, builder, split, batch_size=batch_size)
-      task.advance(f'without-{family}')
-      shifts, normals_shifted = {}, {}
-      for name in (name for name, of in config_lib.SHIFT_FAMILIES.items() if of == family):
-        predictions = predict_runs(runs, builder, split, batch_size=batch_size,
-                                   transform=lambda images, name=name: shift.apply(name, images))
-        task.advance(f'without-{family} {name}')
-        shifts[name] = metrics.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc']
-        normals_shifted[name] = shift.normals_shifted_auc(plain, predictions)
-      families[family] = {'roc_auc': min(shifts.values()), 'roc_auc_normals_shifted': min(normals_shifted.values()),
-                          'shifts': shifts, 'normals_shifted': normals_shifted,
-                          'members': [run.model_dir for run in runs]}
-  worst = min(families, key=lambda family: families[family]['roc_auc'])
-  worst_normals = min(families, key=lambda family: families[family]['roc_auc_normals_shifted'])
-  return {'split': split, 'families': families,
-          'worst': {'family': worst, 'roc_auc': families[worst]['roc_auc'], 'normals_shifted_family': worst_normals,
-                    'roc_auc_normals_shifted': families[worst_normals]['roc_auc_normals_shifted']},
-          'mean_roc_auc': float(np.mean([row['roc_auc'] for row in families.values()])),
-          'mean_roc_auc_normals_shifted': float(np.mean([row['roc_auc_normals_shifted'] for row in families.values()]))}
+  return metrics.RULES['youden_with_shifts'].choose(predict_shifted(runs, builder, 'validation',
+                                                                   batch_size=batch_size))
 
 
 def operating_point(runs: Sequence[TrainedRun], rule: str | None = None, **kwargs) -> dict:
@@ -294,8 +167,8 @@ def operating_point(runs: Sequence[TrainedRun], rule: str | None = None, **kwarg
   Returns:
     {'threshold', 'threshold_rule', 'chosen' ('stored' or 'now')}, and `ensemble_threshold`'s entries if chosen now.
   """
-  if rule is not None and rule not in metrics.THRESHOLD_RULES:
-    raise errors.InvalidValue(f'Unknown threshold rule {rule!r}: choose one of {", ".join(metrics.THRESHOLD_RULES)}.')
+  if rule is not None:
+    metrics.threshold_rule(rule)
   if len(runs) == 1 and runs[0].threshold_rule is not None and rule in (None, runs[0].threshold_rule):
     if runs[0].tta_views == 1:
       return {'threshold': runs[0].threshold, 'threshold_rule': runs[0].threshold_rule, 'chosen': 'stored'}
@@ -312,8 +185,8 @@ def ensemble_threshold(runs: Sequence[TrainedRun], *, rule: str = metrics.TRAINI
 
   Args:
     runs: the members, from `load_run`.
-    rule: one of metrics.THRESHOLD_RULES: youden (`choose_threshold`) or youden_with_shifts
-      (`trainer.shift.pooled_threshold`, `threshold_with_shifts`).
+    rule: one of metrics.RULES: youden (`choose_threshold`) or youden_with_shifts (`pooled_threshold`), on the
+      predictions of validation or of validation under every shift.
     data_dir: where TFDS keeps built datasets (None: the first member's --data_dir).
     manual_dir: the downloaded data, if the dataset must be built (None: the first member's).
     batch_size: images per prediction batch.
@@ -332,13 +205,13 @@ def ensemble_threshold(runs: Sequence[TrainedRun], *, rule: str = metrics.TRAINI
   builder = data.prepare(dataset, data_dir=data_dir or runs[0].config.get('data_dir'),
                          manual_dir=manual_dir or runs[0].config.get('manual_dir'))
   stress = {}
-  if rule == 'youden_with_shifts':
+  if metrics.threshold_rule(rule).shifted:
     shifted = shifted or predict_shifted(runs, builder, 'validation', batch_size=batch_size)
-    split, threshold = shifted['none'], shift.pooled_threshold(shifted)
+    split, threshold = shifted['none'], metrics.RULES[rule].choose(shifted)
     stress = {'stress': shift.stress(shifted, threshold=threshold, split='validation')}
   else:
     split = predict_runs(runs, builder, 'validation', batch_size=batch_size)
-    threshold = metrics.choose_threshold(split['labels'], split['probs'])
+    threshold = metrics.RULES[rule].choose(split)
   labels = split['labels']
   return {
       'threshold': threshold,
@@ -367,15 +240,77 @@ def run_dataset(runs: Sequence[TrainedRun]) -> str:
   return datasets[0]
 
 
+class Runs:
+  """A run, an export or an ensemble of runs, with its test-time views and its data: what every program loads.
 
-def define_operating_point_flags():
-  """--threshold_rule and --tta, the same in every command that takes runs (evaluate, predict, shift, export)."""
-  flags.DEFINE_enum('threshold_rule', None, metrics.THRESHOLD_RULES,
-                    'Choose the threshold again on validation by this rule: '
-                    'youden (Youden\'s J) or youden_with_shifts (Youden\'s J on validation and its shifted copies, '
-                    'trainer.shift). Default: the threshold stored with the run or export (run.json names its rule); '
-                    'for several runs, youden. `python -m trainer.export` stores an ensemble with its threshold.')
-  flags.DEFINE_integer('tta', 1, 'Test-time augmentation: average each image\'s probability over its first N fixed '
-                       f'views ({", ".join(tta.VIEWS)}); 1: none. The threshold is then chosen again on validation, '
-                       'with the same views, by the run\'s rule (or --threshold_rule).')
+  Several runs are an ensemble (the mean of their probabilities). The data is the runs' dataset, found in data_dir
+  and manual_dir if given, else where the first run was trained from.
 
+  Attributes:
+    members: the runs, each with the test-time views (`with_tta`).
+    tta: the number of views.
+    data_dir, manual_dir: where their data is found.
+    batch_size: images per prediction batch.
+  """
+
+  def __init__(self, members: Sequence[TrainedRun], *, tta: int = 1, data_dir: str | None = None,
+               manual_dir: str | None = None, batch_size: int = 32):
+    if not members:
+      raise errors.InvalidValue('No run given: give --model_dir=DIR (a run or an export), or DIR1,DIR2,... (several '
+                                'runs).')
+    self.members = with_tta(members, tta)
+    self.tta = tta
+    self.data_dir = os.path.expanduser(data_dir) if data_dir else members[0].config.get('data_dir')
+    self.manual_dir = os.path.expanduser(manual_dir) if manual_dir else members[0].config.get('manual_dir')
+    self.batch_size = batch_size
+
+  @classmethod
+  def load(cls, model_dirs: Sequence[str], **kwargs) -> 'Runs':
+    """Loads each of `model_dirs` (`load_run`; `~` expanded); kwargs as the constructor's."""
+    return cls([load_run(os.path.expanduser(d)) for d in model_dirs], **kwargs)
+
+  @property
+  def dataset(self) -> str:
+    """The dataset the runs were trained on (`run_dataset`: one for all)."""
+    return run_dataset(self.members)
+
+  def as_one(self, model_dir: str, *, tta: int = 1) -> 'Runs':
+    """The runs as one model, as `trainer.export` writes it: the ensemble model of several (its threshold to be
+    chosen), or the one run; then with `tta` views, which the model carries.
+
+    Args:
+      model_dir: the one model's folder, for an ensemble (the export's).
+      tta: the number of test-time views.
+    """
+    run = self.members[0]
+    if len(self.members) > 1:
+      run = TrainedRun(model_dir=model_dir, model=export.ensemble_model([r.model for r in self.members]),
+                       image_size=run.image_size, threshold=float('nan'), config=run.config, threshold_rule=None)
+      run_dataset(self.members)
+    return Runs([run], tta=tta, data_dir=self.data_dir, manual_dir=self.manual_dir, batch_size=self.batch_size)
+
+  def builder(self, split: str | None = None, dataset: str | None = None):
+    """The dataset's builder (`trainer.data.prepare`), of the runs' dataset unless `dataset` names another.
+
+    Raises:
+      errors.InvalidValue: `split` is given and is not one of its splits.
+    """
+    dataset = dataset or self.dataset
+    builder = data.prepare(dataset, data_dir=self.data_dir, manual_dir=self.manual_dir)
+    if split is not None and split not in builder.info.splits:
+      raise errors.InvalidValue(f'--split={split} is not a split of {dataset}: choose one of '
+                                f'{", ".join(sorted(builder.info.splits))}.')
+    return builder
+
+  def operating_point(self, rule: str | None = None, *, shifted: dict | None = None) -> dict:
+    """Their one threshold and the rule that chose it: `operating_point` (shifted: `ensemble_threshold`'s)."""
+    return operating_point(self.members, rule, data_dir=self.data_dir, manual_dir=self.manual_dir,
+                           batch_size=self.batch_size, shifted=shifted)
+
+  def predict(self, builder, split: str, *, transform=None) -> dict[str, np.ndarray]:
+    """Their mean probability on `split` of `builder` (`predict_runs`)."""
+    return predict_runs(self.members, builder, split, batch_size=self.batch_size, transform=transform)
+
+  def predict_shifted(self, builder, split: str) -> dict[str, dict]:
+    """Their predictions on `split` under every shift (`predict_shifted`)."""
+    return predict_shifted(self.members, builder, split, batch_size=self.batch_size)

@@ -10,44 +10,23 @@ probabilities does not carry over to their mean).
 import keras
 import tensorflow as tf
 
+from trainer import ops
+
 # In the order `--tta=N` takes them: the first N. Each maps float32 [0, 255] batches (batch, side, side, 1).
 VIEWS = ('identity', 'zoom in x1.1', 'zoom out x0.9 (black border)', 'gamma 0.8', 'gamma 1.25', 'shift left 4%',
          'shift right 4%', 'contrast x0.85')
 MAX_VIEWS = len(VIEWS)
 
 
-def _zoom(images, scale):
-  side = images.shape[1]
-  if scale < 1:
-    inner = int(round(side * scale))
-    small = tf.image.resize(images, [inner, inner], antialias=True)
-    return tf.image.resize_with_crop_or_pad(small, side, side)
-  return tf.image.resize(tf.image.central_crop(images, 1 / scale), [side, side])
-
-
-def _shift(images, fraction):
-  side = images.shape[1]
-  pixels = int(round(side * abs(fraction)))
-  # Black fill, as the training augmentation's translation fills.
-  if fraction < 0:
-    return tf.pad(images[:, :, pixels:], [[0, 0], [0, 0], [0, pixels], [0, 0]])
-  return tf.pad(images[:, :, :side - pixels], [[0, 0], [0, 0], [pixels, 0], [0, 0]])
-
-
-def _contrast(images, factor):
-  mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
-  return (images - mean) * factor + mean
-
-
 _TRANSFORMS = {
     'identity': lambda x: x,
-    'zoom in x1.1': lambda x: _zoom(x, 1.1),
-    'zoom out x0.9 (black border)': lambda x: _zoom(x, 0.9),
-    'gamma 0.8': lambda x: 255 * tf.pow(x / 255, 0.8),
-    'gamma 1.25': lambda x: 255 * tf.pow(x / 255, 1.25),
-    'shift left 4%': lambda x: _shift(x, -0.04),
-    'shift right 4%': lambda x: _shift(x, 0.04),
-    'contrast x0.85': lambda x: _contrast(x, 0.85),
+    'zoom in x1.1': lambda x: ops.zoom(x, 1.1),
+    'zoom out x0.9 (black border)': lambda x: ops.zoom(x, 0.9),
+    'gamma 0.8': lambda x: ops.gamma(x, 0.8),
+    'gamma 1.25': lambda x: ops.gamma(x, 1.25),
+    'shift left 4%': lambda x: ops.shift_horizontally(x, -0.04),
+    'shift right 4%': lambda x: ops.shift_horizontally(x, 0.04),
+    'contrast x0.85': lambda x: ops.contrast(x, 0.85),
 }
 
 
@@ -69,7 +48,7 @@ class TestTimeViews(keras.layers.Layer):
   def call(self, images):
     x = tf.cast(images, tf.float32)
     stacked = tf.concat([_TRANSFORMS[name](x) for name in VIEWS[:self.views]], axis=0)
-    return tf.cast(tf.clip_by_value(tf.round(stacked), 0, 255), tf.uint8)
+    return ops.to_uint8(stacked)
 
   def compute_output_shape(self, input_shape):
     return (None, *input_shape[1:])

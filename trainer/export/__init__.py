@@ -40,6 +40,7 @@ from trainer import config as config_lib
 from trainer import data
 from trainer import errors
 from trainer import files
+from trainer import metrics
 from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in a .keras file)
 from trainer import report as report_lib
 from trainer import version
@@ -287,8 +288,8 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
     model: the model (uint8 grayscale input, pneumonia probability out).
     image_size: its input side.
     threshold: the decision threshold, chosen on validation.
-    threshold_rule: the name of the rule that chose it (trainer.metrics.THRESHOLD_RULES).
-    test_predictions: the model's predictions on the test split, as `trainer.runs.predict_split` returns them.
+    threshold_rule: the name of the rule that chose it (trainer.metrics.RULES).
+    test_predictions: the model's predictions on the test split, as `trainer.inference.predict_split` returns them.
     run_info: run.json's other entries ('config', and e.g. 'best', 'members', 'command').
     extra: the report's other entries (model, dataset, image_size), as in `trainer.report.build_report`.
     n_resamples: bootstrap resamples of the report's intervals.
@@ -301,7 +302,7 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
   with committing(out_dir) as (folder, number):
     report = report_lib.report_predictions(
         test_predictions, threshold=threshold, out_dir=folder, tensorboard_dir=tensorboard_dir, n_resamples=n_resamples,
-        threshold_rule=report_lib.rule_text(threshold_rule),
+        threshold_rule=metrics.threshold_rule(threshold_rule).text,
         extra={**extra, 'operating_point': {'threshold': threshold, 'threshold_rule': threshold_rule}})
     keras_path = save_keras(model, os.path.join(folder, 'model.keras'))
     save_weights_from_keras(keras_path, os.path.join(folder, 'best.weights.h5'))

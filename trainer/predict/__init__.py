@@ -49,6 +49,7 @@ from trainer import errors
 from trainer import export
 from trainer import figures
 from trainer import files as files_lib
+from trainer import inference
 from trainer import metrics
 from trainer import models
 from trainer import runs as runs_lib
@@ -324,7 +325,7 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
       <path relative to the inputs' common folder>.gradcam.png.
     batch_size: images per batch.
     threshold_rule: the name of the rule that chose the threshold, for the results (left out if None).
-    predicts: `trainer.runs.make_predict` of each run, for a caller that predicts many times (made here if None).
+    predicts: `trainer.inference.make_predict` of each run, for a caller that predicts many times (made here if None).
 
   Yields:
     {'file', 'label', 'probability', 'threshold', 'threshold_rule'} (and 'gradcam', the overlay's path, and for an
@@ -336,7 +337,7 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
   if gradcam_dir is not None and len(runs) != 1:
     raise errors.InvalidValue('--gradcam_dir needs a single --model_dir: the members of an ensemble look at different '
                      'features, so run predict once per member instead.')
-  predicts = predicts or [runs_lib.make_predict(run.model) for run in runs]
+  predicts = predicts or [inference.make_predict(run.model) for run in runs]
   gradcam = make_gradcam(runs[0].model, runs[0].image_size) if gradcam_dir is not None else None
   # Overlays keep the inputs' folder structure below their common folder (of the files that exist: a wrong path
   # must not move the others' overlays).
@@ -405,7 +406,7 @@ class Classifier:
   threshold_rule: str
 
   def __post_init__(self):
-    self._predicts = [runs_lib.make_predict(run.model) for run in self.runs]
+    self._predicts = [inference.make_predict(run.model) for run in self.runs]
 
   def classify(self, images: Sequence, *, batch_size: int = 32) -> list[dict]:
     """{'file', 'label', 'probability', 'threshold', 'threshold_rule'} per image, in order; or {'file', 'error'}
@@ -425,13 +426,13 @@ def load(model_dir: str | Sequence[str], *, threshold_rule: str | None = None, *
 
   Args:
     model_dir: a run's --model_dir or an export's folder; or several runs' (their threshold is chosen on validation).
-    threshold_rule: None for the stored threshold, or a rule to choose it again (trainer.metrics.THRESHOLD_RULES).
-    **kwargs: for `trainer.runs.operating_point` (data_dir, manual_dir, batch_size), for several runs.
+    threshold_rule: None for the stored threshold, or a rule to choose it again (trainer.metrics.RULES).
+    **kwargs: for `trainer.runs.Runs` (data_dir, manual_dir, batch_size), for several runs.
 
   Returns:
     A Classifier.
   """
   dirs = [model_dir] if isinstance(model_dir, (str, os.PathLike)) else list(model_dir)
-  runs = [runs_lib.load_run(os.path.expanduser(str(d))) for d in dirs]
-  point = runs_lib.operating_point(runs, threshold_rule, **kwargs)
-  return Classifier(runs=runs, threshold=point['threshold'], threshold_rule=point['threshold_rule'])
+  runs = runs_lib.Runs.load([str(d) for d in dirs], **kwargs)
+  point = runs.operating_point(threshold_rule)
+  return Classifier(runs=runs.members, threshold=point['threshold'], threshold_rule=point['threshold_rule'])

@@ -16,20 +16,15 @@ from trainer import errors
 from trainer import predict
 from trainer import runs as runs_lib
 
-flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished training run or the --out_dir of '
-                  'trainer.export; or several runs, DIR1,DIR2,..., whose probabilities are averaged, with a '
-                  'threshold chosen on validation for the ensemble.')
+cli.define_run_flags('The --model_dir of a finished training run or the --out_dir of trainer.export; or several '
+                     'runs, DIR1,DIR2,..., whose probabilities are averaged, with a threshold chosen on validation '
+                     'for the ensemble.', required=False)
 flags.DEFINE_list('ensemble', None, 'Replaced by --model_dir=DIR1,DIR2,... (as in trainer.evaluate and '
                   'trainer.shift).')
-runs_lib.define_operating_point_flags()
 flags.DEFINE_string('ensemble_dir', None, f'Keep the ensemble\'s threshold in ENSEMBLE_DIR/{predict.ENSEMBLE_FILE}, '
                     'and reuse it while the members stay the same (without it, every call runs the members over the '
                     'validation split again).')
 flags.DEFINE_string('gradcam_dir', None, 'Write a Grad-CAM overlay PNG of each image here (one --model_dir only).')
-flags.DEFINE_string('data_dir', None, 'For several runs: where TFDS keeps the built dataset (default: the first '
-                    'member\'s --data_dir).')
-flags.DEFINE_string('manual_dir', None, 'For several runs: the downloaded data, if the dataset is not built yet.')
-flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
 
 FLAGS = flags.FLAGS
 
@@ -42,18 +37,19 @@ def main(argv):
   if FLAGS.tta > 1 and FLAGS.gradcam_dir:
     raise errors.InvalidValue('--gradcam_dir explains the model on one view of each image: drop --tta to draw it.')
   files = predict.find_images(argv[1:])
-  runs = runs_lib.with_tta([runs_lib.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir], FLAGS.tta)
-  kwargs = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, batch_size=FLAGS.batch_size)
-  if FLAGS.ensemble_dir and len(runs) > 1:
-    point = predict.cached_ensemble_threshold(runs, os.path.expanduser(FLAGS.ensemble_dir), FLAGS.threshold_rule,
-                                              **kwargs)
+  runs = runs_lib.Runs.load(FLAGS.model_dir, tta=FLAGS.tta, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
+                            batch_size=FLAGS.batch_size)
+  if FLAGS.ensemble_dir and len(runs.members) > 1:
+    point = predict.cached_ensemble_threshold(runs.members, os.path.expanduser(FLAGS.ensemble_dir),
+                                              FLAGS.threshold_rule, data_dir=runs.data_dir,
+                                              manual_dir=runs.manual_dir, batch_size=runs.batch_size)
   else:
-    point = runs_lib.operating_point(runs, FLAGS.threshold_rule, **kwargs)
+    point = runs.operating_point(FLAGS.threshold_rule)
   threshold = point['threshold']
   logging.info('Threshold %.4f, rule %s (%s).', threshold, point['threshold_rule'],
                'stored with the model' if point['chosen'] == 'stored' else 'chosen on validation')
   failed = 0
-  for result in predict.predict_files(files, runs, threshold=threshold, gradcam_dir=FLAGS.gradcam_dir,
+  for result in predict.predict_files(files, runs.members, threshold=threshold, gradcam_dir=FLAGS.gradcam_dir,
                                       batch_size=FLAGS.batch_size, threshold_rule=point['threshold_rule']):
     failed += 'error' in result
     print(json.dumps(result), flush=True)

@@ -6,8 +6,8 @@ how much each candidate's ROC-AUC, sensitivity and specificity move under the ki
 radiographs of other machines, settings and post-processing: exposure (gamma), contrast, sharpness, noise, JPEG
 compression and field of view. Each shift is one fixed, deterministic transform of the uint8 images at the model's
 input size, and the threshold stays the one stored with the run or export (run.json names the rule that chose it), as
-in deployment; --threshold_rule=youden_with_shifts chooses THRESHOLD_RULE's instead, which also looks at the shifted
-copies (`python -m trainer.export --threshold_rule=youden_with_shifts` stores it with the model).
+in deployment; --threshold_rule=youden_with_shifts chooses one instead that also looks at the shifted copies
+(trainer.metrics.RULES) (`python -m trainer.export --threshold_rule=youden_with_shifts` stores it with the model).
 
     python -m trainer.shift --model_dir=runs/recipe --split=validation
     python -m trainer.shift --model_dir=runs/seed1,runs/seed2 --split=validation --out=runs/shift.json
@@ -22,104 +22,64 @@ pneumonia ones (EXPERIMENTS.md). A shift of every image moves both classes' prob
 can survive it; a shift of one class is what breaks a ranking built on how the images were taken.
 """
 
+from collections.abc import Callable
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
-from trainer import config as config_lib
 from trainer import metrics
+from trainer import ops
 
 
-def _gamma(g):
-  return lambda x: 255 * tf.pow(x / 255, g)
+@dataclasses.dataclass(frozen=True)
+class Shift:
+  """One shift: a fixed transform of float32 [0, 255] batches (batch, side, side, 1), and the augmentation family of
+  trainer.config.FAMILIES that covers it (None for the unshifted reference)."""
 
+  transform: Callable[[tf.Tensor], tf.Tensor]
+  family: str | None
 
-def _contrast(factor):
-  def contrast(x):
-    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
-    return (x - mean) * factor + mean
-  return contrast
+  def __call__(self, images):
+    return self.transform(images)
 
 
 def _blur(x):
   # sigma of 1 pixel at 128 pixels a side: the same blur, relative to the anatomy, at every input size.
   sigma = x.shape[1] / 128
-  radius = int(np.ceil(3 * sigma))
-  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma)**2)
-  taps = tf.constant(taps / taps.sum(), tf.float32)
-  padded = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode='SYMMETRIC')
-  rows = tf.nn.conv2d(padded, tf.reshape(taps, [-1, 1, 1, 1]), strides=1, padding='VALID')
-  return tf.nn.conv2d(rows, tf.reshape(taps, [1, -1, 1, 1]), strides=1, padding='VALID')
-
-
-def _noise(x):
-  # Stateless with a fixed seed: every model of a comparison sees the same noise (the same pattern on every batch).
-  return x + 8 * tf.random.stateless_normal(tf.shape(x), seed=[17, 29])
-
-
-def _zoom(scale):
-  def zoom(x):
-    side = x.shape[1]
-    if scale < 1:  # The whole image, smaller, inside a black border: a wider field of view.
-      inner = int(round(side * scale))
-      small = tf.image.resize(x, [inner, inner], antialias=True)
-      return tf.image.resize_with_crop_or_pad(small, side, side)
-    return tf.image.resize(tf.image.central_crop(x, 1 / scale), [side, side])
-  return zoom
+  return ops.blur(x, tf.fill([tf.shape(x)[0]], sigma), ops.blur_radius(sigma))
 
 
 def _jpeg(quality):
-  def jpeg(x):
-    images = tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
-    return tf.cast(tf.map_fn(lambda image: tf.image.adjust_jpeg_quality(image, quality), images), tf.float32)
-  return jpeg
+  return lambda x: ops.jpeg(x, tf.fill([tf.shape(x)[0]], quality))
 
 
-# name -> transform of float32 [0, 255] batches (batch, side, side, 1). 'none' first: the unshifted reference.
+# name -> Shift. 'none' first: the unshifted reference. Noise is stateless with a fixed seed: every model of a
+# comparison sees the same noise (the same pattern on every batch).
 SHIFTS = {
-    'none': lambda x: x,
-    'darker (gamma 1.5)': _gamma(1.5),
-    'brighter (gamma 0.67)': _gamma(1 / 1.5),
-    'low contrast (x0.7)': _contrast(0.7),
-    'high contrast (x1.3)': _contrast(1.3),
-    'blur (sigma 1/128 side)': _blur,
-    'noise (sigma 8 grey levels)': _noise,
-    'jpeg quality 20': _jpeg(20),
-    'zoom out (x0.85, black border)': _zoom(0.85),
-    'zoom in (x1.15, cropped)': _zoom(1.15),
+    'none': Shift(lambda x: x, None),
+    'darker (gamma 1.5)': Shift(lambda x: ops.gamma(x, 1.5), 'gamma'),
+    'brighter (gamma 0.67)': Shift(lambda x: ops.gamma(x, 1 / 1.5), 'gamma'),
+    'low contrast (x0.7)': Shift(lambda x: ops.contrast(x, 0.7), 'contrast'),
+    'high contrast (x1.3)': Shift(lambda x: ops.contrast(x, 1.3), 'contrast'),
+    'blur (sigma 1/128 side)': Shift(_blur, 'blur'),
+    'noise (sigma 8 grey levels)': Shift(lambda x: ops.noise(x, 8, [17, 29]), 'noise'),
+    'jpeg quality 20': Shift(_jpeg(20), 'jpeg'),
+    'zoom out (x0.85, black border)': Shift(lambda x: ops.zoom(x, 0.85), 'fov'),
+    'zoom in (x1.15, cropped)': Shift(lambda x: ops.zoom(x, 1.15), 'fov'),
 }
+# {shift: the augmentation family that covers it}, for every shift but 'none'.
+SHIFT_FAMILIES = {name: shift.family for name, shift in SHIFTS.items() if shift.family}
 
-
-# A model trained without a family and scored on that family's shifts (config.SHIFT_FAMILIES) predicts how it meets
-# a shift it was never shown (`leave_one_family_out`); scored on shifts it trained on, the stress test would partly
-# confirm its own augmentation. These are the families the shifts cover, in SHIFTS' order.
-FAMILIES = tuple(dict.fromkeys(config_lib.SHIFT_FAMILIES.values()))
+# A model trained without a family and scored on that family's shifts predicts how it meets a shift it was never
+# shown (`leave_one_family_out`); scored on shifts it trained on, the stress test would partly confirm its own
+# augmentation. These are the families the shifts cover, in SHIFTS' order.
+FAMILIES = tuple(dict.fromkeys(SHIFT_FAMILIES.values()))
 
 
 def apply(name: str, images: tf.Tensor) -> tf.Tensor:
   """Shifts a batch of uint8 images (batch, side, side, 1) by SHIFTS[name]; returns uint8 of the same shape."""
-  shifted = SHIFTS[name](tf.cast(images, tf.float32))
-  return tf.cast(tf.clip_by_value(tf.round(shifted), 0, 255), tf.uint8)
-
-
-THRESHOLD_RULE = (
-    "The decision threshold is chosen on the validation split only: the threshold that maximises Youden's J "
-    '(sensitivity + specificity - 1) over the validation images as they are and their copies under every shift of '
-    'trainer.shift.SHIFTS, the unshifted images weighing as much as all the shifted ones together; an image is '
-    'called pneumonia when its probability is at or above the threshold.')
-
-
-def pooled_threshold(shifted: dict[str, dict]) -> float:
-  """THRESHOLD_RULE on the validation split's predictions under every shift (`trainer.runs.predict_shifted`).
-
-  Youden's J on the validation split alone puts the threshold just above its normal images; every shift in SHIFTS
-  pushes normal images' probabilities up (measured in EXPERIMENTS.md), so that threshold loses specificity first
-  on shifted data. Pooling the shifted copies moves it up, and weighting the unshifted copy as much as all shifted
-  ones keeps the sensitivity on unshifted images from paying for all of it.
-  """
-  copies = len(shifted) - 1  # The unshifted copy weighs as much as all shifted ones.
-  weighted = [shifted['none']] * copies + [split for name, split in shifted.items() if name != 'none']
-  return metrics.choose_threshold(np.concatenate([split['labels'] for split in weighted]),
-                                   np.concatenate([split['probs'] for split in weighted]))
+  return ops.to_uint8(SHIFTS[name](tf.cast(images, tf.float32)))
 
 
 def normals_shifted_auc(plain: dict, shifted: dict) -> float:

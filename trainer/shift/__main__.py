@@ -3,7 +3,7 @@ r"""`python -m trainer.shift`: a run's (or an ensemble's) metrics under every sh
     python -m trainer.shift --model_dir=runs/recipe --split=validation
     python -m trainer.shift --model_dir=runs/seed1,runs/seed2 --split=validation --out=runs/shift.json
 
-The library it runs is `trainer.shift` (trainer/shift/__init__.py) and `trainer.runs`.
+The library it runs is `trainer.shift` (trainer/shift/__init__.py and families.py) and `trainer.runs`.
 """
 
 import json
@@ -14,21 +14,17 @@ from absl import flags
 from absl import logging
 
 from trainer import cli
-from trainer import errors
-from trainer import data
 from trainer import files
 from trainer import runs as runs_lib
 from trainer import shift
+from trainer.shift import families
 
-flags.DEFINE_list('model_dir', None, 'The --model_dir of a finished run, or several (DIR1,DIR2) for their ensemble.',
-                  required=True)
+cli.define_run_flags('The --model_dir of a finished run, or several (DIR1,DIR2) for their ensemble.')
 flags.DEFINE_string('split', 'validation', 'The split to shift: validation (to choose) or test (to report).')
 flags.DEFINE_string('out', None, 'Also write the result here as JSON.')
-flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
 flags.DEFINE_string('leave_one_out', None, 'Also score each shift family with a run trained without it: a folder '
                     'holding without-FAMILY/, the --model_dir of such a run, for every family of '
                     f'{", ".join(shift.FAMILIES)} (LEAVE_ONE_OUT=1 launch/recipe.sh trains them).')
-runs_lib.define_operating_point_flags()
 
 FLAGS = flags.FLAGS
 
@@ -36,24 +32,20 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  runs = runs_lib.with_tta([runs_lib.load_run(os.path.expanduser(d)) for d in FLAGS.model_dir], FLAGS.tta)
-  data_dir, manual_dir = runs[0].config.get('data_dir'), runs[0].config.get('manual_dir')
-  builder = data.prepare(runs_lib.run_dataset(runs), data_dir=data_dir, manual_dir=manual_dir)
-  if FLAGS.split not in builder.info.splits:
-    raise errors.InvalidValue(f'--split={FLAGS.split} is not a split of {runs_lib.run_dataset(runs)}: choose one '
-                              f'of {", ".join(sorted(builder.info.splits))}.')
-  shifted = runs_lib.predict_shifted(runs, builder, FLAGS.split, batch_size=FLAGS.batch_size)
+  runs = runs_lib.Runs.load(FLAGS.model_dir, tta=FLAGS.tta, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
+                            batch_size=FLAGS.batch_size)
+  builder = runs.builder(FLAGS.split)
+  shifted = runs.predict_shifted(builder, FLAGS.split)
   # On validation, the predictions just made are the ones youden_with_shifts pools.
-  point = runs_lib.operating_point(runs, FLAGS.threshold_rule, data_dir=data_dir, manual_dir=manual_dir,
-                                   batch_size=FLAGS.batch_size,
-                                   shifted=shifted if FLAGS.split == 'validation' else None)
+  point = runs.operating_point(FLAGS.threshold_rule, shifted=shifted if FLAGS.split == 'validation' else None)
   result = {**shift.stress(shifted, threshold=point['threshold'], split=FLAGS.split), 'members': FLAGS.model_dir,
             'threshold_rule': point['threshold_rule'], 'threshold_chosen': point['chosen']}
   if FLAGS.leave_one_out:
     # The same views as the model above, so that each family's number is of the same kind of prediction.
-    without = {family: runs_lib.with_tta(runs, FLAGS.tta)
-               for family, runs in runs_lib.load_runs_without(os.path.expanduser(FLAGS.leave_one_out)).items()}
-    result['leave_one_out'] = runs_lib.leave_one_family_out(without, builder, FLAGS.split, batch_size=FLAGS.batch_size)
+    without = {family: runs_lib.with_tta(members, FLAGS.tta)
+               for family, members in families.load_runs_without(os.path.expanduser(FLAGS.leave_one_out)).items()}
+    result['leave_one_out'] = families.leave_one_family_out(without, builder, FLAGS.split,
+                                                            batch_size=FLAGS.batch_size)
   print(shift.markdown(result))
   if FLAGS.out:
     files.write_atomic(os.path.expanduser(FLAGS.out), json.dumps(result, indent=2))

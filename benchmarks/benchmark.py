@@ -1,7 +1,9 @@
 r"""Throughput of the input pipeline against its peers, and whether training waits for its input.
 
-  python -m trainer.benchmark --manual_dir=~/cxr_manual/chest_xray
-  python -m trainer.benchmark --only=ours_warm,in_memory --steps=500
+  python -m benchmarks --manual_dir=~/cxr_manual/chest_xray
+  python -m benchmarks --only=ours_warm,in_memory --steps=500
+
+(from the repository root: benchmarks/ is not part of the installed package).
 
 Prints one JSON line per measurement (name, images_per_s, images, seconds, cpu_ms_per_image, peak_rss_mb and context),
 then a `targets` line: the ratios of ours over each peer, all from this run, and the checks of BENCHMARKS.md. Absolute
@@ -17,7 +19,7 @@ What is measured, on the same images:
   peer_image_data_generator    the seed project's tf_keras ImageDataGenerator(...).flow_from_directory.
   peer_dataset_from_directory  keras.utils.image_dataset_from_directory, Keras augmentation layers in tf.data.map.
   decode_224/512/2048          one core's JPEG decode cost at each stored resolution (2048 stands for the originals).
-  train_<model>                trainer.train.make_train_step fed by the pipeline against one batch held in memory, for
+  train_<model>                trainer.steps.make_train_step fed by the pipeline against one batch held in memory, for
                                the cnn and every backbone (head phase: the backbone frozen).
   train_step_recipe_model      launch/recipe.sh's model, one held batch: its step with Keras's old augmentation layers
                                against trainer/augment.py's, in float32 and mixed_bfloat16, and compiled with XLA.
@@ -34,7 +36,6 @@ the next. The cost is a few seconds of imports per process.
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import multiprocessing
 import os
 import resource
@@ -44,8 +45,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from absl import app
-from absl import flags
 import keras
 import numpy as np
 import tensorflow as tf
@@ -53,10 +52,9 @@ import tensorflow_datasets as tfds
 
 from cxr_tfds.chest_xray_pneumonia import imaging
 from trainer import data
-from trainer import cli
 from trainer import errors
 from trainer import models
-from trainer import train
+from trainer import steps as steps_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -367,9 +365,9 @@ def _train(setup: Setup, *, model_name: str) -> dict:
   with strategy.scope():
     # Built as the trainer builds it: a backbone comes back in phase 'head', frozen.
     model = models.build_model(model_name, image_size=setup.image_size, seed=setup.seed)
-    optimizer = train.make_optimizer('adam', 1e-3, loss_scale=False)
-    metrics = train.train_metrics()
-  step = train.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
+    optimizer = steps_lib.make_optimizer('adam', 1e-3, loss_scale=False)
+    metrics = steps_lib.train_metrics()
+  step = steps_lib.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
                                global_batch=setup.batch_size)
 
   def pipeline(input_context):
@@ -455,8 +453,8 @@ def _recipe_model(augmentation: str, seed: int, image_size: int, **changes) -> k
 
 
 def train_step_recipe_model(setup: Setup, batches: int) -> dict:
-  """The recipe's model: trainer.train.make_train_step with the old augmentation against the fused one, in float32
-  and mixed_bfloat16, and the fused model's forward and backward pass compiled with XLA; one held batch, the
+  """The recipe's model: trainer.steps.make_train_step with the old augmentation against the fused one, in float32
+  and mixed_bfloat16, and the fused model's step compiled with XLA (jit_compile); one held batch, the
   variants taking turns step by step. At the recipe's 128 pixels, or --image_size if smaller (the tests' tiny
   images); the recipe's CNN, or setup.recipe_model's (the tests' tiny one)."""
   del batches
@@ -465,42 +463,30 @@ def train_step_recipe_model(setup: Setup, batches: int) -> dict:
   images = tf.constant(np.random.default_rng(setup.seed).integers(0, 256, (batch, size, size, 1), np.uint8))
   labels = tf.constant(np.arange(batch) % 2, tf.int64)
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
-  steps = {}
-  for augmentation, policy in (('keras_layers', 'float32'), ('fused', 'float32'), ('keras_layers', 'mixed_bfloat16'),
-                               ('fused', 'mixed_bfloat16'), ('none', 'float32')):
+  variants = {}
+  # XLA: the same step as the trainer's, compiled (steps.make_train_step's jit_compile).
+  for augmentation, policy, xla in (('keras_layers', 'float32', False), ('fused', 'float32', False),
+                                    ('keras_layers', 'mixed_bfloat16', False), ('fused', 'mixed_bfloat16', False),
+                                    ('none', 'float32', False), ('fused', 'float32', True)):
     keras.mixed_precision.set_global_policy(policy)
     try:
       with strategy.scope():
         model = _recipe_model(augmentation, setup.seed, size, **changes)
-        optimizer = train.make_optimizer('adam', 1e-3, loss_scale=False)
-        metrics = train.train_metrics()
+        optimizer = steps_lib.make_optimizer('adam', 1e-3, loss_scale=False)
+        metrics = steps_lib.train_metrics()
     finally:
       keras.mixed_precision.set_global_policy('float32')
-    step = train.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0], global_batch=batch)
+    step = steps_lib.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0], global_batch=batch,
+                                 jit_compile=xla)
     iterator = iter(strategy.distribute_datasets_from_function(
         lambda _: tf.data.Dataset.from_tensors((images, labels)).repeat()))
-    steps[f'{augmentation}_{policy}'] = (lambda step=step, iterator=iterator, metrics=metrics:
-                                         (step(iterator), metrics['loss'].result().numpy()))
-  # XLA: train.make_train_step has no jit_compile switch, so the same forward, backward and update, without the
-  # metrics, as one compiled function.
-  model = _recipe_model('fused', setup.seed, size, **changes)
-  optimizer = train.make_optimizer('adam', 1e-3, loss_scale=False)
-  optimizer.build(model.trainable_variables)
-
-  @tf.function(jit_compile=True)
-  def xla_step(images, labels):
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(keras.losses.binary_crossentropy(tf.cast(labels, tf.float32)[:, None],
-                                                             model(images, training=True)))
-    optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-    return loss
-
-  steps['fused_float32_xla'] = lambda: xla_step(images, labels).numpy()
-  for run in steps.values():  # Traces (and compiles) each.
+    variants[f'{augmentation}_{policy}' + ('_xla' if xla else '')] = (
+        lambda step=step, iterator=iterator, metrics=metrics: (step(iterator), metrics['loss'].result().numpy()))
+  for run in variants.values():  # Traces (and compiles) each.
     run()
-  seconds = {name: [] for name in steps}
+  seconds = {name: [] for name in variants}
   for _ in range(setup.train_steps):
-    for name, run in steps.items():
+    for name, run in variants.items():
       start = time.perf_counter()
       run()
       seconds[name].append(time.perf_counter() - start)
@@ -558,12 +544,12 @@ def train_loop_tiny(setup: Setup, batches: int) -> dict:
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   with strategy.scope():
     ours_model = _tiny_model(setup.seed)
-    optimizer = train.make_optimizer('adam', 1e-3, loss_scale=False)
+    optimizer = steps_lib.make_optimizer('adam', 1e-3, loss_scale=False)
     optimizer.build(ours_model.trainable_variables)
-    metrics = train.train_metrics()
-  step = train.make_train_step(ours_model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
+    metrics = steps_lib.train_metrics()
+  step = steps_lib.make_train_step(ours_model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
                                global_batch=setup.batch_size)
-  iterator = train.training_iterator(strategy, lambda input_context: dataset)
+  iterator = steps_lib.training_iterator(strategy, lambda input_context: dataset)
   steps = tf.constant(per_loop)
 
   def ours():
@@ -573,7 +559,7 @@ def train_loop_tiny(setup: Setup, batches: int) -> dict:
 
   keras_model = _tiny_model(setup.seed)
   keras_model.compile(optimizer=keras.optimizers.Adam(1e-3), loss='binary_crossentropy',
-                      metrics=[metric for name, metric in train.train_metrics().items() if name != 'loss'],
+                      metrics=[metric for name, metric in steps_lib.train_metrics().items() if name != 'loss'],
                       steps_per_execution=per_loop)
 
   def keras_fit():
@@ -797,52 +783,3 @@ def targets(lines: list[dict]) -> dict:
     checks.append(check)
   return {'name': 'targets', 'ratios': {f'{a} / {b}': ratio(a, b) for a, b in RATIOS}, 'checks': checks,
           'all_met': all(check['met'] for check in checks)}
-
-
-def _define_flags():
-  flags.DEFINE_string('dataset', 'chest_xray_pneumonia/224', 'The TFDS dataset and config the pipeline reads.')
-  flags.DEFINE_string('data_dir', None, 'Where the dataset is built or already is (default: a temporary folder, '
-                      'removed at the end). When it is already built there, `build` builds into a temporary folder.')
-  flags.DEFINE_string('manual_dir', None,
-                      'The extracted Kaggle download (holding train/NORMAL and train/PNEUMONIA): the build reads it, '
-                      'and so do the peers and the decode measurements.')
-  flags.DEFINE_integer('image_size', 224, 'Side of the images the model takes.')
-  flags.DEFINE_integer('batch_size', 32, 'Images per batch, in every pipeline and training step.')
-  flags.DEFINE_integer('steps', None, 'Batches timed per pipeline measurement (default: each measurement\'s own, '
-                       'a second or a few on two cores; a cold pass is capped at one epoch).')
-  flags.DEFINE_integer('train_steps', 10, 'Training steps timed per input source, taking turns, after one untimed '
-                       'step each; the ratio is the median over the pairs.')
-  flags.DEFINE_integer('repeats', 3, 'Timed runs per pipeline measurement; the fastest is reported, the others show '
-                       'how much other processes disturbed it.')
-  flags.DEFINE_integer('seed', 0, 'Seed of the shuffles, the augmentation and the models\' initialisation.')
-  flags.DEFINE_list('only', None, f'Measurements to run, comma-separated (default: all): {",".join(MEASUREMENTS)}.')
-  flags.DEFINE_bool('isolate', True, 'Run each measurement (or pair timed together) in its own process, so that '
-                    'peak RSS is its own.')
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  names = FLAGS.only or list(MEASUREMENTS)
-  start, load = time.perf_counter(), os.getloadavg()
-  with tempfile.TemporaryDirectory(prefix='cxr_benchmark_') as scratch:
-    setup = Setup(dataset=FLAGS.dataset, data_dir=os.path.expanduser(FLAGS.data_dir or scratch),
-                  manual_dir=FLAGS.manual_dir and os.path.expanduser(FLAGS.manual_dir), image_size=FLAGS.image_size,
-                  batch_size=FLAGS.batch_size, steps=FLAGS.steps, train_steps=FLAGS.train_steps,
-                  repeats=FLAGS.repeats, seed=FLAGS.seed)
-    validate(setup, names)
-    lines = []
-    for line in run(names, setup, isolate=FLAGS.isolate):
-      print(json.dumps(line), flush=True)
-      lines.append(line)
-  summary = targets(lines)
-  summary.update(seconds=round(time.perf_counter() - start, 1), cpu_cores=os.cpu_count(),
-                 load_average_1min={'start': round(load[0], 2), 'end': round(os.getloadavg()[0], 2)})
-  print(json.dumps(summary), flush=True)
-  return 1 if any('error' in line for line in lines) else 0
-
-
-if __name__ == '__main__':
-  _define_flags()
-  cli.run(main)
