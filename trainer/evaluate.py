@@ -77,5 +77,10 @@ def main(argv):
                at['sensitivity'], at['specificity'], os.path.join(out_dir, 'report.md'))
 
 
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
+  cli.run(main, progress=True)
+
+
 if __name__ == '__main__':
-  cli.run(main)
+  run()

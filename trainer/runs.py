@@ -22,6 +22,7 @@ from trainer import errors
 from trainer import export
 from trainer import inference
 from trainer import metrics
+from trainer import progress
 from trainer import shift
 from trainer import tta
 
@@ -167,9 +168,13 @@ def predict_runs(runs: Sequence[TrainedRun], builder, split: str, *, batch_size:
 
 def predict_shifted(runs, builder, split: str, *, batch_size: int = 32) -> dict[str, dict]:
   """One run's (or an ensemble's mean) predictions on a split under every shift: {name: `predict_runs`'s result}."""
-  return {name: predict_runs(runs, builder, split, batch_size=batch_size,
-                       transform=lambda images, name=name: shift.apply(name, images))
-          for name in shift.SHIFTS}
+  shifted = {}
+  with progress.steps(f'{split} shifted', len(shift.SHIFTS)) as task:
+    for name in shift.SHIFTS:
+      shifted[name] = predict_runs(runs, builder, split, batch_size=batch_size,
+                                   transform=lambda images, name=name: shift.apply(name, images))
+      task.advance(name)
+  return shifted
 
 
 def threshold_with_shifts(runs, builder, *, batch_size: int = 32) -> float:

@@ -44,6 +44,7 @@ from trainer import lock
 from trainer import metrics
 from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in a .keras file)
 from trainer import report as report_lib
+from trainer import version
 
 SERVING_ENDPOINT = 'serve'
 CURRENT = 'current'  # OUT/current -> exports/N: the export in force.
@@ -337,7 +338,7 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
     export_saved_model(model, os.path.join(folder, 'saved_model', str(number)), image_size=image_size,
                        threshold=threshold)
     run = {**run_info, 'image_size': image_size, 'threshold': threshold, 'threshold_rule': threshold_rule,
-           'versions': versions()}
+           'cxr_trainer': version.provenance(), 'versions': versions()}
     if warning := config_lib.data_warning(extra.get('dataset')):
       run['warning'] = warning
     files.write_atomic(os.path.join(folder, 'run.json'), json.dumps(run, indent=2))
@@ -355,6 +356,15 @@ _EXIF_FAILURE = ('- **EXIF orientation** is not applied by the SavedModel\'s byt
                  'EXIF): an image stored on its side with an Orientation tag, as phones store photos, is scored on its '
                  'side. trainer.predict turns such images the way up; a server that calls the SavedModel turns them '
                  'first with `trainer.data.upright`.')
+
+
+def _made_with(provenance: dict) -> str:
+  """The model card's line naming the project's version and commit (`trainer.version.provenance`)."""
+  commit = provenance.get('git_commit')
+  version_name = provenance.get('version', '(version not recorded)')
+  return f'cxr-trainer {version_name}' + (f', commit {commit}.' if commit else '.')
+
+
 _KERMANY = ('chest_xray_pneumonia/original', 'chest_xray_pneumonia/224', 'chest_xray_pneumonia/512')
 
 
@@ -447,7 +457,8 @@ def model_card(report: dict, run: dict, *, stress: dict | None = None) -> str:
   ]
   if members:
     lines.append(f'Members (their probabilities averaged): {", ".join(members)}.')
-  lines += [f'Versions: {", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())}.',
+  lines += [_made_with(run.get('cxr_trainer', {})),
+            f'Versions: {", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())}.',
             f'Training settings: see run.json\'s `config` (model {config.get("model")}, image size '
             f'{run.get("image_size")}, {config.get("epochs")}+{config.get("fine_tune_epochs")} epochs).', '']
   return '\n'.join(lines)

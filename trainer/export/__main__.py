@@ -72,5 +72,10 @@ def _export(out_dir: str, dirs: list[str]) -> None:
                at['sensitivity'], at['specificity'])
 
 
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
+  cli.run(main, progress=True)
+
+
 if __name__ == '__main__':
-  cli.run(main)
+  run()

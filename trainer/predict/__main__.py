@@ -62,5 +62,10 @@ def main(argv):
   return 1 if failed or overlays else 0
 
 
-if __name__ == '__main__':
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
   cli.run(main)
+
+
+if __name__ == '__main__':
+  run()
