@@ -41,6 +41,7 @@ from trainer import models
 from trainer import preemption
 from trainer import steps as steps_lib
 from trainer import summaries
+from trainer import tflite
 from trainer.config import Config
 
 PHASES = models.PHASES
@@ -481,7 +482,8 @@ def finish(config: Config, model: keras.Model, builder, image_size: int, *, thre
       run_info={'config': dataclasses.asdict(config), 'best': best,
                 # The process's own arguments: trainer.main's, when it runs as the program.
                 'command': ' '.join(['python -m trainer.main', *map(shlex.quote, sys.argv[1:])])},
-      extra={'model': config.model, 'dataset': config.dataset, 'image_size': image_size, 'split': 'test'})
+      extra={'model': config.model, 'dataset': config.dataset, 'image_size': image_size, 'split': 'test'},
+      sample_images=tflite.sample_images(builder, image_size))
   logging.info('Test at the validation threshold %.3f: %s', threshold,
                {k: report['at_val_threshold'][k] for k in ('accuracy', 'sensitivity', 'specificity')})
   return report

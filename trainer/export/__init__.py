@@ -44,6 +44,7 @@ from trainer import lock
 from trainer import metrics
 from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in a .keras file)
 from trainer import report as report_lib
+from trainer import tflite
 from trainer import version
 
 SERVING_ENDPOINT = 'serve'
@@ -308,9 +309,10 @@ def ensemble_model(members: list[keras.Model]) -> keras.Model:
 
 def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold: float, threshold_rule: str,
                  test_predictions: dict, run_info: dict, extra: dict, n_resamples: int = 1000,
-                 tensorboard_dir: str | None = None, stress: dict | None = None) -> dict:
-  """Writes a model's export (`committing`): its test report, model.keras, best.weights.h5, SavedModel, run.json and
-  model card, all at one threshold.
+                 tensorboard_dir: str | None = None, stress: dict | None = None,
+                 sample_images: np.ndarray | None = None) -> dict:
+  """Writes a model's export (`committing`): its test report, model.keras, best.weights.h5, SavedModel, TFLite models
+  (`trainer.tflite`), run.json and model card, all at one threshold.
 
   Args:
     out_dir: a run's model_dir, or the folder of an export of several runs.
@@ -324,6 +326,8 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
     n_resamples: bootstrap resamples of the report's intervals.
     tensorboard_dir: if given, the report's figures go there too.
     stress: a `trainer.shift.stress` result on validation, for the model card.
+    sample_images: uint8 images of the run's data (`trainer.tflite.sample_images`) that the TFLite models are checked
+      on; without them the int8 variant is not kept.
 
   Returns:
     The test report.
@@ -338,7 +342,8 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
     export_saved_model(model, os.path.join(folder, 'saved_model', str(number)), image_size=image_size,
                        threshold=threshold)
     run = {**run_info, 'image_size': image_size, 'threshold': threshold, 'threshold_rule': threshold_rule,
-           'cxr_trainer': version.provenance(), 'versions': versions()}
+           'cxr_trainer': version.provenance(), 'versions': versions(),
+           'tflite': tflite.write(folder, model, image_size, sample_images)}
     if warning := config_lib.data_warning(extra.get('dataset')):
       run['warning'] = warning
     files.write_atomic(os.path.join(folder, 'run.json'), json.dumps(run, indent=2))
@@ -439,6 +444,7 @@ def model_card(report: dict, run: dict, *, stress: dict | None = None) -> str:
       '## Stress test (simulated acquisition shifts)',
   ]
   lines += _stress_lines(stress)
+  lines += ['', '## TensorFlow Lite', *tflite_card(run.get('tflite'))]
   lines += [
       '',
       '## Known failure modes',
@@ -483,4 +489,25 @@ def _stress_lines(stress: dict | None) -> list[str]:
                  'while the pneumonia images keep theirs, so specificity is what a new site loses first; an '
                  "independent run on the official test split (whose normals are such a batch) found the transfer "
                  "models' specificity 0.78-0.80 at validation-chosen thresholds (README, results).")
+  return lines
+
+
+def tflite_card(entry: dict | None) -> list[str]:
+  """The model card's lines on the export's TFLite models (run.json's 'tflite', from `trainer.tflite.write`)."""
+  if not entry:
+    return ['No TFLite model in this export.']
+  float32, int8 = entry['float32'], entry['int8']
+  ops = float32['select_tf_ops']
+  lines = [f'`{float32["file"]}` (float32, {float32["bytes"]:,} bytes): uint8 grayscale images in, as the Keras model; '
+           + (f'it needs the TensorFlow ops {", ".join(ops)} (SELECT_TF_OPS: a runtime with the Flex delegate).'
+              if ops else 'TFLite\'s built-in ops only.')]
+  if 'max_difference' in float32:
+    lines.append(f'Its probabilities differ from the Keras model\'s by at most {float32["max_difference"]:.1e} on '
+                 'validation images.')
+  if int8.get('file'):
+    lines.append(f'`{int8["file"]}` (dynamic-range int8 weights, {int8["bytes"]:,} bytes): at most '
+                 f'{int8["max_difference"]:.4f} from the Keras model\'s probabilities on {int8["sample_images"]} '
+                 'validation images.')
+  else:
+    lines.append(f'No int8 variant: {int8["why"]}.')
   return lines
