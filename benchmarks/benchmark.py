@@ -51,8 +51,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cxr_tfds.chest_xray_pneumonia import imaging
+from trainer import augment as augment_lib
 from trainer import data
 from trainer import errors
+from trainer import layers
 from trainer import models
 from trainer import steps as steps_lib
 
@@ -422,7 +424,7 @@ def keras_layers_augmentation(strength: float, seed: int | None) -> keras.Sequen
       keras.layers.RandomContrast((strength * 0.1, strength * 0.1), seed=next(seeds), dtype='float32',
                                   name='contrast'),
       keras.layers.RandomBrightness(strength * 0.1, seed=next(seeds), dtype='float32', name='brightness'),
-      models.PixelNoise(strength * 4, seed=next(seeds), dtype='float32', name='noise'),
+      augment_lib.PixelNoise(strength * 4, seed=next(seeds), dtype='float32', name='noise'),
   ], name='augmentation')
 
 
@@ -445,7 +447,7 @@ def _recipe_model(augmentation: str, seed: int, image_size: int, **changes) -> k
     if layer.name == 'augmentation':
       return keras_layers_augmentation(1.0, seed)
     clone = layer.__class__.from_config(layer.get_config())
-    if isinstance(clone, models.Equalize):
+    if isinstance(clone, layers.Equalize):
       clone._compiled = clone._equalize  # pylint: disable=protected-access
     return clone
 

@@ -561,8 +561,8 @@ def test_another_model_in_the_model_dir_is_refused(name, reference, synthetic_da
   assert _digests(model_dir) == before
 
 
-def test_readme_lists_the_settings_fixed_on_resume():
-  readme = (pathlib.Path(__file__).resolve().parents[1] / 'README.md').read_text()
+def test_the_docs_list_the_settings_fixed_on_resume():
+  readme = (pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'troubleshooting.md').read_text()
   listed = re.search(r'These cannot change when a run resumes \(use a new `--model_dir`\): (.*?)\. Every other',
                      readme, flags=re.S).group(1)
   assert re.findall(r'`--(\w+)`', listed) == list(config_lib.FIXED_ON_RESUME)

@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 
 from trainer import errors
+from trainer import progress as progress_lib
 
 # INFO lines are shown from these folders only (the project's own); other libraries' INFO lines (TFDS's "Constructing
 # tf.data.Dataset", TF's saver) are kept for --verbosity=1. Their warnings and errors always show.
@@ -104,9 +105,11 @@ def peer_message(error: Exception) -> str | None:
           'why, then start the job again to resume from its last checkpoint.')
 
 
-def run(main) -> None:
+def run(main, *, progress: bool = False) -> None:
   """Runs an absl `main`; the user's errors end in one `error:` line on stderr and exit code 1, any other exception
-  (a bug) in its traceback."""
+  (a bug) in its traceback. With `progress`, the library's long tasks report on stderr (`trainer.progress`)."""
+  if progress:
+    progress_lib.report_to(sys.stderr)
   try:
     app.run(main, flags_parser=_readable_logs)
   except Exception as e:  # pylint: disable=broad-except

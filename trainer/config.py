@@ -49,6 +49,7 @@ CLASS_WEIGHTS = ('balanced', 'none', 'resample')
 LR_SCALING = ('none', 'linear', 'sqrt')
 LR_SCHEDULES = ('constant', 'cosine', 'plateau')
 EQUALIZE = ('none', 'histogram', 'clahe')
+FEATURE_CACHE = ('auto', 'on', 'off')
 # At 5 the zoom reaches 50% and the rotation 50 degrees: beyond that the transforms stop looking like radiographs.
 MAX_AUGMENT_STRENGTH = 5.0
 # The augmentation's acquisition-shift families, in the order the model applies them (trainer/augment.py has their
@@ -98,6 +99,7 @@ class Config:
   manual_dir: str | None = None
   model_dir: str = 'runs/default'
   cache_dir: str | None = None  # None: cache decoded images in memory.
+  feature_cache: str = 'auto'  # One of FEATURE_CACHE (trainer/features.py).
   image_size: int | None = None  # None: the dataset's stored resolution.
   batch_size: int = 32  # Global, across all replicas and workers.
   epochs: int = 5
@@ -172,6 +174,7 @@ class Config:
     _one_of('lr_scaling', self.lr_scaling, LR_SCALING)
     _one_of('lr_schedule', self.lr_schedule, LR_SCHEDULES)
     _one_of('equalize', self.equalize, EQUALIZE)
+    _one_of('feature_cache', self.feature_cache, FEATURE_CACHE)
     _one_of('strategy', self.strategy, STRATEGIES)
     _one_of('precision', self.precision, PRECISIONS)
     for name in ('batch_size', 'cnn_filters', 'cnn_depth', 'shuffle_buffer', 'steps_per_loop'):

@@ -204,6 +204,19 @@ def _clear_unfinished_cache(prefix: str) -> None:
     os.remove(leftover)
 
 
+def train_examples(builder: tfds.core.DatasetBuilder, *, image_size: int, seed: int | None = None,
+                   input_context: tf.distribute.InputContext | None = None,
+                   shuffle_files: bool = True) -> tf.data.Dataset:
+  """The training split once, as (uint8 image, int label) pairs, in the order `train_dataset` caches them.
+
+  With a seed the order is the same at every call, so that features computed from it line up with the images a run
+  without the feature cache reads (`trainer.features`); `shuffle_files=False` keeps the files' own order.
+  """
+  ds = _read(builder, 'train', image_size=image_size, shuffle_files=shuffle_files, seed=seed,
+             input_context=input_context)
+  return ds.map(lambda ex: (ex['image'], ex['label']), num_parallel_calls=AUTOTUNE)
+
+
 def train_dataset(builder: tfds.core.DatasetBuilder, *, image_size: int, global_batch: int,
                   seed: int | None = None, cache_dir: str | None = None, shuffle_buffer: int = 2048,
                   input_context: tf.distribute.InputContext | None = None, skip_steps: int = 0,
@@ -226,16 +239,29 @@ def train_dataset(builder: tfds.core.DatasetBuilder, *, image_size: int, global_
     balanced: draw each class with probability 1/2 (`tf.data.Dataset.sample_from_datasets` over one shuffled,
       repeated stream per class) instead of in the split's proportions: the alternative to class weights.
   """
-  batch = input_context.get_per_replica_batch_size(global_batch) if input_context else global_batch
   pipeline = input_context.input_pipeline_id if input_context else 0
-  ds = _read(builder, 'train', image_size=image_size, shuffle_files=True, seed=seed, input_context=input_context)
-  ds = ds.map(lambda ex: (ex['image'], ex['label']), num_parallel_calls=AUTOTUNE)
+  ds = train_examples(builder, image_size=image_size, seed=seed, input_context=input_context)
   ds = _cache(ds, cache_dir, f'{builder.info.full_name.replace("/", "_")}_train_{image_size}px_{pipeline}')
-  if balanced:
+  num_classes = builder.info.features['label'].num_classes
+  return training_batches(ds, global_batch=global_batch, seed=seed, shuffle_buffer=shuffle_buffer,
+                          input_context=input_context, skip_steps=skip_steps,
+                          num_classes=num_classes if balanced else None)
+
+
+def training_batches(ds: tf.data.Dataset, *, global_batch: int, seed: int | None, shuffle_buffer: int,
+                     input_context: tf.distribute.InputContext | None, skip_steps: int,
+                     num_classes: int | None) -> tf.data.Dataset:
+  """Cached (input, label) pairs -> shuffled, repeated batches for one replica (`train_dataset`'s Args).
+
+  Shared by the images and by a frozen backbone's cached features (`trainer.features`), so that with one seed both
+  read the examples in the same order. `num_classes`: draw the classes equally often (`balanced`); None: as they
+  come.
+  """
+  batch = input_context.get_per_replica_batch_size(global_batch) if input_context else global_batch
+  if num_classes:
     # One stream per class, each filtered from the same cache: a pass over the cache costs twice the reads, which
     # the cached pipeline can spare (BENCHMARKS.md). Each stream repeats on its own, so the minority class's images
     # come round more often rather than the majority's less.
-    num_classes = builder.info.features['label'].num_classes
     streams = [ds.filter(lambda image, label, c=c: label == c)
                .shuffle(shuffle_buffer, seed=None if seed is None else seed + c, reshuffle_each_iteration=True)
                .repeat() for c in range(num_classes)]

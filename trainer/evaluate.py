@@ -3,7 +3,8 @@ r"""`python -m trainer.evaluate`: reports a finished run again, or an ensemble o
     python -m trainer.evaluate --model_dir=runs/resnet50 --split=test
     python -m trainer.evaluate --model_dir=runs/seed-1,runs/seed-2 --out_dir=runs/ensemble   # their mean probability
 
-The report (report.json, report.md, the PNGs and their TensorBoard event file) is `trainer.report`'s; the metrics are
+The report (report.json, report.md, the PNGs and their TensorBoard event file) is `trainer.report`'s, with the gallery
+of mistakes beside it (gallery.html, `trainer.gallery`); the metrics are
 `trainer.metrics`'s; loading the runs and choosing their threshold is `trainer.runs`'s.
 """
 
@@ -16,6 +17,7 @@ from absl import logging
 from trainer import cli
 from trainer import errors
 from trainer import lock
+from trainer import gallery
 from trainer import metrics
 from trainer import report as report_lib
 from trainer import runs as runs_lib
@@ -70,6 +72,9 @@ def main(argv):
         extra={**_described(runs, point), 'dataset': dataset, 'trained_on': runs.dataset, 'split': FLAGS.split,
                'operating_point': operating},
         threshold_rule=metrics.threshold_rule(point['threshold_rule']).text)
+    if gallery.write(out_dir, runs.members, builder, FLAGS.split, predictions, point['threshold'],
+                     tensorboard_dir=out_dir, title=f'{dataset} {FLAGS.split}: the mistakes of {", ".join(model_dirs)}'):
+      gallery.link_from_report(out_dir)
   at = report['at_val_threshold']
   chosen = 'stored with the run' if point['chosen'] == 'stored' else 'chosen now on validation'
   logging.info('%s at the threshold %.3f (%s, %s): ROC AUC %.3f, sensitivity %.3f, specificity %.3f. Report: %s',
@@ -77,5 +82,10 @@ def main(argv):
                at['sensitivity'], at['specificity'], os.path.join(out_dir, 'report.md'))
 
 
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
+  cli.run(main, progress=True)
+
+
 if __name__ == '__main__':
-  cli.run(main)
+  run()

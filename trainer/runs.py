@@ -20,11 +20,11 @@ import numpy as np
 from trainer import data
 from trainer import errors
 from trainer import export
+from trainer import inference
 from trainer import metrics
+from trainer import progress
 from trainer import shift
 from trainer import tta
-# trainer.train still takes these from here; they live in trainer.inference.
-from trainer.inference import evaluate_model, make_predict, predict_split  # pylint: disable=unused-import
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +153,7 @@ def predict_runs(runs: Sequence[TrainedRun], builder, split: str, *, batch_size:
       `trainer.shift` perturbation).
 
   Returns:
-    As `predict_split`, with 'probs' the mean over the runs and 'member_probs' (runs, images).
+    As `inference.predict_split`, with 'probs' the mean over the runs and 'member_probs' (runs, images).
   """
   members = []
   for run in runs:
@@ -161,16 +161,20 @@ def predict_runs(runs: Sequence[TrainedRun], builder, split: str, *, batch_size:
     dataset = data.eval_dataset(builder, split, image_size=run.image_size, batch_size=batch_size, cache=False)
     if transform is not None:
       dataset = dataset.map(lambda batch: {**batch, 'image': transform(batch['image'])})
-    members.append(predict_split(run.model, dataset))
+    members.append(inference.predict_split(run.model, dataset))
   return {**members[0], 'probs': np.mean([m['probs'] for m in members], axis=0),
           'member_probs': np.stack([m['probs'] for m in members])}
 
 
 def predict_shifted(runs, builder, split: str, *, batch_size: int = 32) -> dict[str, dict]:
   """One run's (or an ensemble's mean) predictions on a split under every shift: {name: `predict_runs`'s result}."""
-  return {name: predict_runs(runs, builder, split, batch_size=batch_size,
-                       transform=lambda images, name=name: shift.apply(name, images))
-          for name in shift.SHIFTS}
+  shifted = {}
+  with progress.steps(f'{split} shifted', len(shift.SHIFTS)) as task:
+    for name in shift.SHIFTS:
+      shifted[name] = predict_runs(runs, builder, split, batch_size=batch_size,
+                                   transform=lambda images, name=name: shift.apply(name, images))
+      task.advance(name)
+  return shifted
 
 
 def threshold_with_shifts(runs, builder, *, batch_size: int = 32) -> float:

@@ -32,6 +32,7 @@ from trainer import data
 from trainer import distribute
 from trainer import errors
 from trainer import files
+from trainer import inputs
 from trainer import metrics as metrics_lib
 from trainer import inference
 from trainer import export
@@ -40,24 +41,12 @@ from trainer import models
 from trainer import preemption
 from trainer import steps as steps_lib
 from trainer import summaries
+from trainer import tflite
 from trainer.config import Config
 
 PHASES = models.PHASES
 # Training steps between two reads of the metrics (progress bar, divergence check).
 LOG_EVERY = 10
-
-
-def _validation(config: Config, strategy: tf.distribute.Strategy, model: keras.Model, builder, image_size: int):
-  """The function that predicts the validation split each epoch: shared out over the replicas when there are
-  several, on this worker alone when there is one."""
-  val_ds = data.eval_dataset(builder, 'validation', image_size=image_size, batch_size=config.batch_size)
-  if strategy.num_replicas_in_sync > 1:
-    shards = steps_lib.distributed_split(strategy, val_ds, config.batch_size)
-    predict = steps_lib.make_distributed_predict(model, strategy)
-    return lambda: predict(shards)
-  predict = inference.make_predict(model)  # Once: a function traced anew every epoch would retrace every epoch.
-  return lambda: inference.predict_split(model, val_ds, predict=predict)
-
 
 
 def run(config: Config, strategy: tf.distribute.Strategy) -> dict:
@@ -194,11 +183,13 @@ class TrainState:
     do not move."""
     return int(self.control.trained_epochs) * self.steps_per_epoch + first_step
 
-  def enter_phase(self, epoch: int, class_weights: np.ndarray):
+  def enter_phase(self, epoch: int, class_weights: np.ndarray, model: keras.Model | None = None):
     """Enters epoch `epoch`'s phase, from a new run, a resumed one or the phase before.
 
     The policy (`control.Phases.enter`) resets the counters at the phase's first epoch and sets the learning rate;
     after an early stop the phase starts from the best weights so far. Then the phase's layers are made trainable.
+    `model`: what the phase's steps run, if not the whole model: the head alone, on cached features
+    (`trainer.features`); it shares the model's variables.
 
     Returns:
       (the phase, its training step, its BatchNormalization sync or None).
@@ -209,10 +200,11 @@ class TrainState:
     trainable = models.set_trainable(self.model, phase, _unfreeze(self.config, phase))
     logging.info('Phase %s: %d trainable variables, backbone layers trained: %s', phase,
                  len(self.model.trainable_variables), trainable or 'none')
-    train_step = steps_lib.make_train_step(self.model, self.optimizers[phase], self.metrics, self.strategy,
+    model = model or self.model
+    train_step = steps_lib.make_train_step(model, self.optimizers[phase], self.metrics, self.strategy,
                                            class_weights=class_weights, global_batch=self.config.batch_size,
                                            label_smoothing=self.config.label_smoothing)
-    return phase, train_step, steps_lib.make_statistics_sync(self.model, self.strategy)
+    return phase, train_step, steps_lib.make_statistics_sync(model, self.strategy)
 
   def save_preempted(self, global_step: int) -> str:
     """Saves the run at a step boundary inside an epoch; returns the checkpoint's path."""
@@ -283,12 +275,7 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
   if int(state.epoch) > config.epochs + config.fine_tune_epochs:  # A finished run, asked for fewer epochs.
     return _kept_export(config, int(state.epoch)) if chief else {}
 
-  skip_steps = state.steps_trained(first_step)
-  iterator = steps_lib.training_iterator(strategy, lambda ctx: data.train_dataset(
-      builder, image_size=image_size, global_batch=config.batch_size, seed=config.seed,
-      cache_dir=config.cache_dir, shuffle_buffer=config.shuffle_buffer, input_context=ctx, skip_steps=skip_steps,
-      balanced=config.class_weight == 'resample'))
-  predict_validation = _validation(config, strategy, state.model, builder, image_size)
+  inputs_of, reading = inputs.phase_inputs(config, strategy, state.model, builder, image_size), None
   writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
                     else tf.summary.create_noop_writer()) for name in ('train', 'validation')}
   if chief and int(state.global_step) == 0:
@@ -303,7 +290,10 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
   phase, epoch = None, int(state.epoch)
   while epoch < total_epochs:
     if phase != state.phases.phase_of(epoch):
-      phase, train_step, sync_statistics = state.enter_phase(epoch, class_weights)
+      step_model, make_iterator, predict_validation = inputs_of(state.phases.phase_of(epoch))
+      phase, train_step, sync_statistics = state.enter_phase(epoch, class_weights, model=step_model)
+      if make_iterator is not reading:  # At the position an uninterrupted run's stream of this kind would be.
+        iterator, reading = make_iterator(state.steps_trained(first_step)), make_iterator
     start = time.time()
     train = train_epoch(state, train_step, iterator, epoch=epoch, first_step=first_step, phase=phase, stop=stop,
                         bar=progress.bar(), profile=profile, sync_statistics=sync_statistics)
@@ -492,7 +482,8 @@ def finish(config: Config, model: keras.Model, builder, image_size: int, *, thre
       run_info={'config': dataclasses.asdict(config), 'best': best,
                 # The process's own arguments: trainer.main's, when it runs as the program.
                 'command': ' '.join(['python -m trainer.main', *map(shlex.quote, sys.argv[1:])])},
-      extra={'model': config.model, 'dataset': config.dataset, 'image_size': image_size, 'split': 'test'})
+      extra={'model': config.model, 'dataset': config.dataset, 'image_size': image_size, 'split': 'test'},
+      sample_images=tflite.sample_images(builder, image_size))
   logging.info('Test at the validation threshold %.3f: %s', threshold,
                {k: report['at_val_threshold'][k] for k in ('accuracy', 'sensitivity', 'specificity')})
   return report

@@ -19,6 +19,7 @@ from trainer import errors
 from trainer import export
 from trainer import lock
 from trainer import runs as runs_lib
+from trainer import tflite
 from trainer import tta
 
 cli.define_run_flags('The --model_dir of a finished run, or several (DIR1,DIR2,...) to export their ensemble (the '
@@ -65,12 +66,18 @@ def _export(out_dir: str, dirs: list[str]) -> None:
       threshold_rule=point['threshold_rule'], test_predictions=test, run_info=info,
       extra={'model': run.config.get('model'), 'dataset': dataset, 'image_size': run.image_size, 'split': 'test',
              **views, **({'ensemble': members} if len(runs.members) > 1 else {})},
-      n_resamples=FLAGS.n_resamples, tensorboard_dir=os.path.join(out_dir, 'test'), stress=point.get('stress'))
+      n_resamples=FLAGS.n_resamples, tensorboard_dir=os.path.join(out_dir, 'test'), stress=point.get('stress'),
+      sample_images=tflite.sample_images(one.builder(), run.image_size))
   at = report['at_val_threshold']
   logging.info('Exported %s: threshold %.4f (%s); test ROC AUC %.3f, sensitivity %.3f, specificity %.3f.',
                export.current_dir(out_dir), point['threshold'], point['threshold_rule'], report['ranking']['roc_auc'],
                at['sensitivity'], at['specificity'])
 
 
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
+  cli.run(main, progress=True)
+
+
 if __name__ == '__main__':
-  cli.run(main)
+  run()

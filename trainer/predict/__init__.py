@@ -28,7 +28,8 @@ with the threshold stored once.
 pneumonia score, as <path below the inputs' common folder>.gradcam.png. Each map is scaled to its own maximum, so the
 weak evidence in a confidently normal image is drawn as hot as strong evidence: read a map with its probability. An
 overlay that cannot be written (a full disk) is an "error" on its image's line, which keeps its label: no prediction
-depends on an optional output.
+depends on an optional output. Of several runs (or an exported ensemble) the map is the mean of the members' maps,
+at the largest member's input size (`trainer.gradcam.make_ensemble_gradcam`).
 """
 
 import collections
@@ -40,8 +41,6 @@ import json
 import os
 
 from absl import logging
-import keras
-from matplotlib import colormaps
 import numpy as np
 from PIL import Image
 import tensorflow as tf
@@ -52,9 +51,9 @@ from trainer import errors
 from trainer import export
 from trainer import figures
 from trainer import files as files_lib
+from trainer import gradcam as gradcam_lib
 from trainer import inference
 from trainer import metrics
-from trainer import models
 from trainer import runs as runs_lib
 
 CLASS_NAMES = figures.CLASS_NAMES  # The printed labels, indexed by class id.
@@ -69,8 +68,6 @@ MAX_PIXELS = 50_000_000
 # input is 32 pixels: anything smaller is blown up from almost nothing).
 MIN_SIDE = 16
 ENSEMBLE_FILE = 'ensemble.json'
-# Grad-CAM overlay: the heat map's colours cover the X-ray in proportion to the heat, up to this opacity.
-_OVERLAY_OPACITY = 0.5
 _DICOM_MAGIC = b'DICM'  # At byte 128 of a DICOM Part 10 file, after the preamble.
 _OVERLAY = '.gradcam.png'  # --gradcam_dir's files: outputs of predict, never its inputs.
 
@@ -153,9 +150,26 @@ def read_image(path: str, image_sizes: Iterable[int]) -> dict[int, np.ndarray]:
   """
   with open(path, 'rb') as f:
     raw = f.read()
+  return decode_image_bytes(raw, image_sizes, dicom=path.lower().endswith(('.dcm', '.dicom')))
+
+
+def decode_image_bytes(raw: bytes, image_sizes: Iterable[int], *, dicom: bool = False) -> dict[int, np.ndarray]:
+  """`read_image` of a file's bytes already in memory (an upload to trainer.serve).
+
+  Args:
+    raw: the encoded JPEG, PNG or DICOM file.
+    image_sizes: the input sides of the models that will see it.
+    dicom: read it as DICOM even without the DICM marker (a file named .dcm).
+
+  Returns:
+    {size: uint8 array of shape (size, size, 1)}.
+
+  Raises:
+    BadImageError: as `read_image`.
+  """
   if not raw:
     raise BadImageError('empty file (0 bytes)')
-  if raw[128:132] == _DICOM_MAGIC or path.lower().endswith(('.dcm', '.dicom')):
+  if raw[128:132] == _DICOM_MAGIC or dicom:
     pixels = _dicom_pixels(raw)
     return {size: data.resize_uint8(pixels, size).numpy() for size in image_sizes}
   try:
@@ -217,83 +231,9 @@ def _dicom_pixels(raw: bytes) -> tf.Tensor:
   return tf.constant(scaled.astype(np.uint8)[..., None])
 
 
-def make_gradcam(model: keras.Model, image_size: int):
-  """A traced Grad-CAM (Selvaraju et al., ICCV 2017) of the pneumonia score, for a model from `build_model`.
-
-  The backbone's last rectified feature maps (`trainer.models.feature_layer`: the cnn's last ReLU, ResNet50's
-  conv5_block3_out, VGG16's block5_conv3, ...) are weighted by the spatial mean of the gradient of the pneumonia logit
-  with respect to them, summed, kept where positive (the regions that raise the score), upsampled bilinearly to the
-  input size (and, under --crop=content, put back where the crop came from) and divided by their maximum. The logit,
-  not the probability: a confident prediction saturates the sigmoid, whose gradient then vanishes and leaves a blank
-  map.
-
-  Args:
-    model: a model from `trainer.models.build_model`: layers up to a nested 'backbone' Model, then 'pool',
-      'dropout' and the sigmoid Dense 'probability'.
-    image_size: the model's input side.
-
-  Returns:
-    A function: uint8 images (batch, image_size, image_size, 1) -> float32 maps (batch, image_size, image_size) in
-    [0, 1]. An image with no evidence for pneumonia gets a map of zeros.
-
-  Raises:
-    ValueError: if the model does not have that structure.
-  """
-  layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-  names = [layer.name for layer in layers]
-  if 'backbone' not in names or names[-1] != 'probability':
-    raise ValueError(f'Model {model.name!r} has layers {names}; Grad-CAM needs a model from build_model (a nested '
-                     "'backbone' and the output layer 'probability').")
-  features = _with_last_features(model)
-  before, head = layers[:names.index('backbone')], layers[names.index('backbone') + 1:-1]
-  output = layers[-1]
-
-  @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 1], tf.uint8)])
-  def gradcam(images):
-    x, crops = images, []
-    for layer in before:
-      if isinstance(layer, models.CropToContent):
-        crops.append((layer, layer.boxes(x)))
-      x = layer(x, training=False)
-    with tf.GradientTape() as tape:
-      feature_maps, x = features(x, training=False)
-      for layer in head:
-        x = layer(x, training=False)
-      logit = keras.ops.matmul(tf.cast(x, output.kernel.dtype), output.kernel) + output.bias
-    gradients = tape.gradient(logit, feature_maps)
-    feature_maps, gradients = tf.cast(feature_maps, tf.float32), tf.cast(gradients, tf.float32)
-    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-    maps = tf.nn.relu(tf.reduce_sum(weights * feature_maps, axis=-1, keepdims=True))
-    maps = tf.image.resize(maps, [image_size, image_size], method='bilinear')[..., 0]
-    for layer, boxes in crops:  # --crop=content: the map of the cropped image, over the image as given.
-      maps = layer.uncrop(maps, boxes)
-    return tf.math.divide_no_nan(maps, tf.reduce_max(maps, axis=(1, 2), keepdims=True))
-
-  return gradcam
-
-
-def _with_last_features(model: keras.Model) -> keras.Model:
-  """A model of the backbone's own layers (same weights) that outputs its last rectified feature maps too."""
-  backbone = model.get_layer('backbone')
-  return keras.Model(backbone.inputs, [models.feature_layer(model).output, *backbone.outputs])
-
-
-def overlay_png(image: np.ndarray, heatmap: np.ndarray) -> bytes:
-  """The X-ray with its Grad-CAM map in the 'jet' colours on top, opaque where the map is hot, as PNG bytes.
-
-  Args:
-    image: uint8 (size, size, 1), the image as the model saw it.
-    heatmap: (size, size) in [0, 1].
-
-  Returns:
-    PNG bytes of an RGB image of the same size.
-  """
-  gray = np.repeat(image.astype(np.float32) / 255, 3, axis=-1)
-  opacity = _OVERLAY_OPACITY * heatmap[..., None]
-  rgb = (1 - opacity) * gray + opacity * colormaps['jet'](heatmap)[..., :3]
-  out = io.BytesIO()
-  Image.fromarray(np.round(255 * rgb).astype(np.uint8)).save(out, format='PNG')
-  return out.getvalue()
+# Grad-CAM moved to trainer.gradcam; the old names stay for callers of trainer.predict.
+make_gradcam = gradcam_lib.make_gradcam
+overlay_png = gradcam_lib.overlay_png
 
 
 def cached_ensemble_threshold(runs: Sequence[runs_lib.TrainedRun], ensemble_dir: str, rule: str | None = None,
@@ -347,24 +287,22 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
       takes them (their result's 'file' is their index, '<array N>').
     runs: one model, or the members of an ensemble (their probabilities are averaged).
     threshold: the decision threshold: from `trainer.runs.operating_point`.
-    gradcam_dir: if given (one model only), a Grad-CAM overlay of each image is written there, as
-      <path relative to the inputs' common folder>.gradcam.png.
+    gradcam_dir: if given, a Grad-CAM overlay of each image is written there, as <path relative to the inputs'
+      common folder>.gradcam.png (of an ensemble: the mean of its members' maps, `trainer.gradcam`).
     batch_size: images per batch.
     threshold_rule: the name of the rule that chose the threshold, for the results (left out if None).
-    predicts: `trainer.inference.make_predict` of each run, for a caller that predicts many times (made here if None).
+    predicts: a function of each run, uint8 images -> probabilities (made here with `trainer.inference.make_predict`
+      if None): `trainer.inference.make_predict` for a caller that predicts many times, or a
+      `trainer.tflite.TFLiteModel`.
 
   Yields:
     {'file', 'label', 'probability', 'threshold', 'threshold_rule'} (and 'gradcam', the overlay's path, and for an
     ensemble 'member_probabilities'), or {'file', 'error'} for a file that cannot be read.
 
-  Raises:
-    ValueError: if gradcam_dir is given for an ensemble.
   """
-  if gradcam_dir is not None and len(runs) != 1:
-    raise errors.InvalidValue('--gradcam_dir needs a single --model_dir: the members of an ensemble look at different '
-                     'features, so run predict once per member instead.')
   predicts = predicts or [inference.make_predict(run.model) for run in runs]
-  gradcam = make_gradcam(runs[0].model, runs[0].image_size) if gradcam_dir is not None else None
+  gradcam = (gradcam_lib.make_ensemble_gradcam([(run.model, run.image_size) for run in runs])
+             if gradcam_dir is not None else None)
   # Overlays keep the inputs' folder structure below their common folder (of the files that exist: a wrong path
   # must not move the others' overlays).
   root = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in files
@@ -387,9 +325,9 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
     good = [i for i in sorted(results) if 'error' not in results[i]]
     if good:
       batches = {size: np.stack(stack) for size, stack in images.items()}
-      member_probs = np.stack([predict(batches[run.image_size]).numpy() for predict, run in zip(predicts, runs)])
+      member_probs = np.stack([np.asarray(predict(batches[run.image_size])) for predict, run in zip(predicts, runs)])
       probs = member_probs.mean(axis=0)
-      maps = gradcam(batches[runs[0].image_size]).numpy() if gradcam else None
+      maps = gradcam(batches) if gradcam else None
       for j, i in enumerate(good):
         result = results[i]
         result.update(label=CLASS_NAMES[int(probs[j] >= threshold)], probability=float(probs[j]),
@@ -401,8 +339,9 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
         if len(runs) > 1:
           result['member_probabilities'] = member_probs[:, j].tolist()
         if gradcam:
-          out = os.path.join(gradcam_dir, os.path.relpath(os.path.abspath(chunk[i]), root) + _OVERLAY)
-          _write_overlay(result, out, overlay_png(batches[runs[0].image_size][j], maps[j]))
+          source = chunk[i] if isinstance(chunk[i], str) else result['file']
+          out = os.path.join(gradcam_dir, os.path.relpath(os.path.abspath(source), root) + _OVERLAY)
+          _write_overlay(result, out, overlay_png(batches[sizes[-1]][j], maps[j]))
     for i in sorted(results):
       yield results[i]
 
