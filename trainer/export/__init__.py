@@ -357,9 +357,9 @@ def versions() -> dict:
           'tensorflow_datasets': tfds.__version__, 'numpy': np.__version__}
 
 
-_EXIF_FAILURE = ('- **EXIF orientation** is not applied by the SavedModel\'s bytes-in signature (TensorFlow cannot read '
-                 'EXIF): an image stored on its side with an Orientation tag, as phones store photos, is scored on its '
-                 'side. trainer.predict turns such images the way up; a server that calls the SavedModel turns them '
+_EXIF_FAILURE = ('- **EXIF orientation** is not applied by the SavedModel\'s bytes-in signature (TensorFlow cannot '
+                 'read EXIF): an image stored on its side with an Orientation tag, as phones store photos, is scored on '
+                 'its side. trainer.predict turns such images the way up; a server that calls the SavedModel turns them '
                  'first with `trainer.data.upright`.')
 
 
