@@ -361,6 +361,15 @@ _EXIF_FAILURE = ('- **EXIF orientation** is not applied by the SavedModel\'s byt
                  'cannot read EXIF): an image stored on its side with an Orientation tag, as phones store photos, is '
                  'scored on its side. trainer.predict turns such images the way up; a server that calls the '
                  'SavedModel turns them first with `trainer.data.upright`.')
+
+
+def _made_with(provenance: dict) -> str:
+  """The model card's line naming the project's version and commit (`trainer.version.provenance`)."""
+  commit = provenance.get('git_commit')
+  version_name = provenance.get('version', '(version not recorded)')
+  return f'cxr-trainer {version_name}' + (f', commit {commit}.' if commit else '.')
+
+
 _KERMANY = ('chest_xray_pneumonia/original', 'chest_xray_pneumonia/224', 'chest_xray_pneumonia/512')
 
 
