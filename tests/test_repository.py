@@ -69,7 +69,7 @@ IMAGE_TAGGED = ('Dockerfile', 'launch/kubernetes/tfjob.yaml', 'launch/kubernetes
 
 def test_the_image_tags_are_the_package_version():
   for name in IMAGE_TAGGED:
-    tags = re.findall(r'cxr-(?:trainer|serve):([\w.\-]+)', (REPO / name).read_text())
+    tags = re.findall(r'cxr-trainer:([\w.\-]+)', (REPO / name).read_text())
     assert tags and set(tags) == {VERSION}, f'{name} tags {tags}, setup.cfg says {VERSION}'
 
 
@@ -83,7 +83,7 @@ def test_every_program_has_a_console_script_that_runs_what_python_m_runs():
   assert set(scripts) >= {'cxr-train', 'cxr-evaluate', 'cxr-export', 'cxr-predict', 'cxr-shift', 'cxr-build',
                           'cxr-serve'}
   programs = {'trainer.main', 'trainer.evaluate', 'trainer.export.__main__', 'trainer.predict.__main__',
-              'trainer.shift.__main__', 'trainer.serve.__main__', 'cxr_tfds.build'}
+              'trainer.shift.__main__', 'cxr_tfds.build', 'trainer.serve.__main__'}
   assert {target.split(':')[0] for target in scripts.values()} >= programs
   for name, target in scripts.items():
     module_name, _, function = target.partition(':')
