@@ -80,9 +80,10 @@ def _console_scripts() -> dict[str, str]:
 
 def test_every_program_has_a_console_script_that_runs_what_python_m_runs():
   scripts = _console_scripts()
-  assert set(scripts) >= {'cxr-train', 'cxr-evaluate', 'cxr-export', 'cxr-predict', 'cxr-shift', 'cxr-build'}
+  assert set(scripts) >= {'cxr-train', 'cxr-evaluate', 'cxr-export', 'cxr-predict', 'cxr-shift', 'cxr-build',
+                          'cxr-serve'}
   programs = {'trainer.main', 'trainer.evaluate', 'trainer.export.__main__', 'trainer.predict.__main__',
-              'trainer.shift.__main__', 'cxr_tfds.build'}
+              'trainer.shift.__main__', 'cxr_tfds.build', 'trainer.serve.__main__'}
   assert {target.split(':')[0] for target in scripts.values()} >= programs
   for name, target in scripts.items():
     module_name, _, function = target.partition(':')

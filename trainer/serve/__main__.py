@@ -38,5 +38,10 @@ def main(argv):
   uvicorn.run(app_lib.create_app(service, FLAGS.model_name), host=FLAGS.host, port=FLAGS.port, log_level='info')
 
 
-if __name__ == '__main__':
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
   cli.run(main)
+
+
+if __name__ == '__main__':
+  run()
