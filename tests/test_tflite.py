@@ -12,6 +12,7 @@ import pytest
 
 from trainer import errors
 from trainer import export
+from trainer.export import card
 from trainer import models
 from trainer import predict
 from trainer import tflite
@@ -91,8 +92,8 @@ def test_a_layer_that_needs_tensorflow_ops_is_named(tmp_path):
   (tmp_path / 'run.json').write_text(json.dumps({'tflite': entry}))
   with pytest.raises(errors.InvalidValue, match='CropAndResize'):
     tflite.load_export(str(tmp_path))
-  card = export.tflite_card(entry)
-  assert 'needs the TensorFlow ops CropAndResize' in card[0] and card[-1].startswith('No int8 variant: not checked')
+  lines = card.tflite_card(entry)
+  assert 'needs the TensorFlow ops CropAndResize' in lines[0] and lines[-1].startswith('No int8 variant: not checked')
 
 
 def test_predict_runs_the_tflite_models(recipe_model, exported, real_data):

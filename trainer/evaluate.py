@@ -16,6 +16,7 @@ from absl import logging
 
 from trainer import cli
 from trainer import errors
+from trainer import lock
 from trainer import gallery
 from trainer import metrics
 from trainer import report as report_lib
@@ -62,15 +63,18 @@ def main(argv):
   out_dir = os.path.expanduser(FLAGS.out_dir or os.path.join(model_dirs[0], f'eval_{FLAGS.split}'))
   operating = {'threshold': point['threshold'], 'threshold_rule': point['threshold_rule'], 'chosen': point['chosen']}
   predictions = runs.predict(builder, FLAGS.split)
-  report = report_lib.report_predictions(
-      predictions, threshold=point['threshold'], out_dir=out_dir, tensorboard_dir=out_dir,
-      n_resamples=FLAGS.n_resamples,
-      extra={**_described(runs, point), 'dataset': dataset, 'trained_on': runs.dataset, 'split': FLAGS.split,
-             'operating_point': operating},
-      threshold_rule=metrics.threshold_rule(point['threshold_rule']).text)
-  if gallery.write(out_dir, runs.members, builder, FLAGS.split, predictions, point['threshold'],
-                   tensorboard_dir=out_dir, title=f'{dataset} {FLAGS.split}: the mistakes of {", ".join(model_dirs)}'):
-    gallery.link_from_report(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  # Two evaluations into one folder would leave one's report.json beside the other's figures.
+  with lock.hold(out_dir, what='evaluation', flag='--out_dir'):
+    report = report_lib.report_predictions(
+        predictions, threshold=point['threshold'], out_dir=out_dir, tensorboard_dir=out_dir,
+        n_resamples=FLAGS.n_resamples,
+        extra={**_described(runs, point), 'dataset': dataset, 'trained_on': runs.dataset, 'split': FLAGS.split,
+               'operating_point': operating},
+        threshold_rule=metrics.threshold_rule(point['threshold_rule']).text)
+    if gallery.write(out_dir, runs.members, builder, FLAGS.split, predictions, point['threshold'],
+                     tensorboard_dir=out_dir, title=f'{dataset} {FLAGS.split}: the mistakes of {", ".join(model_dirs)}'):
+      gallery.link_from_report(out_dir)
   at = report['at_val_threshold']
   chosen = 'stored with the run' if point['chosen'] == 'stored' else 'chosen now on validation'
   logging.info('%s at the threshold %.3f (%s, %s): ROC AUC %.3f, sensitivity %.3f, specificity %.3f. Report: %s',
@@ -78,5 +82,10 @@ def main(argv):
                at['sensitivity'], at['specificity'], os.path.join(out_dir, 'report.md'))
 
 
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
+  cli.run(main, progress=True)
+
+
 if __name__ == '__main__':
-  cli.run(main)
+  run()

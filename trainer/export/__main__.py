@@ -17,6 +17,7 @@ from absl import logging
 from trainer import cli
 from trainer import errors
 from trainer import export
+from trainer import lock
 from trainer import runs as runs_lib
 from trainer import tflite
 from trainer import tta
@@ -40,6 +41,14 @@ def main(argv):
   dirs = [os.path.expanduser(d) for d in FLAGS.model_dir]
   if os.path.abspath(out_dir) in {os.path.abspath(d) for d in dirs} and len(dirs) > 1:
     raise errors.InvalidValue(f'--out_dir={out_dir} is one of the members: give the ensemble a folder of its own.')
+  os.makedirs(out_dir, exist_ok=True)
+  # Held from the start: a second writer (a training run, another export) is refused now, not after minutes of work.
+  with lock.hold(out_dir, what='export', flag='--out_dir'):
+    _export(out_dir, dirs)
+
+
+def _export(out_dir: str, dirs: list[str]) -> None:
+  """The export of the runs in `dirs` into out_dir, whose lock the caller holds."""
   runs = runs_lib.Runs.load(dirs, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, batch_size=FLAGS.batch_size)
   # The exported model carries the views, so predict and TF Serving average over them too.
   one = runs.as_one(out_dir, tta=FLAGS.tta)
@@ -65,5 +74,10 @@ def main(argv):
                at['sensitivity'], at['specificity'])
 
 
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
+  cli.run(main, progress=True)
+
+
 if __name__ == '__main__':
-  cli.run(main)
+  run()

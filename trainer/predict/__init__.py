@@ -12,7 +12,8 @@ or export (chosen on validation by the rule named). A file that cannot be read g
 own, the others go on, and the exit code is 1 at the end.
 
 JPEG and PNG files go through the training pipeline's own decode and resize (`trainer.data.decode_image`), so a model
-sees the same pixels as in training and in the exported SavedModel. DICOM files (the `dicom` extra, pydicom) get their
+sees the same pixels as in training and in the exported SavedModel, after their EXIF orientation is applied
+(`trainer.data.upright`). DICOM files (the `dicom` extra, pydicom) get their
 modality and VOI LUTs (the window the file asks for) and are then stretched to 0-255, as 8-bit exports like the
 training JPEGs are, before the same resize.
 
@@ -25,9 +26,10 @@ with the threshold stored once.
 
 --gradcam_dir writes, for each image, the image as the model saw it (at its input size) under the Grad-CAM map of the
 pneumonia score, as <path below the inputs' common folder>.gradcam.png. Each map is scaled to its own maximum, so the
-weak evidence in a confidently normal image is drawn as hot as strong evidence: read a map with its probability. Of
-several runs (or an exported ensemble) the map is the mean of the members' maps, at the largest member's input size
-(`trainer.gradcam.make_ensemble_gradcam`).
+weak evidence in a confidently normal image is drawn as hot as strong evidence: read a map with its probability. An
+overlay that cannot be written (a full disk) is an "error" on its image's line, which keeps its label: no prediction
+depends on an optional output. Of several runs (or an exported ensemble) the map is the mean of the members' maps,
+at the largest member's input size (`trainer.gradcam.make_ensemble_gradcam`).
 """
 
 import collections
@@ -67,6 +69,7 @@ MAX_PIXELS = 50_000_000
 MIN_SIDE = 16
 ENSEMBLE_FILE = 'ensemble.json'
 _DICOM_MAGIC = b'DICM'  # At byte 128 of a DICOM Part 10 file, after the preamble.
+_OVERLAY = '.gradcam.png'  # --gradcam_dir's files: outputs of predict, never its inputs.
 
 
 
@@ -74,14 +77,17 @@ class BadImageError(errors.InvalidValue):
   """A file that cannot be read as a chest X-ray; its JSON line says why."""
 
 
-def find_images(paths: Sequence[str]) -> list[str]:
+def find_images(paths: Sequence[str], *, skip: str | None = None) -> list[str]:
   """The files to predict: files as given, and the image files in folders (recursively, sorted).
 
-  Hidden files and folders (names starting with '.') and macOS `__MACOSX` folders are skipped: they hold metadata,
-  such as the `._name.jpeg` files of a zip made on a Mac, not images.
+  In folders, a file is taken by its extension (IMAGE_EXTENSIONS), or, without one, when it is a DICOM file (as PACS
+  exports name them: 'IM00001'); the others are counted in one log line, and each named under --verbosity=1. Hidden
+  files and folders (names starting with '.'), macOS `__MACOSX` folders, the project's own Grad-CAM overlays
+  ('*.gradcam.png') and the folder `skip` (the --gradcam_dir) are left out: they hold metadata or outputs, not X-rays.
 
   Args:
     paths: files and folders. A path that does not exist is kept, so that it gets an error line of its own.
+    skip: a folder not to search (where the overlays go), if any.
 
   Returns:
     The file paths, in the order given, each folder's files sorted.
@@ -91,22 +97,40 @@ def find_images(paths: Sequence[str]) -> list[str]:
   """
   if not paths:
     raise errors.InvalidValue('Give the images to predict: files or folders after the flags.')
-  files = []
+  files, skipped = [], []
+  skip = os.path.realpath(skip) if skip else None
   for path in paths:
     if not os.path.isdir(path):
       files.append(path)
       continue
     # Symlinked folders are followed (a scan archive linked in), each real folder once, so a link loop ends.
-    seen = set()
+    seen = {skip}
     for folder, subfolders, names in os.walk(path, followlinks=True):
       seen.add(os.path.realpath(folder))
       subfolders[:] = sorted(name for name in subfolders if not name.startswith('.') and name != '__MACOSX'
                              and os.path.realpath(os.path.join(folder, name)) not in seen)
-      files += [os.path.join(folder, name) for name in sorted(names)
-                if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)]
+      for name in sorted(name for name in names if not name.startswith('.') and not name.endswith(_OVERLAY)):
+        (files if _is_image_file(os.path.join(folder, name)) else skipped).append(os.path.join(folder, name))
+  if skipped:
+    logging.info('Skipped %d files that are not JPEG, PNG or DICOM (by extension, or a DICOM without one) in %s%s.',
+                 len(skipped), ', '.join(paths), '' if logging.vlog_is_on(1) else ' (--verbosity=1 names them)')
+    for path in skipped:
+      logging.debug('Skipped %s: not a JPEG, PNG or DICOM file.', path)
   if not files:
-    raise errors.InvalidValue(f'No image files ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(paths)}.')
+    raise errors.InvalidValue(f'No image files ({", ".join(IMAGE_EXTENSIONS)}, or DICOM) in {", ".join(paths)}.')
   return files
+
+
+def _is_image_file(path: str) -> bool:
+  if path.lower().endswith(IMAGE_EXTENSIONS):
+    return True
+  if os.path.splitext(path)[1]:
+    return False
+  try:
+    with open(path, 'rb') as f:
+      return f.read(132)[128:] == _DICOM_MAGIC
+  except OSError:
+    return True  # Unreadable: its line says why.
 
 
 def read_image(path: str, image_sizes: Iterable[int]) -> dict[int, np.ndarray]:
@@ -160,6 +184,7 @@ def decode_image_bytes(raw: bytes, image_sizes: Iterable[int], *, dicom: bool = 
   if mode == 'CMYK':  # TensorFlow's JPEG decoder, the training pipeline's, has no CMYK.
     raise BadImageError('a CMYK JPEG (a print colour space); save it as grayscale or RGB')
   _check_size(width, height)
+  raw = data.upright(raw)  # TF's decoder ignores EXIF: a phone's photo would lie on its side.
   try:
     return {size: data.decode_image(raw, size).numpy() for size in image_sizes}
   except tf.errors.InvalidArgumentError as e:
@@ -288,7 +313,7 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
     chunk, results, images = files[start:start + batch_size], {}, collections.defaultdict(list)
     for i, path in enumerate(chunk):
       in_memory = not isinstance(path, str)
-      name = f'<array {start + i}>' if in_memory else path
+      name = f'<array {start + i}>' if in_memory else printable(path)
       try:
         for size, image in (_array_inputs(path, sizes) if in_memory else read_image(path, sizes)).items():
           images[size].append(image)
@@ -314,12 +339,30 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
         if len(runs) > 1:
           result['member_probabilities'] = member_probs[:, j].tolist()
         if gradcam:
-          out = os.path.join(gradcam_dir, os.path.relpath(os.path.abspath(result['file']), root) + '.gradcam.png')
-          os.makedirs(os.path.dirname(out), exist_ok=True)
-          files_lib.write_atomic(out, overlay_png(batches[sizes[-1]][j], maps[j]))
-          result['gradcam'] = out
+          source = chunk[i] if isinstance(chunk[i], str) else result['file']
+          out = os.path.join(gradcam_dir, os.path.relpath(os.path.abspath(source), root) + _OVERLAY)
+          _write_overlay(result, out, overlay_png(batches[sizes[-1]][j], maps[j]))
     for i in sorted(results):
       yield results[i]
+
+
+def _write_overlay(result: dict, out: str, png: bytes) -> None:
+  """Writes an overlay; one that cannot be written (a full disk, a read-only --gradcam_dir) is an error on its
+  image's line, which keeps its label: no prediction depends on an optional output."""
+  try:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    files_lib.write_atomic(out, png)
+  except OSError as e:
+    reason = str(e) if isinstance(e, errors.UserError) else f'Cannot write {out}: {e.strerror or e}.'
+    result['error'] = f'Grad-CAM overlay not written: {reason}'
+    return
+  result['gradcam'] = printable(out)
+
+
+def printable(path: str) -> str:
+  """A path for a JSON line, valid UTF-8 whatever the file system holds: the bytes of a name that is not UTF-8 (which
+  Python decodes to lone surrogates, invalid in JSON for strict parsers) as Python's escapes, e.g. 'scan-\\xff.png'."""
+  return os.fsencode(path).decode('utf-8', 'backslashreplace')
 
 
 def _array_inputs(image, sizes) -> dict[int, np.ndarray]:

@@ -42,7 +42,7 @@ def main(argv):
     raise errors.InvalidValue('Give --model_dir=DIR (a run or an export), or --model_dir=DIR1,DIR2,... (several runs).')
   if FLAGS.tta > 1 and FLAGS.gradcam_dir:
     raise errors.InvalidValue('--gradcam_dir explains the model on one view of each image: drop --tta to draw it.')
-  files = predict.find_images(argv[1:])
+  files = predict.find_images(argv[1:], skip=FLAGS.gradcam_dir and os.path.expanduser(FLAGS.gradcam_dir))
   runs = runs_lib.Runs.load(FLAGS.model_dir, tta=FLAGS.tta, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
                             batch_size=FLAGS.batch_size)
   if FLAGS.ensemble_dir and len(runs.members) > 1:
@@ -60,16 +60,25 @@ def main(argv):
       raise errors.InvalidValue(f'--runtime={FLAGS.runtime} runs one export\'s TFLite model: give one --model_dir '
                                 '(trainer.export makes several runs one) and no --tta.')
     predicts = [tflite.load_export(export.current_dir(runs.members[0].model_dir), int8=FLAGS.runtime == 'tflite_int8')]
-  failed = 0
+  failed = overlays = 0
   for result in predict.predict_files(files, runs.members, threshold=threshold, gradcam_dir=FLAGS.gradcam_dir,
                                       batch_size=FLAGS.batch_size, threshold_rule=point['threshold_rule'],
                                       predicts=predicts):
-    failed += 'error' in result
+    failed += 'error' in result and 'label' not in result
+    overlays += 'error' in result and 'label' in result
     print(json.dumps(result), flush=True)
   if failed:
     print(f'error: {failed} of {len(files)} files could not be read (see their "error" lines).', file=sys.stderr)
-  return 1 if failed else 0
+  if overlays:
+    print(f'error: {overlays} of {len(files)} Grad-CAM overlays could not be written (see their "error" lines; their '
+          'labels are printed).', file=sys.stderr)
+  return 1 if failed or overlays else 0
+
+
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
+  cli.run(main)
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  run()

@@ -39,7 +39,7 @@ def main(argv):
 
 
 def run():
-  """The `cxr-serve` console script."""
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
   cli.run(main)
 
 
