@@ -19,12 +19,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_serving.apis import predict_pb2
 
+import trainer
 from trainer import metrics
 from trainer import runs as runs_lib
 from trainer import export
 from trainer import figures
 from trainer import predict
 from trainer import train
+from trainer import version
 from trainer.config import Config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -237,6 +239,19 @@ def test_model_card(ensemble):
   assert 'Specificity to expect' not in real
 
 
+def test_runs_and_exports_record_the_project_version_and_commit(runs, ensemble):
+  made_with = version.provenance()
+  assert made_with['version'] == trainer.__version__
+  for folder in (runs[0], ensemble):  # A training run's export, and trainer.export's.
+    run_json = json.loads(pathlib.Path(folder, 'run.json').read_text())
+    report = json.loads(pathlib.Path(folder, 'report.json').read_text())
+    assert run_json['cxr_trainer'] == report['cxr_trainer'] == made_with
+    card = pathlib.Path(folder, export.MODEL_CARD).read_text()
+    assert f'cxr-trainer {trainer.__version__}' in card
+    if 'git_commit' in made_with:  # Run from a checkout, as the suite is.
+      assert f'commit {made_with["git_commit"]}' in card
+
+
 # An export commits as a unit.
 
 
@@ -342,7 +357,7 @@ def test_a_full_disk_or_a_kill_during_an_export_leaves_the_previous_one_whole(ru
 
 def test_the_readme_python_snippet_classifies_files_and_arrays(ensemble, split_files, capsys):
   files, _ = split_files
-  readme = (REPO / 'README.md').read_text()
+  readme = (REPO / 'docs' / 'export-and-serving.md').read_text()
   snippet = readme.split('## Using the model from Python', 1)[1].split('```python\n', 1)[1].split('```', 1)[0]
   assert len(snippet.strip().splitlines()) <= 10
   snippet = (snippet.replace("'runs/recipe/model'", repr(ensemble))

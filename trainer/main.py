@@ -8,6 +8,7 @@ Flags are read here, once, into a `Config`; nothing below this module reads FLAG
 
 import os
 import tempfile
+import time
 
 from absl import flags
 from absl import logging
@@ -61,8 +62,9 @@ flags.DEFINE_enum('lr_scaling', config_lib.DEFAULTS.lr_scaling, config_lib.LR_SC
                   'with the global batch size against a reference batch of 32: none (as given), linear (Goyal et al. '
                   '2017), sqrt.')
 flags.DEFINE_enum('lr_schedule', config_lib.DEFAULTS.lr_schedule, config_lib.LR_SCHEDULES, 'Learning rate within each '
-                  'phase: constant, cosine (linear warmup over the phase\'s first epoch, then cosine decay to 0 at its '
-                  'end), or plateau (lowered when validation ROC-AUC stops improving: see --plateau_factor).')
+                  'phase: constant, cosine (linear warmup over the phase\'s first epoch, or its first quarter when '
+                  'that is shorter, then cosine decay to 0 at its end), or plateau (lowered when validation ROC-AUC '
+                  'stops improving: see --plateau_factor).')
 flags.DEFINE_float('plateau_factor', config_lib.DEFAULTS.plateau_factor, 'With --lr_schedule=plateau: multiply the '
                    'phase\'s learning rate by this after --plateau_patience epochs without a better validation '
                    'ROC-AUC.')
@@ -129,8 +131,8 @@ flags.DEFINE_integer('cnn_depth', config_lib.DEFAULTS.cnn_depth, 'Blocks in the 
 flags.DEFINE_integer('seed', config_lib.DEFAULTS.seed, 'Fixes initialisation, the data order and augmentation.')
 flags.DEFINE_integer('shuffle_buffer', config_lib.DEFAULTS.shuffle_buffer, 'Examples in the shuffle buffer.')
 flags.DEFINE_enum('precision', config_lib.DEFAULTS.precision, config_lib.PRECISIONS, 'auto: mixed_float16 on NVIDIA '
-                  'GPUs of compute capability 7.0 or more, mixed_bfloat16 on TPUs, float32 elsewhere. The output layer '
-                  'and the backbone\'s preprocess_input always compute in float32.')
+                  'GPUs of compute capability 7.0 or more, float32 elsewhere (mixed_bfloat16 only when asked). The '
+                  'output layer and the backbone\'s preprocess_input always compute in float32.')
 flags.DEFINE_enum('strategy', config_lib.DEFAULTS.strategy, config_lib.STRATEGIES, 'auto: mirrored across all GPUs '
                   'when there are several, else one device. multi_worker reads TF_CONFIG, or the Slurm environment '
                   'under Slurm.')
@@ -138,7 +140,7 @@ flags.DEFINE_list('profile_steps', config_lib.DEFAULTS.profile_steps, 'FIRST,LAS
                   'these global training steps (open the Profile tab; its input-pipeline analysis says whether the '
                   'steps wait for data).')
 flags.DEFINE_bool('deterministic', config_lib.DEFAULTS.deterministic, 'With --seed: make TensorFlow ops deterministic, '
-                  'so two runs give the same metrics. Slower; see README.')
+                  'so two runs give the same metrics. Slower; see docs/troubleshooting.md.')
 flags.DEFINE_integer('logical_devices', config_lib.DEFAULTS.logical_devices, 'Split the host CPU into this many '
                      'logical devices, so that --strategy=mirrored runs on a machine without GPUs (tests, laptops).')
 
@@ -181,7 +183,24 @@ def _check_writable(model_dir: str) -> None:
     raise config_lib.ConfigError(f'--model_dir={model_dir} is not writable: {e.strerror}.') from None
 
 
+def summary(config: config_lib.Config, report: dict, seconds: float) -> str:
+  """The lines a finished run ends with: where its files are and its test score."""
+  at = report['at_val_threshold']
+  minutes, secs = divmod(round(seconds), 60)
+  lines = [f'Done in {minutes} min {secs} s.' if minutes else f'Done in {secs} s.',
+           f'  model:       {os.path.join(config.model_dir, "model.keras")} (and saved_model/ for TF Serving)',
+           f'  report:      {os.path.join(config.model_dir, "report.md")} (report.json, the figures, model_card.md)',
+           f'  TensorBoard: tensorboard --logdir={config.model_dir}',
+           f'  test:        ROC-AUC {report["ranking"]["roc_auc"]:.3f}; at the validation threshold '
+           f'{at["threshold"]:.3f}: accuracy {at["accuracy"]:.3f}, sensitivity {at["sensitivity"]:.3f}, '
+           f'specificity {at["specificity"]:.3f}']
+  if report.get('warning'):
+    lines.append(f'  note:        {report["warning"]}')
+  return '\n'.join(lines)
+
+
 def main(argv):
+  started = time.monotonic()
   if len(argv) > 1:
     raise config_lib.ConfigError(f'Unexpected arguments {" ".join(argv[1:])}: every setting is a flag, '
                                  '--name=value (see --helpfull).')
@@ -204,8 +223,8 @@ def main(argv):
   strategy = distribute.get_strategy(config.strategy)
   logging.info('%s over %s.', type(strategy).__name__, ', '.join(strategy.extended.worker_devices))
   report = train.run(config, strategy)
-  if report:
-    logging.info('Done. Report: %s', os.path.join(config.model_dir, 'report.json'))
+  if report:  # The chief's; the other workers of a job write nothing.
+    print(summary(config, report, time.monotonic() - started), flush=True)
 
 
 def run():
