@@ -118,7 +118,7 @@ def untrained_run(synthetic_data_dir, tmp_path_factory):
     config = Config(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
                     model_dir=str(model_dir), image_size=image_size, cnn_filters=4, cnn_depth=2, weights='none')
     keras.utils.set_random_seed(seed)
-    export.save_keras(models.build_model('cnn', image_size=image_size, cnn_filters=4, cnn_depth=2),
+    export.save_keras(models.build('cnn', image_size=image_size, cnn_filters=4, cnn_depth=2),
                       str(model_dir / 'model.keras'))
     (model_dir / 'run.json').write_text(json.dumps({'config': dataclasses.asdict(config), 'image_size': image_size,
                                                      'threshold': threshold}))
