@@ -91,7 +91,8 @@ def main(argv):
   print(summary(build(FLAGS.config, data_dir, manual_dir, max_skipped_files=FLAGS.max_skipped_files)))
 
 
-if __name__ == '__main__':
+def run():
+  """`python -m cxr_tfds.build`, and the console script `cxr-build` (setup.cfg)."""
   _define_flags()
   try:
     app.run(main)
@@ -101,3 +102,7 @@ if __name__ == '__main__':
     logging.debug('Traceback of the error below:', exc_info=True)
     print(f'error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}', file=sys.stderr)
     sys.exit(1)
+
+
+if __name__ == '__main__':
+  run()

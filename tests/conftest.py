@@ -22,6 +22,9 @@ BY_DESIGN_SKIPS = {
     # Mounts a tmpfs to fill it (CI runs as root, so it runs there).
     'tests/test_resilience.py::test_a_disk_that_fills_during_the_final_report_and_exports_keeps_the_previous_export':
         'needs root',
+    # .ci/run installs Debian's chromium where apt exists; elsewhere (no apt, no root) there is no browser to drive.
+    'tests/test_serve_page.py::test_the_page_shows_the_label_the_probability_the_overlay_and_the_warnings':
+        'needs /usr/bin/chromium',
 }
 
 
@@ -144,3 +147,48 @@ def reference_predictions(model_dirs, data_dir, *, dataset='chest_xray_pneumonia
     probs.append(np.concatenate([model.predict(b['image'], verbose=0).ravel() for b in batches]))
     labels = np.concatenate([b['label'].numpy() for b in batches])
   return labels, np.mean(probs, axis=0)
+
+
+@pytest.fixture(scope='session')
+def synthetic_test_images(synthetic_data_dir) -> list[bytes]:
+  """The first 16 images of the synthetic test split, as their stored PNG bytes (8 of each class)."""
+  ds = tfds.builder('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir).as_dataset(
+      'test', shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()})
+  images, labels = [], []
+  for example in ds:
+    if labels.count(int(example['label'])) < 8:
+      images.append(example['image'].numpy())
+      labels.append(int(example['label']))
+  return images
+
+
+@pytest.fixture(scope='session')
+def untrained_exports(untrained_run, synthetic_test_images, tmp_path_factory) -> dict[str, pathlib.Path]:
+  """Export folders as trainer.export lays them out flat (model.keras, run.json, saved_model/1), of untrained CNNs:
+  'run' (one, at 32 pixels, crop=content) and 'ensemble' (two members of 32 pixels, one crop=content, `export.ensemble_model`). Each
+  threshold is the median of its probabilities on `synthetic_test_images`, so both labels occur."""
+  import keras  # pylint: disable=import-outside-toplevel
+
+  from trainer import export  # pylint: disable=import-outside-toplevel
+  from trainer import models  # pylint: disable=import-outside-toplevel
+  from trainer import predict  # pylint: disable=import-outside-toplevel
+
+  images = np.stack([predict.decode_image_bytes(raw, [32])[32] for raw in synthetic_test_images])
+  run = untrained_run(32, seed=1)
+  keras.utils.set_random_seed(1)
+  export.save_keras(models.build('cnn', image_size=32, cnn_filters=4, cnn_depth=2, crop='content'),
+                    str(run / 'model.keras'))
+  ensemble = tmp_path_factory.mktemp('ensemble')
+  members = []
+  for seed, crop in ((2, 'none'), (3, 'content')):  # Each member's map goes back through its own crop.
+    keras.utils.set_random_seed(seed)
+    members.append(models.build('cnn', image_size=32, cnn_filters=4, cnn_depth=2, crop=crop))
+  export.save_keras(export.ensemble_model(members), str(ensemble / 'model.keras'))
+  (ensemble / 'run.json').write_text((run / 'run.json').read_text())
+  for folder in (run, ensemble):
+    model = export.load_model(str(folder / 'model.keras'))
+    threshold = float(np.median(model.predict(images, verbose=0)))
+    info = json.loads((folder / 'run.json').read_text())
+    (folder / 'run.json').write_text(json.dumps({**info, 'threshold': threshold, 'threshold_rule': 'youden'}))
+    export.export_saved_model(model, str(folder / 'saved_model' / '1'), image_size=32, threshold=threshold)
+  return {'run': run, 'ensemble': ensemble}

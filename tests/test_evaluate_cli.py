@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,10 @@ from PIL import Image
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+from conftest import test_split_predictions as split_predictions  # pylint: disable=g-importing-member
+
 from trainer import data
+from trainer import gallery
 from trainer import inference
 from trainer import metrics
 from trainer import runs as runs_lib
@@ -44,9 +48,28 @@ def test_cli_writes_the_report_the_figures_and_tensorboard_images(model_dir, syn
     assert f'![{name}]({name}.png)' in markdown
     assert Image.open(out / f'{name}.png').size[0] > 100
 
+  # The gallery of mistakes: each group's cases, most wrong first, as the model's own probabilities sort them.
+  labels, probs = split_predictions([model_dir], synthetic_data_dir)
+  called = probs >= 0.5
+  expected = {'false_positives': sorted(np.flatnonzero((labels == 0) & called), key=lambda i: -probs[i]),
+              'false_negatives': sorted(np.flatnonzero((labels == 1) & ~called), key=lambda i: probs[i]),
+              'least_certain_correct': sorted(np.flatnonzero((labels == 1) == called),
+                                              key=lambda i: abs(probs[i] - 0.5))}
+  page = (out / 'gallery.html').read_text()
+  sections = dict(re.findall(r'<h2>([^<]*?): \d+</h2>\n(.*?)(?=\n<h2>|\n</body>)', page, flags=re.S))
+  shown = {group: [int(i) for i in re.findall(r'<figcaption>#(\d+): ', sections[title])]
+           for group, title in gallery.TITLES.items()}
+  assert sum(map(len, shown.values())) > 0
+  for group in gallery.GROUPS:
+    # Ties in probability may come in either order: compare the probabilities, not the indices, in order.
+    np.testing.assert_allclose(probs[shown[group]], probs[expected[group][:gallery.PER_GROUP]], atol=1e-6)
+  assert page.count('<img src="data:image/png;base64,') == 2 * sum(map(len, shown.values()))
+  assert '[gallery.html](gallery.html)' in markdown
+
   events = event_accumulator.EventAccumulator(str(out), size_guidance={'tensors': 0})
   events.Reload()
-  assert set(events.Tags()['tensors']) == set(FIGURES)
+  assert set(events.Tags()['tensors']) == set(FIGURES) | {f'gallery/{group}' for group in gallery.GROUPS
+                                                          if shown[group]}
 
   # The same numbers as the library function on the same split: the CLI adds nothing of its own.
   run = runs_lib.load_run(str(model_dir))

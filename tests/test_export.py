@@ -19,12 +19,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_serving.apis import predict_pb2
 
+import trainer
 from trainer import metrics
 from trainer import runs as runs_lib
 from trainer import export
 from trainer import figures
 from trainer import predict
 from trainer import train
+from trainer import version
 from trainer.config import Config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -226,6 +228,28 @@ def test_model_card(ensemble):
   assert 'ROC-AUC 0.900, accuracy 0.800, sensitivity 0.700, specificity 0.600' in real
   assert 'With only the normal images shifted (as if they came from another machine than the pneumonia images), ' \
          'the worst ROC-AUC is 0.850.' in real
+  # With the stress test's rows, the card says what specificity to expect under a shift of the normals, and why.
+  rows = {'none': {'specificity': 0.95}, 'a': {'specificity': 0.9}, 'b': {'specificity': 0.7}}
+  shifted = export.model_card(report, run_json, stress={'split': 'validation', 'shifts': rows,
+                                                        'worst': {'roc_auc': 0.9, 'roc_auc_normals_shifted': 0.85,
+                                                                  'accuracy': 0.8, 'sensitivity': 0.7,
+                                                                  'specificity': 0.7}})
+  assert ('**Specificity to expect on normal images from another machine:** about 0.80 (the mean over the shifts; '
+          'the worst 0.70), against 0.95 on the unshifted validation split. Why:') in shifted
+  assert 'Specificity to expect' not in real
+
+
+def test_runs_and_exports_record_the_project_version_and_commit(runs, ensemble):
+  made_with = version.provenance()
+  assert made_with['version'] == trainer.__version__
+  for folder in (runs[0], ensemble):  # A training run's export, and trainer.export's.
+    run_json = json.loads(pathlib.Path(folder, 'run.json').read_text())
+    report = json.loads(pathlib.Path(folder, 'report.json').read_text())
+    assert run_json['cxr_trainer'] == report['cxr_trainer'] == made_with
+    card = pathlib.Path(folder, export.MODEL_CARD).read_text()
+    assert f'cxr-trainer {trainer.__version__}' in card
+    if 'git_commit' in made_with:  # Run from a checkout, as the suite is.
+      assert f'commit {made_with["git_commit"]}' in card
 
 
 # An export commits as a unit.
@@ -333,7 +357,7 @@ def test_a_full_disk_or_a_kill_during_an_export_leaves_the_previous_one_whole(ru
 
 def test_the_readme_python_snippet_classifies_files_and_arrays(ensemble, split_files, capsys):
   files, _ = split_files
-  readme = (REPO / 'README.md').read_text()
+  readme = (REPO / 'docs' / 'export-and-serving.md').read_text()
   snippet = readme.split('## Using the model from Python', 1)[1].split('```python\n', 1)[1].split('```', 1)[0]
   assert len(snippet.strip().splitlines()) <= 10
   snippet = (snippet.replace("'runs/recipe/model'", repr(ensemble))

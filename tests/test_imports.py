@@ -13,8 +13,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ('trainer', 'cxr_tfds', 'benchmarks')
 # The programs: modules with absl flags or a main, run as `python -m NAME`. No other module may import one.
 PROGRAMS = {
-    'benchmarks.__main__', 'cxr_tfds.build', 'cxr_tfds.chest_xray_pneumonia.dummy_data.make_dummy_data',
-    'trainer.evaluate', 'trainer.export.__main__', 'trainer.main', 'trainer.predict.__main__', 'trainer.shift.__main__',
+    'benchmarks.__main__', 'benchmarks.serve', 'benchmarks.tflite', 'cxr_tfds.build',
+    'cxr_tfds.chest_xray_pneumonia.dummy_data.make_dummy_data', 'trainer.evaluate', 'trainer.export.__main__',
+    'trainer.main', 'trainer.predict.__main__', 'trainer.serve.__main__', 'trainer.shift.__main__',
 }
 # The programs' edge (flag parsing, the one-line errors): imported by programs only.
 PROGRAM_EDGE = {'trainer.cli'}

@@ -373,11 +373,11 @@ def test_slurm_script_runs_the_dockerfile_image_when_given_one(tmp_path):
   bin_dir, record = _fake_slurm(tmp_path)
   env = {k: v for k, v in os.environ.items() if k not in ('MODEL_DIR', 'DATA_DIR')}
   env.update(PATH=f'{bin_dir}:{os.environ["PATH"]}', HOME=str(tmp_path), SLURM_JOB_ID='77', SLURM_JOB_NAME='cxr',
-             CONTAINER_IMAGE='registry#cxr-trainer:0.1.0', DATA_DIR=str(tmp_path / 'tfds'))
+             CONTAINER_IMAGE='registry#cxr-trainer:0.2.0', DATA_DIR=str(tmp_path / 'tfds'))
   subprocess.run(['bash', str(SBATCH)], env=env, check=True, cwd=REPO)
   argv = json.loads(record.read_text())['argv']
   model_dir = f'{tmp_path}/cxr_runs/cxr-77'
-  assert argv[2:5] == ['--container-image=registry#cxr-trainer:0.1.0', '--container-workdir=/app',
+  assert argv[2:5] == ['--container-image=registry#cxr-trainer:0.2.0', '--container-workdir=/app',
                        f'--container-mounts={model_dir}:{model_dir},{tmp_path / "tfds"}:{tmp_path / "tfds"}']
   assert argv[5:8] == ['python', '-m', 'trainer.main']
   # The image the launchers name is the Dockerfile's, at the project's version.

@@ -67,7 +67,7 @@ def _write_lease(model_dir, host, pid, age=0.0):
 def test_without_flock_a_lease_refuses_a_second_holder(tmp_path, no_flock):
   with lock.hold(str(tmp_path)):
     with open(tmp_path / (lock.LOCK_NAME + '.lease')) as f:
-      assert json.load(f) == {'host': socket.gethostname(), 'pid': os.getpid()}
+      assert json.load(f) == {'host': socket.gethostname(), 'pid': os.getpid(), 'what': 'training run'}
     with pytest.raises(lock.LockedError, match=f'pid {os.getpid()} '):
       with lock.hold(str(tmp_path)):
         pass

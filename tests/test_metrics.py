@@ -226,3 +226,31 @@ def test_bootstrap_rejects_bad_groups_and_single_patient_data():
     metrics.bootstrap_ci([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], ['a', 'a', 'b', 'b'], 0.5, n_resamples=200)
   with pytest.raises(ValueError, match='confidence'):
     metrics.bootstrap_ci(labels, probs, groups, 0.5, confidence=95)
+
+
+def test_sensitivity_threshold_is_the_highest_that_keeps_the_target():
+  rng = np.random.default_rng(0)
+  labels = np.r_[np.zeros(100, int), np.ones(300, int)]
+  probs = np.r_[rng.uniform(0, 0.6, 100), rng.uniform(0.3, 1, 300)]
+  for target in (0.9, 0.95, 0.97, 1.0):
+    threshold = metrics.sensitivity_threshold(labels, probs, target)
+    assert metrics.metrics_at(labels, probs, threshold)['sensitivity'] >= target
+    # The next pneumonia probability up would lose the target: no higher threshold keeps it.
+    higher = np.sort(probs[labels == 1])
+    higher = higher[higher > threshold]
+    if higher.size:
+      assert metrics.metrics_at(labels, probs, higher[0])['sensitivity'] < target
+  with pytest.raises(ValueError, match='no pneumonia image'):
+    metrics.sensitivity_threshold(np.zeros(5, int), np.linspace(0, 1, 5), 0.97)
+
+
+def test_the_sensitivity_rule_reads_only_the_unshifted_split():
+  rule = metrics.RULES['sensitivity_at_0.97']
+  labels = np.r_[np.zeros(50, int), np.ones(100, int)]
+  plain = {'labels': labels, 'probs': np.r_[np.linspace(0, 0.5, 50), np.linspace(0.4, 1, 100)]}
+  shifted = {'labels': labels, 'probs': np.r_[np.linspace(0.5, 1, 50), np.linspace(0.4, 1, 100)]}
+  assert rule.shifted
+  threshold = rule.choose({'none': plain, 'noise': shifted})
+  assert threshold == metrics.sensitivity_threshold(labels, plain['probs'], 0.97)
+  assert threshold == rule.choose({'none': plain})
+  assert '97%' in rule.text

@@ -244,8 +244,16 @@ def test_ensemble(run, split_images, tmp_path, monkeypatch):
   changed = predict.cached_ensemble_threshold([run, runs_lib.load_run(str(other_dir))], str(tmp_path / 'ensemble'))
   assert changed['fingerprints'] != pair['fingerprints']
 
-  with pytest.raises(ValueError, match='--gradcam_dir needs a single --model_dir'):
-    _predict(files, [run, other], threshold=0.5, gradcam_dir=str(tmp_path))
+  # Their Grad-CAM is the mean of the members' maps (trainer.gradcam), drawn over each image.
+  drawn = _predict(files[:2], [run, other], threshold=0.5, gradcam_dir=str(tmp_path / 'cams'))
+  images = {size: np.stack([predict.read_image(f, [size])[size] for f in files[:2]]) for size in (32, SIZE)}
+  small = predict.make_gradcam(other.model, 32)(images[32])  # Put at the larger member's side before the mean.
+  expected = (predict.make_gradcam(run.model, SIZE)(images[SIZE]).numpy()
+              + tf.image.resize(small[..., None], [SIZE, SIZE], method='bilinear')[..., 0].numpy()) / 2
+  assert 0 < expected.max() <= 1
+  for result, image, heat in zip(drawn, images[SIZE], expected):
+    assert np.asarray(Image.open(result['gradcam'])).tolist() == np.asarray(
+        Image.open(io.BytesIO(predict.overlay_png(image, heat)))).tolist()
 
 
 def test_cli(run, split_images, tmp_path):

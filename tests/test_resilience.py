@@ -561,8 +561,8 @@ def test_another_model_in_the_model_dir_is_refused(name, reference, synthetic_da
   assert _digests(model_dir) == before
 
 
-def test_readme_lists_the_settings_fixed_on_resume():
-  readme = (pathlib.Path(__file__).resolve().parents[1] / 'README.md').read_text()
+def test_the_docs_list_the_settings_fixed_on_resume():
+  readme = (pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'troubleshooting.md').read_text()
   listed = re.search(r'These cannot change when a run resumes \(use a new `--model_dir`\): (.*?)\. Every other',
                      readme, flags=re.S).group(1)
   assert re.findall(r'`--(\w+)`', listed) == list(config_lib.FIXED_ON_RESUME)
@@ -581,6 +581,19 @@ def test_batch_size_strategy_and_epochs_can_change_on_resume(reference, syntheti
   # (an epoch of 33 steps of 16 took twice as long as one of 8 steps of 64 here).
   assert '8 steps of 64 per epoch, 2 replicas' in stderr, stderr[-3000:]
   assert [step for step, _ in _scalars(os.path.join(model_dir, 'validation'), 'auc')] == [1, 2, 3, 4]
+
+
+def test_a_finished_run_asked_for_fewer_epochs_says_so_and_keeps_its_export(reference, synthetic_data_dir, tmp_path):
+  model_dir = _copy(reference, tmp_path, 'fewer')
+  exported = {name: digest for name, digest in _digests(model_dir).items() if name.startswith('exports/')}
+  returncode, stderr = _run([sys.executable, '-m', 'trainer.main', f'--data_dir={synthetic_data_dir}',
+                             f'--model_dir={model_dir}', *[f for f in RUN_FLAGS if f != '--epochs=2'], '--epochs=1'])
+  assert returncode == 0, stderr[-3000:]
+  assert (f'--model_dir={model_dir} holds a run trained for 3 epochs, more than the 2 of --epochs=1 + '
+          '--fine_tune_epochs=1: nothing is trained') in stderr, stderr[-3000:]
+  assert {name: digest for name, digest in _digests(model_dir).items() if name.startswith('exports/')} == exported
+  with open(os.path.join(model_dir, 'run.json')) as f:
+    assert json.load(f)['config']['epochs'] == 2
 
 
 @pytest.mark.parametrize('layout', ['empty', 'partial', 'none'])

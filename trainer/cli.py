@@ -3,6 +3,7 @@
 `trainer.main`, `trainer.evaluate`, `trainer.predict`, `trainer.shift` and `trainer.export` all run through `run`.
 """
 
+import errno
 import logging as py_logging
 import math
 import os
@@ -15,11 +16,17 @@ from absl import logging
 
 from trainer import config
 from trainer import errors
+from trainer import progress as progress_lib
 
 # INFO lines are shown from these folders only (the project's own); other libraries' INFO lines (TFDS's "Constructing
 # tf.data.Dataset", TF's saver) are kept for --verbosity=1. Their warnings and errors always show.
 _PROJECT_DIRS = tuple(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + name + os.sep
                       for name in ('trainer', 'cxr_tfds', 'launch'))
+
+
+# What the machine says of a folder the user named: read-only, full, over quota, or not theirs to write. Raised from
+# any write (an output, a cache, a dataset build), they are the user's to fix wherever they come from.
+_USER_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -28,6 +35,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     raise errors.InvalidValue(f'{e} (see --helpfull).') from None
+  except UnicodeDecodeError:  # absl reads a --flagfile as text.
+    flagfile = next((arg for arg in argv if arg.startswith(('--flagfile=', '-flagfile='))), '--flagfile')
+    raise errors.InvalidValue(f'--{flagfile.lstrip("-")} is not a text file of flags (it does not decode as '
+                              'UTF-8): give a file with one --flag=value a line.') from None
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -41,6 +52,29 @@ def _user_errors() -> tuple[type[Exception], ...]:
     user_errors += (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.DataLossError,
                     tf.errors.ResourceExhaustedError, tf.errors.UnavailableError)
   return user_errors
+
+
+def _os_error(error: BaseException) -> OSError | None:
+  """The OSError of the user's folders (`_USER_ERRNOS`) behind `error`, itself or a cause TF or TFDS wrapped it in."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _USER_ERRNOS:
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def is_user_error(error: BaseException) -> bool:
+  """Whether `error` is the user's to fix (one line) rather than a bug (a traceback)."""
+  return isinstance(error, _user_errors()) or _os_error(error) is not None
+
+
+def _message(error: BaseException) -> str:
+  os_error = None if isinstance(error, errors.UserError) else _os_error(error)
+  if os_error is not None:
+    return f'{os_error.filename}: {os_error.strerror}.' if os_error.filename else f'{os_error.strerror}.'
+  return peer_message(error) or errors.error_message(error)
 
 
 def _quiet_other_libraries(record: py_logging.LogRecord) -> bool:
@@ -73,18 +107,19 @@ def peer_message(error: Exception) -> str | None:
           'why, then start the job again to resume from its last checkpoint.')
 
 
-def run(main) -> None:
+def run(main, *, progress: bool = False) -> None:
   """Runs an absl `main`; the user's errors end in one `error:` line on stderr and exit code 1, any other exception
-  (a bug) in its traceback."""
+  (a bug) in its traceback. With `progress`, the library's long tasks report on stderr (`trainer.progress`)."""
+  if progress:
+    progress_lib.report_to(sys.stderr)
   try:
     app.run(main, flags_parser=_readable_logs)
   except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, _user_errors()):
+    if not is_user_error(e):
       raise
     # --verbosity=1 adds the traceback, for bug reports.
     logging.debug('Traceback of the error below:', exc_info=True)
-    message = peer_message(e) or errors.error_message(e)
-    print(f'error: {message}', file=sys.stderr)
+    print(f'error: {_message(e)}', file=sys.stderr)
     sys.exit(1)
 
 

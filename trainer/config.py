@@ -272,8 +272,9 @@ class OptimizationSettings:
   lr_scaling: str = setting('none', 'How the learning rates scale with the global batch size against a reference '
                             'batch of 32: none (as given), linear (Goyal et al. 2017), sqrt.', choices=LR_SCALING)
   lr_schedule: str = setting('constant', 'Learning rate within each phase: constant, cosine (linear warmup over the '
-                             'phase\'s first epoch, then cosine decay to 0 at its end), or plateau (lowered when '
-                             'validation ROC-AUC stops improving: see --plateau_factor).', choices=LR_SCHEDULES)
+                             'phase\'s first epoch, or its first quarter when that is shorter, then cosine decay to 0 '
+                             'at its end), or plateau (lowered when validation ROC-AUC stops improving: see '
+                             '--plateau_factor).', choices=LR_SCHEDULES)
   plateau_factor: float = setting(0.5, 'With --lr_schedule=plateau: multiply the phase\'s learning rate by this after '
                                   '--plateau_patience epochs without a better validation ROC-AUC.',
                                   allowed=Range(0, 1, lower_open=True, upper_open=True))
@@ -304,9 +305,9 @@ class RuntimeSettings:
   seed: int | None = setting(None, 'Fixes initialisation, the data order and augmentation.',
                              allowed=Range(0, 2**32 - 1))
   deterministic: bool = setting(False, 'With --seed: make TensorFlow ops deterministic, so two runs give the same '
-                                'metrics. Slower; see README.')
-  precision: str = setting('auto', 'auto: mixed_float16 on NVIDIA GPUs of compute capability 7.0 or more, '
-                           'mixed_bfloat16 on TPUs, float32 elsewhere. The output layer and the backbone\'s '
+                                'metrics. Slower; see docs/troubleshooting.md.')
+  precision: str = setting('auto', 'auto: mixed_float16 on NVIDIA GPUs of compute capability 7.0 or more, float32 '
+                           'elsewhere (mixed_bfloat16 only when asked). The output layer and the backbone\'s '
                            'preprocess_input always compute in float32.', choices=PRECISIONS)
   strategy: str = setting('auto', 'auto: mirrored across all GPUs when there are several, else one device. '
                           'multi_worker reads TF_CONFIG, or the Slurm environment under Slurm.', choices=STRATEGIES)

@@ -103,7 +103,9 @@ class BestEpoch(tf.Module):
 def restore_counters(control: PhaseControl, path: str, epoch: int) -> None:
   """Restores the early-stopping and plateau counters from checkpoint `path`; fresh ones if it has none."""
   try:
-    tf.train.Checkpoint(phase_control=control).restore(path).assert_existing_objects_matched()
+    # expect_partial: the checkpoint's other values (the model, the optimizers) are restored elsewhere, and TF would
+    # otherwise log each one (~160 lines, "moving_variance" among them) as not found.
+    tf.train.Checkpoint(phase_control=control).restore(path).expect_partial().assert_existing_objects_matched()
   except AssertionError:
     logging.warning('%s has no early-stopping or plateau counters (it predates them): they start again.', path)
     control.trained_epochs.assign(epoch)  # Such a run never skipped an epoch.

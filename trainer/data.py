@@ -6,10 +6,13 @@ run on the GPU, and a cached uint8 image costs a quarter of a float32 one in hos
 
 import fcntl
 import glob
+import io
 import os
 
 from absl import logging
 import numpy as np
+from PIL import Image
+from PIL import ImageOps
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -20,6 +23,9 @@ AUTOTUNE = tf.data.AUTOTUNE
 # Cache files this process may be filling -> the open file whose flock says so. The OS drops the lock when the
 # process ends, however it ends.
 _CACHE_OWNERS = {}
+_ORIENTATION = 0x0112  # The EXIF tag.
+# `upright` turns images up to this size (trainer.predict.MAX_PIXELS refuses larger ones as decompression bombs).
+_MAX_TURNED_PIXELS = 50_000_000
 
 
 def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -50,6 +56,11 @@ def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None) -> tf
       # user's to fix. cxr_tfds is a TFDS package of its own and does not import the trainer, so they become the
       # trainer's UserError here, at the boundary; --verbosity=1 still shows where they came from.
       raise (errors.MissingPath if isinstance(e, FileNotFoundError) else errors.InvalidValue)(str(e)) from e
+    except (OSError, RuntimeError, tf.errors.OpError) as e:
+      if not (reason := _disk_reason(e)):
+        raise
+      raise errors.WriteFailed(f'Cannot build {dataset} in {builder.data_dir}: {reason}. Free some space there, or '
+                               'give another --data_dir; the next build starts over.') from e
   # TFDS builds into an `incomplete.*` folder beside the version folder and renames it when done. A build that was
   # killed leaves its folder behind: harmless (the next build starts a new one), but as large as the data it wrote.
   leftovers = glob.glob(os.path.join(glob.escape(os.path.dirname(os.fspath(builder.data_dir))), 'incomplete.*'))
@@ -57,6 +68,19 @@ def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None) -> tf
     logging.warning('Unused, left by an interrupted build of %s: %s. Delete them to free the space, unless a build '
                     'is running now.', dataset, ', '.join(sorted(leftovers)))
   return builder
+
+
+# What a full or read-only disk says, however deep in TFDS's writer (which wraps TF's error in a RuntimeError).
+_DISK_REASONS = ('No space left on device', 'Disk quota exceeded', 'Read-only file system', 'Permission denied')
+
+
+def _disk_reason(error: BaseException) -> str | None:
+  """The disk's reason for a failed build, if that is what failed it."""
+  while error is not None:
+    if reason := next((r for r in _DISK_REASONS if r in str(error)), None):
+      return reason
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def _config_names(dataset: str) -> list[str]:
@@ -89,9 +113,39 @@ def resize_uint8(image: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def decode_image(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-  """Encoded JPEG or PNG bytes -> a grayscale uint8 image of the model's size."""
+  """Encoded JPEG or PNG bytes -> a grayscale uint8 image of the model's size.
+
+  TensorFlow's decoders read the pixels as stored and ignore an EXIF Orientation tag: give bytes through `upright`.
+  """
   image = tf.io.decode_image(image_bytes, channels=1, expand_animations=False)
   return resize_uint8(image, image_size)
+
+
+def upright(raw: bytes) -> bytes:
+  """Encoded image bytes with their EXIF orientation applied: what predict, the dataset build and a server do to bytes
+  before `decode_image` (or the SavedModel's bytes-in signature), which cannot read EXIF.
+
+  Phones and some viewers store a photo's pixels as the sensor read them, with an EXIF Orientation tag that says how
+  to turn them; a radiograph read without it is lying on its side, and is scored differently. With a tag other than
+  1, the image is turned by Pillow's `ImageOps.exif_transpose` and returned as PNG (lossless); otherwise, or for bytes
+  that are not an image Pillow reads (the decoder says why later), `raw` itself is returned.
+
+  Args:
+    raw: the bytes of a JPEG or PNG file (anything else is returned as given).
+
+  Returns:
+    Bytes to decode.
+  """
+  try:
+    with Image.open(io.BytesIO(raw)) as image:  # Reads the header only.
+      if image.getexif().get(_ORIENTATION, 1) in (1, 0) or image.width * image.height > _MAX_TURNED_PIXELS:
+        return raw
+      turned = ImageOps.exif_transpose(image)
+      out = io.BytesIO()
+      turned.save(out, format='PNG')
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    return raw
+  return out.getvalue()
 
 
 def _read(builder, split, *, image_size, shuffle_files, seed, input_context):

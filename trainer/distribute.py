@@ -56,7 +56,8 @@ def resolve_precision(name: str) -> str:
   """Maps a precision name to a Keras dtype policy name, choosing one for 'auto'.
 
   'auto' picks mixed_float16 when every GPU is an NVIDIA GPU of compute capability 7.0 or more (Tensor Cores;
-  older GPUs run float16 no faster than float32), mixed_bfloat16 on TPUs, and float32 elsewhere, CPU included.
+  older GPUs run float16 no faster than float32), and float32 elsewhere, CPU included. There is no TPU strategy
+  (`get_strategy`), so no TPU case; mixed_bfloat16 is there to be asked for.
 
   Args:
     name: one of PRECISIONS.
@@ -76,8 +77,6 @@ def resolve_precision(name: str) -> str:
   capabilities = [tf.config.experimental.get_device_details(gpu).get('compute_capability', (0, 0)) for gpu in gpus]
   if gpus and min(capabilities) >= (7, 0):
     return 'mixed_float16'
-  if tf.config.list_physical_devices('TPU'):
-    return 'mixed_bfloat16'
   return 'float32'
 
 

@@ -3,7 +3,8 @@ r"""`python -m trainer.evaluate`: reports a finished run again, or an ensemble o
     python -m trainer.evaluate --model_dir=runs/resnet50 --split=test
     python -m trainer.evaluate --model_dir=runs/seed-1,runs/seed-2 --out_dir=runs/ensemble   # their mean probability
 
-The report (report.json, report.md, the PNGs and their TensorBoard event file) is `trainer.report`'s; the metrics are
+The report (report.json, report.md, the PNGs and their TensorBoard event file) is `trainer.report`'s, with the gallery
+of mistakes beside it (gallery.html, `trainer.gallery`); the metrics are
 `trainer.metrics`'s; loading the runs and choosing their threshold is `trainer.runs`'s.
 """
 
@@ -15,6 +16,8 @@ from absl import logging
 
 from trainer import cli
 from trainer import errors
+from trainer import lock
+from trainer import gallery
 from trainer import metrics
 from trainer import report as report_lib
 from trainer import runs as runs_lib
@@ -59,12 +62,19 @@ def main(argv):
   point = runs.operating_point(FLAGS.threshold_rule)
   out_dir = os.path.expanduser(FLAGS.out_dir or os.path.join(model_dirs[0], f'eval_{FLAGS.split}'))
   operating = {'threshold': point['threshold'], 'threshold_rule': point['threshold_rule'], 'chosen': point['chosen']}
-  report = report_lib.report_predictions(
-      runs.predict(builder, FLAGS.split), threshold=point['threshold'], out_dir=out_dir, tensorboard_dir=out_dir,
-      n_resamples=FLAGS.n_resamples,
-      extra={**_described(runs, point), 'dataset': dataset, 'trained_on': runs.dataset, 'split': FLAGS.split,
-             'operating_point': operating},
-      threshold_rule=metrics.threshold_rule(point['threshold_rule']).text)
+  predictions = runs.predict(builder, FLAGS.split)
+  os.makedirs(out_dir, exist_ok=True)
+  # Two evaluations into one folder would leave one's report.json beside the other's figures.
+  with lock.hold(out_dir, what='evaluation', flag='--out_dir'):
+    report = report_lib.report_predictions(
+        predictions, threshold=point['threshold'], out_dir=out_dir, tensorboard_dir=out_dir,
+        n_resamples=FLAGS.n_resamples,
+        extra={**_described(runs, point), 'dataset': dataset, 'trained_on': runs.dataset, 'split': FLAGS.split,
+               'operating_point': operating},
+        threshold_rule=metrics.threshold_rule(point['threshold_rule']).text)
+    if gallery.write(out_dir, runs.members, builder, FLAGS.split, predictions, point['threshold'],
+                     tensorboard_dir=out_dir, title=f'{dataset} {FLAGS.split}: the mistakes of {", ".join(model_dirs)}'):
+      gallery.link_from_report(out_dir)
   at = report['at_val_threshold']
   chosen = 'stored with the run' if point['chosen'] == 'stored' else 'chosen now on validation'
   logging.info('%s at the threshold %.3f (%s, %s): ROC AUC %.3f, sensitivity %.3f, specificity %.3f. Report: %s',
@@ -72,5 +82,10 @@ def main(argv):
                at['sensitivity'], at['specificity'], os.path.join(out_dir, 'report.md'))
 
 
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
+  cli.run(main, progress=True)
+
+
 if __name__ == '__main__':
-  cli.run(main)
+  run()

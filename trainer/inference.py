@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import progress
 from trainer import report as report_lib
 
 
@@ -38,10 +39,13 @@ def predict_split(model: keras.Model, dataset: tf.data.Dataset, *, predict=None)
   """
   predict = predict or make_predict(model)
   probs, labels, groups = [], [], []
-  for batch in dataset:
-    probs.append(predict(batch['image']).numpy())
-    labels.append(batch['label'].numpy())
-    groups.append(batch['patient_id'].numpy())
+  batches = int(dataset.cardinality())
+  with progress.steps('predicting', batches if batches > 0 else None) as task:
+    for batch in dataset:
+      probs.append(predict(batch['image']).numpy())
+      labels.append(batch['label'].numpy())
+      groups.append(batch['patient_id'].numpy())
+      task.advance()
   return {'probs': np.concatenate(probs), 'labels': np.concatenate(labels), 'groups': np.concatenate(groups)}
 
 

@@ -1,7 +1,11 @@
-"""One writer per model dir: the lock a training run holds on its --model_dir while it runs.
+"""One writer per folder: the lock a training run holds on its --model_dir while it runs, and `trainer.export` and
+`trainer.evaluate` on the folder they write.
 
 Two runs writing one model dir interleave their checkpoints (one run's ckpt-2 beside the other's ckpt-3) and lose a
-report. The lock is an flock on `model_dir/.lock` where the filesystem has one: the kernel releases it when its
+report; two exports into one folder delete each other's unfinished export. An export (`trainer.export.committing`)
+takes the lock itself unless its process holds it already (`held`): a training run's own final export.
+
+The lock is an flock on `model_dir/.lock` where the filesystem has one: the kernel releases it when its
 process dies, however it dies, so a lock left by a killed run is never in the way. Where flock is not supported (some
 network and FUSE filesystems), `model_dir/.lock.lease` is a lease instead: created exclusively, naming its owner's
 host and pid, and refreshed every LEASE_REFRESH_SECONDS. A lease is stale when its owner is a dead process on this
@@ -29,18 +33,30 @@ LEASE_REFRESH_SECONDS = 60
 LEASE_STALE_SECONDS = 300
 # What flock raises where the filesystem has no locks (NFS without lockd, some FUSE mounts).
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_HELD = set()  # The folders this process holds: their real paths.
 
 
 class LockedError(errors.InvalidValue):
   """Another live run holds the model dir: the commands print it on one line."""
 
 
+def held(model_dir: str) -> bool:
+  """Whether this process holds the lock on `model_dir` (a training run, during its final export)."""
+  return os.path.realpath(model_dir) in _HELD
+
+
 @contextlib.contextmanager
-def hold(model_dir: str):
+def hold(model_dir: str, *, what: str = 'training run', flag: str = '--model_dir'):
   """Holds the lock on `model_dir` for the block.
 
+  Args:
+    model_dir: the folder to write.
+    what: what this process is, for the refusal another writer gets ('training run', 'export', 'evaluation').
+    flag: the flag that named `model_dir`, for the refusal this process gets.
+
   Raises:
-    LockedError: another live run holds it; the message names its host and pid.
+    LockedError: another live writer holds it (another process, or this one in another block); the message names
+      what it is, its host and pid.
   """
   path = os.path.join(model_dir, LOCK_NAME)
   try:
@@ -48,18 +64,19 @@ def hold(model_dir: str):
   except OSError as e:
     if e.errno not in _NO_FLOCK:
       raise
-    with _lease(model_dir, path + '.lease'):
+    with _lease(model_dir, path + '.lease', what, flag), _holding(model_dir):
       yield
     return
   if fd is None:
-    raise LockedError(_refusal(model_dir, _read_owner(path)))
+    raise LockedError(_refusal(model_dir, _read_owner(path), flag))
   try:
     owner = _read_owner(path)
     if owner:
       logging.warning('Taking over the lock %s of a run that ended without releasing it (%s).', path, owner)
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps(_me()).encode())
-    yield
+    os.write(fd, json.dumps(_me(what)).encode())
+    with _holding(model_dir):
+      yield
   finally:
     # Unlinked before it is unlocked; `_flock` checks that the file it locked is still the one at `path`.
     with contextlib.suppress(FileNotFoundError):
@@ -87,8 +104,17 @@ def _flock(path: str) -> int | None:
     os.close(fd)  # Its owner removed it between our open and our flock: lock the new one.
 
 
-def _me() -> dict:
-  return {'host': socket.gethostname(), 'pid': os.getpid()}
+@contextlib.contextmanager
+def _holding(model_dir: str):
+  _HELD.add(os.path.realpath(model_dir))
+  try:
+    yield
+  finally:
+    _HELD.discard(os.path.realpath(model_dir))
+
+
+def _me(what: str) -> dict:
+  return {'host': socket.gethostname(), 'pid': os.getpid(), 'what': what}
 
 
 def _read_owner(path: str) -> dict:
@@ -100,10 +126,11 @@ def _read_owner(path: str) -> dict:
     return {}
 
 
-def _refusal(model_dir: str, owner: dict) -> str:
-  who = f'pid {owner.get("pid", "?")} on {owner.get("host", "?")}'
-  return (f'--model_dir={model_dir} is in use by another training run ({who}): wait for it to finish, stop it, or '
-          'give this run another --model_dir.')
+def _refusal(model_dir: str, owner: dict, flag: str) -> str:
+  # Locks written before they named their owner were all training runs'.
+  who = f'{owner.get("what", "training run")} (pid {owner.get("pid", "?")} on {owner.get("host", "?")})'
+  return (f'{flag}={model_dir} is in use by another {who}: wait for it to finish, stop it, or give this one '
+          f'another {flag}.')
 
 
 def _stale(path: str, owner: dict) -> bool:
@@ -122,7 +149,7 @@ def _stale(path: str, owner: dict) -> bool:
 
 
 @contextlib.contextmanager
-def _lease(model_dir: str, path: str):
+def _lease(model_dir: str, path: str, what: str, flag: str):
   """The lock as a lease file at `path`, for filesystems without flock."""
   for attempt in range(2):
     try:
@@ -131,12 +158,12 @@ def _lease(model_dir: str, path: str):
     except FileExistsError:
       owner = _read_owner(path)
       if attempt or not _stale(path, owner):
-        raise LockedError(_refusal(model_dir, owner)) from None
+        raise LockedError(_refusal(model_dir, owner, flag)) from None
       logging.warning('Taking over the stale lock %s of a run that is gone (%s).', path, owner)
       with contextlib.suppress(FileNotFoundError):
         os.remove(path)
   with os.fdopen(fd, 'w') as f:
-    json.dump(_me(), f)
+    json.dump(_me(what), f)
   stop = threading.Event()
 
   def refresh():

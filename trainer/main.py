@@ -10,6 +10,7 @@ into a `Config`; nothing below this module reads FLAGS.
 import dataclasses
 import os
 import tempfile
+import time
 import typing
 
 from absl import flags
@@ -86,7 +87,24 @@ def _check_writable(model_dir: str) -> None:
     raise config_lib.ConfigError(f'--model_dir={model_dir} is not writable: {e.strerror}.') from None
 
 
+def summary(config: config_lib.Config, report: dict, seconds: float) -> str:
+  """The lines a finished run ends with: where its files are and its test score."""
+  at = report['at_val_threshold']
+  minutes, secs = divmod(round(seconds), 60)
+  lines = [f'Done in {minutes} min {secs} s.' if minutes else f'Done in {secs} s.',
+           f'  model:       {os.path.join(config.model_dir, "model.keras")} (and saved_model/ for TF Serving)',
+           f'  report:      {os.path.join(config.model_dir, "report.md")} (report.json, the figures, model_card.md)',
+           f'  TensorBoard: tensorboard --logdir={config.model_dir}',
+           f'  test:        ROC-AUC {report["ranking"]["roc_auc"]:.3f}; at the validation threshold '
+           f'{at["threshold"]:.3f}: accuracy {at["accuracy"]:.3f}, sensitivity {at["sensitivity"]:.3f}, '
+           f'specificity {at["specificity"]:.3f}']
+  if report.get('warning'):
+    lines.append(f'  note:        {report["warning"]}')
+  return '\n'.join(lines)
+
+
 def main(argv):
+  started = time.monotonic()
   if len(argv) > 1:
     raise config_lib.ConfigError(f'Unexpected arguments {" ".join(argv[1:])}: every setting is a flag, '
                                  '--name=value (see --helpfull).')
@@ -109,8 +127,8 @@ def main(argv):
   strategy = distribute.get_strategy(config.strategy)
   logging.info('%s over %s.', type(strategy).__name__, ', '.join(strategy.extended.worker_devices))
   report = train.run(config, strategy)
-  if report:
-    logging.info('Done. Report: %s', os.path.join(config.model_dir, 'report.json'))
+  if report:  # The chief's; the other workers of a job write nothing.
+    print(summary(config, report, time.monotonic() - started), flush=True)
 
 
 def run():

@@ -16,6 +16,7 @@ from trainer import config as config_lib
 from trainer import figures as figures_lib
 from trainer import files
 from trainer import metrics
+from trainer import version
 
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 _FIGURE_NAME = re.compile(r'[A-Za-z0-9_-][A-Za-z0-9_.-]*')
@@ -64,6 +65,7 @@ def build_report(*, test_labels, test_probs, test_groups, val_threshold, n_resam
       'at_0.5': {**metrics.metrics_at(labels, probs, 0.5), 'ci95': at_half},
       'at_val_threshold': {**metrics.metrics_at(labels, probs, val_threshold), 'ci95': at_val},
       'threshold_rule': threshold_rule,
+      'cxr_trainer': version.provenance(),
       'bootstrap': {
           'method': 'percentile',
           'unit': 'patient',

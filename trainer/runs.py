@@ -20,11 +20,11 @@ import numpy as np
 from trainer import data
 from trainer import errors
 from trainer import export
+from trainer import inference
 from trainer import metrics
+from trainer import progress
 from trainer import shift
 from trainer import tta
-# trainer.train still takes these from here; they live in trainer.inference.
-from trainer.inference import evaluate_model, make_predict, predict_split  # pylint: disable=unused-import
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,9 @@ def load_run(model_dir: str) -> TrainedRun:
     FileNotFoundError: if model.keras or run.json is missing.
     ValueError: if run.json is not a run.json the trainer wrote.
   """
+  if not model_dir:
+    raise errors.InvalidValue('--model_dir has an empty entry (a trailing or doubled comma?): name a run or an export '
+                              'in each entry of DIR1,DIR2,...')
   folder = export.current_dir(model_dir)
   paths = {name: os.path.join(folder, name) for name in ('model.keras', 'run.json')}
   for path in paths.values():
@@ -69,17 +72,56 @@ def load_run(model_dir: str) -> TrainedRun:
   try:
     with open(paths['run.json']) as f:
       run = json.load(f)
-    image_size, threshold, config = int(run['image_size']), float(run['threshold']), dict(run['config'])
-    if not 0 <= threshold <= 1:  # NaN too, which would label every image normal.
-      raise ValueError(f'its threshold {threshold} is not a probability')
-    # Runs written before the rule was stored were all chosen by the training rule.
-    rule = str(run.get('threshold_rule', metrics.TRAINING_RULE))
-  except (ValueError, KeyError, TypeError) as e:
+  except ValueError as e:  # UnicodeDecodeError too.
     raise errors.InvalidValue(f'{paths["run.json"]} is not a run.json written by the trainer ({type(e).__name__}: {e}).'
-                     ) from None
+                              ) from None
   model = export.load_model(paths['model.keras'])
+  image_size, threshold, config, rule = checked_run_json(paths['run.json'], run, model.inputs[0].shape[1])
   return TrainedRun(model_dir=model_dir, model=model, image_size=image_size, threshold=threshold, config=config,
                     threshold_rule=rule)
+
+
+def checked_run_json(path: str, run, model_side: int | None) -> tuple[int, float, dict, str]:
+  """The entries of a run.json that every program uses, checked for type and range, as (image_size, threshold,
+  config, threshold_rule).
+
+  A run.json edited by hand, or copied from another run, must not label images silently: `"threshold": true` would be
+  taken as 1.0 (every image normal), and an image_size that is not the model's input would fail on the first image.
+
+  Args:
+    path: the file, for the message.
+    run: its parsed JSON.
+    model_side: the input side of the model.keras beside it.
+
+  Raises:
+    errors.InvalidValue: on one line naming the file and the entry.
+  """
+  def refuse(reason):
+    raise errors.InvalidValue(f'{path} is not a run.json written by the trainer (ValueError: {reason}).')
+
+  def shown(value):  # As JSON, but NaN as Python writes it.
+    return value if isinstance(value, float) else json.dumps(value)
+
+  if not isinstance(run, dict):
+    refuse(f'JSON {type(run).__name__}, not an object')
+  missing = [name for name in ('image_size', 'threshold', 'config') if name not in run]
+  if missing:
+    refuse(f'it has no {", ".join(missing)}')
+  image_size, threshold, config = run['image_size'], run['threshold'], run['config']
+  # bool is an int in Python, and True == 1.
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+    refuse(f'its threshold {shown(threshold)} is not a probability')  # NaN too: it would label every image normal.
+  if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+    refuse(f'its image_size {shown(image_size)} is not a positive whole number')
+  if model_side is not None and image_size != model_side:
+    refuse(f'its image_size {image_size} is not the input size of its model.keras ({model_side})')
+  if not isinstance(config, dict):
+    refuse(f'its config {shown(config)} is not an object')
+  # Runs written before the rule was stored were all chosen by the training rule.
+  rule = run.get('threshold_rule', metrics.TRAINING_RULE)
+  if not isinstance(rule, str):
+    refuse(f'its threshold_rule {shown(rule)} is not a name')
+  return image_size, float(threshold), config, rule
 
 
 def with_tta(runs: Sequence[TrainedRun], views: int) -> list[TrainedRun]:
@@ -111,7 +153,7 @@ def predict_runs(runs: Sequence[TrainedRun], builder, split: str, *, batch_size:
       `trainer.shift` perturbation).
 
   Returns:
-    As `predict_split`, with 'probs' the mean over the runs and 'member_probs' (runs, images).
+    As `inference.predict_split`, with 'probs' the mean over the runs and 'member_probs' (runs, images).
   """
   members = []
   for run in runs:
@@ -119,16 +161,20 @@ def predict_runs(runs: Sequence[TrainedRun], builder, split: str, *, batch_size:
     dataset = data.eval_dataset(builder, split, image_size=run.image_size, batch_size=batch_size, cache=False)
     if transform is not None:
       dataset = dataset.map(lambda batch: {**batch, 'image': transform(batch['image'])})
-    members.append(predict_split(run.model, dataset))
+    members.append(inference.predict_split(run.model, dataset))
   return {**members[0], 'probs': np.mean([m['probs'] for m in members], axis=0),
           'member_probs': np.stack([m['probs'] for m in members])}
 
 
 def predict_shifted(runs, builder, split: str, *, batch_size: int = 32) -> dict[str, dict]:
   """One run's (or an ensemble's mean) predictions on a split under every shift: {name: `predict_runs`'s result}."""
-  return {name: predict_runs(runs, builder, split, batch_size=batch_size,
-                       transform=lambda images, name=name: shift.apply(name, images))
-          for name in shift.SHIFTS}
+  shifted = {}
+  with progress.steps(f'{split} shifted', len(shift.SHIFTS)) as task:
+    for name in shift.SHIFTS:
+      shifted[name] = predict_runs(runs, builder, split, batch_size=batch_size,
+                                   transform=lambda images, name=name: shift.apply(name, images))
+      task.advance(name)
+  return shifted
 
 
 def threshold_with_shifts(runs, builder, *, batch_size: int = 32) -> float:

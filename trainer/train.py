@@ -41,6 +41,7 @@ from trainer import models
 from trainer import preemption
 from trainer import steps as steps_lib
 from trainer import summaries
+from trainer import tflite
 from trainer.config import Config
 
 PHASES = models.PHASES
@@ -267,6 +268,8 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
     files.write_atomic(os.path.join(config.model_dir, 'config.json'),
                        json.dumps(new_settings, indent=2, sort_keys=True))
   first_step = state.resume(chief=chief)
+  if int(state.epoch) > config.epochs + config.fine_tune_epochs:  # A finished run, asked for fewer epochs.
+    return _kept_export(config, int(state.epoch)) if chief else {}
 
   inputs_of, reading = inputs.phase_inputs(config, strategy, state.model, builder, image_size), None
   writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
@@ -392,6 +395,27 @@ def _remove_worker_dir(write_dir: str) -> None:
     os.rmdir(os.path.dirname(write_dir))
 
 
+def _kept_export(config: Config, trained: int) -> dict:
+  """A model dir that has trained more epochs than asked: nothing is trained or exported again, so run.json keeps
+  the epochs its model trained; says so. Returns the export's test report.
+
+  Raises:
+    errors.InvalidValue: the run was never exported (stopped in its final export): only its own epochs finish it.
+  """
+  asked = (f'the {config.epochs + config.fine_tune_epochs} of --epochs={config.epochs} + '
+           f'--fine_tune_epochs={config.fine_tune_epochs}')
+  report = os.path.join(config.model_dir, 'report.json')
+  if not os.path.isfile(report):
+    raise errors.InvalidValue(f'--model_dir={config.model_dir} holds a run trained for {trained} epochs, more than '
+                              f'{asked}, and not exported yet: run it again with its own --epochs and '
+                              '--fine_tune_epochs (its config.json has them), or give this run a new --model_dir.')
+  logging.warning('--model_dir=%s holds a run trained for %d epochs, more than %s: nothing is trained, and its export '
+                  '(its run.json names the epochs it trained) is kept as it is. For a shorter run, give a new '
+                  '--model_dir; to export it again, python -m trainer.export.', config.model_dir, trained, asked)
+  with open(report) as f:
+    return json.load(f)
+
+
 def _unfreeze(config: Config, phase: str) -> int:
   """--unfreeze applies to a backbone's fine-tuning phase; the cnn trains every layer in both phases."""
   return config.unfreeze if phase == 'fine_tune' and config.model != 'cnn' else 0
@@ -454,7 +478,8 @@ def finish(config: Config, model: keras.Model, builder, image_size: int, *, thre
       run_info={'config': dataclasses.asdict(config), 'best': best,
                 # The process's own arguments: trainer.main's, when it runs as the program.
                 'command': ' '.join(['python -m trainer.main', *map(shlex.quote, sys.argv[1:])])},
-      extra={'model': config.model, 'dataset': config.dataset, 'image_size': image_size, 'split': 'test'})
+      extra={'model': config.model, 'dataset': config.dataset, 'image_size': image_size, 'split': 'test'},
+      sample_images=tflite.sample_images(builder, image_size))
   logging.info('Test at the validation threshold %.3f: %s', threshold,
                {k: report['at_val_threshold'][k] for k in ('accuracy', 'sensitivity', 'specificity')})
   return report

@@ -8,9 +8,11 @@ import io
 from typing import TypeVar
 
 from PIL import Image
+from PIL import ImageOps
 
 # High enough that the re-encoding adds no visible artefacts to 8-bit radiographs.
 JPEG_QUALITY = 95
+_ORIENTATION = 0x0112  # The EXIF tag.
 
 # Images read ahead and resized in parallel: bounds memory for the `original` config (~1 GB of JPEGs).
 _CHUNK = 256
@@ -27,9 +29,10 @@ def to_jpeg(data: bytes, size: int | None) -> bytes:
 
   Args:
     data: the source file's bytes.
-    size: None keeps `data` unchanged (it is still decoded, to check it). An int squashes the image to
-      exactly `size` x `size` grayscale (aspect ratio not kept, nothing cropped) with an antialiased
-      Lanczos filter, re-encoded at `JPEG_QUALITY`.
+    size: None keeps `data` unchanged (it is still decoded, to check it), unless an EXIF Orientation tag says its
+      pixels are stored turned: they are turned the way up and re-encoded at `JPEG_QUALITY`. An int squashes the
+      image, the way up, to exactly `size` x `size` grayscale (aspect ratio not kept, nothing cropped) with an
+      antialiased Lanczos filter, re-encoded at `JPEG_QUALITY`.
 
   Returns:
     The JPEG bytes to store.
@@ -43,15 +46,20 @@ def to_jpeg(data: bytes, size: int | None) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
       if image.format != 'JPEG':
         raise BadImageError(f'{image.format} image, not a JPEG')
-      stored_form = image.mode == 'L' and image.size == (size, size)  # Before `draft` changes them.
+      # A photo of a film (a phone's) may store its pixels on their side with an EXIF tag to turn them: TF's decoder,
+      # which reads the stored JPEG, ignores the tag, so the pixels are turned here, once, and stored the way up.
+      turned = image.getexif().get(_ORIENTATION, 1) not in (0, 1)
+      stored_form = image.mode == 'L' and image.size == (size, size) and not turned  # Before `draft` changes them.
       if size is not None:
         # Lets libjpeg decode straight to grayscale at 1/2, 1/4 or 1/8 scale (never below `size`):
         # several times faster than a full decode of a 2,000-pixel radiograph.
         image.draft('L', (size, size))
       image.load()
-      if size is None or stored_form:
+      if (size is None and not turned) or stored_form:
         return data
-      image = image.convert('L').resize((size, size), Image.Resampling.LANCZOS)
+      image = ImageOps.exif_transpose(image)
+      if size is not None:
+        image = image.convert('L').resize((size, size), Image.Resampling.LANCZOS)
   except BadImageError:
     raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -54,6 +54,8 @@ RELEASES = {
 
 # A chest X-ray JPEG is at most a few MB; JPEGs barely compress, so a high ratio is a zip bomb.
 _MAX_MEMBER_BYTES = 256 << 20
+# Archives that are not zips: not read, but named when nothing is found (a re-packed download).
+_UNREAD_ARCHIVES = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tar.xz', '.7z', '.rar')
 _MAX_RATIO = 100
 _RATIO_CHECK_FROM_BYTES = 1 << 20
 
@@ -231,7 +233,8 @@ class ManualSource:
         if image := _as_image(relative, None, str(path), path.stat().st_size):
           candidates.append((relative, image))
     images, locations = _deduplicate(candidates)
-    _check_complete(images, manual_dir)
+    _check_complete(images, manual_dir, unread=[path.name for path in _walk(manual_dir)
+                                                if path.name.lower().endswith(_UNREAD_ARCHIVES)])
     logging.info('Found %d images in %s.', len(images), ', '.join(locations))
     return cls(images, locations)
 
@@ -255,12 +258,17 @@ class ManualSource:
 
 
 def _walk(root: pathlib.Path) -> Iterator[pathlib.Path]:
-  """Yields the files under `root`, sorted; refuses symlinks, skips macOS metadata."""
+  """Yields the files under `root`, sorted; refuses symlinks, skips macOS metadata.
+
+  A symlink to a zip at the top of `root` is read: `ln -s ~/Downloads/archive.zip` is the user's own choice of a
+  file, and its members are checked like any zip's. A link anywhere else may lead out of the tree, and is refused.
+  """
   for directory, dirs, files in os.walk(root):
     dirs[:] = sorted(d for d in dirs if d != '__MACOSX' and not d.startswith('.'))
     for name in sorted(dirs + files):
       path = pathlib.Path(directory, name)
-      if path.is_symlink():
+      top_zip = pathlib.Path(directory) == root and name.lower().endswith('.zip') and path.is_file()
+      if path.is_symlink() and not top_zip:
         raise ValueError(f'Refusing symlink {path} in the manual dir: put the real files there instead.')
     for name in sorted(files):
       if not name.startswith('.'):  # .DS_Store, AppleDouble `._*` files.
@@ -337,14 +345,18 @@ def _deduplicate(candidates: list[tuple[str, SourceImage]]) -> tuple[list[Source
   return images, locations
 
 
-def _check_complete(images: list[SourceImage], manual_dir: pathlib.Path) -> None:
-  """Raises FileNotFoundError, saying what to download, unless every (pool, class) has images."""
+def _check_complete(images: list[SourceImage], manual_dir: pathlib.Path, unread: list[str]) -> None:
+  """Raises FileNotFoundError, saying what to download, unless every (pool, class) has images; names the archives
+  of other kinds (`unread`) that may hold them."""
   present = {(i.pool, i.label) for i in images}
   missing = [f'{"train/val" if pool == "train" else pool}/{label.upper()}'
              for pool in ('train', 'test') for label in LABELS if (pool, label) not in present]
   if not missing:
     return
   found = folder_counts(images) or 'nothing'
+  if unread:
+    found = (f'{found}; {", ".join(unread)} {"is" if len(unread) == 1 else "are"} not read: extract '
+             f'{"it" if len(unread) == 1 else "them"} into the manual dir, or give the zip')
   raise FileNotFoundError(
       f'Chest X-ray images missing in {manual_dir}: none found for {", ".join(missing)} '
       f'(found: {found}). {DOWNLOAD_HINT}')

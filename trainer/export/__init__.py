@@ -40,9 +40,13 @@ from trainer import config as config_lib
 from trainer import data
 from trainer import errors
 from trainer import files
+from trainer import lock
 from trainer import metrics
 from trainer import models  # noqa: F401  (registers the custom layers that load_model meets in a .keras file)
 from trainer import report as report_lib
+from trainer import tflite
+from trainer import version
+from trainer.export.card import model_card
 
 SERVING_ENDPOINT = 'serve'
 CURRENT = 'current'  # OUT/current -> exports/N: the export in force.
@@ -109,6 +113,13 @@ def load_model(path: str) -> keras.Model:
                               'archive): export it again, or copy it again from where it was made.')
   try:
     return keras.saving.load_model(path, compile=False, safe_mode=True)
+  except ValueError as e:
+    if 'safe_mode' not in str(e):
+      raise
+    # Safe mode did its job; its message is the user's to read, not a traceback.
+    raise errors.InvalidValue(f'{path} holds Python code ({_code_kind(str(e))}), which is not run when a model is '
+                              'loaded: a model file from another source could run anything. Export it again from its '
+                              'training run with this trainer.') from None
   except TypeError as e:
     # Keras's message is the whole model config (thousands of characters), with the missing class near its end.
     if not (missing := _MISSING_CLASS.search(str(e))):
@@ -118,11 +129,20 @@ def load_model(path: str) -> keras.Model:
                               'before keras.saving.load_model), from a version of the trainer that has it.') from None
 
 
+def _code_kind(message: str) -> str:
+  """'a Lambda layer' for Keras's 'Requested the deserialization of a `Lambda` layer ...'."""
+  return f'a {match.group(1)} layer' if (match := re.search(r'`(\w+)` layer', message)) else 'code'
+
+
 def export_saved_model(model: keras.Model, path: str, *, image_size: int, threshold: float) -> str:
   """Exports a SavedModel whose `serve` signature takes encoded JPEG/PNG bytes.
 
   The signature decodes and resizes with the training pipeline's own functions, so a served model sees the same
   pixels as the trained one. It returns the pneumonia probability and the label at the validation threshold.
+
+  EXIF orientation is not applied: TensorFlow has no op that reads EXIF, so the signature reads the pixels as stored,
+  and a photo stored on its side with an Orientation tag (as phones write them) is scored on its side. A caller that
+  takes such files turns them first, with `trainer.data.upright` (as trainer.predict does); the model card says so.
 
   Args:
     model: the trained Keras model (uint8 grayscale input).
@@ -172,7 +192,19 @@ def committing(out_dir: str):
 
   Raises:
     OSError: a write failed (a full disk), on one line naming out_dir and the reason.
+    trainer.lock.LockedError: another process writes out_dir (a training run, another export).
   """
+  os.makedirs(out_dir, exist_ok=True)
+  # Unless this process holds it already (a training run's own final export), the export takes out_dir's lock: two
+  # writers would each delete the other's unfinished exports/N.partial after their commit.
+  with contextlib.nullcontext() if lock.held(out_dir) else lock.hold(out_dir, what='export', flag='--out_dir'):
+    with _committing(out_dir) as folder_and_number:
+      yield folder_and_number
+
+
+@contextlib.contextmanager
+def _committing(out_dir: str):
+  """`committing`, under out_dir's lock."""
   exports = os.path.join(out_dir, EXPORTS)
   os.makedirs(exports, exist_ok=True)
   # Numbers are never reused, an unfinished one's included, so TF Serving sees each export as a new version.
@@ -278,9 +310,10 @@ def ensemble_model(members: list[keras.Model]) -> keras.Model:
 
 def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold: float, threshold_rule: str,
                  test_predictions: dict, run_info: dict, extra: dict, n_resamples: int = 1000,
-                 tensorboard_dir: str | None = None, stress: dict | None = None) -> dict:
-  """Writes a model's export (`committing`): its test report, model.keras, best.weights.h5, SavedModel, run.json and
-  model card, all at one threshold.
+                 tensorboard_dir: str | None = None, stress: dict | None = None,
+                 sample_images: np.ndarray | None = None) -> dict:
+  """Writes a model's export (`committing`): its test report, model.keras, best.weights.h5, SavedModel, TFLite models
+  (`trainer.tflite`), run.json and model card, all at one threshold.
 
   Args:
     out_dir: a run's model_dir, or the folder of an export of several runs.
@@ -294,6 +327,8 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
     n_resamples: bootstrap resamples of the report's intervals.
     tensorboard_dir: if given, the report's figures go there too.
     stress: a `trainer.shift.stress` result on validation, for the model card.
+    sample_images: uint8 images of the run's data (`trainer.tflite.sample_images`) that the TFLite models are checked
+      on; without them the int8 variant is not kept.
 
   Returns:
     The test report.
@@ -308,7 +343,8 @@ def write_export(out_dir: str, model: keras.Model, *, image_size: int, threshold
     export_saved_model(model, os.path.join(folder, 'saved_model', str(number)), image_size=image_size,
                        threshold=threshold)
     run = {**run_info, 'image_size': image_size, 'threshold': threshold, 'threshold_rule': threshold_rule,
-           'versions': versions()}
+           'cxr_trainer': version.provenance(), 'versions': versions(),
+           'tflite': tflite.write(folder, model, image_size, sample_images)}
     if warning := config_lib.data_warning(extra.get('dataset')):
       run['warning'] = warning
     files.write_atomic(os.path.join(folder, 'run.json'), json.dumps(run, indent=2))
@@ -320,108 +356,3 @@ def versions() -> dict:
   """The versions a model was made with, for run.json and the model card."""
   return {'python': platform.python_version(), 'tensorflow': tf.__version__, 'keras': keras.__version__,
           'tensorflow_datasets': tfds.__version__, 'numpy': np.__version__}
-
-
-_KERMANY = ('chest_xray_pneumonia/original', 'chest_xray_pneumonia/224', 'chest_xray_pneumonia/512')
-
-
-def model_card(report: dict, run: dict, *, stress: dict | None = None) -> str:
-  """The export's model card (Markdown): what the model is for and not for, its data, operating point, test metrics
-  with patient-bootstrap intervals, calibration, stress test, known failure modes, and how it was made.
-
-  Args:
-    report: the test report, from `trainer.report.build_report`.
-    run: the export's run.json.
-    stress: a `trainer.shift.stress` result, if one was made.
-  """
-  config = run.get('config', {})
-  dataset = config.get('dataset', '?')
-  at, ci = report['at_val_threshold'], report['at_val_threshold']['ci95']
-  ranking = report['ranking']
-
-  def row(name, value, bounds):
-    return f'| {name} | {value:.3f} | {bounds[0]:.3f}-{bounds[1]:.3f} |'
-
-  members = run.get('members')
-  lines = [
-      '# Model card: pneumonia on paediatric chest X-rays '
-      f'({"an ensemble of " + str(len(members)) + " runs" if members else config.get("model", "?")})',
-      '',
-      '## Intended use',
-      'Research and teaching: a baseline for pneumonia vs normal on frontal chest radiographs of young children, and '
-      'a worked example of training, evaluating and serving such a model.',
-      '',
-      '## Not intended for',
-      '**This is not a medical device.** It has not been cleared or validated for clinical use, and must not be used '
-      'to diagnose, triage or treat anyone. It was not tested on adults, on other hospitals\' machines, on lateral '
-      'views, or on diseases other than pneumonia (it answers "pneumonia" or "normal" for any image it is given).',
-      '',
-      '## Training population and data',
-  ]
-  if dataset in _KERMANY:
-    lines += [
-        f'`{dataset}`: the chest X-rays of Kermany et al. (2018, Cell; Mendeley data v2 / Kaggle '
-        '"chest-xray-pneumonia"): '
-        'anterior-posterior radiographs of children aged 1 to 5 from Guangzhou Women and Children\'s Medical Center, '
-        'labelled normal or pneumonia (bacterial or viral) by physicians. One hospital, one population.',
-        'Split: the official train folder is split by patient (no patient in both) into train and validation; the '
-        'official test folder is the test split. The threshold and the best epoch were chosen on validation only.']
-  else:
-    lines += [f'`{dataset}`: not the Kermany et al. data (e.g. the procedural `synthetic` config, made for tests); '
-              'this model says nothing about real radiographs.']
-  lines += [
-      f'Test split: {report["n_images"]} images of {report["n_patients"]} patients, {report["positives"]} with '
-      'pneumonia.',
-      '',
-      '## Operating point',
-      f'Threshold **{run["threshold"]:.4f}**, rule `{run["threshold_rule"]}`: {report["threshold_rule"]} Every '
-      'command (trainer.predict, trainer.evaluate, trainer.shift, the SavedModel\'s `pneumonia` output) uses this one '
-      'threshold.',
-      '',
-      '## Test metrics (95% intervals: percentile bootstrap over patients, '
-      f'{report["bootstrap"]["n_resamples_used"]} resamples)',
-      '| metric | value | 95% CI |',
-      '|---|---|---|',
-      row('ROC-AUC', ranking['roc_auc'], ranking['ci95']['roc_auc']),
-      row('PR-AUC', ranking['pr_auc'], ranking['ci95']['pr_auc']),
-      *(row(name, at[name], ci[name]) for name in ('accuracy', 'sensitivity', 'specificity', 'precision', 'f1')),
-      '',
-      f'Confusion matrix at the threshold ([[TN, FP], [FN, TP]]): {at["confusion_matrix"]}.',
-      '',
-      '## Calibration',
-      f'Expected calibration error {report["calibration"]["ece"]:.3f} ({report["calibration"]["n_bins"]} equal-width '
-      f'bins), Brier score {report["calibration"]["brier"]:.3f}, on the test split. The probabilities of a model '
-      'trained with class weights are not the prevalence of pneumonia in another population.',
-      '',
-      '## Stress test (simulated acquisition shifts)',
-  ]
-  if stress:
-    worst = stress['worst']
-    lines.append(f'On the {stress["split"]} split at the threshold above, the worst over trainer.shift.SHIFTS: '
-                 f'ROC-AUC {worst["roc_auc"]:.3f}, accuracy {worst["accuracy"]:.3f}, sensitivity '
-                 f'{worst["sensitivity"]:.3f}, specificity {worst["specificity"]:.3f}.')
-    lines.append(f'With only the normal images shifted (as if they came from another machine than the pneumonia '
-                 f'images), the worst ROC-AUC is {worst["roc_auc_normals_shifted"]:.3f}.')
-  else:
-    lines.append('Not run for this export (`python -m trainer.shift --model_dir=THIS_FOLDER` runs it).')
-  lines += [
-      '',
-      '## Known failure modes',
-      '- **Acquisition shift.** The official test folder\'s normal images are a separate acquisition batch from the '
-      'train folder\'s, so validation (a patient split of the train folder) overstates what to expect on them: a '
-      'CNN at ~97% on a validation split made by image scores ~73% on the official test split (trainer.shift). Every '
-      'simulated shift of the stress test pushes normal images\' probabilities up (EXPERIMENTS.md): on images from '
-      'other machines, exposures or post-processing, expect normal images called pneumonia (specificity) first.',
-      '- Adults, other views, other hospitals and other lung diseases were never seen in training.',
-      '- The label is at a fixed threshold; a site with another prevalence or other costs needs its own, chosen on '
-      'its own validation data.',
-      '',
-      '## How it was made',
-      f'Command: `{run["command"]}`' if run.get('command') else 'Command: not recorded.',
-  ]
-  if members:
-    lines.append(f'Members (their probabilities averaged): {", ".join(members)}.')
-  lines += [f'Versions: {", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())}.',
-            f'Training settings: see run.json\'s `config` (model {config.get("model")}, image size '
-            f'{run.get("image_size")}, {config.get("epochs")}+{config.get("fine_tune_epochs")} epochs).', '']
-  return '\n'.join(lines)

@@ -17,7 +17,9 @@ from absl import logging
 from trainer import cli
 from trainer import errors
 from trainer import export
+from trainer import lock
 from trainer import runs as runs_lib
+from trainer import tflite
 from trainer import tta
 
 cli.define_run_flags('The --model_dir of a finished run, or several (DIR1,DIR2,...) to export their ensemble (the '
@@ -39,6 +41,14 @@ def main(argv):
   dirs = [os.path.expanduser(d) for d in FLAGS.model_dir]
   if os.path.abspath(out_dir) in {os.path.abspath(d) for d in dirs} and len(dirs) > 1:
     raise errors.InvalidValue(f'--out_dir={out_dir} is one of the members: give the ensemble a folder of its own.')
+  os.makedirs(out_dir, exist_ok=True)
+  # Held from the start: a second writer (a training run, another export) is refused now, not after minutes of work.
+  with lock.hold(out_dir, what='export', flag='--out_dir'):
+    _export(out_dir, dirs)
+
+
+def _export(out_dir: str, dirs: list[str]) -> None:
+  """The export of the runs in `dirs` into out_dir, whose lock the caller holds."""
   runs = runs_lib.Runs.load(dirs, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, batch_size=FLAGS.batch_size)
   # The exported model carries the views, so predict and TF Serving average over them too.
   one = runs.as_one(out_dir, tta=FLAGS.tta)
@@ -56,12 +66,18 @@ def main(argv):
       threshold_rule=point['threshold_rule'], test_predictions=test, run_info=info,
       extra={'model': run.config.get('model'), 'dataset': dataset, 'image_size': run.image_size, 'split': 'test',
              **views, **({'ensemble': members} if len(runs.members) > 1 else {})},
-      n_resamples=FLAGS.n_resamples, tensorboard_dir=os.path.join(out_dir, 'test'), stress=point.get('stress'))
+      n_resamples=FLAGS.n_resamples, tensorboard_dir=os.path.join(out_dir, 'test'), stress=point.get('stress'),
+      sample_images=tflite.sample_images(one.builder(), run.image_size))
   at = report['at_val_threshold']
   logging.info('Exported %s: threshold %.4f (%s); test ROC AUC %.3f, sensitivity %.3f, specificity %.3f.',
                export.current_dir(out_dir), point['threshold'], point['threshold_rule'], report['ranking']['roc_auc'],
                at['sensitivity'], at['specificity'])
 
 
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
+  cli.run(main, progress=True)
+
+
 if __name__ == '__main__':
-  cli.run(main)
+  run()

@@ -12,7 +12,8 @@ or export (chosen on validation by the rule named). A file that cannot be read g
 own, the others go on, and the exit code is 1 at the end.
 
 JPEG and PNG files go through the training pipeline's own decode and resize (`trainer.data.decode_image`), so a model
-sees the same pixels as in training and in the exported SavedModel. DICOM files (the `dicom` extra, pydicom) get their
+sees the same pixels as in training and in the exported SavedModel, after their EXIF orientation is applied
+(`trainer.data.upright`). DICOM files (the `dicom` extra, pydicom) get their
 modality and VOI LUTs (the window the file asks for) and are then stretched to 0-255, as 8-bit exports like the
 training JPEGs are, before the same resize.
 
@@ -25,7 +26,10 @@ with the threshold stored once.
 
 --gradcam_dir writes, for each image, the image as the model saw it (at its input size) under the Grad-CAM map of the
 pneumonia score, as <path below the inputs' common folder>.gradcam.png. Each map is scaled to its own maximum, so the
-weak evidence in a confidently normal image is drawn as hot as strong evidence: read a map with its probability.
+weak evidence in a confidently normal image is drawn as hot as strong evidence: read a map with its probability. An
+overlay that cannot be written (a full disk) is an "error" on its image's line, which keeps its label: no prediction
+depends on an optional output. Of several runs (or an exported ensemble) the map is the mean of the members' maps,
+at the largest member's input size (`trainer.gradcam.make_ensemble_gradcam`).
 """
 
 import collections
@@ -37,8 +41,6 @@ import json
 import os
 
 from absl import logging
-import keras
-from matplotlib import colormaps
 import numpy as np
 from PIL import Image
 import tensorflow as tf
@@ -49,9 +51,9 @@ from trainer import errors
 from trainer import export
 from trainer import figures
 from trainer import files as files_lib
+from trainer import gradcam as gradcam_lib
 from trainer import inference
 from trainer import metrics
-from trainer import models
 from trainer import runs as runs_lib
 
 CLASS_NAMES = figures.CLASS_NAMES  # The printed labels, indexed by class id.
@@ -66,9 +68,8 @@ MAX_PIXELS = 50_000_000
 # input is 32 pixels: anything smaller is blown up from almost nothing).
 MIN_SIDE = 16
 ENSEMBLE_FILE = 'ensemble.json'
-# Grad-CAM overlay: the heat map's colours cover the X-ray in proportion to the heat, up to this opacity.
-_OVERLAY_OPACITY = 0.5
 _DICOM_MAGIC = b'DICM'  # At byte 128 of a DICOM Part 10 file, after the preamble.
+_OVERLAY = '.gradcam.png'  # --gradcam_dir's files: outputs of predict, never its inputs.
 
 
 
@@ -76,14 +77,17 @@ class BadImageError(errors.InvalidValue):
   """A file that cannot be read as a chest X-ray; its JSON line says why."""
 
 
-def find_images(paths: Sequence[str]) -> list[str]:
+def find_images(paths: Sequence[str], *, skip: str | None = None) -> list[str]:
   """The files to predict: files as given, and the image files in folders (recursively, sorted).
 
-  Hidden files and folders (names starting with '.') and macOS `__MACOSX` folders are skipped: they hold metadata,
-  such as the `._name.jpeg` files of a zip made on a Mac, not images.
+  In folders, a file is taken by its extension (IMAGE_EXTENSIONS), or, without one, when it is a DICOM file (as PACS
+  exports name them: 'IM00001'); the others are counted in one log line, and each named under --verbosity=1. Hidden
+  files and folders (names starting with '.'), macOS `__MACOSX` folders, the project's own Grad-CAM overlays
+  ('*.gradcam.png') and the folder `skip` (the --gradcam_dir) are left out: they hold metadata or outputs, not X-rays.
 
   Args:
     paths: files and folders. A path that does not exist is kept, so that it gets an error line of its own.
+    skip: a folder not to search (where the overlays go), if any.
 
   Returns:
     The file paths, in the order given, each folder's files sorted.
@@ -93,22 +97,40 @@ def find_images(paths: Sequence[str]) -> list[str]:
   """
   if not paths:
     raise errors.InvalidValue('Give the images to predict: files or folders after the flags.')
-  files = []
+  files, skipped = [], []
+  skip = os.path.realpath(skip) if skip else None
   for path in paths:
     if not os.path.isdir(path):
       files.append(path)
       continue
     # Symlinked folders are followed (a scan archive linked in), each real folder once, so a link loop ends.
-    seen = set()
+    seen = {skip}
     for folder, subfolders, names in os.walk(path, followlinks=True):
       seen.add(os.path.realpath(folder))
       subfolders[:] = sorted(name for name in subfolders if not name.startswith('.') and name != '__MACOSX'
                              and os.path.realpath(os.path.join(folder, name)) not in seen)
-      files += [os.path.join(folder, name) for name in sorted(names)
-                if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)]
+      for name in sorted(name for name in names if not name.startswith('.') and not name.endswith(_OVERLAY)):
+        (files if _is_image_file(os.path.join(folder, name)) else skipped).append(os.path.join(folder, name))
+  if skipped:
+    logging.info('Skipped %d files that are not JPEG, PNG or DICOM (by extension, or a DICOM without one) in %s%s.',
+                 len(skipped), ', '.join(paths), '' if logging.vlog_is_on(1) else ' (--verbosity=1 names them)')
+    for path in skipped:
+      logging.debug('Skipped %s: not a JPEG, PNG or DICOM file.', path)
   if not files:
-    raise errors.InvalidValue(f'No image files ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(paths)}.')
+    raise errors.InvalidValue(f'No image files ({", ".join(IMAGE_EXTENSIONS)}, or DICOM) in {", ".join(paths)}.')
   return files
+
+
+def _is_image_file(path: str) -> bool:
+  if path.lower().endswith(IMAGE_EXTENSIONS):
+    return True
+  if os.path.splitext(path)[1]:
+    return False
+  try:
+    with open(path, 'rb') as f:
+      return f.read(132)[128:] == _DICOM_MAGIC
+  except OSError:
+    return True  # Unreadable: its line says why.
 
 
 def read_image(path: str, image_sizes: Iterable[int]) -> dict[int, np.ndarray]:
@@ -128,9 +150,26 @@ def read_image(path: str, image_sizes: Iterable[int]) -> dict[int, np.ndarray]:
   """
   with open(path, 'rb') as f:
     raw = f.read()
+  return decode_image_bytes(raw, image_sizes, dicom=path.lower().endswith(('.dcm', '.dicom')))
+
+
+def decode_image_bytes(raw: bytes, image_sizes: Iterable[int], *, dicom: bool = False) -> dict[int, np.ndarray]:
+  """`read_image` of a file's bytes already in memory (an upload to trainer.serve).
+
+  Args:
+    raw: the encoded JPEG, PNG or DICOM file.
+    image_sizes: the input sides of the models that will see it.
+    dicom: read it as DICOM even without the DICM marker (a file named .dcm).
+
+  Returns:
+    {size: uint8 array of shape (size, size, 1)}.
+
+  Raises:
+    BadImageError: as `read_image`.
+  """
   if not raw:
     raise BadImageError('empty file (0 bytes)')
-  if raw[128:132] == _DICOM_MAGIC or path.lower().endswith(('.dcm', '.dicom')):
+  if raw[128:132] == _DICOM_MAGIC or dicom:
     pixels = _dicom_pixels(raw)
     return {size: data.resize_uint8(pixels, size).numpy() for size in image_sizes}
   try:
@@ -145,6 +184,7 @@ def read_image(path: str, image_sizes: Iterable[int]) -> dict[int, np.ndarray]:
   if mode == 'CMYK':  # TensorFlow's JPEG decoder, the training pipeline's, has no CMYK.
     raise BadImageError('a CMYK JPEG (a print colour space); save it as grayscale or RGB')
   _check_size(width, height)
+  raw = data.upright(raw)  # TF's decoder ignores EXIF: a phone's photo would lie on its side.
   try:
     return {size: data.decode_image(raw, size).numpy() for size in image_sizes}
   except tf.errors.InvalidArgumentError as e:
@@ -191,83 +231,9 @@ def _dicom_pixels(raw: bytes) -> tf.Tensor:
   return tf.constant(scaled.astype(np.uint8)[..., None])
 
 
-def make_gradcam(model: keras.Model, image_size: int):
-  """A traced Grad-CAM (Selvaraju et al., ICCV 2017) of the pneumonia score, for a model from `build_model`.
-
-  The backbone's last rectified feature maps (`trainer.models.feature_layer`: the cnn's last ReLU, ResNet50's
-  conv5_block3_out, VGG16's block5_conv3, ...) are weighted by the spatial mean of the gradient of the pneumonia logit
-  with respect to them, summed, kept where positive (the regions that raise the score), upsampled bilinearly to the
-  input size (and, under --crop=content, put back where the crop came from) and divided by their maximum. The logit,
-  not the probability: a confident prediction saturates the sigmoid, whose gradient then vanishes and leaves a blank
-  map.
-
-  Args:
-    model: a model from `trainer.models.build_model`: layers up to a nested 'backbone' Model, then 'pool',
-      'dropout' and the sigmoid Dense 'probability'.
-    image_size: the model's input side.
-
-  Returns:
-    A function: uint8 images (batch, image_size, image_size, 1) -> float32 maps (batch, image_size, image_size) in
-    [0, 1]. An image with no evidence for pneumonia gets a map of zeros.
-
-  Raises:
-    ValueError: if the model does not have that structure.
-  """
-  layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-  names = [layer.name for layer in layers]
-  if 'backbone' not in names or names[-1] != 'probability':
-    raise ValueError(f'Model {model.name!r} has layers {names}; Grad-CAM needs a model from build_model (a nested '
-                     "'backbone' and the output layer 'probability').")
-  features = _with_last_features(model)
-  before, head = layers[:names.index('backbone')], layers[names.index('backbone') + 1:-1]
-  output = layers[-1]
-
-  @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 1], tf.uint8)])
-  def gradcam(images):
-    x, crops = images, []
-    for layer in before:
-      if isinstance(layer, models.CropToContent):
-        crops.append((layer, layer.boxes(x)))
-      x = layer(x, training=False)
-    with tf.GradientTape() as tape:
-      feature_maps, x = features(x, training=False)
-      for layer in head:
-        x = layer(x, training=False)
-      logit = keras.ops.matmul(tf.cast(x, output.kernel.dtype), output.kernel) + output.bias
-    gradients = tape.gradient(logit, feature_maps)
-    feature_maps, gradients = tf.cast(feature_maps, tf.float32), tf.cast(gradients, tf.float32)
-    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-    maps = tf.nn.relu(tf.reduce_sum(weights * feature_maps, axis=-1, keepdims=True))
-    maps = tf.image.resize(maps, [image_size, image_size], method='bilinear')[..., 0]
-    for layer, boxes in crops:  # --crop=content: the map of the cropped image, over the image as given.
-      maps = layer.uncrop(maps, boxes)
-    return tf.math.divide_no_nan(maps, tf.reduce_max(maps, axis=(1, 2), keepdims=True))
-
-  return gradcam
-
-
-def _with_last_features(model: keras.Model) -> keras.Model:
-  """A model of the backbone's own layers (same weights) that outputs its last rectified feature maps too."""
-  backbone = model.get_layer('backbone')
-  return keras.Model(backbone.inputs, [models.feature_layer(model).output, *backbone.outputs])
-
-
-def overlay_png(image: np.ndarray, heatmap: np.ndarray) -> bytes:
-  """The X-ray with its Grad-CAM map in the 'jet' colours on top, opaque where the map is hot, as PNG bytes.
-
-  Args:
-    image: uint8 (size, size, 1), the image as the model saw it.
-    heatmap: (size, size) in [0, 1].
-
-  Returns:
-    PNG bytes of an RGB image of the same size.
-  """
-  gray = np.repeat(image.astype(np.float32) / 255, 3, axis=-1)
-  opacity = _OVERLAY_OPACITY * heatmap[..., None]
-  rgb = (1 - opacity) * gray + opacity * colormaps['jet'](heatmap)[..., :3]
-  out = io.BytesIO()
-  Image.fromarray(np.round(255 * rgb).astype(np.uint8)).save(out, format='PNG')
-  return out.getvalue()
+# Grad-CAM moved to trainer.gradcam; the old names stay for callers of trainer.predict.
+make_gradcam = gradcam_lib.make_gradcam
+overlay_png = gradcam_lib.overlay_png
 
 
 def cached_ensemble_threshold(runs: Sequence[runs_lib.TrainedRun], ensemble_dir: str, rule: str | None = None,
@@ -321,24 +287,22 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
       takes them (their result's 'file' is their index, '<array N>').
     runs: one model, or the members of an ensemble (their probabilities are averaged).
     threshold: the decision threshold: from `trainer.runs.operating_point`.
-    gradcam_dir: if given (one model only), a Grad-CAM overlay of each image is written there, as
-      <path relative to the inputs' common folder>.gradcam.png.
+    gradcam_dir: if given, a Grad-CAM overlay of each image is written there, as <path relative to the inputs'
+      common folder>.gradcam.png (of an ensemble: the mean of its members' maps, `trainer.gradcam`).
     batch_size: images per batch.
     threshold_rule: the name of the rule that chose the threshold, for the results (left out if None).
-    predicts: `trainer.inference.make_predict` of each run, for a caller that predicts many times (made here if None).
+    predicts: a function of each run, uint8 images -> probabilities (made here with `trainer.inference.make_predict`
+      if None): `trainer.inference.make_predict` for a caller that predicts many times, or a
+      `trainer.tflite.TFLiteModel`.
 
   Yields:
     {'file', 'label', 'probability', 'threshold', 'threshold_rule'} (and 'gradcam', the overlay's path, and for an
     ensemble 'member_probabilities'), or {'file', 'error'} for a file that cannot be read.
 
-  Raises:
-    ValueError: if gradcam_dir is given for an ensemble.
   """
-  if gradcam_dir is not None and len(runs) != 1:
-    raise errors.InvalidValue('--gradcam_dir needs a single --model_dir: the members of an ensemble look at different '
-                     'features, so run predict once per member instead.')
   predicts = predicts or [inference.make_predict(run.model) for run in runs]
-  gradcam = make_gradcam(runs[0].model, runs[0].image_size) if gradcam_dir is not None else None
+  gradcam = (gradcam_lib.make_ensemble_gradcam([(run.model, run.image_size) for run in runs])
+             if gradcam_dir is not None else None)
   # Overlays keep the inputs' folder structure below their common folder (of the files that exist: a wrong path
   # must not move the others' overlays).
   root = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in files
@@ -349,7 +313,7 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
     chunk, results, images = files[start:start + batch_size], {}, collections.defaultdict(list)
     for i, path in enumerate(chunk):
       in_memory = not isinstance(path, str)
-      name = f'<array {start + i}>' if in_memory else path
+      name = f'<array {start + i}>' if in_memory else printable(path)
       try:
         for size, image in (_array_inputs(path, sizes) if in_memory else read_image(path, sizes)).items():
           images[size].append(image)
@@ -361,9 +325,9 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
     good = [i for i in sorted(results) if 'error' not in results[i]]
     if good:
       batches = {size: np.stack(stack) for size, stack in images.items()}
-      member_probs = np.stack([predict(batches[run.image_size]).numpy() for predict, run in zip(predicts, runs)])
+      member_probs = np.stack([np.asarray(predict(batches[run.image_size])) for predict, run in zip(predicts, runs)])
       probs = member_probs.mean(axis=0)
-      maps = gradcam(batches[runs[0].image_size]).numpy() if gradcam else None
+      maps = gradcam(batches) if gradcam else None
       for j, i in enumerate(good):
         result = results[i]
         result.update(label=CLASS_NAMES[int(probs[j] >= threshold)], probability=float(probs[j]),
@@ -375,12 +339,30 @@ def predict_files(files: Sequence[str | np.ndarray], runs: Sequence[runs_lib.Tra
         if len(runs) > 1:
           result['member_probabilities'] = member_probs[:, j].tolist()
         if gradcam:
-          out = os.path.join(gradcam_dir, os.path.relpath(os.path.abspath(result['file']), root) + '.gradcam.png')
-          os.makedirs(os.path.dirname(out), exist_ok=True)
-          files_lib.write_atomic(out, overlay_png(batches[runs[0].image_size][j], maps[j]))
-          result['gradcam'] = out
+          source = chunk[i] if isinstance(chunk[i], str) else result['file']
+          out = os.path.join(gradcam_dir, os.path.relpath(os.path.abspath(source), root) + _OVERLAY)
+          _write_overlay(result, out, overlay_png(batches[sizes[-1]][j], maps[j]))
     for i in sorted(results):
       yield results[i]
+
+
+def _write_overlay(result: dict, out: str, png: bytes) -> None:
+  """Writes an overlay; one that cannot be written (a full disk, a read-only --gradcam_dir) is an error on its
+  image's line, which keeps its label: no prediction depends on an optional output."""
+  try:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    files_lib.write_atomic(out, png)
+  except OSError as e:
+    reason = str(e) if isinstance(e, errors.UserError) else f'Cannot write {out}: {e.strerror or e}.'
+    result['error'] = f'Grad-CAM overlay not written: {reason}'
+    return
+  result['gradcam'] = printable(out)
+
+
+def printable(path: str) -> str:
+  """A path for a JSON line, valid UTF-8 whatever the file system holds: the bytes of a name that is not UTF-8 (which
+  Python decodes to lone surrogates, invalid in JSON for strict parsers) as Python's escapes, e.g. 'scan-\\xff.png'."""
+  return os.fsencode(path).decode('utf-8', 'backslashreplace')
 
 
 def _array_inputs(image, sizes) -> dict[int, np.ndarray]:

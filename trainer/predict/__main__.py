@@ -13,8 +13,10 @@ from absl import logging
 
 from trainer import cli
 from trainer import errors
+from trainer import export
 from trainer import predict
 from trainer import runs as runs_lib
+from trainer import tflite
 
 cli.define_run_flags('The --model_dir of a finished training run or the --out_dir of trainer.export; or several '
                      'runs, DIR1,DIR2,..., whose probabilities are averaged, with a threshold chosen on validation '
@@ -24,7 +26,11 @@ flags.DEFINE_list('ensemble', None, 'Replaced by --model_dir=DIR1,DIR2,... (as i
 flags.DEFINE_string('ensemble_dir', None, f'Keep the ensemble\'s threshold in ENSEMBLE_DIR/{predict.ENSEMBLE_FILE}, '
                     'and reuse it while the members stay the same (without it, every call runs the members over the '
                     'validation split again).')
-flags.DEFINE_string('gradcam_dir', None, 'Write a Grad-CAM overlay PNG of each image here (one --model_dir only).')
+flags.DEFINE_string('gradcam_dir', None, 'Write a Grad-CAM overlay PNG of each image here (of several runs: the '
+                    'mean of their maps).')
+flags.DEFINE_enum('runtime', 'keras', ['keras', 'tflite', 'tflite_int8'], 'What computes the probabilities: the Keras '
+                  'model, or the export\'s model.tflite (float32) or model.int8.tflite (trainer.tflite; one '
+                  '--model_dir, no --tta). Grad-CAM is drawn from the Keras model.')
 
 FLAGS = flags.FLAGS
 
@@ -36,7 +42,7 @@ def main(argv):
     raise errors.InvalidValue('Give --model_dir=DIR (a run or an export), or --model_dir=DIR1,DIR2,... (several runs).')
   if FLAGS.tta > 1 and FLAGS.gradcam_dir:
     raise errors.InvalidValue('--gradcam_dir explains the model on one view of each image: drop --tta to draw it.')
-  files = predict.find_images(argv[1:])
+  files = predict.find_images(argv[1:], skip=FLAGS.gradcam_dir and os.path.expanduser(FLAGS.gradcam_dir))
   runs = runs_lib.Runs.load(FLAGS.model_dir, tta=FLAGS.tta, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
                             batch_size=FLAGS.batch_size)
   if FLAGS.ensemble_dir and len(runs.members) > 1:
@@ -48,15 +54,31 @@ def main(argv):
   threshold = point['threshold']
   logging.info('Threshold %.4f, rule %s (%s).', threshold, point['threshold_rule'],
                'stored with the model' if point['chosen'] == 'stored' else 'chosen on validation')
-  failed = 0
+  predicts = None
+  if FLAGS.runtime != 'keras':
+    if len(runs.members) > 1 or FLAGS.tta > 1:
+      raise errors.InvalidValue(f'--runtime={FLAGS.runtime} runs one export\'s TFLite model: give one --model_dir '
+                                '(trainer.export makes several runs one) and no --tta.')
+    predicts = [tflite.load_export(export.current_dir(runs.members[0].model_dir), int8=FLAGS.runtime == 'tflite_int8')]
+  failed = overlays = 0
   for result in predict.predict_files(files, runs.members, threshold=threshold, gradcam_dir=FLAGS.gradcam_dir,
-                                      batch_size=FLAGS.batch_size, threshold_rule=point['threshold_rule']):
-    failed += 'error' in result
+                                      batch_size=FLAGS.batch_size, threshold_rule=point['threshold_rule'],
+                                      predicts=predicts):
+    failed += 'error' in result and 'label' not in result
+    overlays += 'error' in result and 'label' in result
     print(json.dumps(result), flush=True)
   if failed:
     print(f'error: {failed} of {len(files)} files could not be read (see their "error" lines).', file=sys.stderr)
-  return 1 if failed else 0
+  if overlays:
+    print(f'error: {overlays} of {len(files)} Grad-CAM overlays could not be written (see their "error" lines; their '
+          'labels are printed).', file=sys.stderr)
+  return 1 if failed or overlays else 0
+
+
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
+  cli.run(main)
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  run()

@@ -52,5 +52,10 @@ def main(argv):
     logging.info('Wrote %s.', FLAGS.out)
 
 
+def run():
+  """The console script's entry point (setup.cfg), as `python -m` runs it."""
+  cli.run(main, progress=True)
+
+
 if __name__ == '__main__':
-  cli.run(main)
+  run()

@@ -10,6 +10,7 @@ import numpy as np
 from trainer import config as config_lib
 from trainer import errors
 from trainer import metrics
+from trainer import progress
 from trainer import runs as runs_lib
 from trainer import shift
 
@@ -58,18 +59,22 @@ def leave_one_family_out(runs_without: dict[str, list], builder, split: str, *, 
         raise errors.InvalidValue(f'{run.model_dir} trained with the {family} augmentation, so it cannot score the '
                                   f'{family} shifts as unseen: train it with --augment_families without it.')
   families = {}
-  for family in shift.FAMILIES:
-    runs = runs_without[family]
-    plain = runs_lib.predict_runs(runs, builder, split, batch_size=batch_size)
-    shifts, normals_shifted = {}, {}
-    for name in (name for name, of in shift.SHIFT_FAMILIES.items() if of == family):
-      predictions = runs_lib.predict_runs(runs, builder, split, batch_size=batch_size,
-                                 transform=lambda images, name=name: shift.apply(name, images))
-      shifts[name] = metrics.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc']
-      normals_shifted[name] = shift.normals_shifted_auc(plain, predictions)
-    families[family] = {'roc_auc': min(shifts.values()), 'roc_auc_normals_shifted': min(normals_shifted.values()),
-                        'shifts': shifts, 'normals_shifted': normals_shifted,
-                        'members': [run.model_dir for run in runs]}
+  # One step per prediction of the split: each family's plain one, then one per shift of the family.
+  with progress.steps('leave-one-family-out', len(shift.FAMILIES) + len(shift.SHIFT_FAMILIES)) as task:
+    for family in shift.FAMILIES:
+      runs = runs_without[family]
+      plain = runs_lib.predict_runs(runs, builder, split, batch_size=batch_size)
+      task.advance(f'without-{family}')
+      shifts, normals_shifted = {}, {}
+      for name in (name for name, of in shift.SHIFT_FAMILIES.items() if of == family):
+        predictions = runs_lib.predict_runs(runs, builder, split, batch_size=batch_size,
+                                            transform=lambda images, name=name: shift.apply(name, images))
+        task.advance(f'without-{family} {name}')
+        shifts[name] = metrics.ranking_metrics(predictions['labels'], predictions['probs'])['roc_auc']
+        normals_shifted[name] = shift.normals_shifted_auc(plain, predictions)
+      families[family] = {'roc_auc': min(shifts.values()), 'roc_auc_normals_shifted': min(normals_shifted.values()),
+                          'shifts': shifts, 'normals_shifted': normals_shifted,
+                          'members': [run.model_dir for run in runs]}
   worst = min(families, key=lambda family: families[family]['roc_auc'])
   worst_normals = min(families, key=lambda family: families[family]['roc_auc_normals_shifted'])
   return {'split': split, 'families': families,
