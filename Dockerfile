@@ -10,8 +10,8 @@
 # The `serve` target runs `python -m trainer.serve` (TF Serving's REST API and the page, port 8501) on the export
 # mounted at /models/cxr; a CPU base is enough:
 #
-#     docker build --target serve --build-arg TF_IMAGE=tensorflow/tensorflow:2.21.0 -t cxr-serve:0.1.0 .
-#     docker run --rm -p 127.0.0.1:8501:8501 -v ~/cxr_runs/ensemble:/models/cxr:ro cxr-serve:0.1.0
+#     docker build --target serve --build-arg TF_IMAGE=tensorflow/tensorflow:2.21.0 -t cxr-serve:0.2.0 .
+#     docker run --rm -p 127.0.0.1:8501:8501 -v ~/cxr_runs/ensemble:/models/cxr:ro cxr-serve:0.2.0
 ARG TF_IMAGE=tensorflow/tensorflow:2.21.0-gpu
 FROM ${TF_IMAGE} AS base
 

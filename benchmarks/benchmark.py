@@ -23,6 +23,9 @@ What is measured, on the same images:
                                the cnn and every backbone (head phase: the backbone frozen).
   train_step_recipe_model      launch/recipe.sh's model, one held batch: its step with Keras's old augmentation layers
                                against trainer/augment.py's, in float32 and mixed_bfloat16, and compiled with XLA.
+  phase1_feature_cache         phase 1 of EfficientNet-Lite0 (ImageNet weights, frozen, no augmentation): an epoch of
+                               the trainer's step from the images, the one-time feature pass (trainer.features), and
+                               an epoch of the head from the cached features (benchmarks/feature_cache.py).
   train_loop_tiny              steps/s of trainer.train's loop at 32 steps a call (--steps_per_loop=32) against
                                Keras fit(steps_per_execution=32), on a tiny model where dispatch dominates.
 
@@ -50,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from benchmarks.feature_cache import phase1_feature_cache  # pylint: disable=g-importing-member
 from cxr_tfds.chest_xray_pneumonia import imaging
 from trainer import augment as augment_lib
 from trainer import data
@@ -618,6 +622,7 @@ MEASUREMENTS = {
     'train_efficientnetb0': (train_efficientnetb0, None),
     'train_densenet121': (train_densenet121, None),
     'train_step_recipe_model': (train_step_recipe_model, None),
+    'phase1_feature_cache': (phase1_feature_cache, None),  # None: whole epochs.
     'train_loop_tiny': (train_loop_tiny, None),
 }
 
@@ -651,6 +656,8 @@ TARGETS = (
      None, 1.5, None),
     ('steps/s at --steps_per_loop=32 / Keras fit(steps_per_execution=32), tiny model', 'train_loop_tiny', None, 1.0,
      'a model this small times the host\'s dispatch per call, which many steps per call amortise'),
+    ('phase-1 epoch time, from the images / from cached features (EfficientNet-Lite0, frozen)',
+     'phase1_feature_cache', None, 50.0, 'after the one-time feature pass (its line\'s feature_pass)'),
     ('augmentation (host CPU, batched) / Keras layers in tf.data', 'ours_warm_augmented',
      'peer_dataset_from_directory', 10.0,
      'ours runs in the model, so on an accelerator the host does none; here the same Keras layers run on the host'),

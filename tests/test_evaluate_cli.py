@@ -12,7 +12,7 @@ from PIL import Image
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import test_split_predictions as split_predictions  # pylint: disable=g-importing-member
+from conftest import reference_predictions  # pylint: disable=g-importing-member
 
 from trainer import data
 from trainer import gallery
@@ -49,7 +49,7 @@ def test_cli_writes_the_report_the_figures_and_tensorboard_images(model_dir, syn
     assert Image.open(out / f'{name}.png').size[0] > 100
 
   # The gallery of mistakes: each group's cases, most wrong first, as the model's own probabilities sort them.
-  labels, probs = split_predictions([model_dir], synthetic_data_dir)
+  labels, probs = reference_predictions([model_dir], synthetic_data_dir)
   called = probs >= 0.5
   expected = {'false_positives': sorted(np.flatnonzero((labels == 0) & called), key=lambda i: -probs[i]),
               'false_negatives': sorted(np.flatnonzero((labels == 1) & ~called), key=lambda i: probs[i]),

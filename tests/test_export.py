@@ -25,6 +25,7 @@ from trainer import runs as runs_lib
 from trainer import export
 from trainer import figures
 from trainer import predict
+from trainer import tflite
 from trainer import train
 from trainer import version
 from trainer.config import Config
@@ -250,6 +251,21 @@ def test_runs_and_exports_record_the_project_version_and_commit(runs, ensemble):
     assert f'cxr-trainer {trainer.__version__}' in card
     if 'git_commit' in made_with:  # Run from a checkout, as the suite is.
       assert f'commit {made_with["git_commit"]}' in card
+
+
+def test_the_export_writes_a_tflite_model_that_agrees_with_keras(ensemble, split_files):
+  run_json = json.loads(pathlib.Path(ensemble, 'run.json').read_text())
+  entry = run_json['tflite']
+  assert entry['float32']['select_tf_ops'] == [] and entry['float32']['max_difference'] <= tflite.FLOAT_TOLERANCE
+  images = np.stack([predict.read_image(f, [SIZE])[SIZE] for f in split_files[0]])
+  expected = export.load_model(os.path.join(ensemble, 'model.keras')).predict(images, verbose=0)[:, 0]
+  got = tflite.load_export(export.current_dir(ensemble))(images)
+  np.testing.assert_allclose(got, expected, atol=tflite.FLOAT_TOLERANCE)
+  card = pathlib.Path(ensemble, export.MODEL_CARD).read_text()
+  assert f'`model.tflite` (float32, {entry["float32"]["bytes"]:,} bytes)' in card
+  assert "TFLite's built-in ops only" in card
+  # The tiny CNNs' tensors are all under TFLite's 1,024 values: nothing to quantize, and the card says why.
+  assert entry['int8']['kept'] is False and 'No int8 variant: no weight tensor large enough' in card
 
 
 # An export commits as a unit.

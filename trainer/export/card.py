@@ -4,10 +4,10 @@ TFLite models, known failure modes and how it was made (`model_card`)."""
 import numpy as np
 
 
-_EXIF_FAILURE = ('- **EXIF orientation** is not applied by the SavedModel\'s bytes-in signature (TensorFlow cannot read '
-                 'EXIF): an image stored on its side with an Orientation tag, as phones store photos, is scored on its '
-                 'side. trainer.predict turns such images the way up; a server that calls the SavedModel turns them '
-                 'first with `trainer.data.upright`.')
+_EXIF_FAILURE = ('- **EXIF orientation** is not applied by the SavedModel\'s bytes-in signature (TensorFlow '
+                 'cannot read EXIF): an image stored on its side with an Orientation tag, as phones store photos, is '
+                 'scored on its side. trainer.predict turns such images the way up; a server that calls the '
+                 'SavedModel turns them first with `trainer.data.upright`.')
 
 
 def _made_with(provenance: dict) -> str:

@@ -1,7 +1,7 @@
 r"""`python -m trainer.serve`: one exported model behind TF Serving's REST API, with a page at / (see
 `trainer.serve`, trainer/serve/__init__.py, and its routes, trainer/serve/app.py).
 
-    python -m trainer.serve --model_dir=runs/ensemble
+    python -m trainer.serve --model_dir=runs/ensemble        # or: cxr-serve --model_dir=runs/ensemble
     python -m trainer.serve --model_dir=runs/resnet50 --port=8080 --model_name=pneumonia --host=0.0.0.0
 """
 
