@@ -204,7 +204,7 @@ def _train_files(setup: Setup) -> list[str]:
 
 def _augmentation_layer(setup: Setup) -> keras.layers.Layer:
   """The model's own 'augmentation' block (trainer.models): the same for every model."""
-  return models.build_model('cnn', image_size=setup.image_size, seed=setup.seed).get_layer('augmentation')
+  return models.build('cnn', image_size=setup.image_size, seed=setup.seed).get_layer('augmentation')
 
 
 def _augment(setup: Setup):
@@ -370,7 +370,7 @@ def _train(setup: Setup, *, model_name: str) -> dict:
   keras.utils.set_random_seed(setup.seed)
   with strategy.scope():
     # Built as the trainer builds it: a backbone comes back in phase 'head', frozen.
-    model = models.build_model(model_name, image_size=setup.image_size, seed=setup.seed)
+    model = models.build(model_name, image_size=setup.image_size, seed=setup.seed)
     optimizer = steps_lib.make_optimizer('adam', 1e-3, loss_scale=False)
     metrics = steps_lib.train_metrics()
   step = steps_lib.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
@@ -438,7 +438,7 @@ RECIPE_MODEL = dict(image_size=128, cnn_filters=16, cnn_depth=4, equalize='clahe
 
 def _recipe_model(augmentation: str, seed: int, image_size: int, **changes) -> keras.Model:
   """RECIPE_MODEL at `image_size`, with `changes` to its other settings, and its old, its fused or no augmentation."""
-  model = models.build_model('cnn', seed=seed, **{**RECIPE_MODEL, **changes, 'image_size': image_size})
+  model = models.build('cnn', seed=seed, **{**RECIPE_MODEL, **changes, 'image_size': image_size})
   if augmentation == 'fused':
     return model
   if augmentation == 'none':  # The floor no augmentation, however fast, can go below.

@@ -68,8 +68,8 @@ def phase1_feature_cache(setup, batches: int | None) -> dict:
   keras.utils.set_random_seed(setup.seed)
   with strategy.scope():
     # Built as the trainer builds it: a backbone comes back in phase 'head', frozen.
-    model = models.build_model(MODEL, image_size=setup.image_size, weights=WEIGHTS, augment_families=(),
-                               seed=setup.seed)
+    model = models.build(MODEL, image_size=setup.image_size, weights=WEIGHTS, augment_families=(),
+                         seed=setup.seed)
     optimizer = steps_lib.make_optimizer('adam', 1e-3, loss_scale=False)
     optimizer.build(model.trainable_variables)
     metrics = steps_lib.train_metrics()

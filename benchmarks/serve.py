@@ -35,7 +35,7 @@ def _ensemble(folder: pathlib.Path) -> pathlib.Path:
   members = []
   for seed in (1, 2):
     keras.utils.set_random_seed(seed)
-    members.append(models.build_model('cnn', image_size=128, cnn_filters=16, cnn_depth=4, equalize='clahe'))
+    members.append(models.build('cnn', image_size=128, cnn_filters=16, cnn_depth=4, equalize='clahe'))
   model = export.ensemble_model(members)
   export.save_keras(model, str(folder / 'model.keras'))
   export.export_saved_model(model, str(folder / 'saved_model' / '1'), image_size=128, threshold=0.5)

@@ -45,7 +45,7 @@ def main():
   files = sorted(p for p in pathlib.Path(args.images).rglob('*') if p.suffix.lower() in ('.jpeg', '.jpg', '.png'))
   images = np.stack([predict.read_image(str(f), [128])[128] for f in files[:64]])
   keras.utils.set_random_seed(1)
-  model = models.build_model('cnn', image_size=128, cnn_filters=16, cnn_depth=4, equalize='clahe')
+  model = models.build('cnn', image_size=128, cnn_filters=16, cnn_depth=4, equalize='clahe')
   keras_predict = inference.make_predict(model)
   print(json.dumps({'name': 'latency_keras', 'ms_per_image': _median_ms(keras_predict, images, args.repeats),
                     'bytes': int(sum(np.prod(w.shape) * 4 for w in model.weights)), 'note': 'bytes: float32 weights',

@@ -121,7 +121,7 @@ def untrained_run(synthetic_data_dir, tmp_path_factory):
     config = Config(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
                     model_dir=str(model_dir), image_size=image_size, cnn_filters=4, cnn_depth=2, weights='none')
     keras.utils.set_random_seed(seed)
-    export.save_keras(models.build_model('cnn', image_size=image_size, cnn_filters=4, cnn_depth=2),
+    export.save_keras(models.build('cnn', image_size=image_size, cnn_filters=4, cnn_depth=2),
                       str(model_dir / 'model.keras'))
     (model_dir / 'run.json').write_text(json.dumps({'config': dataclasses.asdict(config), 'image_size': image_size,
                                                      'threshold': threshold}))
@@ -176,13 +176,13 @@ def untrained_exports(untrained_run, synthetic_test_images, tmp_path_factory) ->
   images = np.stack([predict.decode_image_bytes(raw, [32])[32] for raw in synthetic_test_images])
   run = untrained_run(32, seed=1)
   keras.utils.set_random_seed(1)
-  export.save_keras(models.build_model('cnn', image_size=32, cnn_filters=4, cnn_depth=2, crop='content'),
+  export.save_keras(models.build('cnn', image_size=32, cnn_filters=4, cnn_depth=2, crop='content'),
                     str(run / 'model.keras'))
   ensemble = tmp_path_factory.mktemp('ensemble')
   members = []
   for seed, crop in ((2, 'none'), (3, 'content')):  # Each member's map goes back through its own crop.
     keras.utils.set_random_seed(seed)
-    members.append(models.build_model('cnn', image_size=32, cnn_filters=4, cnn_depth=2, crop=crop))
+    members.append(models.build('cnn', image_size=32, cnn_filters=4, cnn_depth=2, crop=crop))
   export.save_keras(export.ensemble_model(members), str(ensemble / 'model.keras'))
   (ensemble / 'run.json').write_text((run / 'run.json').read_text())
   for folder in (run, ensemble):

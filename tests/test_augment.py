@@ -184,7 +184,7 @@ def test_sobel_edges():
 @pytest.mark.parametrize('name', ['cnn', 'vgg16'])
 def test_edge_channel_in_the_model(name):
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1)).astype(np.uint8)
-  model = models.build_model(name, image_size=32, edge_channel='sobel', equalize='clahe', cnn_filters=4, cnn_depth=2)
+  model = models.build(name, image_size=32, edge_channel='sobel', equalize='clahe', cnn_filters=4, cnn_depth=2)
   names = [layer.name for layer in model.layers]
   assert names.index('equalize') + 1 == names.index('edges')
   if name == 'cnn':
@@ -201,7 +201,7 @@ def test_edge_channel_in_the_model(name):
 
 
 def test_keras_file_with_every_new_layer_loads(tmp_path):
-  model = models.build_model('cnn', image_size=32, cnn_filters=4, cnn_depth=2, seed=0, augment_families=config.FAMILIES,
+  model = models.build('cnn', image_size=32, cnn_filters=4, cnn_depth=2, seed=0, augment_families=config.FAMILIES,
                              equalize='clahe', edge_channel='sobel', horizontal_flip=True, crop='content')
   path = str(tmp_path / 'model.keras')
   model.save(path)
@@ -221,7 +221,7 @@ def test_equalize_compiled_in_training_matches_evaluation():
 
 
 def test_recipe_model_forward_and_backward_compile_with_xla():
-  model = models.build_model('cnn', image_size=32, cnn_filters=4, cnn_depth=2, equalize='clahe', seed=0)
+  model = models.build('cnn', image_size=32, cnn_filters=4, cnn_depth=2, equalize='clahe', seed=0)
   images = tf.constant(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1)).astype(np.uint8))
 
   @tf.function(jit_compile=True)

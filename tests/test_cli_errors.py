@@ -21,6 +21,19 @@ def test_a_batch_size_below_one_is_one_line(program, value, tmp_path):
   assert line.startswith(f'error: flag --batch_size={value}: ') and 'is not a positive integer' in line, done.stderr
 
 
+@pytest.mark.parametrize('program, flag, line', [
+    ('trainer.evaluate', '--n_resamples=0', 'error: flag --n_resamples=0: 0 is not a positive integer (see --helpfull).'),
+    ('trainer.export', '--n_resamples=-5', 'error: flag --n_resamples=-5: -5 is not a positive integer (see --helpfull).'),
+    ('trainer.shift', '--tta=0', 'error: flag --tta=0: 0 is not an integer in the range [1, 8] (see --helpfull).'),
+])
+def test_a_program_number_out_of_range_is_one_line(program, flag, line, tmp_path):
+  done = subprocess.run([sys.executable, '-m', program, f'--model_dir={tmp_path}', f'--out_dir={tmp_path / "out"}',
+                         flag], capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1 and done.stdout == ''
+  assert done.stderr.strip().splitlines()[-1] == line, done.stderr[-2000:]
+  assert 'Traceback' not in done.stderr and not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('message', [
     # A peer killed mid-collective (seen on the 2-worker local cluster).
     'Graph execution error:\n\nDetected at node CollectiveReduceV2\nrecvmsg:Connection reset by peer\nAdditional GRPC '

@@ -85,7 +85,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match=f'{name}=1.5 must be in'):
       layers.CropToContent(**{name: 1.5})
   with pytest.raises(ValueError, match="crop='lungs' is not one of"):
-    models.build_model('cnn', image_size=SIDE, crop='lungs')
+    models.build('cnn', image_size=SIDE, crop='lungs')
   with pytest.raises(config.ConfigError, match="--crop='lungs' is not one of none, content"):
     config.Config(crop='lungs').validate()
   done = subprocess.run([sys.executable, '-m', 'trainer.main', '--crop=lungs'], capture_output=True, text=True,
@@ -95,7 +95,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_in_the_model_after_the_augmentation_before_equalization_and_saved_with_it(tmp_path):
-  model = models.build_model('cnn', image_size=SIDE, crop='content', equalize='clahe', cnn_filters=4, cnn_depth=2,
+  model = models.build('cnn', image_size=SIDE, crop='content', equalize='clahe', cnn_filters=4, cnn_depth=2,
                              seed=0)
   names = [layer.name for layer in model.layers]
   assert names.index('augmentation') + 1 == names.index('crop') == names.index('equalize') - 1
@@ -120,7 +120,7 @@ def test_uncrop_puts_a_map_back_where_its_crop_came_from():
 
 def test_gradcam_of_a_cropped_model_lies_over_the_image_as_given():
   from trainer import predict  # pylint: disable=import-outside-toplevel
-  model = models.build_model('cnn', image_size=SIDE, crop='content', cnn_filters=4, cnn_depth=2, seed=0)
+  model = models.build('cnn', image_size=SIDE, crop='content', cnn_filters=4, cnn_depth=2, seed=0)
   images = np.concatenate([_framed(10, 50, 20, 60, seed=s) for s in range(13, 17)]).astype(np.uint8)
   maps = predict.make_gradcam(model, SIDE)(images).numpy()
   assert maps.shape == (4, SIDE, SIDE) and np.all(np.isfinite(maps)) and maps.max() == pytest.approx(1)

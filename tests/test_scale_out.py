@@ -129,7 +129,7 @@ labels = rng.permutation(np.arange(GLOBAL_BATCH * STEPS) % 2)
 
 
 def build(name):
-  return models.build_model(name, image_size=SIZE, dropout=0.0, augment_strength=0, cnn_filters=4, cnn_depth=2)
+  return models.build(name, image_size=SIZE, dropout=0.0, augment_strength=0, cnn_filters=4, cnn_depth=2)
 
 
 def train_steps(strategy, name, phase, unfreeze, initial, loss_scale):
@@ -229,7 +229,7 @@ builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=sys.argv[1], m
 strategy = distribute.get_strategy('mirrored')
 keras.utils.set_random_seed(0)
 with strategy.scope():
-  model = models.build_model('cnn', image_size=32, cnn_filters=4, cnn_depth=2, seed=0)
+  model = models.build('cnn', image_size=32, cnn_filters=4, cnn_depth=2, seed=0)
 predict = steps_lib.make_distributed_predict(model, strategy)
 results = {}
 for batch_size in (32, 5):

@@ -44,7 +44,7 @@ def real_images(real_data):
 def recipe_model(real_images):
   """launch/recipe.sh's CNN (16 filters, depth 4, CLAHE) at SIZE, untrained but spread."""
   keras.utils.set_random_seed(4)
-  return _spread(models.build_model('cnn', image_size=SIZE, cnn_filters=16, cnn_depth=4, equalize='clahe'),
+  return _spread(models.build('cnn', image_size=SIZE, cnn_filters=16, cnn_depth=4, equalize='clahe'),
                  real_images)
 
 
@@ -86,7 +86,7 @@ def test_an_int8_model_beyond_the_tolerance_is_not_kept(recipe_model, real_image
 
 def test_a_layer_that_needs_tensorflow_ops_is_named(tmp_path):
   keras.utils.set_random_seed(1)
-  model = models.build_model('cnn', image_size=32, cnn_filters=4, cnn_depth=2, crop='content')
+  model = models.build('cnn', image_size=32, cnn_filters=4, cnn_depth=2, crop='content')
   entry = tflite.write(str(tmp_path), model, 32, None)
   assert entry['float32']['select_tf_ops'] == ['CropAndResize']
   (tmp_path / 'run.json').write_text(json.dumps({'tflite': entry}))

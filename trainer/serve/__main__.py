@@ -12,10 +12,11 @@ from absl import flags
 from absl import logging
 
 from trainer import cli
+from trainer import config
 
 flags.DEFINE_string('model_dir', None, 'The --model_dir of a finished training run, or the --out_dir of '
                     'trainer.export (a run or an ensemble).', required=True)
-flags.DEFINE_integer('port', 8501, 'The port (TF Serving\'s REST port by default).', lower_bound=0, upper_bound=65535)
+cli.define_integer('port', 8501, 'The port (TF Serving\'s REST port by default).', config.Range(0, 65535))
 flags.DEFINE_string('host', '127.0.0.1', 'The address to listen on: 127.0.0.1 answers this computer only; 0.0.0.0 '
                     'every network it is on (as in a container).')
 flags.DEFINE_string('model_name', 'cxr', 'The model\'s name in the URLs: /v1/models/MODEL_NAME:predict.')
