@@ -487,7 +487,8 @@ def test_a_diverged_run_stops_at_once_keeps_the_last_good_checkpoint_and_resumes
 
 @pytest.mark.parametrize('argv, message', [
     (['--modle=cnn'], "Unknown command line flag 'modle'"),
-    (['--model=vit'], 'flag --model=vit: value should be one of <cnn|resnet50|vgg16|efficientnetb0|densenet121>'),
+    (['--model=vit'], 'flag --model=vit: value should be one of <cnn|resnet50|vgg16|efficientnetb0|densenet121|'
+                      'efficientnet_lite0|efficientnet_lite1|efficientnet_lite2>'),
     (['--model=densenet121', '--unfreeze=121'],
      '--unfreeze=121 is more than the 120 convolutional layers of densenet121'),
     (['--lr_schedule=plateau', '--plateau_factor=1'], '--plateau_factor must be in (0, 1), got 1.0'),
