@@ -62,7 +62,7 @@ main() {
   lofo_families=()
   if [[ -n ${LEAVE_ONE_OUT:-} ]]; then
     read -r -a lofo_families <<< "$(python -c \
-      'from trainer import config; print(*dict.fromkeys(config.SHIFT_FAMILIES.values()))')"
+      'from trainer import shift; print(*shift.FAMILIES)')"
   fi
   # The export stores the threshold with the model; every later command (this stress test, predict, evaluate) uses it.
   report=(python -m trainer.export --model_dir="${members}" --out_dir="${output_dir}/model"
