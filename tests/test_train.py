@@ -264,7 +264,7 @@ def test_exports_hold_the_best_epoch_and_its_validation_threshold(trained, tmp_p
   from trainer import export
   from trainer import models
   from trainer import metrics
-  from trainer import runs as runs_lib
+  from trainer import inference
   config, _ = trained
   model_dir = str(tmp_path / 'ruined')
   shutil.copytree(config.model_dir, model_dir)
@@ -295,7 +295,7 @@ def test_exports_hold_the_best_epoch_and_its_validation_threshold(trained, tmp_p
   # The threshold is the rule's choice on the exported model's validation predictions.
   builder = data.prepare(config.dataset, data_dir=config.data_dir, manual_dir=None)
   validation = data.eval_dataset(builder, 'validation', image_size=config.image_size, batch_size=32)
-  split = runs_lib.predict_split(exported, validation)
+  split = inference.predict_split(exported, validation)
   assert run['threshold'] == pytest.approx(metrics.choose_threshold(split['labels'], split['probs']), abs=1e-6)
   assert run['threshold'] != 0.5
 
