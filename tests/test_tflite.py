@@ -111,3 +111,16 @@ def test_predict_runs_the_tflite_models(recipe_model, exported, real_data):
                          *files], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
       f'error: {model_dir / tflite.INT8_FILE}: no such file'), done.stderr[-2000:]
+
+
+def test_a_model_tflite_cannot_convert_is_exported_without_it_and_says_why(tmp_path):
+  from trainer import tta  # pylint: disable=import-outside-toplevel
+  model = tta.with_tta(models.build('cnn', image_size=32, cnn_filters=4, cnn_depth=2), 3)
+  entry = tflite.write(str(tmp_path), model, 32, None)
+  assert entry == {'error': 'not convertible to TFLite: it needs ScaleAndTranslate, which TFLite has neither as a '
+                            'built-in nor as a Flex op'}
+  assert not list(tmp_path.iterdir())
+  assert card.tflite_card(entry) == [f'No TFLite model in this export: {entry["error"]}.']
+  (tmp_path / 'run.json').write_text(json.dumps({'tflite': entry}))
+  with pytest.raises(errors.MissingPath, match='ScaleAndTranslate'):
+    tflite.load_export(str(tmp_path))

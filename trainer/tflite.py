@@ -17,6 +17,7 @@ kept only when its probabilities stay within `INT8_TOLERANCE` of the float model
 
 import json
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -113,7 +114,8 @@ def load_export(folder: str, *, int8: bool = False, **kwargs) -> TFLiteModel:
   with tf.io.gfile.GFile(os.path.join(folder, 'run.json')) as f:
     entry = json.load(f).get('tflite')
   if not entry or not tf.io.gfile.exists(path):
-    why = f' ({entry["int8"]["why"]})' if entry and int8 and 'why' in entry['int8'] else ''
+    why = (f' ({entry["error"]})' if entry and 'error' in entry else
+           f' ({entry["int8"]["why"]})' if entry and int8 and 'why' in entry['int8'] else '')
     raise errors.MissingPath(f'{path}: no such file{why}; export the model again with trainer.export, or predict with '
                              '--runtime=keras.')
   if entry['float32']['select_tf_ops']:
@@ -140,7 +142,14 @@ def write(folder: str, model, image_size: int, sample_images: np.ndarray | None)
   Raises:
     RuntimeError: the float32 model disagrees with Keras beyond FLOAT_TOLERANCE on sample_images (a converter bug).
   """
-  content, ops = convert(model, image_size)
+  try:
+    content, ops = convert(model, image_size)
+  except Exception as e:  # pylint: disable=broad-except  # ConverterError, or others by TF version.
+    # TFLite is an extra output: a model it cannot convert (TTA's antialiased zoom needs ScaleAndTranslate, neither a
+    # built-in nor a Flex op) is exported without it, and run.json and the model card say why.
+    custom = re.findall(r'Custom ops: ([\w, ]+)', str(e))
+    return {'error': 'not convertible to TFLite' + (f': it needs {custom[0].strip()}, which TFLite has neither as a '
+                                                     'built-in nor as a Flex op' if custom else '')}
   files.write_atomic(os.path.join(folder, FLOAT_FILE), content)
   entry = {'float32': {'file': FLOAT_FILE, 'bytes': len(content), 'select_tf_ops': ops}}
   if ops:

@@ -155,6 +155,8 @@ def tflite_card(entry: dict | None) -> list[str]:
   """The model card's lines on the export's TFLite models (run.json's 'tflite', from `trainer.tflite.write`)."""
   if not entry:
     return ['No TFLite model in this export.']
+  if 'error' in entry:
+    return [f'No TFLite model in this export: {entry["error"]}.']
   float32, int8 = entry['float32'], entry['int8']
   ops = float32['select_tf_ops']
   lines = [f'`{float32["file"]}` (float32, {float32["bytes"]:,} bytes): uint8 grayscale images in, as the Keras model; '
