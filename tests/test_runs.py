@@ -73,7 +73,7 @@ def test_the_data_is_found_where_the_run_was_trained_unless_given(two_runs, synt
 
 
 def test_a_rule_is_declared_once_with_its_name_text_and_computation():
-  assert metrics.THRESHOLD_RULES == tuple(metrics.RULES) == ('youden', 'youden_with_shifts')
+  assert metrics.THRESHOLD_RULES == tuple(metrics.RULES) == ('youden', 'youden_with_shifts', 'sensitivity_at_0.95')
   assert all(name == rule.name and rule.text for name, rule in metrics.RULES.items())
   labels, probs = np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.6, 0.4, 0.8, 0.9])
   split = {'labels': labels, 'probs': probs}
