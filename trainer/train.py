@@ -271,7 +271,11 @@ def _run(config: Config, strategy: tf.distribute.Strategy, chief: bool, stop: pr
   if int(state.epoch) > config.epochs + config.fine_tune_epochs:  # A finished run, asked for fewer epochs.
     return _kept_export(config, int(state.epoch)) if chief else {}
 
-  inputs_of, reading = inputs.phase_inputs(config, strategy, state.model, builder, image_size), None
+  inputs_of = inputs.phase_inputs(config, strategy, state.model, builder, image_size)
+  # Every worker makes its first iterator here, before the chief's own work below, where it always was: made after
+  # it, the two-worker tests of tests/test_scale_out.py failed (worker 1 stopped).
+  reading = inputs_of(state.phases.phase_of(int(state.epoch)))[1]
+  iterator = reading(state.steps_trained(first_step))
   writers = {name: (tf.summary.create_file_writer(os.path.join(config.model_dir, name)) if chief
                     else tf.summary.create_noop_writer()) for name in ('train', 'validation')}
   if chief and int(state.global_step) == 0:
