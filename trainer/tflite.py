@@ -161,7 +161,9 @@ def write(folder: str, model, image_size: int, sample_images: np.ndarray | None)
   if sample_images is None or not len(sample_images):
     entry['int8'] = {'kept': False, 'why': 'no sample images to check it on'}
     return entry
-  expected = model.predict(sample_images, verbose=0)[:, 0]
+  # A plain call, not Keras's predict: under a multi-worker strategy that would wait on the other workers, which the
+  # chief's export outlives.
+  expected = np.asarray(model(sample_images, training=False))[:, 0]
   float_difference = float(np.max(np.abs(TFLiteModel(content)(sample_images) - expected)))
   if not float_difference <= FLOAT_TOLERANCE:  # NaN too.
     raise RuntimeError(f'The float32 TFLite model differs from Keras by {float_difference:.2g} in probability.')
