@@ -20,6 +20,20 @@ def _head_and_backbone(model):
   return model.get_layer('probability'), model.get_layer('backbone')
 
 
+@pytest.fixture(scope='module')
+def built():
+  """models.build(name) without augmentation, each name built once for the tests that read a model and change at most
+  which layers train (set_trainable), never its weights."""
+  cache = {}
+
+  def build(name):
+    if name not in cache:
+      cache[name] = models.build(name, image_size=SIZE, augment_strength=0, cnn_filters=4, cnn_depth=2)
+    return cache[name]
+
+  return build
+
+
 @pytest.fixture
 def bfloat16_policy():
   keras.mixed_precision.set_global_policy('mixed_bfloat16')
@@ -95,11 +109,11 @@ _LAST_STAGE_PREFIXES = {'resnet50': ('conv5_',), 'vgg16': ('block5_',), 'efficie
 
 
 @pytest.mark.parametrize('name', config.BACKBONES)
-def test_the_registry_and_the_help_agree_with_the_real_backbone(name):
+def test_the_registry_and_the_help_agree_with_the_real_backbone(name, built):
   """The numbers --unfreeze's help gives, and the layer Grad-CAM reads, are the real model's."""
   entry = config.BACKBONES[name]
   assert models.max_unfreeze(name) == entry.convolutions
-  model = models.build(name, image_size=SIZE)
+  model = built(name)
   convolutions = models.set_trainable(model, 'fine_tune', entry.last_stage)
   assert len(convolutions) == entry.last_stage
   # Exactly the last stage: every unfrozen convolution is in it, and the one before it is not.
@@ -131,12 +145,12 @@ _DOCUMENTED = {
 
 
 @pytest.mark.parametrize('name', models.MODELS)
-def test_input_contract(name):
+def test_input_contract(name, built):
   """A known uint8 image, through the model's own layers: the tensor the backbone receives is what it expects."""
   yy, xx = np.mgrid[:SIZE, :SIZE]
   image = ((yy * 7 + xx * 3) % 256).astype(np.uint8)[None, :, :, None]
   image[0, 0, 0, 0], image[0, 0, 1, 0] = 0, 255  # Both ends of the range.
-  model = models.build(name, image_size=SIZE, augment_strength=0, cnn_filters=4, cnn_depth=2)
+  model = built(name)
   backbone = model.get_layer('backbone')
   feeding = model.layers[model.layers.index(backbone) - 1]
   received = keras.Model(model.inputs, feeding.output)(image).numpy()
@@ -367,8 +381,8 @@ def test_efficientnet_from_a_weights_file_normalizes_like_imagenet_weights(tmp_p
 
 
 @pytest.mark.parametrize('name', ['efficientnetb0', 'densenet121', 'efficientnet_lite0'])
-def test_new_backbones_load_a_weights_file(name, tmp_path):
-  source = models.build(name, image_size=SIZE, augment_strength=0)
+def test_new_backbones_load_a_weights_file(name, tmp_path, built):
+  source = built(name)
   path = str(tmp_path / 'backbone.weights.h5')
   source.get_layer('backbone').save_weights(path)
   loaded = models.build(name, image_size=48, weights=path, augment_strength=0)
