@@ -233,7 +233,7 @@ def test_recipe_model_forward_and_backward_compile_with_xla():
   assert all(np.all(np.isfinite(g)) for g in gradients(images))
 
 
-def test_families_flag_is_checked_and_spelled_one_way(tmp_path, capsys):
+def test_families_flag_is_checked_and_spelled_one_way(tmp_path, run_program):
   from absl import flags
   from trainer import main  # pylint: disable=import-outside-toplevel  # Defines the flags.
   try:
@@ -249,14 +249,8 @@ def test_families_flag_is_checked_and_spelled_one_way(tmp_path, capsys):
     config.Config(augment_fov=0.3, augment_strength=4.0).validate()
   with pytest.raises(config.ConfigError, match="--edge_channel='canny' is not one of none, sobel"):
     config.Config(edge_channel='canny').validate()
-  # `python -m trainer.main`, in this process (a process of its own adds only TensorFlow's import).
-  capsys.readouterr()
-  with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as done:
-    patch.setattr(sys, 'argv', ['trainer.main', f'--model_dir={tmp_path}', '--augment_jpeg=0'])
-    main.run()
-  flags.FLAGS.unparse_flags()
-  stderr = capsys.readouterr().err
-  assert done.value.code == 1 and stderr.strip().splitlines()[-1] == (
+  code, _, stderr = run_program('trainer.main', f'--model_dir={tmp_path}', '--augment_jpeg=0')
+  assert code == 1 and stderr.strip().splitlines()[-1] == (
       'error: --augment_jpeg must be a JPEG quality in [1, 100], got 0.0.'), stderr[-2000:]
   for name in ('augment_families', 'augment_gamma', 'augment_jpeg', 'edge_channel'):
     assert name in config.FIXED_ON_RESUME
