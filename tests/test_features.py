@@ -50,6 +50,12 @@ def cached_and_not(synthetic_data_dir, tmp_path_factory):
 features_build = features.build
 
 
+@pytest.fixture(scope='module')
+def plain():
+  """EfficientNet-Lite0 without augmentation, built once for the tests that only read it."""
+  return models.build('efficientnet_lite0', image_size=32, augment_strength=0)
+
+
 def test_cached_and_uncached_phase_1_train_the_same_head(cached_and_not):
   (_, _, plain, plain_built), (config, _, cached, cached_built) = cached_and_not['off'], cached_and_not['auto']
   assert not plain_built
@@ -78,8 +84,7 @@ def test_a_cached_run_keeps_its_best_epoch_threshold_and_export(cached_and_not):
   assert os.path.isdir(os.path.join(config.model_dir, 'saved_model'))
 
 
-def test_the_cache_applies_only_where_nothing_random_precedes_a_frozen_backbone():
-  plain = models.build('efficientnet_lite0', image_size=32, augment_strength=0)
+def test_the_cache_applies_only_where_nothing_random_precedes_a_frozen_backbone(plain):
   augmented = models.build('efficientnet_lite0', image_size=32, augment_strength=1)
   cnn = models.build('cnn', image_size=32, augment_strength=0)
   assert features.applies(plain, 'auto') and features.applies(plain, 'on')
@@ -88,8 +93,8 @@ def test_the_cache_applies_only_where_nothing_random_precedes_a_frozen_backbone(
   assert not any(features.applies(cnn, mode) for mode in config_lib.FEATURE_CACHE)
 
 
-def test_the_head_shares_the_models_variables():
-  model = models.build('efficientnet_lite0', image_size=32, augment_strength=0)
+def test_the_head_shares_the_models_variables(plain):
+  model = plain
   head = features.head(model)
   assert {id(v) for v in head.trainable_variables} == {id(v) for v in model.get_layer('probability').weights}
   pooled = keras.Model(model.inputs, model.get_layer('pool').output)
@@ -97,10 +102,9 @@ def test_the_head_shares_the_models_variables():
   np.testing.assert_allclose(head(pooled(images)).numpy(), model(images).numpy(), rtol=1e-5)
 
 
-def test_the_features_come_in_the_order_the_images_are_cached(synthetic_data_dir):
+def test_the_features_come_in_the_order_the_images_are_cached(synthetic_data_dir, plain):
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   first = [label for _, label in data.train_examples(builder, image_size=32, seed=3).as_numpy_iterator()]
   again = [label for _, label in data.train_examples(builder, image_size=32, seed=3).as_numpy_iterator()]
-  model = models.build('efficientnet_lite0', image_size=32, augment_strength=0)
-  _, labels = features.extract(model, data.train_examples(builder, image_size=32, seed=3).batch(7))
+  _, labels = features.extract(plain, data.train_examples(builder, image_size=32, seed=3).batch(7))
   assert first == again == labels.tolist()
