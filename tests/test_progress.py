@@ -2,7 +2,6 @@
 
 import io
 
-import programs
 import pytest
 
 from trainer import progress
@@ -76,11 +75,11 @@ def test_silent_unless_turned_on(capsys):
   assert capsys.readouterr() == ('', '')
 
 
-def test_trainer_shift_reports_each_shifted_prediction(untrained_run, synthetic_data_dir, tmp_path, capsys):
+def test_trainer_shift_reports_each_shifted_prediction(untrained_run, run_program):
   """The programs turn it on: one line per shift of trainer.shift (stderr is captured here, not a terminal)."""
   from trainer import shift  # pylint: disable=import-outside-toplevel
   model_dir = untrained_run(64)
-  code, _, stderr = programs.run(capsys, 'trainer.shift.__main__', f'--model_dir={model_dir}', '--split=validation',
+  code, _, stderr = run_program('trainer.shift', f'--model_dir={model_dir}', '--split=validation',
                                  '--batch_size=16')
   assert code == 0, stderr
   lines = [line for line in stderr.splitlines() if line.startswith('validation shifted: ')]

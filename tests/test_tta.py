@@ -4,7 +4,6 @@ import json
 
 import keras
 import numpy as np
-import programs
 import pytest
 
 from trainer import data
@@ -90,14 +89,14 @@ SIZE_CLI = 48
 
 
 def test_evaluate_export_and_predict_take_tta_and_choose_the_threshold_with_the_views(untrained_run, synthetic_data_dir,
-                                                                                     tmp_path, capsys):
+                                                                                     tmp_path, run_program):
   model_dir = untrained_run(SIZE_CLI)
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   model = keras.models.load_model(model_dir / 'model.keras')
   threshold, test_auc = _validation_threshold_and_test_auc(model, builder, 3)
   assert threshold != 0.5  # The stored one, which the views must not keep.
 
-  code, _, stderr = programs.run(capsys, 'trainer.evaluate', f'--model_dir={model_dir}', '--tta=3',
+  code, _, stderr = run_program('trainer.evaluate', f'--model_dir={model_dir}', '--tta=3',
                                  f'--out_dir={tmp_path / "eval"}', '--n_resamples=20')
   assert code == 0, stderr[-3000:]
   report = json.loads((tmp_path / 'eval' / 'report.json').read_text())
@@ -107,7 +106,7 @@ def test_evaluate_export_and_predict_take_tta_and_choose_the_threshold_with_the_
   assert report['tta_views'] == list(tta.VIEWS[:3])
 
   out = tmp_path / 'export'
-  code, _, stderr = programs.run(capsys, 'trainer.export.__main__', f'--model_dir={model_dir}', '--tta=3',
+  code, _, stderr = run_program('trainer.export', f'--model_dir={model_dir}', '--tta=3',
                                  f'--out_dir={out}', '--n_resamples=20')
   assert code == 0, stderr[-3000:]
   assert json.loads((out / 'run.json').read_text())['threshold'] == pytest.approx(threshold)
@@ -116,14 +115,14 @@ def test_evaluate_export_and_predict_take_tta_and_choose_the_threshold_with_the_
   image = np.asarray(next(iter(data.eval_dataset(builder, 'test', image_size=SIZE_CLI, batch_size=1)))['image'])
   png = tmp_path / 'x.png'
   keras.utils.save_img(png, image[0], scale=False)
-  code, stdout, stderr = programs.run(capsys, 'trainer.predict.__main__', f'--model_dir={out}', str(png))
+  code, stdout, stderr = run_program('trainer.predict', f'--model_dir={out}', str(png))
   assert code == 0, stderr[-3000:]
   result = json.loads(stdout.strip().splitlines()[-1])
   assert result['probability'] == pytest.approx(float(tta.with_tta(model, 3).predict(image, verbose=0)[0, 0]),
                                                 abs=1e-5)
   assert result['threshold'] == pytest.approx(threshold)
 
-  code, _, stderr = programs.run(capsys, 'trainer.predict.__main__', f'--model_dir={model_dir}', '--tta=2',
+  code, _, stderr = run_program('trainer.predict', f'--model_dir={model_dir}', '--tta=2',
                                  f'--gradcam_dir={tmp_path / "cam"}', str(png))
   assert code == 1
   assert stderr.strip().splitlines()[-1] == (
