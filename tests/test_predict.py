@@ -16,7 +16,6 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-import programs
 from trainer import data
 from trainer import runs as runs_lib
 from trainer import export
@@ -260,10 +259,10 @@ def test_ensemble(run, split_images, tmp_path, monkeypatch):
         Image.open(io.BytesIO(predict.overlay_png(image, heat)))).tolist()
 
 
-def test_cli(run, split_images, tmp_path):
+def test_cli(run, split_images, tmp_path, run_program):
   good = split_images[0][:2]
   (tmp_path / 'broken.jpeg').write_bytes(b'\xff\xd8\xff broken')
-  code, stdout, stderr = programs.run('trainer.predict', f'--model_dir={run.model_dir}',
+  code, stdout, stderr = run_program('trainer.predict', f'--model_dir={run.model_dir}',
                                       f'--gradcam_dir={tmp_path / "cams"}', *good, str(tmp_path / 'broken.jpeg'))
   assert code == 1, stderr
   lines = [json.loads(line) for line in stdout.splitlines()]

@@ -7,7 +7,6 @@ import keras
 import numpy as np
 import pytest
 
-import programs
 from trainer import errors
 from trainer import export
 from trainer.export import card
@@ -93,17 +92,17 @@ def test_a_layer_that_needs_tensorflow_ops_is_named(tmp_path):
   assert 'needs the TensorFlow ops CropAndResize' in lines[0] and lines[-1].startswith('No int8 variant: not checked')
 
 
-def test_predict_runs_the_tflite_models(recipe_model, exported, real_data):
+def test_predict_runs_the_tflite_models(recipe_model, exported, real_data, run_program):
   model_dir, _ = exported
   files = [str(f) for f in sorted((real_data / 'test' / 'PNEUMONIA').glob('*.jpeg'))[:3]]
   expected = recipe_model.predict(np.stack([predict.read_image(f, [SIZE])[SIZE] for f in files]), verbose=0)[:, 0]
   for runtime, tolerance in (('tflite', tflite.FLOAT_TOLERANCE), ('tflite_int8', tflite.INT8_TOLERANCE)):
-    code, stdout, stderr = programs.run('trainer.predict', f'--model_dir={model_dir}', f'--runtime={runtime}', *files)
+    code, stdout, stderr = run_program('trainer.predict', f'--model_dir={model_dir}', f'--runtime={runtime}', *files)
     assert code == 0, stderr[-2000:]
     lines = [json.loads(line) for line in stdout.splitlines()]
     np.testing.assert_allclose([line['probability'] for line in lines], expected, atol=tolerance)
   (model_dir / tflite.INT8_FILE).unlink()
-  code, _, stderr = programs.run('trainer.predict', f'--model_dir={model_dir}', '--runtime=tflite_int8', *files)
+  code, _, stderr = run_program('trainer.predict', f'--model_dir={model_dir}', '--runtime=tflite_int8', *files)
   assert code == 1 and stderr.strip().splitlines()[-1].startswith(
       f'error: {model_dir / tflite.INT8_FILE}: no such file'), stderr[-2000:]
 
