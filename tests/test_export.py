@@ -19,7 +19,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_serving.apis import predict_pb2
 
-import programs
 import trainer
 from trainer import metrics
 from trainer import runs as runs_lib
@@ -89,13 +88,19 @@ def split_files(synthetic_data_dir, tmp_path_factory):
   return files, np.array(labels)
 
 
-@pytest.fixture(scope='module')
-def ensemble(runs, tmp_path_factory):
-  out = tmp_path_factory.mktemp('ensemble') / 'export'
-  code, _, stderr = programs.run('trainer.export', f'--model_dir={",".join(runs)}', f'--out_dir={out}',
-                                 '--n_resamples=50')
-  assert code == 0, stderr[-3000:]
-  return str(out)
+_ENSEMBLE = []  # The export the ensemble fixture made: one per module.
+
+
+@pytest.fixture
+def ensemble(runs, run_program, tmp_path_factory):
+  """trainer.export's export of the runs, made once: in process (run_program is a test's fixture, so this one is)."""
+  if not _ENSEMBLE:
+    out = tmp_path_factory.mktemp('ensemble') / 'export'
+    code, _, stderr = run_program('trainer.export', f'--model_dir={",".join(runs)}', f'--out_dir={out}',
+                                  '--n_resamples=50')
+    assert code == 0, stderr[-3000:]
+    _ENSEMBLE.append(str(out))
+  return _ENSEMBLE[0]
 
 
 def _serve(saved_model_dir, encoded):
@@ -119,7 +124,8 @@ def _confusion(labels, called):
           [int(np.sum((labels == 1) & ~called)), int(np.sum((labels == 1) & called))]]
 
 
-def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ensemble, runs, split_files, tmp_path):
+def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ensemble, runs, split_files, tmp_path,
+                                                                           run_program):
   files, labels = split_files
   run_json = json.loads(pathlib.Path(ensemble, 'run.json').read_text())
   report = json.loads(pathlib.Path(ensemble, 'report.json').read_text())
@@ -136,7 +142,7 @@ def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ense
   assert os.path.isfile(os.path.join(ensemble, 'saved_model', '1', 'saved_model.pb'))
 
   # predict, with the export given like a run: the stored threshold and rule, the report's labels.
-  code, stdout, stderr = programs.run('trainer.predict', f'--model_dir={ensemble}', *files)
+  code, stdout, stderr = run_program('trainer.predict', f'--model_dir={ensemble}', *files)
   assert code == 0, stderr[-3000:]
   lines = [json.loads(line) for line in stdout.splitlines()]
   assert [line['file'] for line in lines] == files
@@ -153,7 +159,7 @@ def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ense
 
   # evaluate, with the export given like a run: the same operating point and matrix.
   out = tmp_path / 'evaluated'
-  code, _, stderr = programs.run('trainer.evaluate', f'--model_dir={ensemble}', f'--out_dir={out}', '--n_resamples=20')
+  code, _, stderr = run_program('trainer.evaluate', f'--model_dir={ensemble}', f'--out_dir={out}', '--n_resamples=20')
   assert code == 0, stderr[-3000:]
   evaluated = json.loads((out / 'report.json').read_text())
   assert evaluated['operating_point'] == {'threshold': threshold, 'threshold_rule': 'youden', 'chosen': 'stored'}
@@ -178,22 +184,23 @@ def test_a_single_run_serves_through_a_predict_request_at_its_threshold(runs, sp
     _serve(export.saved_model_path(runs[0]), [pathlib.Path(files[0]).read_bytes(), b'not an image'])
 
 
-def test_every_command_takes_several_runs_as_model_dir_at_one_threshold(runs, ensemble, split_files, tmp_path):
+def test_every_command_takes_several_runs_as_model_dir_at_one_threshold(runs, ensemble, split_files, tmp_path,
+                                                                        run_program):
   files, _ = split_files
   exported = json.loads(pathlib.Path(ensemble, 'run.json').read_text())['threshold']
-  code, stdout, stderr = programs.run('trainer.predict', f'--model_dir={",".join(runs)}', files[0])
+  code, stdout, stderr = run_program('trainer.predict', f'--model_dir={",".join(runs)}', files[0])
   assert code == 0, stderr[-3000:]
   [line] = [json.loads(line) for line in stdout.splitlines()]
   # The runs' mean chosen now by the same rule on the same split: the export's threshold (the mean in float32 may
   # differ in the last bits).
   assert line['threshold'] == pytest.approx(exported, abs=1e-6) and line['threshold_rule'] == 'youden'
-  code, _, stderr = programs.run('trainer.shift', f'--model_dir={",".join(runs)}', f'--out={tmp_path / "shift.json"}')
+  code, _, stderr = run_program('trainer.shift', f'--model_dir={",".join(runs)}', f'--out={tmp_path / "shift.json"}')
   assert code == 0, stderr[-3000:]
   shifted = json.loads((tmp_path / 'shift.json').read_text())
   assert shifted['threshold'] == pytest.approx(exported, abs=1e-6) and shifted['threshold_rule'] == 'youden'
   assert shifted['threshold_chosen'] == 'now'  # An export gives 'stored' (the recipe's test).
 
-  code, _, stderr = programs.run('trainer.predict', f'--ensemble={",".join(runs)}', files[0])
+  code, _, stderr = run_program('trainer.predict', f'--ensemble={",".join(runs)}', files[0])
   assert code == 1
   assert stderr.strip().splitlines()[-1] == f'error: --ensemble is now --model_dir: give --model_dir={",".join(runs)}.'
 
@@ -334,7 +341,7 @@ def test_a_kill_at_the_end_of_an_extended_run_keeps_the_previous_model_with_its_
   assert json.loads((model_dir / 'run.json').read_text())['config']['epochs'] == 2
 
 
-def test_a_full_disk_or_a_kill_during_an_export_leaves_the_previous_one_whole(runs, tmp_path):
+def test_a_full_disk_or_a_kill_during_an_export_leaves_the_previous_one_whole(runs, tmp_path, run_program):
   model_dir = tmp_path / 'run'
   shutil.copytree(runs[0], model_dir, symlinks=True)
   before = _unit(str(model_dir))
@@ -361,7 +368,7 @@ def test_a_full_disk_or_a_kill_during_an_export_leaves_the_previous_one_whole(ru
   _kill_inside_the_window([sys.executable, *command], model_dir)
   after = _unit(str(model_dir))
   assert after == before and _consistent(after)
-  _, stdout, _ = programs.run('trainer.predict', f'--model_dir={model_dir}',
+  _, stdout, _ = run_program('trainer.predict', f'--model_dir={model_dir}',
                               str(REPO / 'docs' / 'images' / 'gradcam.png'))
   assert json.loads(stdout.splitlines()[0])['threshold'] == before['threshold']
   # (That an export run to its end replaces the whole set: the ensemble fixture and the recipe's test.)
