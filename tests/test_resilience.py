@@ -25,6 +25,7 @@ import threading
 import zipfile
 
 from absl import flags
+from absl import logging as absl_logging
 import keras
 import numpy as np
 import pytest
@@ -504,13 +505,15 @@ def test_a_diverged_run_stops_at_once_keeps_the_last_good_checkpoint_and_resumes
     (['--steps_per_loop=0'], '--steps_per_loop must be positive, got 0'),
     (['cnn'], 'Unexpected arguments cnn'),
 ])
-def test_bad_flags_are_one_line_and_write_nothing(argv, message, tmp_path):
+def test_bad_flags_are_one_line_and_write_nothing(argv, message, tmp_path, capsys, monkeypatch):
+  # In this process, through absl's flag parsing as `python -m trainer.main` parses them; the log goes to the stderr
+  # that capsys reads, as a process of its own writes it there.
+  monkeypatch.setattr(absl_logging.get_absl_handler().python_handler, 'stream', sys.stderr)
   model_dir = tmp_path / 'run'
-  result = subprocess.run([sys.executable, '-m', 'trainer.main', f'--model_dir={model_dir}', *argv],
-                          capture_output=True, text=True, timeout=120)
-  assert result.returncode == 1
-  assert [line for line in result.stderr.splitlines() if line.strip()] == [result.stderr.strip()]
-  assert result.stderr.startswith('error: ') and message in result.stderr, result.stderr
+  code, stderr = _main_here(capsys, f'--model_dir={model_dir}', *argv)
+  assert code == 1
+  assert [line for line in stderr.splitlines() if line.strip()] == [stderr.strip()]
+  assert stderr.startswith('error: ') and message in stderr, stderr
   assert not model_dir.exists()
 
 
@@ -816,13 +819,19 @@ def _check_the_restricted_unpickler(source):
   assert 'pickle.Unpickler' not in calls and subclasses[0].name in calls
 
 
-def test_verbosity_1_adds_the_traceback_to_a_users_error(tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'trainer.main', f'--data_dir={tmp_path / "tfds"}',
-                           f'--model_dir={tmp_path / "run"}', '--verbosity=1'],
-                          capture_output=True, text=True, timeout=120)
-  assert result.returncode == 1
-  assert 'Traceback (most recent call last)' in result.stderr and 'FileNotFoundError' in result.stderr
-  assert result.stderr.strip().splitlines()[-1].startswith('error: The manual dir ')
+def test_verbosity_1_adds_the_traceback_to_a_users_error(tmp_path, capsys, monkeypatch):
+  # In this process; absl's log goes to the stderr that capsys reads, as in a process of its own.
+  monkeypatch.setattr(absl_logging.get_absl_handler().python_handler, 'stream', sys.stderr)
+  verbosity = absl_logging.get_verbosity()
+  try:
+    code, stderr = _main_here(capsys, f'--data_dir={tmp_path / "tfds"}', f'--model_dir={tmp_path / "run"}',
+                              '--verbosity=1')
+  finally:
+    flags.FLAGS.unparse_flags()
+    absl_logging.set_verbosity(verbosity)  # The tests after this one log as they would alone.
+  assert code == 1
+  assert 'Traceback (most recent call last)' in stderr and 'FileNotFoundError' in stderr
+  assert stderr.strip().splitlines()[-1].startswith('error: The manual dir ')
 
 
 @pytest.fixture
