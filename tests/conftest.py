@@ -1,9 +1,12 @@
 """Shared fixtures."""
 
+import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -80,6 +83,68 @@ def synthetic_data_dir(tmp_path_factory) -> str:
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   tfds.builder('chest_xray_pneumonia/synthetic', data_dir=data_dir).download_and_prepare()
   return data_dir
+
+
+def _defined_by(flag_values, name: str) -> str:
+  return flag_values.find_module_defining_flag(name) or 'absl'
+
+
+@contextlib.contextmanager
+def _only_the_flags_of(module: str):
+  """Within the block, absl's FLAGS holds only absl's own flags and `module`'s; the others come back after it.
+
+  Each program defines its flags when it is imported (trainer.main's --model_dir, trainer.evaluate's --model_dir, ...),
+  so two programs cannot be imported in one process, and a worker process runs many test files."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  fv = flags.FLAGS
+  stashed = {name: (fv[name], _defined_by(fv, name)) for name in list(fv)
+             if _defined_by(fv, name) not in (module,) and not _defined_by(fv, name).startswith('absl')}
+  for name in stashed:
+    delattr(fv, name)
+  kept = set(fv)
+  try:
+    yield
+  finally:
+    fv.unparse_flags()
+    for name in set(fv) - kept:
+      delattr(fv, name)
+    for name, (flag, defined_by) in stashed.items():
+      fv[name] = flag
+      fv.register_flag_by_module(defined_by, flag)
+
+
+@pytest.fixture
+def run_program(capsys):
+  """Runs `python -m MODULE ARGV` in this process, through the program's console-script function (`run`: absl's flag
+  parsing, trainer.cli's one-line errors and exit codes) with its own flags. Returns (exit code, stdout, stderr); the
+  code is 0 for a program that ended normally.
+
+  For the tests of what a program does, not of what a process does (a signal, a kill, a fresh interpreter): each
+  process started instead costs seconds of TensorFlow's import."""
+  from trainer import progress  # pylint: disable=import-outside-toplevel
+
+  def run(module: str, *argv: str) -> tuple[int, str, str]:
+    name = module if module in ('trainer.main', 'trainer.evaluate', 'cxr_tfds.build') else f'{module}.__main__'
+    imported = name in sys.modules
+    capsys.readouterr()
+    with _only_the_flags_of(name), pytest.MonkeyPatch.context() as patch:
+      patch.setattr(sys, 'argv', [module, *argv])
+      try:
+        importlib.import_module(name).run()  # A first import defines the program's flags.
+        code = 0
+      except SystemExit as e:
+        code = 0 if e.code is None else e.code
+      finally:
+        progress.report_to(None)  # The program pointed it at this test's captured stderr.
+        if not imported:  # Its flags go with the block: a later import must define them again.
+          del sys.modules[name]
+          parent, _, child = name.rpartition('.')
+          if getattr(sys.modules[parent], child, None) is not None:
+            delattr(sys.modules[parent], child)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+  return run
 
 
 # The development copy of the real data sits beside the repository (../shared, in CI too); CXR_REAL_DATA_DIR

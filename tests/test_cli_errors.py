@@ -9,16 +9,14 @@ from trainer import cli
 
 
 @pytest.mark.parametrize('program, value', [('trainer.evaluate', 0), ('trainer.shift', 0), ('trainer.predict', -1)])
-def test_a_batch_size_below_one_is_one_line(program, value, tmp_path):
-  done = subprocess.run([sys.executable, '-m', program, f'--model_dir={tmp_path}', f'--batch_size={value}',
-                         *(['image.jpeg'] if program == 'trainer.predict' else [])],
-                        capture_output=True, text=True, timeout=120)
-  assert done.returncode == 1
-  assert done.stdout == ''
-  # TensorFlow's start-up lines may come first.
-  [line] = [line for line in done.stderr.splitlines() if line.startswith('error:')]
-  assert 'Traceback' not in done.stderr and done.stderr.strip().endswith(line)
-  assert line.startswith(f'error: flag --batch_size={value}: ') and 'is not a positive integer' in line, done.stderr
+def test_a_batch_size_below_one_is_one_line(program, value, tmp_path, run_program):
+  code, stdout, stderr = run_program(program, f'--model_dir={tmp_path}', f'--batch_size={value}',
+                                     *(['image.jpeg'] if program == 'trainer.predict' else []))
+  assert code == 1
+  assert stdout == ''
+  [line] = [line for line in stderr.splitlines() if line.startswith('error:')]
+  assert 'Traceback' not in stderr and stderr.strip().endswith(line)
+  assert line.startswith(f'error: flag --batch_size={value}: ') and 'is not a positive integer' in line, stderr
 
 
 @pytest.mark.parametrize('program, flag, line', [
@@ -26,12 +24,11 @@ def test_a_batch_size_below_one_is_one_line(program, value, tmp_path):
     ('trainer.export', '--n_resamples=-5', 'error: flag --n_resamples=-5: -5 is not a positive integer (see --helpfull).'),
     ('trainer.shift', '--tta=0', 'error: flag --tta=0: 0 is not an integer in the range [1, 8] (see --helpfull).'),
 ])
-def test_a_program_number_out_of_range_is_one_line(program, flag, line, tmp_path):
-  done = subprocess.run([sys.executable, '-m', program, f'--model_dir={tmp_path}', f'--out_dir={tmp_path / "out"}',
-                         flag], capture_output=True, text=True, timeout=120)
-  assert done.returncode == 1 and done.stdout == ''
-  assert done.stderr.strip().splitlines()[-1] == line, done.stderr[-2000:]
-  assert 'Traceback' not in done.stderr and not (tmp_path / 'out').exists()
+def test_a_program_number_out_of_range_is_one_line(program, flag, line, tmp_path, run_program):
+  code, stdout, stderr = run_program(program, f'--model_dir={tmp_path}', f'--out_dir={tmp_path / "out"}', flag)
+  assert code == 1 and stdout == ''
+  assert stderr.strip().splitlines()[-1] == line, stderr[-2000:]
+  assert 'Traceback' not in stderr and not (tmp_path / 'out').exists()
 
 
 @pytest.mark.parametrize('message', [

@@ -72,16 +72,15 @@ def test_a_writer_that_holds_the_lock_commits_its_own_export(tmp_path):
   assert not lock.held(str(tmp_path))
 
 
-def test_the_export_program_is_refused_at_once_while_a_training_run_holds_its_out_dir(tmp_path):
+def test_the_export_program_is_refused_at_once_while_a_training_run_holds_its_out_dir(tmp_path, run_program):
   process = _holder(str(tmp_path))
   try:
-    done = subprocess.run([sys.executable, '-m', 'trainer.export', f'--model_dir={tmp_path / "run"}',
-                           f'--out_dir={tmp_path}'], capture_output=True, text=True, timeout=300)
+    code, _, stderr = run_program('trainer.export', f'--model_dir={tmp_path / "run"}', f'--out_dir={tmp_path}')
   finally:
     process.kill()
     process.wait()
-  assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-2000:]
-  [line] = [line for line in done.stderr.splitlines() if line.startswith('error:')]
+  assert code == 1 and 'Traceback' not in stderr, stderr[-2000:]
+  [line] = [line for line in stderr.splitlines() if line.startswith('error:')]
   assert f'--out_dir={tmp_path} is in use by another training run (pid {process.pid} on ' in line, line
 
 
@@ -261,38 +260,34 @@ def test_a_folder_walk_skips_the_projects_own_overlays_and_gradcam_dir(tmp_path)
 # 8. Tracebacks -> one line.
 
 
-_PROGRAM = '''
-import errno, os, sys
-from trainer import cli
-from trainer import control as control_lib
-
-def main(argv):
-  code = int(sys.argv[1])
+def _program(argv):
+  """A program whose main raises OSError(int(argv[1])) from a write, run by trainer.cli as every program is."""
+  code = int(argv[1])
   raise OSError(code, os.strerror(code), '/data/out/report.json')
 
-cli.run(main)
-'''
+
+def _run_cli(capsys, monkeypatch, *argv):
+  """(exit code, stderr) of `cli.run(_program)` with ARGV, in this process."""
+  monkeypatch.setattr(sys, 'argv', ['program', *argv])
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(_program)
+  return exit_info.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize('code', [errno.EROFS, errno.ENOSPC, errno.EACCES])
-def test_an_unwritable_or_full_output_folder_is_one_line(code, tmp_path):
-  program = tmp_path / 'program.py'
-  program.write_text(_PROGRAM)
-  done = subprocess.run([sys.executable, str(program), str(code)], capture_output=True, text=True, timeout=120)
-  assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr
-  # TensorFlow's start-up lines may come first.
-  assert _error_line(done.stderr) == f'error: /data/out/report.json: {os.strerror(code)}.'
+def test_an_unwritable_or_full_output_folder_is_one_line(code, capsys, monkeypatch):
+  exit_code, stderr = _run_cli(capsys, monkeypatch, str(code))
+  assert exit_code == 1 and 'Traceback' not in stderr, stderr
+  assert _error_line(stderr) == f'error: /data/out/report.json: {os.strerror(code)}.'
 
 
-def test_a_binary_flagfile_is_one_line(tmp_path):
-  program = tmp_path / 'program.py'
-  program.write_text(_PROGRAM)
+def test_a_binary_flagfile_is_one_line(tmp_path, capsys, monkeypatch):
   flagfile = tmp_path / 'flags.bin'
   flagfile.write_bytes(b'\xff\xfe\x00binary\x80')
-  done = subprocess.run([sys.executable, str(program), f'--flagfile={flagfile}'], capture_output=True, text=True,
-                        timeout=120)
-  assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr
-  assert _error_line(done.stderr).startswith(f'error: --flagfile={flagfile} is not a text file of flags')
+  exit_code, stderr = _run_cli(capsys, monkeypatch, f'--flagfile={flagfile}')
+  assert exit_code == 1 and 'Traceback' not in stderr, stderr
+  assert _error_line(stderr).startswith(f'error: --flagfile={flagfile} is not a text file of flags')
 
 
 def _error_line(stderr):
