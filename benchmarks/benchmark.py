@@ -372,6 +372,9 @@ def _train(setup: Setup, *, model_name: str) -> dict:
     # Built as the trainer builds it: a backbone comes back in phase 'head', frozen.
     model = models.build(model_name, image_size=setup.image_size, seed=setup.seed)
     optimizer = steps_lib.make_optimizer('adam', 1e-3, loss_scale=False)
+    # Its slots made now, as the trainer makes them: created in the step's first call, they make tf.function trace
+    # the step a second time.
+    optimizer.build(model.trainable_variables)
     metrics = steps_lib.train_metrics()
   step = steps_lib.make_train_step(model, optimizer, metrics, strategy, class_weights=[1.0, 1.0],
                                global_batch=setup.batch_size)
@@ -479,6 +482,7 @@ def train_step_recipe_model(setup: Setup, batches: int) -> dict:
       with strategy.scope():
         model = _recipe_model(augmentation, setup.seed, size, **changes)
         optimizer = steps_lib.make_optimizer('adam', 1e-3, loss_scale=False)
+        optimizer.build(model.trainable_variables)  # As _train's: one trace of the step, not two.
         metrics = steps_lib.train_metrics()
     finally:
       keras.mixed_precision.set_global_policy('float32')

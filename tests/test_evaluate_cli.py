@@ -2,10 +2,7 @@
 
 import json
 import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
@@ -13,14 +10,12 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import reference_predictions  # pylint: disable=g-importing-member
-
 from trainer import data
 from trainer import gallery
 from trainer import inference
 from trainer import metrics
 from trainer import runs as runs_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
 FIGURES = ('confusion_matrix', 'roc_curve', 'pr_curve', 'reliability')
 
@@ -30,14 +25,9 @@ def model_dir(untrained_run):
   return untrained_run(SIZE)
 
 
-def _evaluate(*flags):
-  return subprocess.run([sys.executable, '-m', 'trainer.evaluate', *flags], cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
-
-
-def test_cli_writes_the_report_the_figures_and_tensorboard_images(model_dir, synthetic_data_dir):
-  done = _evaluate(f'--model_dir={model_dir}', '--n_resamples=200')
-  assert done.returncode == 0, done.stderr
+def test_cli_writes_the_report_the_figures_and_tensorboard_images(model_dir, synthetic_data_dir, run_program):
+  code, _, stderr = run_program('trainer.evaluate', f'--model_dir={model_dir}', '--n_resamples=200')
+  assert code == 0, stderr
   out = model_dir / 'eval_test'
   report = json.loads((out / 'report.json').read_text())
   assert report['n_images'] == 120 and report['split'] == 'test' and report['image_size'] == SIZE
@@ -97,14 +87,14 @@ def test_evaluate_model_on_validation(model_dir, synthetic_data_dir, tmp_path):
   np.testing.assert_allclose(predictions['probs'][:4], run.model(images, training=False).numpy()[:, 0], atol=1e-6)
 
 
-def test_cli_errors_are_one_line(model_dir, tmp_path):
-  done = _evaluate(f'--model_dir={model_dir}', '--split=val')
-  assert done.returncode == 1
-  assert done.stderr.strip().splitlines()[-1] == ('error: --split=val is not a split of chest_xray_pneumonia/'
+def test_cli_errors_are_one_line(model_dir, tmp_path, run_program):
+  code, _, stderr = run_program('trainer.evaluate', f'--model_dir={model_dir}', '--split=val')
+  assert code == 1
+  assert stderr.strip().splitlines()[-1] == ('error: --split=val is not a split of chest_xray_pneumonia/'
                                                   'synthetic: choose one of test, train, validation.')
-  done = _evaluate(f'--model_dir={tmp_path}')
-  assert done.returncode == 1
-  assert done.stderr.strip().splitlines()[-1].startswith(f'error: {tmp_path / "model.keras"}: no such file')
+  code, _, stderr = run_program('trainer.evaluate', f'--model_dir={tmp_path}')
+  assert code == 1
+  assert stderr.strip().splitlines()[-1].startswith(f'error: {tmp_path / "model.keras"}: no such file')
 
 
 def test_load_run(model_dir, tmp_path):
@@ -120,18 +110,19 @@ def test_load_run(model_dir, tmp_path):
 
 
 def test_cli_reports_an_ensemble_at_its_own_validation_threshold(model_dir, untrained_run, synthetic_data_dir,
-                                                                 tmp_path):
+                                                                 tmp_path, run_program):
   # A second member at another input size, with other weights and another threshold.
   other_dir = untrained_run(48, seed=1, threshold=0.7)
 
-  done = _evaluate(f'--model_dir={model_dir},{other_dir}', '--n_resamples=100')
-  assert done.returncode == 1
-  assert done.stderr.strip().splitlines()[-1] == ('error: --model_dir names 2 runs: give the ensemble\'s report a '
+  code, _, stderr = run_program('trainer.evaluate', f'--model_dir={model_dir},{other_dir}', '--n_resamples=100')
+  assert code == 1
+  assert stderr.strip().splitlines()[-1] == ('error: --model_dir names 2 runs: give the ensemble\'s report a '
                                                   'folder with --out_dir.')
 
   out = tmp_path / 'ensemble'
-  done = _evaluate(f'--model_dir={model_dir},{other_dir}', f'--out_dir={out}', '--n_resamples=100')
-  assert done.returncode == 0, done.stderr
+  code, _, stderr = run_program('trainer.evaluate', f'--model_dir={model_dir},{other_dir}', f'--out_dir={out}',
+                                '--n_resamples=100')
+  assert code == 0, stderr
   report = json.loads((out / 'report.json').read_text())
 
   runs = [runs_lib.load_run(str(d)) for d in (model_dir, other_dir)]
@@ -149,7 +140,7 @@ def test_cli_reports_an_ensemble_at_its_own_validation_threshold(model_dir, untr
 
 
 def test_cli_reports_at_the_runs_stored_threshold_and_on_another_config(untrained_run, synthetic_data_dir,
-                                                                        real_224_data_dir, real_data):
+                                                                        real_224_data_dir, real_data, run_program):
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   probe = runs_lib.load_run(str(untrained_run(SIZE, seed=3)))
   test = runs_lib.predict_runs([probe], builder, 'test')
@@ -158,16 +149,16 @@ def test_cli_reports_at_the_runs_stored_threshold_and_on_another_config(untraine
   assert expected != metrics.metrics_at(test['labels'], test['probs'], 0.5)['confusion_matrix']
   model_dir = untrained_run(SIZE, seed=3, threshold=threshold)  # The same weights: the same seed.
 
-  done = _evaluate(f'--model_dir={model_dir}', '--n_resamples=50')
-  assert done.returncode == 0, done.stderr
+  code, _, stderr = run_program('trainer.evaluate', f'--model_dir={model_dir}', '--n_resamples=50')
+  assert code == 0, stderr
   report = json.loads((model_dir / 'eval_test' / 'report.json').read_text())
   assert report['at_val_threshold']['threshold'] == pytest.approx(threshold)
   assert report['at_val_threshold']['confusion_matrix'] == expected
 
   # --dataset: the real test folder, stored at 224 px, resized to the run's 32 px input.
-  done = _evaluate(f'--model_dir={model_dir}', '--dataset=chest_xray_pneumonia/224', f'--data_dir={real_224_data_dir}',
-                   f'--out_dir={model_dir / "real"}', '--n_resamples=50')
-  assert done.returncode == 0, done.stderr
+  code, _, stderr = run_program('trainer.evaluate', f'--model_dir={model_dir}', '--dataset=chest_xray_pneumonia/224',
+                                f'--data_dir={real_224_data_dir}', f'--out_dir={model_dir / "real"}', '--n_resamples=50')
+  assert code == 0, stderr
   real = json.loads((model_dir / 'real' / 'report.json').read_text())
   assert real['dataset'] == 'chest_xray_pneumonia/224' and real['image_size'] == SIZE
   assert real['n_images'] == sum(1 for path in (real_data / 'test').glob('*/*') if not path.name.startswith('.'))

@@ -43,38 +43,35 @@ def _train(data_dir, model_dir, seed):
   return str(model_dir)
 
 
-TITLES = {}  # model_dir -> the titles of the confusion matrices its training drew.
+TITLES = []  # The titles of the confusion matrices the trained run's training drew.
 
 
 @pytest.fixture(scope='module')
-def runs(synthetic_data_dir, tmp_path_factory):
-  """Two tiny CNN runs of two seeds on the synthetic config (2 epochs at 32 pixels)."""
-  dirs = []
-  for seed in (1, 2):
-    titles = []
-    drawn = figures.confusion_matrix_png
+def runs(synthetic_data_dir, untrained_run, tmp_path_factory):
+  """The two members of the ensemble: a tiny CNN run trained here (2 epochs at 32 pixels), and an untrained CNN of
+  another seed saved as a run (conftest's untrained_run), of which only the model and run.json are read. One training
+  run fewer: each ends in an export of its own."""
+  drawn = figures.confusion_matrix_png
 
-    def record(cm, *args, titles=titles, **kwargs):
-      titles.append(kwargs.get('title'))
-      return drawn(cm, *args, **kwargs)
+  def record(cm, *args, **kwargs):
+    TITLES.append(kwargs.get('title'))
+    return drawn(cm, *args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as patch:
-      patch.setattr(figures, 'confusion_matrix_png', record)
-      dirs.append(_train(synthetic_data_dir, tmp_path_factory.mktemp(f'seed{seed}'), seed))
-    TITLES[dirs[-1]] = titles
-  return dirs
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(figures, 'confusion_matrix_png', record)
+    trained = _train(synthetic_data_dir, tmp_path_factory.mktemp('seed1'), 1)
+  return [trained, str(untrained_run(SIZE, seed=2))]
 
 
 def test_tensorboard_confusion_matrices_name_their_split_and_threshold(runs):
-  for model_dir in runs:
-    run = json.loads(pathlib.Path(model_dir, 'run.json').read_text())
-    validation, test = TITLES[model_dir][:-1], TITLES[model_dir][-1]
-    assert len(validation) == 2
-    for epoch, title in enumerate(validation, 1):
-      assert re.fullmatch(rf'Validation, epoch {epoch}, threshold [01]\.\d{{3}} \(youden\)', title), title
-    # The best epoch's validation matrix is drawn at the threshold the run keeps; test's is too.
-    assert f'threshold {run["threshold"]:.3f} (youden)' in validation[run['best']['epoch'] - 1]
-    assert test == f'Test, threshold {run["threshold"]:.3f} (youden)'
+  run = json.loads(pathlib.Path(runs[0], 'run.json').read_text())
+  validation, test = TITLES[:-1], TITLES[-1]
+  assert len(validation) == 2
+  for epoch, title in enumerate(validation, 1):
+    assert re.fullmatch(rf'Validation, epoch {epoch}, threshold [01]\.\d{{3}} \(youden\)', title), title
+  # The best epoch's validation matrix is drawn at the threshold the run keeps; test's is too.
+  assert f'threshold {run["threshold"]:.3f} (youden)' in validation[run['best']['epoch'] - 1]
+  assert test == f'Test, threshold {run["threshold"]:.3f} (youden)'
 
 
 @pytest.fixture(scope='module')
@@ -91,18 +88,19 @@ def split_files(synthetic_data_dir, tmp_path_factory):
   return files, np.array(labels)
 
 
-def _module(name, *args, timeout=600):
-  done = subprocess.run([sys.executable, '-m', name, *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout)
-  return done
+_ENSEMBLE = []  # The export the ensemble fixture made: one per module.
 
 
-@pytest.fixture(scope='module')
-def ensemble(runs, tmp_path_factory):
-  out = tmp_path_factory.mktemp('ensemble') / 'export'
-  done = _module('trainer.export', f'--model_dir={",".join(runs)}', f'--out_dir={out}', '--n_resamples=50')
-  assert done.returncode == 0, done.stderr[-3000:]
-  return str(out)
+@pytest.fixture
+def ensemble(runs, run_program, tmp_path_factory):
+  """trainer.export's export of the runs, made once: in process (run_program is a test's fixture, so this one is)."""
+  if not _ENSEMBLE:
+    out = tmp_path_factory.mktemp('ensemble') / 'export'
+    code, _, stderr = run_program('trainer.export', f'--model_dir={",".join(runs)}', f'--out_dir={out}',
+                                  '--n_resamples=50')
+    assert code == 0, stderr[-3000:]
+    _ENSEMBLE.append(str(out))
+  return _ENSEMBLE[0]
 
 
 def _serve(saved_model_dir, encoded):
@@ -126,7 +124,8 @@ def _confusion(labels, called):
           [int(np.sum((labels == 1) & ~called)), int(np.sum((labels == 1) & called))]]
 
 
-def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ensemble, runs, split_files, tmp_path):
+def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ensemble, runs, split_files, tmp_path,
+                                                                           run_program):
   files, labels = split_files
   run_json = json.loads(pathlib.Path(ensemble, 'run.json').read_text())
   report = json.loads(pathlib.Path(ensemble, 'report.json').read_text())
@@ -143,9 +142,9 @@ def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ense
   assert os.path.isfile(os.path.join(ensemble, 'saved_model', '1', 'saved_model.pb'))
 
   # predict, with the export given like a run: the stored threshold and rule, the report's labels.
-  done = _module('trainer.predict', f'--model_dir={ensemble}', *files)
-  assert done.returncode == 0, done.stderr[-3000:]
-  lines = [json.loads(line) for line in done.stdout.splitlines()]
+  code, stdout, stderr = run_program('trainer.predict', f'--model_dir={ensemble}', *files)
+  assert code == 0, stderr[-3000:]
+  lines = [json.loads(line) for line in stdout.splitlines()]
   assert [line['file'] for line in lines] == files
   assert {(line['threshold'], line['threshold_rule']) for line in lines} == {(threshold, 'youden')}
   called = np.array([line['label'] == 'pneumonia' for line in lines])
@@ -160,8 +159,8 @@ def test_ensemble_export_predict_evaluate_and_serving_agree_with_its_report(ense
 
   # evaluate, with the export given like a run: the same operating point and matrix.
   out = tmp_path / 'evaluated'
-  done = _module('trainer.evaluate', f'--model_dir={ensemble}', f'--out_dir={out}', '--n_resamples=20')
-  assert done.returncode == 0, done.stderr[-3000:]
+  code, _, stderr = run_program('trainer.evaluate', f'--model_dir={ensemble}', f'--out_dir={out}', '--n_resamples=20')
+  assert code == 0, stderr[-3000:]
   evaluated = json.loads((out / 'report.json').read_text())
   assert evaluated['operating_point'] == {'threshold': threshold, 'threshold_rule': 'youden', 'chosen': 'stored'}
   assert evaluated['at_val_threshold']['confusion_matrix'] == expected
@@ -185,25 +184,26 @@ def test_a_single_run_serves_through_a_predict_request_at_its_threshold(runs, sp
     _serve(export.saved_model_path(runs[0]), [pathlib.Path(files[0]).read_bytes(), b'not an image'])
 
 
-def test_every_command_takes_several_runs_as_model_dir_at_one_threshold(runs, ensemble, split_files, tmp_path):
+def test_every_command_takes_several_runs_as_model_dir_at_one_threshold(runs, ensemble, split_files, tmp_path,
+                                                                        run_program):
   files, _ = split_files
   exported = json.loads(pathlib.Path(ensemble, 'run.json').read_text())['threshold']
-  done = _module('trainer.predict', f'--model_dir={",".join(runs)}', files[0])
-  assert done.returncode == 0, done.stderr[-3000:]
-  [line] = [json.loads(line) for line in done.stdout.splitlines()]
+  code, stdout, stderr = run_program('trainer.predict', f'--model_dir={",".join(runs)}', files[0])
+  assert code == 0, stderr[-3000:]
+  [line] = [json.loads(line) for line in stdout.splitlines()]
   # The runs' mean chosen now by the same rule on the same split: the export's threshold (the mean in float32 may
   # differ in the last bits).
   assert line['threshold'] == pytest.approx(exported, abs=1e-6) and line['threshold_rule'] == 'youden'
-  done = _module('trainer.shift', f'--model_dir={",".join(runs)}', f'--out={tmp_path / "shift.json"}')
-  assert done.returncode == 0, done.stderr[-3000:]
+  code, _, stderr = run_program('trainer.shift', f'--model_dir={",".join(runs)}', f'--out={tmp_path / "shift.json"}')
+  assert code == 0, stderr[-3000:]
   shifted = json.loads((tmp_path / 'shift.json').read_text())
   assert shifted['threshold'] == pytest.approx(exported, abs=1e-6) and shifted['threshold_rule'] == 'youden'
   assert shifted['threshold_chosen'] == 'now'  # An export gives 'stored' (the recipe's test).
 
-  done = _module('trainer.predict', f'--ensemble={",".join(runs)}', files[0])
-  assert done.returncode == 1
-  assert done.stderr.strip().splitlines()[-1] == ('error: --ensemble is now --model_dir: give '
-                                                  f'--model_dir={",".join(runs)}.')
+  code, _, stderr = run_program('trainer.predict', f'--ensemble={",".join(runs)}', files[0])
+  assert code == 1
+  assert stderr.strip().splitlines()[-1] == f'error: --ensemble is now --model_dir: give --model_dir={",".join(runs)}.'
+
 
 
 def test_model_card(ensemble):
@@ -331,17 +331,17 @@ def test_a_kill_at_the_end_of_an_extended_run_keeps_the_previous_model_with_its_
                                                                                           tmp_path):
   # Issue 17's case: a finished 2-epoch run started again for more epochs, stopped while it exports.
   model_dir = tmp_path / 'extended'
-  shutil.copytree(runs[1], model_dir, symlinks=True)
+  shutil.copytree(runs[0], model_dir, symlinks=True)
   before = _unit(str(model_dir))
   command = [sys.executable, '-m', 'trainer.main', f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
              '--dataset=chest_xray_pneumonia/synthetic', f'--image_size={SIZE}', '--cnn_filters=4', '--cnn_depth=2',
-             '--batch_size=32', '--epochs=3', '--fine_tune_epochs=0', '--weights=none', '--seed=2']
+             '--batch_size=32', '--epochs=3', '--fine_tune_epochs=0', '--weights=none', '--seed=1']
   _kill_inside_the_window(command, model_dir)
   assert _unit(str(model_dir)) == before
   assert json.loads((model_dir / 'run.json').read_text())['config']['epochs'] == 2
 
 
-def test_a_full_disk_or_a_kill_during_an_export_leaves_the_previous_one_whole(runs, tmp_path):
+def test_a_full_disk_or_a_kill_during_an_export_leaves_the_previous_one_whole(runs, tmp_path, run_program):
   model_dir = tmp_path / 'run'
   shutil.copytree(runs[0], model_dir, symlinks=True)
   before = _unit(str(model_dir))
@@ -368,8 +368,9 @@ def test_a_full_disk_or_a_kill_during_an_export_leaves_the_previous_one_whole(ru
   _kill_inside_the_window([sys.executable, *command], model_dir)
   after = _unit(str(model_dir))
   assert after == before and _consistent(after)
-  done = _module('trainer.predict', f'--model_dir={model_dir}', str(REPO / 'docs' / 'images' / 'gradcam.png'))
-  assert json.loads(done.stdout.splitlines()[0])['threshold'] == before['threshold']
+  _, stdout, _ = run_program('trainer.predict', f'--model_dir={model_dir}',
+                              str(REPO / 'docs' / 'images' / 'gradcam.png'))
+  assert json.loads(stdout.splitlines()[0])['threshold'] == before['threshold']
   # (That an export run to its end replaces the whole set: the ensemble fixture and the recipe's test.)
 
 

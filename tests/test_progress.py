@@ -1,8 +1,6 @@
 """trainer.progress: a bar on a terminal, one plain line per step elsewhere, silent unless a program turns it on."""
 
 import io
-import subprocess
-import sys
 
 import pytest
 
@@ -77,14 +75,14 @@ def test_silent_unless_turned_on(capsys):
   assert capsys.readouterr() == ('', '')
 
 
-def test_trainer_shift_reports_each_shifted_prediction(untrained_run, synthetic_data_dir, tmp_path):
-  """The programs turn it on: one line per shift of trainer.shift (stderr is a pipe here, not a terminal)."""
+def test_trainer_shift_reports_each_shifted_prediction(untrained_run, run_program):
+  """The programs turn it on: one line per shift of trainer.shift (stderr is captured here, not a terminal)."""
   from trainer import shift  # pylint: disable=import-outside-toplevel
   model_dir = untrained_run(64)
-  done = subprocess.run([sys.executable, '-m', 'trainer.shift', f'--model_dir={model_dir}', '--split=validation',
-                         '--batch_size=16'], capture_output=True, text=True, check=False)
-  assert done.returncode == 0, done.stderr
-  lines = [line for line in done.stderr.splitlines() if line.startswith('validation shifted: ')]
+  code, _, stderr = run_program('trainer.shift', f'--model_dir={model_dir}', '--split=validation',
+                                 '--batch_size=16')
+  assert code == 0, stderr
+  lines = [line for line in stderr.splitlines() if line.startswith('validation shifted: ')]
   assert [line.rsplit(' (', 1)[0] for line in lines] == [
       f'validation shifted: {i}/{len(shift.SHIFTS)} {name}' for i, name in enumerate(shift.SHIFTS, 1)]
-  assert '\r' not in done.stderr
+  assert '\r' not in stderr

@@ -114,7 +114,7 @@ def test_missing_arguments_manual_dir_or_seeds_fail_on_one_line(tmp_path):
 def test_tiny_synthetic_recipe_writes_the_ensemble_report_and_stress_test(tmp_path):
   out = tmp_path / 'out'
   env = {'CONFIG': 'synthetic', 'DATA_DIR': str(tmp_path / 'tfds'), 'IMAGE_SIZE': '32', 'CNN_FILTERS': '4',
-         'CNN_DEPTH': '2', 'EPOCHS': '2', 'BATCH_SIZE': '64'}
+         'CNN_DEPTH': '2', 'EPOCHS': '1', 'BATCH_SIZE': '128'}
   done = _recipe(tmp_path / 'unused', out, env=env, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'recipe: ' in done.stdout
@@ -124,7 +124,7 @@ def test_tiny_synthetic_recipe_writes_the_ensemble_report_and_stress_test(tmp_pa
     run = json.loads((out / f'seed-{seed}' / 'run.json').read_text())
     assert run['config']['model'] == 'cnn' and run['config']['weights'] == 'none'
     assert run['config']['seed'] == seed and run['config']['lr_schedule'] == 'cosine'
-    assert run['config']['epochs'] == 2 and run['config']['fine_tune_epochs'] == 0
+    assert run['config']['epochs'] == 1 and run['config']['fine_tune_epochs'] == 0
     assert run['image_size'] == 32
     thresholds.append(run['threshold'])
 

@@ -17,6 +17,7 @@ import os
 import pathlib
 import pty
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import threading
 import zipfile
 
 from absl import flags
+from absl import logging as absl_logging
 import keras
 import numpy as np
 import pytest
@@ -201,36 +203,62 @@ def test_deterministic_runs_repeat(reference, synthetic_data_dir, tmp_path):
   assert report == reference_report
 
 
-def test_killed_runs_resume_where_they_stopped_and_end_the_same(reference, synthetic_data_dir, tmp_path, caplog):
-  """Killed in epoch 1 while filling the file cache, in epoch 2 (head) and in epoch 3 (fine_tune); the last run, which
-  is not killed, in this process."""
+def test_killed_and_preempted_runs_resume_where_they_stopped_and_end_the_same(reference, synthetic_data_dir, tmp_path,
+                                                                             caplog):
+  """One run, stopped four times on its way: killed in epoch 1 while filling the file cache (1 step a tf.function
+  call), killed in epoch 2 at 3 steps a call, preempted (SIGTERM) in epoch 2 at a loop boundary, killed in epoch 3
+  (fine_tune) at 4 steps a call; the last run, which is not stopped, in this process at 1 step a call. Each process
+  changes --steps_per_loop (not fixed on resume), and the run ends with the model of the uninterrupted one, to the bit.
+  SIGUSR1 takes SIGTERM's path (tests/test_preemption.py)."""
   model_dir, cache_dir = str(tmp_path / 'run'), str(tmp_path / 'cache')
-  command = _command(synthetic_data_dir, model_dir, f'--cache_dir={cache_dir}')
+  preempted = os.path.join(model_dir, 'checkpoints', 'preempted')
 
-  returncode, stderr = _run(command, kill_in_epoch=1)
+  def command(steps_per_loop):
+    return _command(synthetic_data_dir, model_dir, f'--cache_dir={cache_dir}', f'--steps_per_loop={steps_per_loop}')
+
+  returncode, stderr = _run(command(1), kill_in_epoch=1)
   assert returncode == -signal.SIGKILL, stderr[-3000:]
   assert glob.glob(os.path.join(cache_dir, '*.lockfile')), 'the kill should leave a half-filled cache behind'
   assert not glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-*'))
 
-  # Without the stale lockfile's removal, this run fails at its first step with AlreadyExistsError.
-  returncode, stderr = _run(command, kill_in_epoch=2)
+  # Without the stale lockfile's removal, this run fails at its first step with AlreadyExistsError. 3 steps a call:
+  # an epoch's 16 steps are five loops and a last one of 1.
+  returncode, stderr = _run(command(3), kill_in_epoch=2)
   assert returncode == -signal.SIGKILL, stderr[-3000:]
   assert _resumed_after(stderr) is None
   assert _latest_checkpoint_epoch(model_dir) == 1
 
-  returncode, stderr = _run(command, kill_in_epoch=2)
-  assert returncode == -signal.SIGKILL, stderr[-3000:]
+  # The progress bar is drawn after the loop that passes step 10 (at 12): the signal stops the loop after it, at 15.
+  sig = signal.SIGTERM
+  returncode, stderr = _run(command(3), kill_in_epoch=1, sig=sig)
+  assert returncode == preemption.REQUEUE_EXIT_CODE, stderr[-3000:]
   assert _resumed_after(stderr) == 1
+  [line] = [line for line in stderr.splitlines() if 'Stopped by' in line]
+  step = int(re.search(rf'Stopped by {sig.name} after step (\d+) of epoch 2: saved \S+preempted/ckpt-(\d+)\.',
+                       line).group(1))
+  assert step % 3 == 0 and 12 <= step < 16, line
+  assert 10 <= step < 16 and _latest_checkpoint_epoch(model_dir) == 1
+  assert tf.train.latest_checkpoint(preempted).endswith(f'-{16 + step}')
+
+  # 4 steps a call from the preempted step: loops end at multiples of 4 within the epoch again.
+  returncode, stderr = _run(command(4), kill_in_epoch=2)
+  assert returncode == -signal.SIGKILL, stderr[-3000:]
+  assert f'Resuming at step {step} of epoch 2 (global step {16 + step}), where a preempted run stopped.' in stderr
   assert 'Phase fine_tune' in stderr  # Killed in the second phase.
   assert _latest_checkpoint_epoch(model_dir) == 2
+  assert not os.path.exists(preempted)  # Superseded by epoch 2's checkpoint.
 
   log = _train_logged(caplog, _config(synthetic_data_dir, model_dir, cache_dir=cache_dir, deterministic=True))
   assert _resumed_after(log) == 2
   assert not glob.glob(os.path.join(cache_dir, '*.lockfile'))
   assert glob.glob(os.path.join(cache_dir, '*.index'))  # The cache was completed.
 
-  # Same data order, augmentation draws, optimizer state, best epoch and threshold: the same model, exactly.
+  # Same data order, augmentation draws, optimizer state, best epoch and threshold: the same model, exactly; and the
+  # same training curves (the preempted epoch's metrics went on from their checkpointed state).
   assert _metrics(model_dir) == _metrics(reference)
+  assert _scalars(os.path.join(model_dir, 'train'), 'loss') == _scalars(os.path.join(reference, 'train'), 'loss')
+  with open(os.path.join(model_dir, 'config.json')) as f:
+    assert json.load(f)['steps_per_loop'] == 1  # The run's first settings; the resumed runs' differ and may.
 
 
 # The head's val AUC on this config rises to 1.0 by epoch 4 and stays there: every epoch without a better AUC halves
@@ -240,10 +268,24 @@ _STOPPING = dict(epochs=8, fine_tune_epochs=2, learning_rate=1e-2, fine_tune_lea
 _STOPPING_FLAGS = tuple(f'--{name}={value}' for name, value in _STOPPING.items())
 
 
-def test_early_stopping_and_plateau_keep_their_counters_across_a_kill(synthetic_data_dir, tmp_path, caplog):
-  """The reference and the resumed run in this process, the run that is killed in a process of its own."""
-  reference = str(tmp_path / 'reference')
+def test_early_stopping_and_plateau_keep_their_counters_across_a_kill(synthetic_data_dir, tmp_path, caplog,
+                                                                     monkeypatch):
+  """The reference and the resumed run in this process, the run that is killed in a process of its own. That one
+  starts from the reference's own model dir as it was after epoch 4, so that it trains two epochs, not six."""
+  reference, model_dir = str(tmp_path / 'reference'), str(tmp_path / 'run')
+  end_epoch = train.end_epoch
+
+  def end_epoch_and_copy_after_epoch_4(*args, **kwargs):
+    result = end_epoch(*args, **kwargs)
+    if kwargs['epoch'] == 3:  # Counted from 0.
+      for writer in kwargs['writers'].values():
+        writer.flush()
+      shutil.copytree(reference, model_dir, ignore=shutil.ignore_patterns(lock.LOCK_NAME))
+    return result
+
+  monkeypatch.setattr(train, 'end_epoch', end_epoch_and_copy_after_epoch_4)
   log = _train_logged(caplog, _config(synthetic_data_dir, reference, deterministic=True, **_STOPPING))
+  monkeypatch.setattr(train, 'end_epoch', end_epoch)
   assert 'the head phase ends after epoch 6 of 8' in log
   assert 'The next phase starts from the best epoch so far' in log
   aucs = _scalars(os.path.join(reference, 'validation'), 'auc')
@@ -259,10 +301,10 @@ def test_early_stopping_and_plateau_keep_their_counters_across_a_kill(synthetic_
 
   # Killed in epoch 6: the checkpoint of epoch 5 holds one epoch without improvement and two reductions. The resumed
   # run must stop after epoch 6 and train it at the reduced rate, or it differs from the reference.
-  model_dir = str(tmp_path / 'run')
   command = _command(synthetic_data_dir, model_dir, *_STOPPING_FLAGS)
-  returncode, stderr = _run(command, kill_in_epoch=6)
+  returncode, stderr = _run(command, kill_in_epoch=2)  # Its second epoch: epoch 6.
   assert returncode == -signal.SIGKILL, stderr[-3000:]
+  assert _resumed_after(stderr) == 4
   assert _latest_checkpoint_epoch(model_dir) == 5
   log = _train_logged(caplog, _config(synthetic_data_dir, model_dir, deterministic=True, **_STOPPING))
   assert _resumed_after(log) == 5
@@ -270,56 +312,6 @@ def test_early_stopping_and_plateau_keep_their_counters_across_a_kill(synthetic_
   assert _metrics(model_dir) == _metrics(reference)
   assert _scalars(os.path.join(model_dir, 'train'), 'learning_rate')[-5:] == _scalars(
       os.path.join(reference, 'train'), 'learning_rate')[-5:]
-
-
-def test_a_preempted_run_saves_at_a_step_and_resumes_there_exactly(reference, synthetic_data_dir, tmp_path, caplog):
-  # SIGTERM; SIGUSR1 takes the same path (tests/test_preemption.py), and each end-to-end run costs a minute here. The
-  # resumed run in this process.
-  sig = signal.SIGTERM
-  model_dir = str(tmp_path / 'run')
-  command = _command(synthetic_data_dir, model_dir)
-  returncode, stderr = _run(command, kill_in_epoch=2, sig=sig)
-  assert returncode == preemption.REQUEUE_EXIT_CODE, stderr[-3000:]
-  [line] = [line for line in stderr.splitlines() if 'Stopped by' in line]
-  step = int(re.search(rf'Stopped by {sig.name} after step (\d+) of epoch 2: saved \S+preempted/ckpt-(\d+)\.',
-                       line).group(1))
-  assert 10 <= step < 16 and _latest_checkpoint_epoch(model_dir) == 1
-  assert tf.train.latest_checkpoint(os.path.join(model_dir, 'checkpoints', 'preempted')).endswith(f'-{16 + step}')
-
-  log = _train_logged(caplog, _config(synthetic_data_dir, model_dir, deterministic=True))
-  assert f'Resuming at step {step} of epoch 2 (global step {16 + step}), where a preempted run stopped.' in log
-  assert not os.path.exists(os.path.join(model_dir, 'checkpoints', 'preempted'))
-  # The same batches, augmentation draws and optimizer steps: the same model, and the same training curves (the
-  # interrupted epoch's metrics went on from their checkpointed state).
-  assert _metrics(model_dir) == _metrics(reference)
-  assert _scalars(os.path.join(model_dir, 'train'), 'loss') == _scalars(os.path.join(reference, 'train'), 'loss')
-
-
-def test_steps_per_loop_is_killed_and_preempted_at_loop_boundaries_and_resumes_exactly(reference, synthetic_data_dir,
-                                                                                      tmp_path, caplog):
-  """3 steps a tf.function call: an epoch's 16 steps are five loops and a last one of 1. Killed in epoch 2, preempted
-  in epoch 3, resumed at 4 steps a call (not fixed on resume; in this process), it ends with the model of the
-  uninterrupted run at 1 step a call, to the bit."""
-  model_dir = str(tmp_path / 'looped')
-  command = _command(synthetic_data_dir, model_dir, '--steps_per_loop=3')
-  returncode, stderr = _run(command, kill_in_epoch=2)
-  assert returncode == -signal.SIGKILL, stderr[-3000:]
-  assert _latest_checkpoint_epoch(model_dir) == 1
-
-  # The progress bar is drawn after the loop that passes step 10 (at 12): the signal stops the loop after it, at 15.
-  returncode, stderr = _run(command, kill_in_epoch=2, sig=signal.SIGTERM)
-  assert returncode == preemption.REQUEUE_EXIT_CODE, stderr[-3000:]
-  assert _resumed_after(stderr) == 1
-  [line] = [line for line in stderr.splitlines() if 'Stopped by' in line]
-  step = int(re.search(r'after step (\d+) of epoch 3', line).group(1))
-  assert step % 3 == 0 and 12 <= step < 16, line
-
-  log = _train_logged(caplog, _config(synthetic_data_dir, model_dir, steps_per_loop=4, deterministic=True))
-  assert f'Resuming at step {step} of epoch 3' in log
-  assert _metrics(model_dir) == _metrics(reference)
-  assert _scalars(os.path.join(model_dir, 'train'), 'loss') == _scalars(os.path.join(reference, 'train'), 'loss')
-  with open(os.path.join(model_dir, 'config.json')) as f:
-    assert json.load(f)['steps_per_loop'] == 3  # The run's first settings; the resumed run's differ and may.
 
 
 def test_an_unreadable_preempted_checkpoint_falls_back_to_the_epoch_checkpoint(reference, synthetic_data_dir, tmp_path,
@@ -504,13 +496,15 @@ def test_a_diverged_run_stops_at_once_keeps_the_last_good_checkpoint_and_resumes
     (['--steps_per_loop=0'], '--steps_per_loop must be positive, got 0'),
     (['cnn'], 'Unexpected arguments cnn'),
 ])
-def test_bad_flags_are_one_line_and_write_nothing(argv, message, tmp_path):
+def test_bad_flags_are_one_line_and_write_nothing(argv, message, tmp_path, capsys, monkeypatch):
+  # In this process, through absl's flag parsing as `python -m trainer.main` parses them; the log goes to the stderr
+  # that capsys reads, as a process of its own writes it there.
+  monkeypatch.setattr(absl_logging.get_absl_handler().python_handler, 'stream', sys.stderr)
   model_dir = tmp_path / 'run'
-  result = subprocess.run([sys.executable, '-m', 'trainer.main', f'--model_dir={model_dir}', *argv],
-                          capture_output=True, text=True, timeout=120)
-  assert result.returncode == 1
-  assert [line for line in result.stderr.splitlines() if line.strip()] == [result.stderr.strip()]
-  assert result.stderr.startswith('error: ') and message in result.stderr, result.stderr
+  code, stderr = _main_here(capsys, f'--model_dir={model_dir}', *argv)
+  assert code == 1
+  assert [line for line in stderr.splitlines() if line.strip()] == [stderr.strip()]
+  assert stderr.startswith('error: ') and message in stderr, stderr
   assert not model_dir.exists()
 
 
@@ -584,12 +578,16 @@ def test_batch_size_strategy_and_epochs_can_change_on_resume(reference, syntheti
   assert [step for step, _ in _scalars(os.path.join(model_dir, 'validation'), 'auc')] == [1, 2, 3, 4]
 
 
-def test_a_finished_run_asked_for_fewer_epochs_says_so_and_keeps_its_export(reference, synthetic_data_dir, tmp_path):
+def test_a_finished_run_asked_for_fewer_epochs_says_so_and_keeps_its_export(reference, synthetic_data_dir, tmp_path,
+                                                                            capsys, monkeypatch):
   model_dir = _copy(reference, tmp_path, 'fewer')
   exported = {name: digest for name, digest in _digests(model_dir).items() if name.startswith('exports/')}
-  returncode, stderr = _run([sys.executable, '-m', 'trainer.main', f'--data_dir={synthetic_data_dir}',
-                             f'--model_dir={model_dir}', *[f for f in RUN_FLAGS if f != '--epochs=2'], '--epochs=1'])
-  assert returncode == 0, stderr[-3000:]
+  # In this process (nothing is trained: --deterministic, which cannot be undone, changes nothing here), with absl's
+  # log on the stderr that capsys reads, as a process of its own writes it.
+  monkeypatch.setattr(absl_logging.get_absl_handler().python_handler, 'stream', sys.stderr)
+  returncode, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
+                                  *[f for f in RUN_FLAGS if f not in ('--epochs=2', '--deterministic')], '--epochs=1')
+  assert not returncode, stderr[-3000:]  # SystemExit(None): absl's app.run after a main that returned.
   assert (f'--model_dir={model_dir} holds a run trained for 3 epochs, more than the 2 of --epochs=1 + '
           '--fine_tune_epochs=1: nothing is trained') in stderr, stderr[-3000:]
   assert {name: digest for name, digest in _digests(model_dir).items() if name.startswith('exports/')} == exported
@@ -723,7 +721,7 @@ def test_a_cache_being_filled_by_a_live_process_is_left_alone(synthetic_data_dir
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_outputs(reference, synthetic_data_dir,
-                                                                               tmp_path):
+                                                                               tmp_path, capsys):
   model_dir = _copy(reference, tmp_path, 'full')
   before = _digests(model_dir)
   checkpoint_bytes = os.path.getsize(glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-3.data-*'))[0])
@@ -731,13 +729,15 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_outputs(
   # files and the best model's checkpoint, none for a training checkpoint (the model and two optimizers' slots).
   limit = checkpoint_bytes // 2
   assert limit > max(os.path.getsize(p) for p in glob.glob(os.path.join(model_dir, '*', 'events.out.*')))
-  limited = [sys.executable, '-c', 'import resource, runpy, sys\n'
-             f'resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n'
-             'sys.argv[0] = "trainer.main"\n'
-             'runpy.run_module("trainer.main", run_name="__main__")']
-  command = _command(synthetic_data_dir, model_dir, '--fine_tune_epochs=2')
-
-  returncode, stderr = _run(limited + command[3:])
+  # In this process, with the soft limit lowered for the run alone: Python ignores SIGXFSZ, so a write past the limit
+  # fails with EFBIG instead of ending the process. Without --deterministic, which cannot be undone.
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+  try:
+    returncode, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
+                                    *[f for f in RUN_FLAGS if f != '--deterministic'], '--fine_tune_epochs=2')
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
   assert returncode == 1, stderr[-3000:]
   [line] = _error_lines(stderr)
@@ -816,13 +816,19 @@ def _check_the_restricted_unpickler(source):
   assert 'pickle.Unpickler' not in calls and subclasses[0].name in calls
 
 
-def test_verbosity_1_adds_the_traceback_to_a_users_error(tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'trainer.main', f'--data_dir={tmp_path / "tfds"}',
-                           f'--model_dir={tmp_path / "run"}', '--verbosity=1'],
-                          capture_output=True, text=True, timeout=120)
-  assert result.returncode == 1
-  assert 'Traceback (most recent call last)' in result.stderr and 'FileNotFoundError' in result.stderr
-  assert result.stderr.strip().splitlines()[-1].startswith('error: The manual dir ')
+def test_verbosity_1_adds_the_traceback_to_a_users_error(tmp_path, capsys, monkeypatch):
+  # In this process; absl's log goes to the stderr that capsys reads, as in a process of its own.
+  monkeypatch.setattr(absl_logging.get_absl_handler().python_handler, 'stream', sys.stderr)
+  verbosity = absl_logging.get_verbosity()
+  try:
+    code, stderr = _main_here(capsys, f'--data_dir={tmp_path / "tfds"}', f'--model_dir={tmp_path / "run"}',
+                              '--verbosity=1')
+  finally:
+    flags.FLAGS.unparse_flags()
+    absl_logging.set_verbosity(verbosity)  # The tests after this one log as they would alone.
+  assert code == 1
+  assert 'Traceback (most recent call last)' in stderr and 'FileNotFoundError' in stderr
+  assert stderr.strip().splitlines()[-1].startswith('error: The manual dir ')
 
 
 @pytest.fixture

@@ -35,9 +35,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # alone (epoch-3 training loss 0.49 to 0.63 over seeds 1-3) is wider than the comparisons' tolerance.
 SMALL = dict(model='cnn', dataset='chest_xray_pneumonia/synthetic', image_size=64, cnn_filters=8, cnn_depth=4,
              learning_rate=3e-3, batch_size=32, seed=1, weights='none', fine_tune_epochs=0, augment_strength=0.0)
-# For the tests that need a model but not its skill: a quarter of the pixels. (The multi-worker comparison with one
-# worker needs SMALL: at these sizes an epoch's training loss differed between the two by 17%, more than its 15%.)
-TINY = dict(SMALL, image_size=32, cnn_depth=3)
+# For the tests that need a model but not its skill: a quarter of the pixels, the smallest CNN, 4 steps of 128 an
+# epoch. (The multi-worker comparison with one worker needs SMALL: at 32 pixels and 3 blocks an epoch's training loss
+# differed between the two by 17%, more than its 15%.)
+TINY = dict(SMALL, image_size=32, cnn_filters=4, cnn_depth=2, batch_size=128)
 # A hung collective must fail the test, not the CI job.
 TIMEOUT = 300
 
@@ -46,10 +47,10 @@ def _flags(**overrides) -> list[str]:
   return [f'--{name}={value}' for name, value in {**SMALL, **overrides}.items()]
 
 
-def _run(command: list[str]) -> subprocess.CompletedProcess:
+def _run(command: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if k not in ('TF_CONFIG', 'SLURM_JOB_ID')}
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _scalars(run_dir: str, tag: str) -> list[float]:
@@ -177,11 +178,11 @@ for name, phase, unfreeze, policy in (('resnet50', 'fine_tune', 3, 'float32'),
       'one': one_result, 'two': two_result,
       'weight_diff': max(float(np.max(np.abs(a - b))) for a, b in zip(model_one.get_weights(),
                                                                       model_two.get_weights()))}
-print('RESULT', json.dumps(results))
+print('EQUIVALENCE', json.dumps(results))
 '''
 
 
-def test_two_replicas_match_one_replica_on_the_same_global_batch():
+def test_two_replicas_match_one_replica_on_the_same_global_batch(two_logical_devices):
   """Keras's own distribution tests check this: N replicas on a global batch == one device on it.
 
   The loss divided by the GLOBAL batch (tf.nn.compute_average_loss), the all-reduced gradients, the loss scaling of
@@ -189,9 +190,7 @@ def test_two_replicas_match_one_replica_on_the_same_global_batch():
   design: its BatchNormalization normalises each replica's share of the batch with that share's statistics, so its
   losses differ slightly, and `steps.make_statistics_sync` averages the replicas' moving statistics.
   """
-  result = _run([sys.executable, '-c', _EQUIVALENCE])
-  assert result.returncode == 0, result.stderr[-3000:]
-  results = json.loads(result.stdout.split('RESULT ', 1)[1])
+  results = two_logical_devices['EQUIVALENCE']
 
   # Without BatchNormalization in training mode (ResNet50's is frozen, VGG16 has none): the same run, up to float
   # rounding (the replicas sum in another order).
@@ -215,18 +214,17 @@ def test_two_replicas_match_one_replica_on_the_same_global_batch():
 
 
 # Scores the validation split on one device and shared out over 2 logical CPUs (steps.distributed_split), with one
-# model. Prints one JSON line.
+# model. Prints one JSON line. It runs after _EQUIVALENCE, in its process and on its MirroredStrategy `two`: a second
+# MirroredStrategy in one process numbers its collectives from the same start, and they clash with the first's.
 _DISTRIBUTED_EVALUATION = r'''
 import json
 import sys
-from trainer import distribute
-distribute.configure_logical_devices(2)
 import keras
 from trainer import data, inference, metrics, models
 from trainer import steps as steps_lib
 
 builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=sys.argv[1], manual_dir=None)
-strategy = distribute.get_strategy('mirrored')
+strategy = two
 keras.utils.set_random_seed(0)
 with strategy.scope():
   model = models.build('cnn', image_size=32, cnn_filters=4, cnn_depth=2, seed=0)
@@ -242,17 +240,15 @@ for batch_size in (32, 5):
              'threshold': metrics.choose_threshold(p['labels'], p['probs'])}
       for name, p in (('one', one), ('two', two))}
   results[batch_size]['positions'] = two['position'].tolist()
-print('RESULT', json.dumps(results))
+print('EVALUATION', json.dumps(results))
 '''
 
 
-def test_distributed_evaluation_gathers_what_one_device_scores(synthetic_data_dir):
+def test_distributed_evaluation_gathers_what_one_device_scores(two_logical_devices):
   """Each replica scores its share of each batch, and the gathered predictions are one device's, in its order: the
   same ROC-AUC and threshold, so every worker takes one device's best-epoch decision. Batches of 5 leave a last
   batch of 1 (66 validation images), so one replica scores nothing in it."""
-  result = _run([sys.executable, '-c', _DISTRIBUTED_EVALUATION, synthetic_data_dir])
-  assert result.returncode == 0, result.stderr[-3000:]
-  results = json.loads(result.stdout.split('RESULT ', 1)[1])
+  results = two_logical_devices['EVALUATION']
   for batch_size, case in results.items():
     one, two = case['one'], case['two']
     assert len(one['probs']) == 66 and case['positions'] == list(range(66)), batch_size
@@ -261,6 +257,21 @@ def test_distributed_evaluation_gathers_what_one_device_scores(synthetic_data_di
     assert np.std(one['probs']) > 0 and 0 < sum(one['labels']) < 66
     assert two['roc_auc'] == pytest.approx(one['roc_auc'], abs=1e-6), batch_size
     assert two['threshold'] == pytest.approx(one['threshold'], abs=1e-6), batch_size
+
+
+@pytest.fixture(scope='module')
+def two_logical_devices(synthetic_data_dir):
+  """_EQUIVALENCE, then _DISTRIBUTED_EVALUATION on its strategy, in one process over 2 logical CPUs (a process each
+  would cost the suite another TensorFlow start).
+
+  Returns:
+    {'EQUIVALENCE': its results, 'EVALUATION': its results}.
+  """
+  result = _run([sys.executable, '-c', _EQUIVALENCE + _DISTRIBUTED_EVALUATION, synthetic_data_dir],
+                timeout=2 * TIMEOUT)  # Each script had TIMEOUT of its own.
+  assert result.returncode == 0, result.stderr[-3000:]
+  return {key: json.loads(value) for key, _, value in (line.partition(' ') for line in result.stdout.splitlines())
+          if key in ('EQUIVALENCE', 'EVALUATION')}
 
 
 def test_each_worker_reads_its_own_share_of_the_training_files(synthetic_data_dir):
@@ -375,9 +386,11 @@ def test_a_preempted_multi_worker_job_stops_every_worker_at_one_step_and_resumes
           _scalars(str(reference / 'validation'), 'auc'))
 
 
-def test_multi_worker_without_a_cluster_is_a_one_line_error(tmp_path):
-  result = _run([sys.executable, '-m', 'trainer.main', '--strategy=multi_worker', f'--model_dir={tmp_path}'])
-  assert result.returncode != 0
-  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
-  assert len(errors) == 1 and 'TF_CONFIG' in errors[0], result.stderr[-2000:]
-  assert 'Traceback' not in result.stderr
+def test_multi_worker_without_a_cluster_is_a_one_line_error(tmp_path, run_program, monkeypatch):
+  for name in ('TF_CONFIG', 'SLURM_JOB_ID'):
+    monkeypatch.delenv(name, raising=False)
+  code, _, stderr = run_program('trainer.main', '--strategy=multi_worker', f'--model_dir={tmp_path}')
+  assert code != 0
+  errors = [line for line in stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and 'TF_CONFIG' in errors[0], stderr[-2000:]
+  assert 'Traceback' not in stderr

@@ -1,10 +1,7 @@
 """Tests for trainer.shift: each shift does what its name says, and the stress test reports every one."""
 
 import json
-import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +13,6 @@ from trainer import runs as runs_lib
 from trainer import shift
 from trainer.shift import families
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 64
 
 
@@ -62,14 +58,14 @@ def model_dir(untrained_run):
   return untrained_run(SIZE)
 
 
-def test_cli_reports_every_shift_and_the_unshifted_row_matches_evaluate(model_dir, synthetic_data_dir, tmp_path):
+def test_cli_reports_every_shift_and_the_unshifted_row_matches_evaluate(model_dir, synthetic_data_dir, tmp_path,
+                                                                         run_program):
   out = tmp_path / 'shift.json'
-  done = subprocess.run([sys.executable, '-m', 'trainer.shift', f'--model_dir={model_dir}', f'--out={out}'],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr
+  code, stdout, stderr = run_program('trainer.shift', f'--model_dir={model_dir}', f'--out={out}')
+  assert code == 0, stderr
   result = json.loads(out.read_text())
   assert list(result['shifts']) == list(shift.SHIFTS) and result['split'] == 'validation'
-  assert all(f'| {name} |' in done.stdout for name in shift.SHIFTS)
+  assert all(f'| {name} |' in stdout for name in shift.SHIFTS)
 
   run = runs_lib.load_run(str(model_dir))
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
@@ -90,14 +86,13 @@ def test_cli_reports_every_shift_and_the_unshifted_row_matches_evaluate(model_di
   assert result['worst']['roc_auc_normals_shifted'] == min(
       row['roc_auc_normals_shifted'] for row in result['shifts'].values())
 
-  done = subprocess.run([sys.executable, '-m', 'trainer.shift', f'--model_dir={model_dir}', '--split=val'],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 1
-  assert done.stderr.strip().splitlines()[-1].startswith('error: --split=val is not a split of')
+  code, _, stderr = run_program('trainer.shift', f'--model_dir={model_dir}', '--split=val')
+  assert code == 1
+  assert stderr.strip().splitlines()[-1].startswith('error: --split=val is not a split of')
 
 
 def test_threshold_with_shifts_weighs_the_unshifted_split_as_much_as_all_shifts(model_dir, synthetic_data_dir,
-                                                                                 tmp_path):
+                                                                                 tmp_path, run_program):
   run = runs_lib.load_run(str(model_dir))
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   threshold = runs_lib.threshold_with_shifts([run], builder)
@@ -111,20 +106,19 @@ def test_threshold_with_shifts_weighs_the_unshifted_split_as_much_as_all_shifts(
 
   # The evaluate CLI reports at that threshold, names the rule, and the stress test holds the same threshold.
   out = tmp_path / 'report'
-  done = subprocess.run([sys.executable, '-m', 'trainer.evaluate', f'--model_dir={model_dir}', f'--out_dir={out}',
-                         '--threshold_rule=youden_with_shifts', '--n_resamples=50'],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr
+  code, _, stderr = run_program('trainer.evaluate', f'--model_dir={model_dir}', f'--out_dir={out}',
+                                 '--threshold_rule=youden_with_shifts', '--n_resamples=50')
+  assert code == 0, stderr
   report = json.loads((out / 'report.json').read_text())
   assert report['at_val_threshold']['threshold'] == pytest.approx(threshold)
   assert report['threshold_rule'] == metrics.RULES['youden_with_shifts'].text
-  done = subprocess.run([sys.executable, '-m', 'trainer.shift', f'--model_dir={model_dir}', f'--out={tmp_path}/s.json',
-                         '--threshold_rule=youden_with_shifts'], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr
+  code, _, stderr = run_program('trainer.shift', f'--model_dir={model_dir}',
+                                 f'--out={tmp_path}/s.json', '--threshold_rule=youden_with_shifts')
+  assert code == 0, stderr
   assert json.loads((tmp_path / 's.json').read_text())['threshold'] == pytest.approx(threshold)
 
 
-def test_cli_holds_the_runs_stored_threshold(untrained_run, synthetic_data_dir, tmp_path):
+def test_cli_holds_the_runs_stored_threshold(untrained_run, synthetic_data_dir, tmp_path, run_program):
   # A stored threshold at the median validation probability, where 0.5 would label the split differently.
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   probe = runs_lib.load_run(str(untrained_run(SIZE, seed=3)))
@@ -135,9 +129,8 @@ def test_cli_holds_the_runs_stored_threshold(untrained_run, synthetic_data_dir, 
   model_dir = untrained_run(SIZE, seed=3, threshold=threshold)  # The same weights: the same seed.
 
   out = tmp_path / 'shift.json'
-  done = subprocess.run([sys.executable, '-m', 'trainer.shift', f'--model_dir={model_dir}', f'--out={out}'],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr
+  code, _, stderr = run_program('trainer.shift', f'--model_dir={model_dir}', f'--out={out}')
+  assert code == 0, stderr
   result = json.loads(out.read_text())
   assert result['threshold'] == pytest.approx(threshold)
   assert result['shifts']['none']['specificity'] == pytest.approx(at_stored['specificity'])
@@ -164,13 +157,14 @@ def lofo_runs(untrained_run, tmp_path_factory):
 
 
 def test_leave_one_family_out_scores_each_family_with_the_run_that_never_saw_it(lofo_runs, model_dir,
-                                                                                  synthetic_data_dir, tmp_path):
+                                                                                  synthetic_data_dir, tmp_path,
+                                                                                  run_program):
   dirs = lofo_runs
   folder = dirs[shift.FAMILIES[0]].parent
   out = tmp_path / 'shift.json'
-  done = subprocess.run([sys.executable, '-m', 'trainer.shift', f'--model_dir={model_dir}', f'--out={out}',
-                         f'--leave_one_out={folder}'], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr
+  code, stdout, stderr = run_program('trainer.shift', f'--model_dir={model_dir}', f'--out={out}',
+                                      f'--leave_one_out={folder}')
+  assert code == 0, stderr
   lofo = json.loads(out.read_text())['leave_one_out']
   assert list(lofo['families']) == list(shift.FAMILIES)
   scored = sorted(name for row in lofo['families'].values() for name in row['shifts'])
@@ -197,7 +191,7 @@ def test_leave_one_family_out_scores_each_family_with_the_run_that_never_saw_it(
                            'roc_auc_normals_shifted': min(normals.values())}
   assert lofo['mean_roc_auc'] == pytest.approx(np.mean(list(rows.values())))
   assert lofo['mean_roc_auc_normals_shifted'] == pytest.approx(np.mean(list(normals.values())))
-  assert f'| **worst: {lofo["worst"]["family"]}** / **{lofo["worst"]["normals_shifted_family"]}** |' in done.stdout
+  assert f'| **worst: {lofo["worst"]["family"]}** / **{lofo["worst"]["normals_shifted_family"]}** |' in stdout
 
 
 def test_leave_one_family_out_refuses_a_missing_family_or_a_run_that_saw_its_family(lofo_runs, untrained_run,

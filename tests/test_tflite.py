@@ -2,9 +2,6 @@
 only within its tolerance, Flex ops are named, and trainer.predict runs them."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -17,7 +14,6 @@ from trainer import models
 from trainer import predict
 from trainer import tflite
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 64
 
 
@@ -96,21 +92,19 @@ def test_a_layer_that_needs_tensorflow_ops_is_named(tmp_path):
   assert 'needs the TensorFlow ops CropAndResize' in lines[0] and lines[-1].startswith('No int8 variant: not checked')
 
 
-def test_predict_runs_the_tflite_models(recipe_model, exported, real_data):
+def test_predict_runs_the_tflite_models(recipe_model, exported, real_data, run_program):
   model_dir, _ = exported
   files = [str(f) for f in sorted((real_data / 'test' / 'PNEUMONIA').glob('*.jpeg'))[:3]]
   expected = recipe_model.predict(np.stack([predict.read_image(f, [SIZE])[SIZE] for f in files]), verbose=0)[:, 0]
   for runtime, tolerance in (('tflite', tflite.FLOAT_TOLERANCE), ('tflite_int8', tflite.INT8_TOLERANCE)):
-    done = subprocess.run([sys.executable, '-m', 'trainer.predict', f'--model_dir={model_dir}', f'--runtime={runtime}',
-                           *files], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    code, stdout, stderr = run_program('trainer.predict', f'--model_dir={model_dir}', f'--runtime={runtime}', *files)
+    assert code == 0, stderr[-2000:]
+    lines = [json.loads(line) for line in stdout.splitlines()]
     np.testing.assert_allclose([line['probability'] for line in lines], expected, atol=tolerance)
   (model_dir / tflite.INT8_FILE).unlink()
-  done = subprocess.run([sys.executable, '-m', 'trainer.predict', f'--model_dir={model_dir}', '--runtime=tflite_int8',
-                         *files], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
-      f'error: {model_dir / tflite.INT8_FILE}: no such file'), done.stderr[-2000:]
+  code, _, stderr = run_program('trainer.predict', f'--model_dir={model_dir}', '--runtime=tflite_int8', *files)
+  assert code == 1 and stderr.strip().splitlines()[-1].startswith(
+      f'error: {model_dir / tflite.INT8_FILE}: no such file'), stderr[-2000:]
 
 
 def test_a_model_tflite_cannot_convert_is_exported_without_it_and_says_why(tmp_path):

@@ -99,20 +99,6 @@ def test_best_checkpoint_and_exports_load(trained, synthetic_data_dir):
   np.testing.assert_array_equal(served_out['pneumonia'].numpy(), keras_probs >= threshold)
 
 
-def test_resume_continues_after_the_last_epoch(trained, tmp_path):
-  """A finished run started again with more epochs trains only the new ones."""
-  config, _ = trained
-  import dataclasses
-  import shutil
-  model_dir = str(tmp_path / 'resumed')
-  shutil.copytree(config.model_dir, model_dir)
-  more = dataclasses.replace(config, model_dir=model_dir, fine_tune_epochs=2)
-  train.run(more, tf.distribute.OneDeviceStrategy('/cpu:0'))
-  aucs = _scalar(_events(os.path.join(model_dir, 'validation')), 'auc')
-  assert len(aucs) == 7
-  assert len(glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-*.index'))) == 2
-
-
 def _free_port():
   import socket
   with socket.socket() as s:
@@ -229,12 +215,12 @@ def test_label_smoothing_moves_the_targets():
 def test_cosine_run_records_its_rates_and_best_epoch_and_resumes(synthetic_data_dir, tmp_path):
   model_dir = str(tmp_path / 'run')
   settings = dict(model='cnn', dataset='chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir,
-                  model_dir=model_dir, image_size=32, cnn_filters=8, cnn_depth=3, batch_size=32, epochs=3,
+                  model_dir=model_dir, image_size=32, cnn_filters=4, cnn_depth=2, batch_size=128, epochs=3,
                   fine_tune_epochs=0, learning_rate=1e-3, lr_schedule='cosine', label_smoothing=0.1,
                   weights='none', seed=1, shuffle_buffer=64)
   keras.utils.set_random_seed(1)
   train.run(Config(**settings).validate(), tf.distribute.OneDeviceStrategy('/cpu:0'))
-  steps = 534 // 32  # the synthetic train split, in batches of 32
+  steps = 534 // 128  # the synthetic train split, in batches of 128
   expected = steps_lib.learning_rate_schedule(1e-3, 'cosine', steps=3 * steps, steps_per_epoch=steps)
   rates = _scalar(_events(os.path.join(model_dir, 'train')), 'learning_rate')
   assert rates == pytest.approx([float(expected(epoch * steps)) for epoch in (1, 2, 3)], abs=1e-9)
@@ -257,8 +243,9 @@ def _weights(model):
   return [np.asarray(w) for w in model.weights]
 
 
-def test_exports_hold_the_best_epoch_and_its_validation_threshold(trained, tmp_path):
-  """A run extended by epochs that ruin it keeps exporting its best epoch, with that epoch's threshold."""
+def test_a_resumed_run_trains_the_new_epochs_and_exports_the_best_with_its_validation_threshold(trained, tmp_path):
+  """A finished run started again with more epochs trains only the new ones; extended by epochs that ruin it, it keeps
+  exporting its best epoch, with that epoch's threshold."""
   import dataclasses
   import shutil
   from trainer import export
@@ -273,7 +260,9 @@ def test_exports_hold_the_best_epoch_and_its_validation_threshold(trained, tmp_p
   train.run(ruined, tf.distribute.OneDeviceStrategy('/cpu:0'))
   run = json.load(open(os.path.join(model_dir, 'run.json')))
   aucs = _scalar(_events(os.path.join(model_dir, 'validation')), 'auc')
+  # The finished run started again with more epochs trained only the new ones (6 + 2), keeping two checkpoints.
   assert len(aucs) == 8 and run['best']['epoch'] <= 6 < 8, (run['best'], aucs)  # The last epoch is not the best.
+  assert len(glob.glob(os.path.join(model_dir, 'checkpoints', 'ckpt-*.index'))) == 2
   assert run['best']['validation_roc_auc'] == pytest.approx(max(aucs))
 
   def fresh():

@@ -1,9 +1,6 @@
 """Tests for trainer/tta.py: the views, and the model that averages over them."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -13,8 +10,6 @@ from trainer import data
 from trainer import metrics
 from trainer import models
 from trainer import tta
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SIDE = 50
 
@@ -94,17 +89,16 @@ SIZE_CLI = 48
 
 
 def test_evaluate_export_and_predict_take_tta_and_choose_the_threshold_with_the_views(untrained_run, synthetic_data_dir,
-                                                                                     tmp_path):
+                                                                                     tmp_path, run_program):
   model_dir = untrained_run(SIZE_CLI)
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   model = keras.models.load_model(model_dir / 'model.keras')
   threshold, test_auc = _validation_threshold_and_test_auc(model, builder, 3)
   assert threshold != 0.5  # The stored one, which the views must not keep.
 
-  done = subprocess.run([sys.executable, '-m', 'trainer.evaluate', f'--model_dir={model_dir}', '--tta=3',
-                         f'--out_dir={tmp_path / "eval"}', '--n_resamples=20'],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
+  code, _, stderr = run_program('trainer.evaluate', f'--model_dir={model_dir}', '--tta=3',
+                                 f'--out_dir={tmp_path / "eval"}', '--n_resamples=20')
+  assert code == 0, stderr[-3000:]
   report = json.loads((tmp_path / 'eval' / 'report.json').read_text())
   assert report['operating_point'] == {'threshold': pytest.approx(threshold), 'threshold_rule': 'youden',
                                        'chosen': 'now'}
@@ -112,26 +106,24 @@ def test_evaluate_export_and_predict_take_tta_and_choose_the_threshold_with_the_
   assert report['tta_views'] == list(tta.VIEWS[:3])
 
   out = tmp_path / 'export'
-  done = subprocess.run([sys.executable, '-m', 'trainer.export', f'--model_dir={model_dir}', '--tta=3',
-                         f'--out_dir={out}', '--n_resamples=20'], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
+  code, _, stderr = run_program('trainer.export', f'--model_dir={model_dir}', '--tta=3',
+                                 f'--out_dir={out}', '--n_resamples=20')
+  assert code == 0, stderr[-3000:]
   assert json.loads((out / 'run.json').read_text())['threshold'] == pytest.approx(threshold)
   exported = keras.models.load_model(out / 'model.keras')
   assert exported.get_layer('views').views == 3  # The deployable model averages over the views itself.
   image = np.asarray(next(iter(data.eval_dataset(builder, 'test', image_size=SIZE_CLI, batch_size=1)))['image'])
   png = tmp_path / 'x.png'
   keras.utils.save_img(png, image[0], scale=False)
-  done = subprocess.run([sys.executable, '-m', 'trainer.predict', f'--model_dir={out}', str(png)],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
-  result = json.loads(done.stdout.strip().splitlines()[-1])
+  code, stdout, stderr = run_program('trainer.predict', f'--model_dir={out}', str(png))
+  assert code == 0, stderr[-3000:]
+  result = json.loads(stdout.strip().splitlines()[-1])
   assert result['probability'] == pytest.approx(float(tta.with_tta(model, 3).predict(image, verbose=0)[0, 0]),
                                                 abs=1e-5)
   assert result['threshold'] == pytest.approx(threshold)
 
-  done = subprocess.run([sys.executable, '-m', 'trainer.predict', f'--model_dir={model_dir}', '--tta=2',
-                         f'--gradcam_dir={tmp_path / "cam"}', str(png)], cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
-  assert done.returncode == 1
-  assert done.stderr.strip().splitlines()[-1] == (
+  code, _, stderr = run_program('trainer.predict', f'--model_dir={model_dir}', '--tta=2',
+                                 f'--gradcam_dir={tmp_path / "cam"}', str(png))
+  assert code == 1
+  assert stderr.strip().splitlines()[-1] == (
       'error: --gradcam_dir explains the model on one view of each image: drop --tta to draw it.')
