@@ -98,7 +98,7 @@ def _only_the_flags_of(module: str):
   from absl import flags  # pylint: disable=import-outside-toplevel
   fv = flags.FLAGS
   stashed = {name: (fv[name], _defined_by(fv, name)) for name in list(fv)
-             if _defined_by(fv, name) not in (module,) and not _defined_by(fv, name).startswith('absl')}
+             if _defined_by(fv, name) != module and not _defined_by(fv, name).startswith('absl')}
   for name in stashed:
     delattr(fv, name)
   kept = set(fv)
