@@ -120,6 +120,9 @@ def test_uncrop_puts_a_map_back_where_its_crop_came_from():
 
 def test_gradcam_of_a_cropped_model_lies_over_the_image_as_given():
   from trainer import predict  # pylint: disable=import-outside-toplevel
+  # build's seed covers augmentation and dropout; the weights follow the global seed, which the tests before this one
+  # leave anywhere (one order left weights whose map was zero on all 4 images: no evidence is a valid answer).
+  keras.utils.set_random_seed(0)
   model = models.build('cnn', image_size=SIDE, crop='content', cnn_filters=4, cnn_depth=2, seed=0)
   images = np.concatenate([_framed(10, 50, 20, 60, seed=s) for s in range(13, 17)]).astype(np.uint8)
   maps = predict.make_gradcam(model, SIDE)(images).numpy()
