@@ -261,9 +261,10 @@ def test_killed_and_preempted_runs_resume_where_they_stopped_and_end_the_same(re
     assert json.load(f)['steps_per_loop'] == 1  # The run's first settings; the resumed runs' differ and may.
 
 
-# The head's val AUC on this config rises to 1.0 by epoch 4 and stays there: every epoch without a better AUC halves
-# the rate (plateau_patience 1), and two of them in a row stop the phase after epoch 6, so epochs 7 and 8 are skipped.
-_STOPPING = dict(epochs=8, fine_tune_epochs=2, learning_rate=1e-2, fine_tune_learning_rate=1e-3,
+# Every epoch without a better validation AUC halves the rate (plateau_patience 1), and two of them in a row end the
+# phase. Where that happens depends on the arithmetic (with 2 threads the AUC reached 1.0 in epoch 4 and the phase ended
+# after epoch 6; with 1 thread, in epoch 6 and after epoch 8), so the test reads it from the reference run.
+_STOPPING = dict(epochs=10, fine_tune_epochs=2, learning_rate=1e-2, fine_tune_learning_rate=1e-3,
                  early_stopping_patience=2, lr_schedule='plateau', plateau_patience=1)
 _STOPPING_FLAGS = tuple(f'--{name}={value}' for name, value in _STOPPING.items())
 
@@ -271,44 +272,53 @@ _STOPPING_FLAGS = tuple(f'--{name}={value}' for name, value in _STOPPING.items()
 def test_early_stopping_and_plateau_keep_their_counters_across_a_kill(synthetic_data_dir, tmp_path, caplog,
                                                                      monkeypatch):
   """The reference and the resumed run in this process, the run that is killed in a process of its own. That one
-  starts from the reference's own model dir as it was after epoch 4, so that it trains two epochs, not six."""
-  reference, model_dir = str(tmp_path / 'reference'), str(tmp_path / 'run')
+  starts from the reference's own model dir as it was two epochs before the phase ended, so that it trains two epochs,
+  not all of them, and is killed in the last: its checkpoint then holds an epoch without improvement and the rate
+  reductions so far, which the resumed run must carry over to stop where the reference stopped."""
+  reference = str(tmp_path / 'reference')
   end_epoch = train.end_epoch
 
-  def end_epoch_and_copy_after_epoch_4(*args, **kwargs):
+  def end_epoch_and_copy(*args, **kwargs):
     result = end_epoch(*args, **kwargs)
-    if kwargs['epoch'] == 3:  # Counted from 0.
-      for writer in kwargs['writers'].values():
-        writer.flush()
-      shutil.copytree(reference, model_dir, ignore=shutil.ignore_patterns(lock.LOCK_NAME))
+    for writer in kwargs['writers'].values():
+      writer.flush()
+    shutil.copytree(reference, str(tmp_path / f'after-{kwargs["epoch"] + 1}'),
+                    ignore=shutil.ignore_patterns(lock.LOCK_NAME))
     return result
 
-  monkeypatch.setattr(train, 'end_epoch', end_epoch_and_copy_after_epoch_4)
+  monkeypatch.setattr(train, 'end_epoch', end_epoch_and_copy)
   log = _train_logged(caplog, _config(synthetic_data_dir, reference, deterministic=True, **_STOPPING))
   monkeypatch.setattr(train, 'end_epoch', end_epoch)
-  assert 'the head phase ends after epoch 6 of 8' in log
+  epochs = _STOPPING['epochs']
+  ended = int(re.search(rf'the head phase ends after epoch (\d+) of {epochs}', log).group(1))
+  assert ended < epochs
   assert 'The next phase starts from the best epoch so far' in log
   aucs = _scalars(os.path.join(reference, 'validation'), 'auc')
-  assert [step for step, _ in aucs] == [1, 2, 3, 4, 5, 6, 9, 10]
+  assert [step for step, _ in aucs] == [*range(1, ended + 1), epochs + 1, epochs + 2]
   rates = [rate for _, rate in _scalars(os.path.join(reference, 'train'), 'learning_rate')]
   # Each epoch's rate, as ReduceLROnPlateau with patience 1 sets it from the AUCs before it.
   expected, rate, best = [], 1e-2, -np.inf
-  for _, auc in aucs[:6]:
+  for _, auc in aucs[:ended]:
     expected.append(rate)
     best, rate = (auc, rate) if auc > best else (best, rate * 0.5)
-  np.testing.assert_allclose(rates[:6], expected, rtol=1e-6)
-  assert len(set(expected)) >= 3  # At least two reductions, which the kill below must carry over.
+  np.testing.assert_allclose(rates[:ended], expected, rtol=1e-6)
+  # At least two reductions before the last epoch, which the kill below must carry over; and, as the phase ended,
+  # its last two epochs did not improve.
+  assert len(set(expected[:ended])) >= 3, expected
+  assert max(auc for _, auc in aucs[:ended - 2]) >= max(auc for _, auc in aucs[ended - 2:ended])
 
-  # Killed in epoch 6: the checkpoint of epoch 5 holds one epoch without improvement and two reductions. The resumed
-  # run must stop after epoch 6 and train it at the reduced rate, or it differs from the reference.
+  # Killed in the phase's last epoch: the checkpoint of the epoch before holds one epoch without improvement and the
+  # reductions. The resumed run must stop after the same epoch and train it at the reduced rate, or it differs from
+  # the reference.
+  model_dir = str(tmp_path / f'after-{ended - 2}')
   command = _command(synthetic_data_dir, model_dir, *_STOPPING_FLAGS)
-  returncode, stderr = _run(command, kill_in_epoch=2)  # Its second epoch: epoch 6.
+  returncode, stderr = _run(command, kill_in_epoch=2)  # Its second epoch: epoch `ended`.
   assert returncode == -signal.SIGKILL, stderr[-3000:]
-  assert _resumed_after(stderr) == 4
-  assert _latest_checkpoint_epoch(model_dir) == 5
+  assert _resumed_after(stderr) == ended - 2
+  assert _latest_checkpoint_epoch(model_dir) == ended - 1
   log = _train_logged(caplog, _config(synthetic_data_dir, model_dir, deterministic=True, **_STOPPING))
-  assert _resumed_after(log) == 5
-  assert 'the head phase ends after epoch 6 of 8' in log
+  assert _resumed_after(log) == ended - 1
+  assert f'the head phase ends after epoch {ended} of {epochs}' in log
   assert _metrics(model_dir) == _metrics(reference)
   assert _scalars(os.path.join(model_dir, 'train'), 'learning_rate')[-5:] == _scalars(
       os.path.join(reference, 'train'), 'learning_rate')[-5:]
