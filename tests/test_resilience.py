@@ -290,7 +290,9 @@ def test_early_stopping_and_plateau_keep_their_counters_across_a_kill(synthetic_
   log = _train_logged(caplog, _config(synthetic_data_dir, reference, deterministic=True, **_STOPPING))
   monkeypatch.setattr(train, 'end_epoch', end_epoch)
   epochs = _STOPPING['epochs']
-  ended = int(re.search(rf'the head phase ends after epoch (\d+) of {epochs}', log).group(1))
+  stopped = re.search(rf'the head phase ends after epoch (\d+) of {epochs}', log)
+  assert stopped, log[-3000:]
+  ended = int(stopped.group(1))
   assert ended < epochs
   assert 'The next phase starts from the best epoch so far' in log
   aucs = _scalars(os.path.join(reference, 'validation'), 'auc')
