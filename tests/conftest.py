@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -124,7 +125,8 @@ def run_program(capsys):
   from trainer import progress  # pylint: disable=import-outside-toplevel
 
   def run(module: str, *argv: str) -> tuple[int, str, str]:
-    name = module if module in ('trainer.main', 'trainer.evaluate', 'cxr_tfds.build') else f'{module}.__main__'
+    # As `python -m` does: a package runs its __main__.
+    name = f'{module}.__main__' if importlib.util.find_spec(module).submodule_search_locations else module
     imported = name in sys.modules
     capsys.readouterr()
     with _only_the_flags_of(name), pytest.MonkeyPatch.context() as patch:
