@@ -156,12 +156,15 @@ def _train_here(config):
       tf_config.disable_op_determinism()
 
 
-def _main_here(capsys, *argv):
-  """Runs `python -m trainer.main ARGV` in this process; returns (exit code, stderr)."""
+def _main_here(capsys, *argv, log=False):
+  """Runs `python -m trainer.main ARGV` in this process; returns (exit code, stderr). With log=True, absl's log goes
+  to the stderr that capsys reads, as a process of its own writes it there."""
   flags.FLAGS.unparse_flags()
   capsys.readouterr()
   with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
     patch.setattr(sys, 'argv', ['trainer.main', *argv])
+    if log:
+      patch.setattr(absl_logging.get_absl_handler().python_handler, 'stream', sys.stderr)
     main.run()
   return exit_info.value.code, capsys.readouterr().err
 
@@ -508,12 +511,10 @@ def test_a_diverged_run_stops_at_once_keeps_the_last_good_checkpoint_and_resumes
     (['--steps_per_loop=0'], '--steps_per_loop must be positive, got 0'),
     (['cnn'], 'Unexpected arguments cnn'),
 ])
-def test_bad_flags_are_one_line_and_write_nothing(argv, message, tmp_path, capsys, monkeypatch):
-  # In this process, through absl's flag parsing as `python -m trainer.main` parses them; the log goes to the stderr
-  # that capsys reads, as a process of its own writes it there.
-  monkeypatch.setattr(absl_logging.get_absl_handler().python_handler, 'stream', sys.stderr)
+def test_bad_flags_are_one_line_and_write_nothing(argv, message, tmp_path, capsys):
+  # In this process, through absl's flag parsing as `python -m trainer.main` parses them, with its log.
   model_dir = tmp_path / 'run'
-  code, stderr = _main_here(capsys, f'--model_dir={model_dir}', *argv)
+  code, stderr = _main_here(capsys, f'--model_dir={model_dir}', *argv, log=True)
   assert code == 1
   assert [line for line in stderr.splitlines() if line.strip()] == [stderr.strip()]
   assert stderr.startswith('error: ') and message in stderr, stderr
@@ -591,14 +592,13 @@ def test_batch_size_strategy_and_epochs_can_change_on_resume(reference, syntheti
 
 
 def test_a_finished_run_asked_for_fewer_epochs_says_so_and_keeps_its_export(reference, synthetic_data_dir, tmp_path,
-                                                                            capsys, monkeypatch):
+                                                                            capsys):
   model_dir = _copy(reference, tmp_path, 'fewer')
   exported = {name: digest for name, digest in _digests(model_dir).items() if name.startswith('exports/')}
-  # In this process (nothing is trained: --deterministic, which cannot be undone, changes nothing here), with absl's
-  # log on the stderr that capsys reads, as a process of its own writes it.
-  monkeypatch.setattr(absl_logging.get_absl_handler().python_handler, 'stream', sys.stderr)
+  # In this process, with its log (nothing is trained: --deterministic, which cannot be undone, changes nothing here).
   returncode, stderr = _main_here(capsys, f'--data_dir={synthetic_data_dir}', f'--model_dir={model_dir}',
-                                  *[f for f in RUN_FLAGS if f not in ('--epochs=2', '--deterministic')], '--epochs=1')
+                                  *[f for f in RUN_FLAGS if f not in ('--epochs=2', '--deterministic')], '--epochs=1',
+                                  log=True)
   assert not returncode, stderr[-3000:]  # SystemExit(None): absl's app.run after a main that returned.
   assert (f'--model_dir={model_dir} holds a run trained for 3 epochs, more than the 2 of --epochs=1 + '
           '--fine_tune_epochs=1: nothing is trained') in stderr, stderr[-3000:]
@@ -828,13 +828,12 @@ def _check_the_restricted_unpickler(source):
   assert 'pickle.Unpickler' not in calls and subclasses[0].name in calls
 
 
-def test_verbosity_1_adds_the_traceback_to_a_users_error(tmp_path, capsys, monkeypatch):
-  # In this process; absl's log goes to the stderr that capsys reads, as in a process of its own.
-  monkeypatch.setattr(absl_logging.get_absl_handler().python_handler, 'stream', sys.stderr)
+def test_verbosity_1_adds_the_traceback_to_a_users_error(tmp_path, capsys):
+  # In this process, with its log.
   verbosity = absl_logging.get_verbosity()
   try:
     code, stderr = _main_here(capsys, f'--data_dir={tmp_path / "tfds"}', f'--model_dir={tmp_path / "run"}',
-                              '--verbosity=1')
+                              '--verbosity=1', log=True)
   finally:
     flags.FLAGS.unparse_flags()
     absl_logging.set_verbosity(verbosity)  # The tests after this one log as they would alone.
