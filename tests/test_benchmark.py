@@ -20,10 +20,11 @@ from benchmarks import benchmark
 # (folder, class) -> images; names follow the Kaggle patterns. Sizes vary, as the original files' do.
 _FILES = {('train', 'NORMAL'): 6, ('train', 'PNEUMONIA'): 6, ('test', 'NORMAL'): 2, ('test', 'PNEUMONIA'): 2}
 _TRAIN_FILES = 12
-# The recipe's step measured on a smaller CNN, and the tiny loop timed over 2 calls instead of 64: the XLA compiles
-# of the recipe's 4 blocks and the tiny loop's 12k steps were most of this file's time, and the lines' machinery is
-# the same (BENCHMARKS.md holds the real numbers).
-_RECIPE_MODEL = {'cnn_filters': 4, 'cnn_depth': 2}
+# The recipe's step measured on a smaller CNN without CLAHE, and the tiny loop timed over 2 calls instead of 64: the
+# XLA compiles of the recipe's 4 blocks, the trace of the old variant's uncompiled CLAHE and the tiny loop's 12k steps
+# were most of this file's time, and the lines' machinery is the same (BENCHMARKS.md holds the real numbers). The old
+# variant's CLAHE is checked below without a step.
+_RECIPE_MODEL = {'cnn_filters': 4, 'cnn_depth': 2, 'equalize': 'none'}
 
 
 @pytest.fixture(scope='module')
@@ -110,6 +111,22 @@ def test_recipe_step_line_times_old_and_new_layers_in_both_precisions(lines, set
   assert isinstance(floor.get_layer('augmentation'), keras.layers.Identity)
   assert [layer.name for layer in floor.layers] == [layer.name for layer in fused.layers]
   assert floor.count_params() == fused.count_params()
+
+
+def test_the_recipe_steps_old_variant_is_the_model_before_the_fused_layers():
+  """The old variant: Keras's geometric layers in place of the fused augmentation, and the recipe's CLAHE uncompiled
+  (as trainer/layers.py's was before); the fused variant keeps the trainer's model as it is."""
+  changes = {name: value for name, value in _RECIPE_MODEL.items() if name != 'equalize'}  # The recipe's CLAHE.
+  old, fused = (benchmark._recipe_model(kind, 0, 32, **changes) for kind in ('keras_layers', 'fused'))
+  assert [layer.name for layer in old.get_layer('augmentation').layers] == [
+      'rotation', 'zoom', 'translation', 'contrast', 'brightness', 'noise']
+  assert isinstance(old.get_layer('augmentation').get_layer('rotation'), keras.layers.RandomRotation)
+  old_clahe, fused_clahe = old.get_layer('equalize'), fused.get_layer('equalize')
+  assert old_clahe.method == fused_clahe.method == 'clahe'
+  assert old_clahe._compiled == old_clahe._equalize  # pylint: disable=protected-access
+  assert fused_clahe._compiled != fused_clahe._equalize  # pylint: disable=protected-access
+  assert [layer.name for layer in old.layers] == [layer.name for layer in fused.layers]
+  assert old.get_layer('backbone').count_params() == fused.get_layer('backbone').count_params()
 
 
 def test_tiny_loop_line_counts_the_steps_of_its_calls(lines, setup):
