@@ -111,9 +111,11 @@ def test_missing_arguments_manual_dir_or_seeds_fail_on_one_line(tmp_path):
   assert not (tmp_path / 'out').exists()
 
 
-def test_tiny_synthetic_recipe_writes_the_ensemble_report_and_stress_test(tmp_path):
+def test_tiny_synthetic_recipe_writes_the_ensemble_report_and_stress_test(synthetic_data_dir, tmp_path):
   out = tmp_path / 'out'
-  env = {'CONFIG': 'synthetic', 'DATA_DIR': str(tmp_path / 'tfds'), 'IMAGE_SIZE': '32', 'CNN_FILTERS': '4',
+  # The session's synthetic build: the recipe's build step finds it made and goes on (building it is
+  # tests/test_dataset_builder.py's).
+  env = {'CONFIG': 'synthetic', 'DATA_DIR': synthetic_data_dir, 'IMAGE_SIZE': '32', 'CNN_FILTERS': '4',
          'CNN_DEPTH': '2', 'EPOCHS': '1', 'BATCH_SIZE': '128'}
   done = _recipe(tmp_path / 'unused', out, env=env, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -138,7 +140,7 @@ def test_tiny_synthetic_recipe_writes_the_ensemble_report_and_stress_test(tmp_pa
   (tn, fp), (fn, tp) = report['at_val_threshold']['confusion_matrix']
   assert tn + fp == 30 and fn + tp == 90
   # The report's numbers are the members' mean probability on the test split, computed here again.
-  labels, probs = conftest.reference_predictions([out / 'seed-1', out / 'seed-2'], str(tmp_path / 'tfds'))
+  labels, probs = conftest.reference_predictions([out / 'seed-1', out / 'seed-2'], synthetic_data_dir)
   assert report['ranking']['roc_auc'] == pytest.approx(sk_metrics.roc_auc_score(labels, probs), abs=1e-6)
   predicted = probs >= report['at_val_threshold']['threshold']
   assert tp == int(np.sum(predicted & (labels == 1))) and tn == int(np.sum(~predicted & (labels == 0)))
