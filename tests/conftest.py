@@ -64,8 +64,9 @@ def pytest_runtest_makereport(item, call):  # pylint: disable=unused-argument
 # The files that take longest, longest first (measured on 2 cores, two workers). The suite runs them first, so that
 # pytest-xdist (`--dist loadfile` in setup.cfg) hands the short files to whichever worker frees up, instead of
 # ending on one long file while the other worker idles.
-LONGEST_FILES = ('test_resilience.py', 'test_scale_out.py', 'test_backbones.py', 'test_export.py', 'test_train.py',
-                 'test_recipe.py', 'test_predict.py', 'test_shift.py', 'test_benchmark.py', 'test_evaluate_cli.py')
+LONGEST_FILES = ('test_resilience.py', 'test_scale_out.py', 'test_recipe.py', 'test_benchmark.py', 'test_backbones.py',
+                 'test_train.py', 'test_models.py', 'test_export.py', 'test_shift.py', 'test_features.py',
+                 'test_augment.py', 'test_predict.py', 'test_evaluate_cli.py')
 
 
 def pytest_collection_modifyitems(items):
