@@ -38,6 +38,12 @@ def _old_matrices(strength, batch, side, seed):
   return tf.reshape(square(r) @ square(z) @ square(t), [-1, 9])[:, :6].numpy()
 
 
+def _in_training(block, images):
+  """`block(images, training=True)` in a graph, as the training step calls it: there the layers that compile do
+  (augment.compiled; called eagerly they do not)."""
+  return tf.function(lambda images: block(images, training=True))(tf.constant(images)).numpy()
+
+
 def _new_matrices(strength, batch, side, seed):
   layer = augment.augmentation(strength, families=config.DEFAULT_FAMILIES, seed=seed).get_layer('affine')
   angle, zoom, shift_x, shift_y = layer.parameters(batch, tf.constant([seed, 0], tf.int64))
@@ -60,7 +66,7 @@ def test_fused_warp_moves_the_pixels_as_the_three_layers_did():
   blob = (255 * np.clip(1 - np.hypot(yy - 26, xx - 22) / 12, 0, 1)).astype(np.float32)
   images = np.repeat(blob[None, ..., None], 1000, axis=0)
   geometric = ('rotation', 'fov', 'translation')
-  new = augment.augmentation(1.0, families=geometric, seed=4)(images, training=True).numpy()[..., 0]
+  new = _in_training(augment.augmentation(1.0, families=geometric, seed=4), images)[..., 0]
   old_layers = benchmark.keras_layers_augmentation(1.0, seed=5)
   old = images
   for name in ('rotation', 'zoom', 'translation'):
@@ -119,7 +125,7 @@ def test_families_by_name_each_active_only_in_training():
 
 def test_gamma_and_blur_reach_the_stress_tests_range():
   images = np.full((DRAWS, 16, 16, 1), 64, np.float32)
-  gamma = augment.augmentation(1.0, families=('gamma',), seed=0)(images, training=True).numpy()[:, 0, 0, 0]
+  gamma = _in_training(augment.augmentation(1.0, families=('gamma',), seed=0), images)[:, 0, 0, 0]
   exponents = np.log(gamma / 255) / np.log(64 / 255)
   assert exponents.min() < 1 / 1.5 and exponents.max() > 1.5  # trainer.shift's gamma 0.67 and 1.5.
   assert np.mean(exponents < 1) == pytest.approx(0.5, abs=0.05)
@@ -217,7 +223,12 @@ def test_keras_file_with_every_new_layer_loads(tmp_path):
 def test_equalize_compiled_in_training_matches_evaluation():
   images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 1)).astype(np.uint8)
   layer = layers.Equalize('clahe')
-  np.testing.assert_allclose(layer(images, training=True), layer(images, training=False), atol=1e-3)
+  # In a graph, as in the training step, training compiles with XLA; eagerly nothing compiles (augment.compiled).
+  in_training = tf.function(lambda images: layer(images, training=True))(tf.constant(images))
+  assert layer._compiled.jitted.experimental_get_tracing_count() == 1  # pylint: disable=protected-access
+  np.testing.assert_allclose(in_training, layer(images, training=False), atol=1e-3)
+  np.testing.assert_allclose(layer(images, training=True), in_training, atol=1e-3)
+  assert layer._compiled.jitted.experimental_get_tracing_count() == 1  # pylint: disable=protected-access
 
 
 def test_recipe_model_forward_and_backward_compile_with_xla():
