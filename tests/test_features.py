@@ -106,5 +106,8 @@ def test_the_features_come_in_the_order_the_images_are_cached(synthetic_data_dir
   builder = data.prepare('chest_xray_pneumonia/synthetic', data_dir=synthetic_data_dir, manual_dir=None)
   first = [label for _, label in data.train_examples(builder, image_size=32, seed=3).as_numpy_iterator()]
   again = [label for _, label in data.train_examples(builder, image_size=32, seed=3).as_numpy_iterator()]
-  _, labels = features.extract(plain, data.train_examples(builder, image_size=32, seed=3).batch(7))
+  extractor = features.extractor(plain)
+  _, labels = features.extract(extractor, data.train_examples(builder, image_size=32, seed=3).batch(7))
   assert first == again == labels.tolist()
+  assert len(labels) % 7  # A last batch of another size, and still one trace.
+  assert extractor.experimental_get_tracing_count() == 1
