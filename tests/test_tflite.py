@@ -73,6 +73,18 @@ def test_the_tflite_models_agree_with_keras_on_real_images(recipe_model, real_im
                              atol=1e-6)
 
 
+def test_a_model_without_a_weight_to_quantize_has_no_int8_variant(recipe_model, real_images, tmp_path):
+  keras.utils.set_random_seed(0)
+  small = models.build('cnn', image_size=SIZE, cnn_filters=4, cnn_depth=2)
+  assert max(np.prod(w.shape) for w in small.weights) < 1024
+  entry = tflite.write(str(tmp_path), small, SIZE, real_images)
+  assert entry['int8']['kept'] is False and 'no weight tensor large enough' in entry['int8']['why']
+  assert not (tmp_path / tflite.INT8_FILE).exists() and (tmp_path / tflite.FLOAT_FILE).exists()
+  # Not converted, rightly: the converter's int8 model of it quantizes nothing; the recipe's CNN's does.
+  assert not tflite.has_int8_weights(tflite.convert(small, SIZE, int8=True)[0])
+  assert tflite.has_int8_weights(tflite.convert(recipe_model, SIZE, int8=True)[0])
+
+
 def test_an_int8_model_beyond_the_tolerance_is_not_kept(recipe_model, real_images, tmp_path, monkeypatch):
   monkeypatch.setattr(tflite, 'INT8_TOLERANCE', 1e-9)
   entry = tflite.write(str(tmp_path), recipe_model, SIZE, real_images)

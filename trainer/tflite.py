@@ -36,12 +36,22 @@ FLOAT_TOLERANCE = 1e-4
 INT8_TOLERANCE = 0.05
 
 
-def _converter(model, image_size: int, select_tf_ops: bool, *, int8: bool):
+# TFLite's dynamic-range quantization keeps a weight tensor of fewer values in float (its default
+# `min_elements_for_weights`).
+_MIN_QUANTIZED_VALUES = 1024
+
+
+def _traced(model, image_size: int):
+  """The model's inference as one concrete function, which every conversion of it reads (a trace of a backbone takes
+  seconds)."""
   signature = [tf.TensorSpec([None, image_size, image_size, 1], tf.uint8, name='image')]
-  function = tf.function(lambda images: model(images, training=False), input_signature=signature)
+  return tf.function(lambda images: model(images, training=False), input_signature=signature).get_concrete_function()
+
+
+def _converter(function, select_tf_ops: bool, *, int8: bool):
   # Without the model as the trackable object: given it, the converter keeps the weights as resource variables that
   # the .tflite file never initializes (every probability NaN, measured with TF 2.21); without it, it freezes them.
-  converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()])
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
   converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS] + (
       [tf.lite.OpsSet.SELECT_TF_OPS] if select_tf_ops else [])
   if int8:
@@ -60,16 +70,25 @@ def convert(model, image_size: int, *, int8: bool = False) -> tuple[bytes, list[
   Returns:
     (the .tflite bytes, the TensorFlow ops it needs from SELECT_TF_OPS, e.g. ['CropAndResize'], [] if none).
   """
+  return _convert(_traced(model, image_size), int8=int8)
+
+
+def _convert(function, *, int8: bool) -> tuple[bytes, list[str]]:
   try:
-    return _converter(model, image_size, False, int8=int8).convert(), []
+    return _converter(function, False, int8=int8).convert(), []
   except Exception:  # pylint: disable=broad-except  # The converter raises ConverterError, or others by version.
-    content = _converter(model, image_size, True, int8=int8).convert()
+    content = _converter(function, True, int8=int8).convert()
   ops = sorted({op['op_name'] for op in _interpreter(content)._get_ops_details()})  # pylint: disable=protected-access
   return content, [op[len('Flex'):] for op in ops if op.startswith('Flex')]
 
 
 def _interpreter(content: bytes):
   return tf.lite.Interpreter(model_content=content)
+
+
+def has_int8_weights(content: bytes) -> bool:
+  """Whether a .tflite model holds any int8 tensor (dynamic-range quantization stores the weights it quantized so)."""
+  return any(t['dtype'] == np.int8 for t in _interpreter(content).get_tensor_details())
 
 
 class TFLiteModel:
@@ -142,8 +161,9 @@ def write(folder: str, model, image_size: int, sample_images: np.ndarray | None)
   Raises:
     RuntimeError: the float32 model disagrees with Keras beyond FLOAT_TOLERANCE on sample_images (a converter bug).
   """
+  function = _traced(model, image_size)
   try:
-    content, ops = convert(model, image_size)
+    content, ops = _convert(function, int8=False)
   except Exception as e:  # pylint: disable=broad-except  # ConverterError, or others by TF version.
     # TFLite is an extra output: a model it cannot convert (TTA's antialiased zoom needs ScaleAndTranslate, neither a
     # built-in nor a Flex op) is exported without it, and run.json and the model card say why.
@@ -168,8 +188,11 @@ def write(folder: str, model, image_size: int, sample_images: np.ndarray | None)
   if not float_difference <= FLOAT_TOLERANCE:  # NaN too.
     raise RuntimeError(f'The float32 TFLite model differs from Keras by {float_difference:.2g} in probability.')
   entry['float32']['max_difference'] = float_difference
-  quantized, _ = convert(model, image_size, int8=True)
-  if quantized == content:
+  # Not converted when no weight could be quantized: the int8 model would hold the float one's weights (a test checks
+  # it). Such a model differs from the float one in its conversion metadata alone, so its int8 tensors are counted.
+  quantized = (None if max(np.prod(w.shape) for w in model.weights) < _MIN_QUANTIZED_VALUES
+               else _convert(function, int8=True)[0])
+  if quantized is None or not has_int8_weights(quantized):
     entry['int8'] = {'kept': False, 'why': 'no weight tensor large enough to quantize (TFLite keeps tensors of under '
                                            '1,024 values in float)'}
     return entry
