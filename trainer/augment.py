@@ -57,7 +57,8 @@ def compiled(function):
   against 0.66 s a step in one run of trainer.benchmark's train_step_recipe_model), so only these layers compile.
 
   Called eagerly (the run's preview of augmented images, a notebook), `function` runs as it is: there each call
-  with a new shape would compile for about a second to run once (0.8 s of a one-epoch tiny run's 10 s).
+  with a new shape would trace and compile to run once. Measured on a one-epoch run of a 4-filter CNN at 32 pixels
+  (one process, two runs each): 8.7 to 10.0 s with the preview compiled, 6.9 and 7.9 s without.
   """
   jitted = tf.function(function, jit_compile=True, autograph=False)
 
