@@ -161,8 +161,8 @@ def write(folder: str, model, image_size: int, sample_images: np.ndarray | None)
   Raises:
     RuntimeError: the float32 model disagrees with Keras beyond FLOAT_TOLERANCE on sample_images (a converter bug).
   """
-  function = _traced(model, image_size)
   try:
+    function = _traced(model, image_size)
     content, ops = _convert(function, int8=False)
   except Exception as e:  # pylint: disable=broad-except  # ConverterError, or others by TF version.
     # TFLite is an extra output: a model it cannot convert (TTA's antialiased zoom needs ScaleAndTranslate, neither a
@@ -190,7 +190,7 @@ def write(folder: str, model, image_size: int, sample_images: np.ndarray | None)
   entry['float32']['max_difference'] = float_difference
   # Not converted when no weight could be quantized: the int8 model would hold the float one's weights (a test checks
   # it). Such a model differs from the float one in its conversion metadata alone, so its int8 tensors are counted.
-  quantized = (None if max(np.prod(w.shape) for w in model.weights) < _MIN_QUANTIZED_VALUES
+  quantized = (None if max((np.prod(w.shape) for w in model.weights), default=0) < _MIN_QUANTIZED_VALUES
                else _convert(function, int8=True)[0])
   if quantized is None or not has_int8_weights(quantized):
     entry['int8'] = {'kept': False, 'why': 'no weight tensor large enough to quantize (TFLite keeps tensors of under '
