@@ -12,7 +12,8 @@ model that lists Flex ops: TensorFlow's own pip package ships its Python interpr
 model is written but neither checked against Keras nor quantized, and `trainer.predict --runtime=tflite` refuses it.
 
 Dynamic-range quantization stores the weights as int8 and computes in float (no representative data needed); it is
-kept only when its probabilities stay within `INT8_TOLERANCE` of the float model's on sample images of the run's data.
+kept only when it quantizes a weight (TFLite keeps tensors of under 1,024 values in float) and its probabilities stay
+within `INT8_TOLERANCE` of the float model's on sample images of the run's data.
 """
 
 import json
@@ -145,7 +146,8 @@ def load_export(folder: str, *, int8: bool = False, **kwargs) -> TFLiteModel:
 
 
 def write(folder: str, model, image_size: int, sample_images: np.ndarray | None) -> dict:
-  """Writes folder/model.tflite, and folder/model.int8.tflite if it stays within INT8_TOLERANCE on sample_images.
+  """Writes folder/model.tflite, and folder/model.int8.tflite if it quantizes a weight and stays within INT8_TOLERANCE
+  on sample_images.
 
   Args:
     folder: the export's folder.
