@@ -196,7 +196,7 @@ def write(folder: str, model, image_size: int, sample_images: np.ndarray | None)
                else _convert(function, int8=True)[0])
   if quantized is None or not has_int8_weights(quantized):
     entry['int8'] = {'kept': False, 'why': 'no weight tensor large enough to quantize (TFLite keeps tensors of under '
-                                           '1,024 values in float)'}
+                                           f'{_MIN_QUANTIZED_VALUES:,} values in float)'}
     return entry
   difference = float(np.max(np.abs(TFLiteModel(quantized)(sample_images) - expected)))
   if not difference <= INT8_TOLERANCE:
