@@ -61,12 +61,12 @@ def pytest_runtest_makereport(item, call):  # pylint: disable=unused-argument
     report.longrepr = f'skipped, and not listed in BY_DESIGN_SKIPS of tests/conftest.py: {reason}'
 
 
-# The files that take longest, longest first (measured on 2 cores, two workers). The suite runs them first, so that
-# pytest-xdist (`--dist loadfile` in setup.cfg) hands the short files to whichever worker frees up, instead of
-# ending on one long file while the other worker idles.
-LONGEST_FILES = ('test_resilience.py', 'test_scale_out.py', 'test_recipe.py', 'test_benchmark.py', 'test_backbones.py',
-                 'test_train.py', 'test_models.py', 'test_export.py', 'test_shift.py', 'test_features.py',
-                 'test_augment.py', 'test_predict.py', 'test_evaluate_cli.py')
+# The files that take longest, longest first (measured on 2 cores, three workers). The suite runs them first, so that
+# pytest-xdist (`--dist loadfile --no-loadscope-reorder` in setup.cfg) hands the short files to whichever worker frees
+# up, instead of ending on one long file while the others idle.
+LONGEST_FILES = ('test_resilience.py', 'test_scale_out.py', 'test_benchmark.py', 'test_backbones.py', 'test_recipe.py',
+                 'test_train.py', 'test_export.py', 'test_models.py', 'test_features.py', 'test_shift.py',
+                 'test_augment.py', 'test_evaluate_cli.py', 'test_predict.py', 'test_logs.py', 'test_train_real.py')
 
 
 def pytest_collection_modifyitems(items):
