@@ -2,11 +2,13 @@
 
 import contextlib
 import dataclasses
+import fcntl
 import importlib
 import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -76,15 +78,37 @@ def pytest_collection_modifyitems(items):
   items.sort(key=rank)  # Stable: each file's tests keep their order.
 
 
+def _built_once(tmp_path_factory, worker_id: str, name: str, build) -> str:
+  """A folder that `build(folder)` fills, built once per pytest run; returns its path.
+
+  Each pytest-xdist worker is a session of its own, so a session fixture alone would build it once per worker (the
+  synthetic config took 11 s here, the real data 6 s). The workers share the run's temporary folder: the first to
+  take the lock builds there, the others wait for it and read. A build that failed is tried again by the next
+  worker."""
+  if worker_id == 'master':  # No workers: this session is the whole run.
+    folder = str(tmp_path_factory.mktemp(name))
+    build(folder)
+    return folder
+  shared = tmp_path_factory.getbasetemp().parent  # The run's folder; each worker's own is inside it.
+  folder, built = shared / name, shared / f'{name}.built'
+  with open(shared / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file is closed.
+    if not built.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # A failed build's leftovers.
+      build(str(folder))
+      built.touch()
+  return str(folder)
+
+
 @pytest.fixture(scope='session')
-def synthetic_data_dir(tmp_path_factory) -> str:
-  """Builds chest_xray_pneumonia/synthetic once per session; returns its TFDS data_dir.
+def synthetic_data_dir(tmp_path_factory, worker_id) -> str:
+  """Builds chest_xray_pneumonia/synthetic once per run; returns its TFDS data_dir. Tests read it and never write.
 
   Load it with `tfds.load('chest_xray_pneumonia/synthetic', split=..., data_dir=synthetic_data_dir)`.
   """
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  tfds.builder('chest_xray_pneumonia/synthetic', data_dir=data_dir).download_and_prepare()
-  return data_dir
+  def build(folder):
+    tfds.builder('chest_xray_pneumonia/synthetic', data_dir=folder).download_and_prepare()
+  return _built_once(tmp_path_factory, worker_id, 'tfds', build)
 
 
 def _defined_by(flag_values, name: str) -> str:
@@ -165,12 +189,12 @@ def real_data() -> pathlib.Path:
 
 
 @pytest.fixture(scope='session')
-def real_224_data_dir(real_data, tmp_path_factory) -> str:
-  """Builds chest_xray_pneumonia/224 from the real images once per session; returns its TFDS data_dir."""
-  data_dir = str(tmp_path_factory.mktemp('tfds_real'))
-  tfds.builder('chest_xray_pneumonia/224', data_dir=data_dir).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(real_data)))
-  return data_dir
+def real_224_data_dir(real_data, tmp_path_factory, worker_id) -> str:
+  """Builds chest_xray_pneumonia/224 from the real images once per run; returns its TFDS data_dir. Tests read it."""
+  def build(folder):
+    tfds.builder('chest_xray_pneumonia/224', data_dir=folder).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(real_data)))
+  return _built_once(tmp_path_factory, worker_id, 'tfds_real', build)
 
 
 @pytest.fixture(scope='session')
