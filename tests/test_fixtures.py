@@ -25,12 +25,14 @@ class _Factory:
 
 
 def _counting_build(calls, *, fail=False, seconds=0.0):
+  """A build that records its call; it fails, if asked to, halfway: its folder exists, half-written."""
   def build(folder):
     calls.append(folder)
+    (pathlib.Path(folder) / 'data').mkdir(parents=True)  # Fails on a failed build's leftovers.
     time.sleep(seconds)
     if fail:
       raise RuntimeError('the build failed')
-    (pathlib.Path(folder) / 'data').mkdir(parents=True)
+    (pathlib.Path(folder) / 'data' / 'done').touch()
   return build
 
 
@@ -47,7 +49,7 @@ def test_workers_share_one_build_even_when_they_ask_at_once(tmp_path):
     thread.join()
   assert len(calls) == 1
   assert set(folders.values()) == {str(tmp_path / 'tfds')}
-  assert (tmp_path / 'tfds' / 'data').is_dir()
+  assert (tmp_path / 'tfds' / 'data' / 'done').exists()
   # A later ask, from a worker that had none, reads the same build.
   later = conftest._built_once(_Factory(tmp_path, 'gw3'), 'gw3', 'tfds', _counting_build(calls))
   assert later == str(tmp_path / 'tfds') and len(calls) == 1
@@ -58,7 +60,7 @@ def test_a_failed_build_is_built_again_by_the_next_worker(tmp_path):
   with pytest.raises(RuntimeError, match='the build failed'):
     conftest._built_once(_Factory(tmp_path, 'gw0'), 'gw0', 'tfds', _counting_build(calls, fail=True))
   folder = conftest._built_once(_Factory(tmp_path, 'gw1'), 'gw1', 'tfds', _counting_build(calls))
-  assert len(calls) == 2 and (pathlib.Path(folder) / 'data').is_dir()
+  assert len(calls) == 2 and (pathlib.Path(folder) / 'data' / 'done').exists()
 
 
 def test_without_workers_each_session_builds_its_own(tmp_path):
